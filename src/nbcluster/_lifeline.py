@@ -1,0 +1,48 @@
+"""Tie a process's life to its parent's, so that stopping ``nbcluster up`` or a host daemon
+leaves no process behind even when the parent is killed with SIGKILL.
+
+Called at start-up by the gateway, the host daemon and every kernel replica.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+__all__ = ["die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """Arrange for ``sig`` to reach this process when ``parent_pid`` exits.
+
+    On Linux the kernel delivers it (``PR_SET_PDEATHSIG``) at once; elsewhere a daemon thread
+    polls the parent pid once a second. If the parent is already gone, the signal is raised now.
+    """
+    if parent_pid <= 0:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            _start_poller(parent_pid, sig)
+    else:
+        _start_poller(parent_pid, sig)
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+
+
+def _start_poller(parent_pid: int, sig: int) -> None:
+    def poll() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=poll, name="nbcluster-lifeline", daemon=True).start()

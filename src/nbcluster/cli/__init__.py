@@ -1,0 +1,5 @@
+"""The ``nbcluster`` command."""
+
+from ._main import cli, main
+
+__all__ = ["cli", "main"]

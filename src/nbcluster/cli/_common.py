@@ -1,0 +1,60 @@
+"""Helpers shared by the CLI commands: default paths, the runtime file, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.logging import RichHandler
+
+__all__ = ["default_state_dir", "read_runtime", "remove_runtime", "setup_logging", "write_runtime"]
+
+
+def default_state_dir() -> Path:
+    """``$NBCLUSTER_STATE_DIR``, else ``$XDG_DATA_HOME/nbcluster`` (``~/.local/share/nbcluster``)."""
+    explicit = os.environ.get("NBCLUSTER_STATE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "nbcluster"
+
+
+def _runtime_path(state_dir: Path) -> Path:
+    return state_dir / "gateway" / "runtime.json"
+
+
+def write_runtime(state_dir: Path, info: dict[str, Any]) -> None:
+    """Record where the running gateway listens and its token (owner-readable only), so that
+    ``nbcluster status`` works without flags."""
+    path = _runtime_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+
+
+def read_runtime(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_runtime_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_runtime(state_dir: Path, pid: int) -> None:
+    info = read_runtime(state_dir)
+    if info is not None and info.get("pid") == pid:
+        _runtime_path(state_dir).unlink(missing_ok=True)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
+    )
+    # pysyncobj/uvicorn chatter is not for operators
+    logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -1,0 +1,185 @@
+"""``nbcluster gateway`` and ``nbcluster host``: the two daemons, run separately."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from .._lifeline import die_with_parent
+from ._common import default_state_dir, remove_runtime, setup_logging, write_runtime
+
+__all__ = ["gateway_command", "host_command"]
+
+log = logging.getLogger("nbcluster")
+
+_LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _token(value: str | None) -> str:
+    token = value or os.environ.get("NBCLUSTER_TOKEN")
+    if not token:
+        raise click.UsageError("a token is required: pass --token or set NBCLUSTER_TOKEN")
+    return token
+
+
+@click.command("gateway")
+@click.option("--ip", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8889, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN).")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where kernel records live (default: $NBCLUSTER_STATE_DIR or ~/.local/share/nbcluster).",
+)
+@click.option(
+    "--kernelspec-dir",
+    "kernelspec_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory of extra kernelspecs (one sub-directory with a kernel.json each).",
+)
+@click.option(
+    "--heartbeat-interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 60)
+)
+@click.option(
+    "--host-lost-timeout", default=5.0, show_default=True, type=click.FloatRange(0.2, 3600)
+)
+@click.option("--launch-timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600))
+@click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
+@click.option("--parent-pid", default=0, hidden=True, type=int)
+def gateway_command(
+    ip: str,
+    port: int,
+    token: str | None,
+    state_dir: Path | None,
+    kernelspec_dirs: tuple[Path, ...],
+    heartbeat_interval: float,
+    host_lost_timeout: float,
+    launch_timeout: float,
+    log_level: str,
+    parent_pid: int,
+) -> None:
+    """Run the gateway (global scheduler) serving the Jupyter Kernel Gateway API."""
+    from ..gateway import GatewayConfig, run
+
+    die_with_parent(parent_pid)
+    setup_logging(log_level)
+    root = state_dir or default_state_dir()
+    config = GatewayConfig(
+        token=_token(token),
+        ip=ip,
+        port=port,
+        state_dir=root / "gateway",
+        kernelspec_dirs=kernelspec_dirs,
+        heartbeat_interval=heartbeat_interval,
+        host_lost_timeout=host_lost_timeout,
+        launch_timeout=launch_timeout,
+    )
+    url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
+    write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid()})
+    log.info("gateway listening on %s (state in %s)", url, config.state_dir)
+    try:
+        run(config)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        remove_runtime(root, os.getpid())
+
+
+def _parse_devices(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of GPU indices", param_hint="--gpu-devices"
+        ) from None
+
+
+@click.command("host")
+@click.option(
+    "--gateway", "gateway_url", required=True, help="Gateway URL, e.g. http://10.0.0.1:8889."
+)
+@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN).")
+@click.option(
+    "--name", default=lambda: socket.gethostname(), help="Host name (default: the hostname)."
+)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address replicas listen on; the gateway must reach it.",
+)
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Default kernel cwd."
+)
+@click.option("--gpus", type=click.IntRange(0, 4096), help="Report this many virtual GPUs.")
+@click.option("--gpu-devices", help="Comma-separated NVML indices of the real GPUs to offer.")
+@click.option("--cpus", type=click.IntRange(1), help="CPUs to report (default: all).")
+@click.option("--memory-mb", type=click.IntRange(1), help="Memory to report (default: all).")
+@click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
+@click.option("--parent-pid", default=0, hidden=True, type=int)
+def host_command(
+    gateway_url: str,
+    token: str | None,
+    name: str,
+    address: str,
+    state_dir: Path | None,
+    work_dir: Path | None,
+    gpus: int | None,
+    gpu_devices: str | None,
+    cpus: int | None,
+    memory_mb: int | None,
+    log_level: str,
+    parent_pid: int,
+) -> None:
+    """Run a host daemon that starts kernel replicas for the gateway."""
+    from ..host import HostConfig, HostDaemon, HostRejected
+
+    if not gateway_url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{gateway_url!r} is not an http(s) URL", param_hint="--gateway")
+    die_with_parent(parent_pid)
+    setup_logging(log_level)
+    root = state_dir or default_state_dir()
+    config = HostConfig(
+        gateway_url=gateway_url,
+        token=_token(token),
+        name=name,
+        address=address,
+        state_dir=root / "hosts" / name,
+        working_dir=(work_dir or Path.cwd()).resolve(),
+        virtual_gpus=gpus,
+        gpu_devices=_parse_devices(gpu_devices),
+        cpus=cpus,
+        memory_mb=memory_mb,
+    )
+
+    async def main() -> None:
+        daemon = HostDaemon(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, daemon.stop)
+        log.info(
+            "host %s: %d CPUs, %d GPUs (%s); gateway %s",
+            name,
+            daemon.resources.cpus,
+            len(daemon.resources.gpus),
+            "virtual" if any(g.virtual for g in daemon.resources.gpus) else "real",
+            gateway_url,
+        )
+        await daemon.run()
+
+    try:
+        asyncio.run(main())
+    except HostRejected as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,28 @@
+"""The ``nbcluster`` command group."""
+
+from __future__ import annotations
+
+import click
+
+from .._version import __version__
+from ._daemons import gateway_command, host_command
+from ._status import status_command
+from ._up import up_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group()
+@click.version_option(__version__, prog_name="nbcluster")
+def cli() -> None:
+    """nbcluster: Jupyter kernels replicated across a GPU cluster."""
+
+
+cli.add_command(up_command)
+cli.add_command(gateway_command)
+cli.add_command(host_command)
+cli.add_command(status_command)
+
+
+def main() -> None:
+    cli()

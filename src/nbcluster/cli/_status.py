@@ -1,0 +1,90 @@
+"""``nbcluster status``: hosts and kernels of a running gateway, as tables (or JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ._common import default_state_dir, read_runtime
+
+__all__ = ["status_command"]
+
+
+def resolve_gateway(url: str | None, token: str | None, state_dir: Path | None) -> tuple[str, str]:
+    """URL and token from flags, else the environment, else the running gateway's runtime file."""
+    runtime = read_runtime(state_dir or default_state_dir()) or {}
+    url = url or os.environ.get("NBCLUSTER_URL") or runtime.get("url")
+    token = token or os.environ.get("NBCLUSTER_TOKEN") or runtime.get("token")
+    if not url or not token:
+        raise click.UsageError(
+            "no running gateway found: pass --url and --token (or set NBCLUSTER_URL and "
+            "NBCLUSTER_TOKEN), or run this where 'nbcluster up' runs"
+        )
+    return url, token
+
+
+def _gpus(host: dict[str, Any]) -> str:
+    gpus = host["gpus"]
+    if not gpus:
+        return "0"
+    kind = "virtual" if all(g["virtual"] for g in gpus) else gpus[0]["name"]
+    return f"{len(gpus)} ({kind})"
+
+
+@click.command("status")
+@click.option("--url", help="Gateway URL (default: the running gateway).")
+@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN or the running gateway's).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status_command(
+    url: str | None, token: str | None, state_dir: Path | None, as_json: bool
+) -> None:
+    """Show hosts (CPUs, memory, GPUs) and kernels with the hosts their replicas run on."""
+    from ..client import GatewayClient, GatewayError
+
+    url, token = resolve_gateway(url, token, state_dir)
+
+    async def fetch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        async with GatewayClient(url, token, timeout=10) as client:
+            return await client.hosts(), await client.cluster_kernels()
+
+    try:
+        hosts, kernels = asyncio.run(fetch())
+    except GatewayError as exc:
+        raise click.ClickException(f"gateway at {url}: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps({"hosts": hosts, "kernels": kernels}, indent=2))
+        return
+    console = Console()
+    host_table = Table(title=f"Hosts ({url})")
+    for column in ("host", "state", "address", "CPUs", "memory", "GPUs", "replicas"):
+        host_table.add_column(column)
+    for h in hosts:
+        host_table.add_row(
+            h["name"],
+            h["state"],
+            h["address"],
+            str(h["cpus"]),
+            f"{h['memory_mb'] / 1024:.1f} GiB",
+            _gpus(h),
+            str(len(h["replicas"])),
+        )
+    console.print(host_table)
+    kernel_table = Table(title="Kernels")
+    for column in ("kernel", "spec", "state", "connections", "replicas (host: state)"):
+        kernel_table.add_column(column)
+    for k in kernels:
+        replicas = ", ".join(f"{r['host']}: {r['state']}" for r in k["replicas"])
+        kernel_table.add_row(
+            k["id"], k["name"], k["execution_state"], str(k["connections"]), replicas
+        )
+    console.print(kernel_table)

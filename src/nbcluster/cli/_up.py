@@ -1,0 +1,272 @@
+"""``nbcluster up``: a gateway and N host daemons on this machine, as separate processes,
+stopped together on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import click
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+
+from ._common import default_state_dir
+
+__all__ = ["up_command"]
+
+console = Console(stderr=True)
+
+
+def _port_free(ip: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+class _Children:
+    """The processes ``up`` started, stopped in reverse order of start."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        self.procs.append((name, proc))
+        return proc
+
+    def exited(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self.procs if p.poll() is not None]
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _wait_until(what: str, check: Callable[[], bool], children: _Children, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with console.status(what):
+        while time.monotonic() < deadline:
+            dead = children.exited()
+            if dead:
+                names = ", ".join(f"{n} (exit code {c})" for n, c in dead)
+                raise click.ClickException(f"{names} stopped while {what.lower()}")
+            try:
+                if check():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    raise click.ClickException(f"timed out after {timeout:.0f} s {what.lower()}")
+
+
+def _partition_real_gpus(hosts: int) -> list[str | None]:
+    from ..host import discover_nvml_gpus
+
+    gpus = discover_nvml_gpus()
+    if not gpus:
+        return [None] * hosts
+    shares: list[list[int]] = [[] for _ in range(hosts)]
+    for i, gpu in enumerate(gpus):
+        shares[i % hosts].append(gpu.index)
+    return [",".join(map(str, share)) if share else "" for share in shares]
+
+
+@click.command("up")
+@click.option(
+    "--hosts", default=4, show_default=True, type=click.IntRange(1, 64), help="Host daemons."
+)
+@click.option(
+    "--gpus-per-host",
+    type=click.IntRange(0, 4096),
+    help="Virtual GPUs per host (default: real GPUs shared out if NVML finds any, else 8).",
+)
+@click.option("--port", default=8889, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN, else a random one).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--lab", is_flag=True, help="Also start JupyterLab wired to the gateway.")
+@click.option("--lab-port", default=8888, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level of the gateway and hosts.",
+)
+def up_command(
+    hosts: int,
+    gpus_per_host: int | None,
+    port: int,
+    token: str | None,
+    state_dir: Path | None,
+    lab: bool,
+    lab_port: int,
+    log_level: str,
+) -> None:
+    """Start a gateway and host daemons on this machine (loopback only)."""
+    ip = "127.0.0.1"
+    if not _port_free(ip, port):
+        raise click.ClickException(f"port {port} on {ip} is in use; choose another with --port")
+    token = token or os.environ.get("NBCLUSTER_TOKEN") or secrets.token_urlsafe(24)
+    root = (state_dir or default_state_dir()).resolve()
+    url = f"http://{ip}:{port}"
+    env = {**os.environ, "NBCLUSTER_TOKEN": token}
+    me = str(os.getpid())
+    python = [sys.executable, "-m", "nbcluster"]
+    children = _Children()
+
+    stop_requested = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        children.start(
+            "gateway",
+            [
+                *python,
+                "gateway",
+                "--ip",
+                ip,
+                "--port",
+                str(port),
+                "--state-dir",
+                str(root),
+                "--log-level",
+                log_level,
+                "--parent-pid",
+                me,
+            ],
+            env,
+        )
+        http = httpx.Client(base_url=url, headers={"Authorization": f"token {token}"}, timeout=2)
+        _wait_until(
+            "Starting the gateway", lambda: http.get("/api").status_code == 200, children, 60
+        )
+        gpu_shares = [None] * hosts if gpus_per_host is not None else _partition_real_gpus(hosts)
+        for i in range(hosts):
+            name = f"host-{i + 1}"
+            argv = [
+                *python,
+                "host",
+                "--gateway",
+                url,
+                "--name",
+                name,
+                "--state-dir",
+                str(root),
+                "--log-level",
+                log_level,
+                "--parent-pid",
+                me,
+            ]
+            share = gpu_shares[i]
+            if share is None:
+                argv += ["--gpus", str(8 if gpus_per_host is None else gpus_per_host)]
+            elif share:
+                argv += ["--gpu-devices", share]
+            else:
+                argv += ["--gpus", "0"]
+            children.start(name, argv, env)
+
+        def hosts_ready() -> bool:
+            listed = http.get("/api/cluster/hosts").json()
+            return sum(1 for h in listed if h["state"] == "connected") >= hosts
+
+        _wait_until(f"Starting {hosts} host daemon(s)", hosts_ready, children, 60)
+        lab_line = f"jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}"
+        lines = [
+            f"[bold]Gateway[/]  {url}",
+            f"[bold]Token[/]    {token}",
+            f"[bold]Hosts[/]    {hosts} (nbcluster status)",
+            "",
+            "Connect JupyterLab:",
+            f"  {lab_line}",
+        ]
+        if lab:
+            lab_url = _start_lab(children, env, url, token, lab_port)
+            lines += ["", f"[bold]JupyterLab[/] {lab_url}"]
+        lines += ["", "Press Ctrl-C to stop everything."]
+        console.print(Panel("\n".join(lines), title="nbcluster is up", expand=False))
+        # Plain lines too, for scripts reading stdout.
+        click.echo(f"URL: {url}\nTOKEN: {token}\nCONNECT: {lab_line}", err=False)
+        while not stop_requested:
+            dead = children.exited()
+            if any(name == "gateway" for name, _ in dead):
+                raise click.ClickException("the gateway stopped unexpectedly; stopping everything")
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with console.status("Stopping"):
+            children.stop_all()
+        console.print("nbcluster stopped.")
+
+
+def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, port: int) -> str:
+    jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or shutil.which(
+        "jupyter"
+    )
+    if jupyter is None:
+        raise click.ClickException("JupyterLab is not installed: pip install 'nbcluster[lab]'")
+    if not _port_free("127.0.0.1", port):
+        port = _free_port("127.0.0.1")
+    lab_token = secrets.token_urlsafe(24)
+    children.start(
+        "jupyterlab",
+        [
+            jupyter,
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={lab_token}",
+            f"--gateway-url={url}",
+            f"--GatewayClient.auth_token={token}",
+        ],
+        {k: v for k, v in env.items() if k != "NBCLUSTER_TOKEN"},
+    )
+    lab_url = f"http://127.0.0.1:{port}/lab?token={lab_token}"
+    probe = httpx.Client(timeout=2)
+    _wait_until(
+        "Starting JupyterLab",
+        lambda: (
+            probe.get(f"http://127.0.0.1:{port}/api", params={"token": lab_token}).status_code
+            == 200
+        ),
+        children,
+        120,
+    )
+    return lab_url

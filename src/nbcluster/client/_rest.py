@@ -1,0 +1,105 @@
+"""An async client for the gateway's REST API, used by the CLI, tests and benchmarks."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from ._channels import KernelChannels
+
+__all__ = ["GatewayClient", "GatewayError"]
+
+
+class GatewayError(RuntimeError):
+    """The gateway answered with an error; ``status`` and the gateway's message are kept."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class GatewayClient:
+    """``async with GatewayClient(url, token) as gw: kernel = await gw.start_kernel()``."""
+
+    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"token {token}"},
+            timeout=timeout,
+        )
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise GatewayError(response.status_code, message)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    async def kernelspecs(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/api/kernelspecs")
+        return result
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call("GET", "/api/kernels")
+        return result
+
+    async def start_kernel(
+        self, name: str | None = None, env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"env": env or {}}
+        if name:
+            body["name"] = name
+        result: dict[str, Any] = await self._call("POST", "/api/kernels", json=body)
+        return result
+
+    async def get_kernel(self, kernel_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"/api/kernels/{kernel_id}")
+        return result
+
+    async def shutdown_kernel(self, kernel_id: str) -> None:
+        await self._call("DELETE", f"/api/kernels/{kernel_id}")
+
+    async def interrupt_kernel(self, kernel_id: str) -> None:
+        await self._call("POST", f"/api/kernels/{kernel_id}/interrupt", json={})
+
+    async def restart_kernel(self, kernel_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            "POST", f"/api/kernels/{kernel_id}/restart", json={}
+        )
+        return result
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call("GET", "/api/cluster/hosts")
+        return result
+
+    async def cluster_kernels(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call("GET", "/api/cluster/kernels")
+        return result
+
+    def channels(self, kernel_id: str, *, v1: bool = False) -> KernelChannels:
+        """A websocket to the kernel's channels; use as ``async with``."""
+        return KernelChannels(self.url, self.token, kernel_id, v1=v1)

@@ -1,0 +1,48 @@
+"""The gateway (global scheduler): the Jupyter Kernel Gateway API over a cluster of hosts."""
+
+from ._app import Gateway, create_app
+from ._config import GatewayConfig
+from ._hosts import HostEntry, HostRegistry, HostRequestError, HostSession
+from ._kernel import GatewayKernel, KernelUnavailable, error_replies
+from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpec, KernelSpecError, KernelSpecRegistry
+from ._manager import (
+    KernelManager,
+    KernelRequestError,
+    KernelStartError,
+    NoSuchKernel,
+    validate_env,
+)
+from ._routing import PendingRequest, PendingRequests
+from ._server import run, serve
+from ._state import FileStateStore, KernelRecord, MemoryStateStore, ReplicaRecord, StateStore
+
+__all__ = [
+    "DEFAULT_KERNEL_NAME",
+    "FileStateStore",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayKernel",
+    "HostEntry",
+    "HostRegistry",
+    "HostRequestError",
+    "HostSession",
+    "KernelManager",
+    "KernelRecord",
+    "KernelRequestError",
+    "KernelSpec",
+    "KernelSpecError",
+    "KernelSpecRegistry",
+    "KernelStartError",
+    "KernelUnavailable",
+    "MemoryStateStore",
+    "NoSuchKernel",
+    "PendingRequest",
+    "PendingRequests",
+    "ReplicaRecord",
+    "StateStore",
+    "create_app",
+    "error_replies",
+    "run",
+    "serve",
+    "validate_env",
+]

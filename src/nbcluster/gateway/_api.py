@@ -1,0 +1,204 @@
+"""The REST API: the Jupyter Kernel Gateway surface (``/api``, ``/api/kernelspecs``,
+``/api/kernels``) plus the cluster API (``/api/cluster/...``).
+
+Errors are JSON ``{"message": ..., "reason": ...}`` as jupyter_server writes them, which is
+what its gateway client reads.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+
+from .._version import __version__
+from ._channels import serve_channels
+from ._host_endpoint import serve_host
+from ._manager import NoSuchKernel
+
+if TYPE_CHECKING:
+    from ._app import Gateway
+
+__all__ = ["ApiError", "build_router"]
+
+
+class ApiError(Exception):
+    """Raised by handlers; rendered as a JSON error with the given status."""
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or message
+
+
+class StartKernelBody(BaseModel):
+    """Body of ``POST /api/kernels``."""
+
+    name: str | None = Field(None, description="Kernelspec name; the default is used if absent.")
+    env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="KERNEL_* variables for the kernel, e.g. KERNEL_GPUS, KERNEL_WORKING_DIR.",
+    )
+    path: str | None = Field(None, description="Accepted for compatibility; unused.")
+
+
+class KernelModel(BaseModel):
+    id: str
+    name: str
+    last_activity: str
+    execution_state: str
+    connections: int
+
+
+def _gateway(request: Request | WebSocket) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _kernel(gateway: Gateway, kernel_id: str) -> Any:
+    try:
+        return gateway.kernels.get(kernel_id)
+    except NoSuchKernel as exc:
+        raise ApiError(404, str(exc), "kernel not found") from None
+
+
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
+
+
+async def _json_body(request: Request, model: type[BodyModel]) -> BodyModel:
+    """Parse a JSON body whatever its content type (clients differ); an empty body is ``{}``."""
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", "bad request") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", "bad request")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise ApiError(400, f"invalid request body: {where}: {err['msg']}", "bad request") from None
+
+
+def build_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api", summary="API version")
+    async def api_version() -> dict[str, str]:
+        return {"version": __version__, "implementation": "nbcluster"}
+
+    @router.get("/api/kernelspecs", summary="List kernelspecs")
+    async def list_kernelspecs(request: Request) -> dict[str, Any]:
+        return _gateway(request).specs.models()
+
+    @router.get("/api/kernelspecs/{name}", summary="One kernelspec")
+    async def get_kernelspec(request: Request, name: str) -> dict[str, Any]:
+        specs = _gateway(request).specs
+        if specs.get(name) is None:
+            raise ApiError(404, f"no kernelspec named {name!r}", "kernelspec not found")
+        return specs.model(name)
+
+    @router.get("/kernelspecs/{name}/{filename}", summary="Kernelspec resource (logo)")
+    async def kernelspec_resource(request: Request, name: str, filename: str) -> FileResponse:
+        path = _gateway(request).specs.resource_path(name, filename)
+        if path is None:
+            raise ApiError(404, f"kernelspec {name!r} has no resource {filename!r}", "not found")
+        return FileResponse(path)
+
+    @router.get("/api/kernels", summary="List kernels", response_model=list[KernelModel])
+    async def list_kernels(request: Request) -> list[dict[str, Any]]:
+        return [k.model() for k in _gateway(request).kernels.kernels.values()]
+
+    @router.post(
+        "/api/kernels",
+        status_code=201,
+        summary="Start a kernel",
+        response_model=KernelModel,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": StartKernelBody.model_json_schema()}}
+            }
+        },
+    )
+    async def start_kernel(request: Request) -> dict[str, Any]:
+        body = await _json_body(request, StartKernelBody)
+        kernel = await _gateway(request).kernels.start_kernel(body.name, body.env)
+        return kernel.model()
+
+    @router.get("/api/kernels/{kernel_id}", summary="One kernel", response_model=KernelModel)
+    async def get_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
+        return _kernel(_gateway(request), kernel_id).model()  # type: ignore[no-any-return]
+
+    @router.delete("/api/kernels/{kernel_id}", status_code=204, summary="Shut a kernel down")
+    async def delete_kernel(request: Request, kernel_id: str) -> Response:
+        gateway = _gateway(request)
+        _kernel(gateway, kernel_id)
+        await gateway.kernels.shutdown_kernel(kernel_id)
+        return Response(status_code=204)
+
+    @router.post(
+        "/api/kernels/{kernel_id}/interrupt", status_code=204, summary="Interrupt a kernel"
+    )
+    async def interrupt_kernel(request: Request, kernel_id: str) -> Response:
+        gateway = _gateway(request)
+        _kernel(gateway, kernel_id)
+        await gateway.kernels.interrupt_kernel(kernel_id)
+        return Response(status_code=204)
+
+    @router.post(
+        "/api/kernels/{kernel_id}/restart", summary="Restart a kernel", response_model=KernelModel
+    )
+    async def restart_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
+        gateway = _gateway(request)
+        _kernel(gateway, kernel_id)
+        kernel = await gateway.kernels.restart_kernel(kernel_id)
+        return kernel.model()
+
+    @router.websocket("/api/kernels/{kernel_id}/channels")
+    async def channels(websocket: WebSocket, kernel_id: str) -> None:
+        gateway = _gateway(websocket)
+        try:
+            kernel = gateway.kernels.get(kernel_id)
+        except NoSuchKernel:
+            await websocket.close(1008, f"no kernel with id {kernel_id}")
+            return
+        await serve_channels(websocket, kernel, gateway.metrics, gateway.config.client_queue_limit)
+
+    @router.websocket("/api/cluster/hosts/connect")
+    async def host_connect(websocket: WebSocket) -> None:
+        gateway = _gateway(websocket)
+        await serve_host(
+            websocket, gateway.hosts, gateway.kernels, gateway.config.heartbeat_interval
+        )
+
+    @router.get("/api/cluster/hosts", summary="Hosts, their resources and replicas")
+    async def cluster_hosts(request: Request) -> list[dict[str, Any]]:
+        return _gateway(request).host_summaries()
+
+    @router.get("/api/cluster/kernels", summary="Kernels and where their replicas run")
+    async def cluster_kernels(request: Request) -> list[dict[str, Any]]:
+        return _gateway(request).kernel_summaries()
+
+    @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(
+            generate_latest(_gateway(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    return router
+
+
+def error_response(status: int, message: str, reason: str) -> JSONResponse:
+    return JSONResponse(
+        {"message": message, "reason": reason, "timestamp": datetime.now(UTC).isoformat()},
+        status_code=status,
+    )

@@ -1,0 +1,204 @@
+"""The gateway application: wires hosts, kernels, kernelspecs, state and metrics into a
+FastAPI app with token auth, JSON errors and request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._version import __version__
+from ._api import ApiError, build_router, error_response
+from ._auth import TokenAuthMiddleware
+from ._config import GatewayConfig
+from ._hosts import HostRegistry
+from ._kernel import KernelUnavailable
+from ._kernelspecs import KernelSpecRegistry
+from ._manager import KernelManager, KernelRequestError, KernelStartError, NoSuchKernel
+from ._metrics import GatewayMetrics
+from ._state import FileStateStore, StateStore
+
+__all__ = ["Gateway", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Everything one gateway process holds. Built by :func:`create_app`."""
+
+    def __init__(self, config: GatewayConfig, store: StateStore | None = None) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.hosts = HostRegistry(config.host_lost_timeout)
+        self.specs = KernelSpecRegistry(config.kernelspec_dirs)
+        self.store = store if store is not None else FileStateStore(config.state_dir)
+        self.kernels = KernelManager(config, self.hosts, self.specs, self.store, self.metrics)
+        self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values())
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.kernels.restore()
+        self._watchdog = asyncio.create_task(self._watch_hosts())
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        await self.kernels.close()
+
+    async def _watch_hosts(self) -> None:
+        period = min(self.config.heartbeat_interval, self.config.host_lost_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            for entry in self.hosts.find_lost(time.monotonic()):
+                self.kernels.on_host_lost(entry)
+
+    def host_summaries(self) -> list[dict[str, Any]]:
+        replicas: dict[str, list[dict[str, str]]] = {}
+        for kernel in self.kernels.kernels.values():
+            for r in kernel.live_replicas():
+                replicas.setdefault(r.host, []).append(
+                    {"kernel_id": kernel.id, "replica_id": r.replica_id, "state": r.state}
+                )
+        now = time.monotonic()
+        return [
+            {
+                "name": h.name,
+                "state": h.state,
+                "address": h.address,
+                "cpus": h.resources.cpus,
+                "memory_mb": h.resources.memory_mb,
+                "gpus": [g.model_dump() for g in h.resources.gpus],
+                "seconds_since_heartbeat": round(now - h.last_seen, 3),
+                "replicas": replicas.get(h.name, []),
+            }
+            for h in sorted(self.hosts.hosts.values(), key=lambda h: h.name)
+        ]
+
+    def kernel_summaries(self) -> list[dict[str, Any]]:
+        return [
+            {
+                **k.model(),
+                "created": k.record.created.isoformat(),
+                "executor": k.executor,
+                "execution_count": k.execution_count,
+                "dead_reason": k.record.dead_reason,
+                "replicas": [
+                    {
+                        "replica_id": r.replica_id,
+                        "host": r.host,
+                        "state": r.state,
+                        "pid": r.pid,
+                        "reason": r.reason,
+                    }
+                    for r in k.record.replicas
+                ],
+            }
+            for k in self.kernels.kernels.values()
+        ]
+
+
+class _RequestMetricsMiddleware:
+    """Records the latency of each HTTP request by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.http_latency.labels(scope["method"], template, str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    problems = []
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx", {})
+            return f"request body is not valid JSON: {ctx.get('error', err.get('msg'))}"
+        where = ".".join(loc) or "body"
+        problems.append(f"{where}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(problems)
+
+
+def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAPI:
+    """The ASGI app of one gateway; ``app.state.gateway`` is its :class:`Gateway`."""
+    gateway = Gateway(config, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="nbcluster gateway",
+        version=__version__,
+        description=(
+            "Jupyter Kernel Gateway API (kernelspecs, kernels, channels websocket) and the "
+            "nbcluster cluster API. Every endpoint needs the token: "
+            "`Authorization: token <token>` or `?token=<token>`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    app.include_router(build_router())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Any:
+        return error_response(exc.status, exc.message, exc.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Any:
+        return error_response(400, _describe_validation(exc), "bad request")
+
+    @app.exception_handler(KernelRequestError)
+    async def _bad_kernel_request(request: Request, exc: KernelRequestError) -> Any:
+        return error_response(400, str(exc), "bad request")
+
+    @app.exception_handler(NoSuchKernel)
+    async def _no_kernel(request: Request, exc: NoSuchKernel) -> Any:
+        return error_response(404, str(exc), "kernel not found")
+
+    @app.exception_handler(KernelStartError)
+    async def _start_failed(request: Request, exc: KernelStartError) -> Any:
+        return error_response(503, str(exc), "kernel could not be started")
+
+    @app.exception_handler(KernelUnavailable)
+    async def _unavailable(request: Request, exc: KernelUnavailable) -> Any:
+        return error_response(409, str(exc), "kernel unavailable")
+
+    app.add_middleware(_RequestMetricsMiddleware, metrics=gateway.metrics)
+    app.add_middleware(TokenAuthMiddleware, token=config.token)
+    return app

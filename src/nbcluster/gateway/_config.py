@@ -1,0 +1,32 @@
+"""Settings of the gateway process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["GatewayConfig"]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What ``nbcluster gateway`` (or ``nbcluster up``) starts the gateway with.
+
+    The defaults suit one machine: loopback only, state under ``./.nbcluster/gateway``.
+    """
+
+    token: str
+    ip: str = "127.0.0.1"
+    port: int = 8889
+    state_dir: Path = field(default_factory=lambda: Path.cwd() / ".nbcluster" / "gateway")
+    kernelspec_dirs: tuple[Path, ...] = ()
+    #: How often host daemons send heartbeats.
+    heartbeat_interval: float = 1.0
+    #: A host silent (or disconnected) this long is lost, and its replicas are dead.
+    host_lost_timeout: float = 5.0
+    #: How long a replica may take to start and answer kernel_info.
+    launch_timeout: float = 30.0
+    #: Replicas per kernel. 1 until replicated kernels land.
+    replicas_per_kernel: int = 1
+    #: Bytes a slow websocket client may have queued before it is disconnected.
+    client_queue_limit: int = 64 * 2**20

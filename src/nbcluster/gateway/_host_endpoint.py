@@ -1,0 +1,104 @@
+"""The websocket host daemons connect to (``/api/cluster/hosts/connect``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..hostproto import (
+    Heartbeat,
+    Hello,
+    HostProtocolError,
+    ReplicaExited,
+    Reply,
+    StopReplica,
+    Welcome,
+    decode_host_message,
+    encode,
+)
+from ._hosts import HostRegistry, HostRequestError, HostSession
+from ._manager import KernelManager
+
+__all__ = ["serve_host"]
+
+log = logging.getLogger(__name__)
+
+
+async def serve_host(
+    websocket: WebSocket, hosts: HostRegistry, kernels: KernelManager, heartbeat_interval: float
+) -> None:
+    """Register the host, then process its replies and events until it disconnects."""
+    await websocket.accept()
+    try:
+        first = await asyncio.wait_for(websocket.receive_text(), 10)
+        hello = decode_host_message(first)
+        if not isinstance(hello, Hello):
+            raise HostProtocolError(f"expected a hello first, got {hello.type!r}")
+    except (TimeoutError, HostProtocolError, WebSocketDisconnect, KeyError) as exc:
+        log.warning("refused a host connection: %s", exc)
+        with contextlib.suppress(Exception):
+            await websocket.close(1008, str(exc)[:120])
+        return
+    send_lock = asyncio.Lock()
+
+    async def send_frame(frame: str) -> None:
+        async with send_lock:
+            await websocket.send_text(frame)
+
+    session = HostSession(hello.name, send_frame)
+    try:
+        entry = hosts.register(hello, session, time.monotonic())
+    except ValueError as exc:
+        log.warning("refused host %s: %s", hello.name, exc)
+        await websocket.close(1008, str(exc)[:120])
+        return
+    await send_frame(encode(Welcome(heartbeat_interval=heartbeat_interval)))
+    log.info(
+        "host %s connected (%d CPUs, %d GPUs, %d replicas running)",
+        hello.name,
+        hello.resources.cpus,
+        len(hello.resources.gpus),
+        len(hello.replicas),
+    )
+    orphans = kernels.on_host_hello(entry, hello.replicas)
+    for orphan in orphans:
+        log.info("stopping replica %s on %s: it belongs to no known kernel", orphan, hello.name)
+    stopping = [asyncio.create_task(_stop_orphan(session, orphan)) for orphan in orphans]
+    try:
+        while True:
+            frame = await websocket.receive_text()
+            try:
+                message = decode_host_message(frame)
+            except HostProtocolError as exc:
+                log.error("host %s: %s", hello.name, exc)
+                kernels.metrics.reject("host", str(exc))
+                continue
+            hosts.heartbeat(hello.name, time.monotonic())
+            if isinstance(message, Reply):
+                session.on_reply(message)
+            elif isinstance(message, ReplicaExited):
+                kernels.on_replica_exited(hello.name, message)
+            elif isinstance(message, Heartbeat):
+                pass
+            else:
+                log.error("host %s sent a second hello; ignoring it", hello.name)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        for task in stopping:
+            task.cancel()
+        hosts.disconnect(hello.name, session, time.monotonic())
+        log.warning("host %s disconnected", hello.name)
+        if entry.state == "disconnected":
+            await kernels.on_host_disconnected(entry)
+
+
+async def _stop_orphan(session: HostSession, replica_id: str) -> None:
+    with contextlib.suppress(HostRequestError):
+        await session.request(
+            lambda rid: StopReplica(request_id=rid, replica_id=replica_id, grace=2.0), timeout=10
+        )

@@ -1,0 +1,145 @@
+"""Host daemons known to the gateway: their sessions, resources and liveness.
+
+A host is ``connected`` while its websocket is open and it heartbeats, ``disconnected`` from
+the moment its websocket closes, and ``lost`` once it has been silent for
+``host_lost_timeout``: then its replicas are declared dead. Liveness decisions take the time as
+an argument so that tests drive them without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from ..hostproto import Hello, HostResources, Reply, encode
+
+__all__ = ["HostEntry", "HostRegistry", "HostRequestError", "HostSession"]
+
+log = logging.getLogger(__name__)
+
+HostState = Literal["connected", "disconnected", "lost"]
+
+SendFrame = Callable[[str], Any]
+
+
+class HostRequestError(RuntimeError):
+    """A host could not carry out a request (it said why, or it went away)."""
+
+
+class HostSession:
+    """The open websocket to one host: sends requests and matches replies to them."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, name: str, send_frame: Callable[[str], Any]) -> None:
+        self.name = name
+        self._send_frame = send_frame
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self.closed = False
+
+    async def request(self, build: Callable[[str], BaseModel], timeout: float) -> dict[str, Any]:
+        """Send the request ``build(request_id)`` and return the host's result."""
+        if self.closed:
+            raise HostRequestError(f"host {self.name} is not connected")
+        request_id = f"{self.name}-{next(self._ids)}"
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            await self._send_frame(encode(build(request_id)))
+            reply = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise HostRequestError(
+                f"host {self.name} did not answer within {timeout:.0f} s"
+            ) from None
+        finally:
+            self._waiting.pop(request_id, None)
+        if not reply.ok:
+            raise HostRequestError(reply.error)
+        return reply.result
+
+    def on_reply(self, reply: Reply) -> None:
+        future = self._waiting.get(reply.request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def close(self) -> None:
+        self.closed = True
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(HostRequestError(f"host {self.name} disconnected"))
+
+
+@dataclass
+class HostEntry:
+    name: str
+    address: str
+    resources: HostResources
+    state: HostState
+    last_seen: float
+    connected_since: float
+    session: HostSession | None = field(default=None, repr=False)
+
+
+class HostRegistry:
+    """Registered hosts by name. The host endpoint feeds it; placement and the API read it."""
+
+    def __init__(self, lost_timeout: float) -> None:
+        self.lost_timeout = lost_timeout
+        self.hosts: dict[str, HostEntry] = {}
+
+    def register(self, hello: Hello, session: HostSession, now: float) -> HostEntry:
+        """Accept a hello. Raises ``ValueError`` if a live host already has that name."""
+        existing = self.hosts.get(hello.name)
+        if existing is not None and existing.state == "connected":
+            raise ValueError(f"a host named {hello.name!r} is already connected")
+        entry = HostEntry(
+            name=hello.name,
+            address=hello.address,
+            resources=hello.resources,
+            state="connected",
+            last_seen=now,
+            connected_since=now,
+            session=session,
+        )
+        self.hosts[hello.name] = entry
+        return entry
+
+    def heartbeat(self, name: str, now: float) -> None:
+        entry = self.hosts.get(name)
+        if entry is not None and entry.state == "connected":
+            entry.last_seen = now
+
+    def disconnect(self, name: str, session: HostSession, now: float) -> None:
+        entry = self.hosts.get(name)
+        if entry is None or entry.session is not session:
+            return  # an older session of a host that already reconnected
+        session.close()
+        entry.session = None
+        entry.state = "disconnected"
+
+    def find_lost(self, now: float) -> list[HostEntry]:
+        """Hosts silent for longer than the timeout, now marked lost (each reported once)."""
+        lost = []
+        for entry in self.hosts.values():
+            if entry.state != "lost" and now - entry.last_seen > self.lost_timeout:
+                entry.state = "lost"
+                if entry.session is not None:
+                    entry.session.close()
+                    entry.session = None
+                lost.append(entry)
+        return lost
+
+    def connected(self) -> list[HostEntry]:
+        return [h for h in self.hosts.values() if h.state == "connected"]
+
+    def session(self, name: str) -> HostSession:
+        entry = self.hosts.get(name)
+        if entry is None or entry.session is None:
+            raise HostRequestError(f"host {name} is not connected")
+        return entry.session

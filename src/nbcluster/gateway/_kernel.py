@@ -1,0 +1,336 @@
+"""One kernel as the gateway sees it: its replicas' links, its websocket clients, and the
+routing of messages between them.
+
+Client requests go to the kernel's executing replica; replies go back to the client that asked
+(see :mod:`._routing`), IOPub goes to every client. When the kernel cannot serve (dead,
+restarting, no replica), requests are answered at once with an error reply that says why,
+instead of leaving the client waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from ..protocol import Message, Signer, new_message
+from ._replica import ReplicaLink
+from ._routing import PendingRequests
+from ._state import KernelRecord, ReplicaRecord
+
+__all__ = ["ClientSink", "GatewayKernel", "KernelUnavailable"]
+
+log = logging.getLogger(__name__)
+
+
+class ClientSink(Protocol):
+    """A websocket client as the kernel sees it (see ``_channels.ClientConnection``)."""
+
+    def send(self, msg: Message) -> None: ...
+
+    def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot take the request now; the text says why."""
+
+
+class _Waiter:
+    """Owner of a request the gateway itself sent (readiness checks, shutdown)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+
+Owner = ClientSink | _Waiter
+
+
+class GatewayKernel:
+    """Created by the kernel manager; websocket handlers attach clients and feed messages."""
+
+    def __init__(
+        self,
+        record: KernelRecord,
+        *,
+        on_routed: Callable[[str, str], None] | None = None,
+        on_reject: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.record = record
+        self.signer = Signer(record.key.encode())
+        self.links: dict[str, ReplicaLink] = {}
+        self.clients: set[ClientSink] = set()
+        self.pending: PendingRequests[Owner] = PendingRequests()
+        self.execution_state = "starting"
+        self.last_activity = datetime.now(UTC)
+        self.execution_count = 0
+        self.executor: str | None = None
+        self.lifecycle_lock = asyncio.Lock()
+        self._on_routed = on_routed or (lambda channel, direction: None)
+        self._on_reject = on_reject or (lambda source, reason: None)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def is_dead(self) -> bool:
+        return self.execution_state == "dead"
+
+    def replica(self, replica_id: str) -> ReplicaRecord | None:
+        return next((r for r in self.record.replicas if r.replica_id == replica_id), None)
+
+    def live_replicas(self) -> list[ReplicaRecord]:
+        return [r for r in self.record.replicas if r.state in ("running", "unknown", "starting")]
+
+    # -- links --------------------------------------------------------------------------------
+
+    def make_link(self, context: Any, replica: ReplicaRecord) -> ReplicaLink:
+        assert replica.connection is not None
+        link = ReplicaLink(
+            context,
+            replica.replica_id,
+            replica.connection,
+            self.signer,
+            self.on_replica_message,
+            self._reject_from_replica,
+        )
+        link.open()
+        old = self.links.pop(replica.replica_id, None)
+        if old is not None:
+            old.close()
+        self.links[replica.replica_id] = link
+        return link
+
+    def drop_link(self, replica_id: str) -> None:
+        link = self.links.pop(replica_id, None)
+        if link is not None:
+            link.close()
+        if self.executor == replica_id:
+            self.executor = None
+
+    def executor_link(self) -> ReplicaLink | None:
+        """The replica that serves client requests: the last executor, else any live one."""
+        if self.executor in self.links:
+            return self.links[self.executor]
+        for replica in self.record.replicas:
+            if replica.state in ("running", "unknown") and replica.replica_id in self.links:
+                self.executor = replica.replica_id
+                return self.links[replica.replica_id]
+        return None
+
+    # -- client side --------------------------------------------------------------------------
+
+    def attach(self, client: ClientSink) -> None:
+        self.clients.add(client)
+        if self.is_dead:
+            client.send(self._status("dead"))
+
+    def detach(self, client: ClientSink) -> None:
+        self.clients.discard(client)
+        self.pending.drop_owner(client)
+
+    def handle_client_message(self, client: ClientSink, msg: Message) -> None:
+        """Route one decoded client message to the executing replica."""
+        self.last_activity = datetime.now(UTC)
+        self._on_routed(msg.channel, "in")
+        link = None if self.execution_state in ("dead", "restarting") else self.executor_link()
+        if link is None:
+            self._refuse(client, msg, self._unavailable_reason())
+            return
+        is_request = msg.msg_type.endswith("_request")
+        if is_request:
+            self.pending.add(msg.msg_id, msg.msg_type, msg.channel, msg.header, client)
+        try:
+            link.send(msg)
+        except ConnectionError as exc:
+            if is_request:
+                self.pending.route(msg.msg_id, msg.msg_type.replace("_request", "_reply"))
+            self._refuse(client, msg, str(exc))
+
+    def _unavailable_reason(self) -> str:
+        if self.execution_state == "restarting":
+            return "the kernel is restarting; send the request again when it is idle"
+        if self.record.dead_reason:
+            return f"the kernel is dead: {self.record.dead_reason}. Restart it to continue."
+        return "the kernel has no running replica. Restart it to continue."
+
+    def _refuse(self, client: ClientSink, msg: Message, reason: str) -> None:
+        if not msg.msg_type.endswith("_request"):
+            log.info("dropping %s for kernel %s: %s", msg.msg_type, self.id, reason)
+            return
+        ename = "KernelDead" if self.is_dead else "KernelUnavailable"
+        for reply in error_replies(msg.channel, msg.msg_type, msg.header, ename, reason):
+            client.send(reply)
+        if self.is_dead:
+            client.send(self._status("dead"))
+
+    # -- replica side -------------------------------------------------------------------------
+
+    def on_replica_message(self, link: ReplicaLink, msg: Message) -> None:
+        self.last_activity = datetime.now(UTC)
+        self._on_routed(msg.channel, "out")
+        if msg.channel == "iopub":
+            if msg.msg_type == "iopub_welcome":
+                return
+            if msg.msg_type == "status" and self.execution_state not in ("dead", "restarting"):
+                state = msg.content_dict.get("execution_state")
+                if state in ("busy", "idle", "starting"):
+                    self.execution_state = state
+            elif msg.msg_type == "execute_input":
+                count = msg.content_dict.get("execution_count")
+                if isinstance(count, int):
+                    self.execution_count = count
+            for client in tuple(self.clients):
+                client.send(msg)
+            return
+        pending = self.pending.route(msg.parent_msg_id, msg.msg_type)
+        if pending is None:
+            log.debug(
+                "no owner for %s (parent %s) of kernel %s", msg.msg_type, msg.parent_msg_id, self.id
+            )
+            return
+        owner = pending.owner
+        if isinstance(owner, _Waiter):
+            if not owner.future.done():
+                owner.future.set_result(msg)
+        elif owner in self.clients:
+            owner.send(msg)
+
+    def _reject_from_replica(self, link: ReplicaLink, channel: str, reason: str) -> None:
+        log.warning("rejected a %s message from replica %s: %s", channel, link.replica_id, reason)
+        self._on_reject("replica", reason)
+
+    async def request(
+        self,
+        link: ReplicaLink,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        timeout: float,
+    ) -> Message:
+        """Send a request of the gateway's own and wait for its reply."""
+        waiter = _Waiter()
+        msg = new_message(channel, msg_type, content)
+        self.pending.add(msg.msg_id, msg_type, channel, msg.header, waiter)
+        try:
+            link.send(msg)
+            return await asyncio.wait_for(waiter.future, timeout)
+        finally:
+            self.pending.route(msg.msg_id, msg_type.replace("_request", "_reply"))
+
+    async def wait_ready(self, link: ReplicaLink, timeout: float) -> dict[str, Any]:
+        """Wait until the replica answers kernel_info and its IOPub reaches us.
+
+        Called after a replica starts and when a restarted gateway re-attaches. Returns the
+        kernel_info reply content; raises ``TimeoutError``.
+        """
+        deadline = time.monotonic() + timeout
+        info: dict[str, Any] | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"replica {link.replica_id} did not become ready in {timeout:.0f} s"
+                )
+            try:
+                reply = await self.request(
+                    link, "shell", "kernel_info_request", {}, min(1.0, remaining)
+                )
+                info = reply.content_dict
+            except TimeoutError:
+                continue
+            # Every kernel_info request also publishes busy/idle: once one of those (or the
+            # XPUB welcome) has arrived, our subscription is live and no output can be missed.
+            if info is not None and link.iopub_seen.is_set():
+                return info
+            try:
+                await asyncio.wait_for(link.iopub_seen.wait(), min(0.2, max(remaining, 0.01)))
+                return info
+            except TimeoutError:
+                continue
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def set_state(self, state: str) -> None:
+        """Set a lifecycle state (restarting, dead ...) and tell every client."""
+        self.execution_state = state
+        status = self._status(state)
+        for client in tuple(self.clients):
+            client.send(status)
+
+    def fail_pending(self, ename: str, reason: str) -> None:
+        """Answer every open request with an error: the replica that owed the reply is gone."""
+        for pending in self.pending.take_all():
+            owner = pending.owner
+            if isinstance(owner, _Waiter):
+                if not owner.future.done():
+                    owner.future.set_exception(KernelUnavailable(reason))
+                continue
+            if owner not in self.clients:
+                continue
+            for reply in error_replies(
+                pending.channel, pending.msg_type, pending.header, ename, reason
+            ):
+                owner.send(reply)
+
+    def mark_dead(self, reason: str) -> None:
+        self.record.dead_reason = reason
+        self.fail_pending("KernelDied", f"the kernel died: {reason}")
+        self.set_state("dead")
+
+    def _status(self, state: str) -> Message:
+        return new_message("iopub", "status", {"execution_state": state})
+
+    def model(self) -> dict[str, Any]:
+        """The Jupyter REST model of this kernel."""
+        return {
+            "id": self.id,
+            "name": self.record.name,
+            "last_activity": self.last_activity.isoformat().replace("+00:00", "Z"),
+            "execution_state": self.execution_state,
+            "connections": len(self.clients),
+        }
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+
+
+def error_replies(
+    channel: str, msg_type: str, request_header: bytes, ename: str, evalue: str
+) -> list[Message]:
+    """What a client gets instead of the kernel's answer to a request (given by its channel,
+    type and raw header). An execute request also gets an IOPub ``error`` so that the message
+    shows in the cell. The closing ``idle`` status (parented to the request) completes the
+    request in clients that wait for it, as JupyterLab and nbclient do; a kernel-wide ``dead``
+    status, if any, follows it.
+    """
+    reply_type = msg_type.removesuffix("_request") + "_reply"
+    content: dict[str, Any] = {
+        "status": "error",
+        "ename": ename,
+        "evalue": evalue,
+        "traceback": [f"{ename}: {evalue}"],
+    }
+    messages = []
+    if msg_type == "execute_request":
+        content["execution_count"] = None
+        messages.append(
+            new_message(
+                "iopub",
+                "error",
+                {"ename": ename, "evalue": evalue, "traceback": [f"{ename}: {evalue}"]},
+                parent=request_header,
+            )
+        )
+    messages.append(new_message(channel, reply_type, content, parent=request_header))
+    messages.append(
+        new_message("iopub", "status", {"execution_state": "idle"}, parent=request_header)
+    )
+    return messages

@@ -1,0 +1,130 @@
+"""The kernelspecs the gateway offers: the built-in ``python3`` plus operator-supplied ones.
+
+An operator adds kernelspecs as directories holding a ``kernel.json`` (the Jupyter layout)
+under a ``--kernelspec-dir``. A spec that fails validation is skipped with an error naming the
+file and the problem; the gateway keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["DEFAULT_KERNEL_NAME", "KernelSpec", "KernelSpecError", "KernelSpecRegistry"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KERNEL_NAME = "python3"
+_RESOURCE_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg", "kernel.js", "kernel.css")
+
+
+class KernelSpecError(ValueError):
+    """A kernelspec is invalid; the text names the file and the field."""
+
+
+class KernelSpec(BaseModel):
+    """A kernel.json, validated."""
+
+    model_config = ConfigDict(extra="allow")
+
+    argv: list[str] = Field(min_length=1)
+    display_name: str = Field(min_length=1)
+    language: str = Field(min_length=1)
+    interrupt_mode: Literal["signal", "message"] = "signal"
+    env: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("argv")
+    @classmethod
+    def _needs_connection_file(cls, argv: list[str]) -> list[str]:
+        if not any("{connection_file}" in a for a in argv):
+            raise ValueError("argv must contain '{connection_file}'")
+        return argv
+
+
+def _builtin_python3() -> tuple[KernelSpec, Path | None]:
+    spec = KernelSpec(
+        argv=["python", "-m", "nbcluster.kernel", "-f", "{connection_file}"],
+        display_name="Python 3 (nbcluster)",
+        language="python",
+        interrupt_mode="signal",
+        metadata={"debugger": False, "nbcluster": {"replicated": True}},
+    )
+    try:
+        import ipykernel
+
+        resources: Path | None = Path(ipykernel.__file__).parent / "resources"
+    except ImportError:  # pragma: no cover - ipykernel is a dependency
+        resources = None
+    return spec, resources
+
+
+class KernelSpecRegistry:
+    """Looked up by the REST API (listing, resources) and by the kernel manager (argv, env)."""
+
+    def __init__(self, directories: tuple[Path, ...] = ()) -> None:
+        self._specs: dict[str, tuple[KernelSpec, Path | None]] = {}
+        self._specs[DEFAULT_KERNEL_NAME] = _builtin_python3()
+        for directory in directories:
+            self._load_dir(directory)
+
+    def _load_dir(self, directory: Path) -> None:
+        if not directory.is_dir():
+            log.error("kernelspec directory %s does not exist", directory)
+            return
+        for spec_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+            try:
+                self._specs[spec_dir.name] = (self.load_file(spec_dir / "kernel.json"), spec_dir)
+            except KernelSpecError as exc:
+                log.error("skipping kernelspec: %s", exc)
+
+    @staticmethod
+    def load_file(path: Path) -> KernelSpec:
+        try:
+            data = orjson.loads(path.read_bytes())
+        except OSError as exc:
+            raise KernelSpecError(f"{path}: cannot read: {exc.strerror}") from None
+        except orjson.JSONDecodeError as exc:
+            raise KernelSpecError(f"{path}: not valid JSON: {exc}") from None
+        try:
+            return KernelSpec.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "kernel.json"
+            raise KernelSpecError(f"{path}: {where}: {first['msg']}") from None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def get(self, name: str) -> KernelSpec | None:
+        entry = self._specs.get(name)
+        return entry[0] if entry else None
+
+    def resource_path(self, name: str, filename: str) -> Path | None:
+        entry = self._specs.get(name)
+        if entry is None or entry[1] is None or filename not in _RESOURCE_FILES:
+            return None
+        path = entry[1] / filename
+        return path if path.is_file() else None
+
+    def model(self, name: str, base_url: str = "") -> dict[str, Any]:
+        """The Jupyter REST model of one spec (``GET /api/kernelspecs/{name}``)."""
+        spec = self._specs[name][0]
+        resources = {
+            Path(f).stem: f"{base_url}/kernelspecs/{name}/{f}"
+            for f in _RESOURCE_FILES
+            if self.resource_path(name, f)
+        }
+        return {"name": name, "spec": spec.model_dump(), "resources": resources}
+
+    def models(self) -> dict[str, Any]:
+        """``GET /api/kernelspecs``."""
+        return {
+            "default": DEFAULT_KERNEL_NAME,
+            "kernelspecs": {name: self.model(name) for name in self.names},
+        }

@@ -1,0 +1,421 @@
+"""The gateway's kernel manager: starts, restarts, interrupts and shuts down kernels through
+the host daemons, reacts to replica exits and lost hosts, and re-attaches to running kernels
+after a gateway restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import signal
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+
+from ..hostproto import ReplicaExited, ReplicaReport, SignalReplica, StartReplica, StopReplica
+from ..scheduling import HostLoad, PlacementError, choose_hosts
+from ._config import GatewayConfig
+from ._hosts import HostEntry, HostRegistry, HostRequestError
+from ._kernel import GatewayKernel, KernelUnavailable
+from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpecRegistry
+from ._metrics import GatewayMetrics
+from ._state import KernelRecord, ReplicaRecord, StateStore
+
+__all__ = ["KernelManager", "KernelRequestError", "KernelStartError", "NoSuchKernel"]
+
+log = logging.getLogger(__name__)
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Resource requests (Enterprise Gateway convention) and the kind of number each must be.
+RESOURCE_ENV = {
+    "KERNEL_GPUS": int,
+    "KERNEL_CPUS": float,
+    "KERNEL_MEMORY_MB": float,
+    "KERNEL_VRAM_GB": float,
+}
+
+
+class NoSuchKernel(LookupError):
+    """No kernel has that id (404)."""
+
+
+class KernelRequestError(ValueError):
+    """The request names an unknown kernelspec or carries bad values (400)."""
+
+
+class KernelStartError(RuntimeError):
+    """The kernel could not be started (no host, a replica failed ...); the text says why."""
+
+
+def validate_env(env: Mapping[str, Any]) -> dict[str, str]:
+    """The part of a client's ``env`` that reaches the kernel: ``KERNEL_*`` variables.
+
+    Raises :class:`KernelRequestError` naming the first bad variable.
+    """
+    accepted: dict[str, str] = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise KernelRequestError(f"env: {name!r} is not a valid environment variable name")
+        if not isinstance(value, str):
+            raise KernelRequestError(f"env.{name}: must be a string, got {type(value).__name__}")
+        if "\x00" in value:
+            raise KernelRequestError(f"env.{name}: contains a NUL character")
+        if name in RESOURCE_ENV:
+            kind = RESOURCE_ENV[name]
+            try:
+                number = kind(value)
+            except ValueError:
+                raise KernelRequestError(
+                    f"env.{name}: {value!r} is not a{'n integer' if kind is int else ' number'}"
+                ) from None
+            if number < 0 or number != number:
+                raise KernelRequestError(f"env.{name}: must not be negative, got {value!r}")
+        if name.startswith("KERNEL_"):
+            accepted[name] = value
+    return accepted
+
+
+class KernelManager:
+    """Owned by the gateway app; the REST API, the channels websocket and the host endpoint
+    call into it. All methods run on the gateway's event loop."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        hosts: HostRegistry,
+        specs: KernelSpecRegistry,
+        store: StateStore,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.hosts = hosts
+        self.specs = specs
+        self.store = store
+        self.metrics = metrics
+        self.kernels: dict[str, GatewayKernel] = {}
+        self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    def get(self, kernel_id: str) -> GatewayKernel:
+        try:
+            return self.kernels[kernel_id]
+        except KeyError:
+            raise NoSuchKernel(f"no kernel with id {kernel_id}") from None
+
+    def _new_kernel(self, record: KernelRecord) -> GatewayKernel:
+        return GatewayKernel(record, on_routed=self.metrics.routed, on_reject=self.metrics.reject)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- start --------------------------------------------------------------------------------
+
+    async def start_kernel(self, name: str | None, env: Mapping[str, Any]) -> GatewayKernel:
+        name = name or DEFAULT_KERNEL_NAME
+        if self.specs.get(name) is None:
+            raise KernelRequestError(
+                f"unknown kernelspec {name!r}; available: {', '.join(self.specs.names)}"
+            )
+        kernel_env = validate_env(env)
+        record = KernelRecord(
+            id=str(uuid.uuid4()),
+            name=name,
+            key=secrets.token_hex(32),
+            env=kernel_env,
+            working_dir=kernel_env.get("KERNEL_WORKING_DIR"),
+        )
+        kernel = self._new_kernel(record)
+        self.kernels[record.id] = kernel
+        started = time.monotonic()
+        try:
+            async with kernel.lifecycle_lock:
+                await self._launch_replicas(kernel)
+        except BaseException:
+            self.kernels.pop(record.id, None)
+            kernel.close()
+            raise
+        kernel.execution_state = "idle"
+        self.store.save(record)
+        self.metrics.kernel_start.observe(time.monotonic() - started)
+        log.info("kernel %s (%s) started on %s", record.id, name, [r.host for r in record.replicas])
+        return kernel
+
+    def _host_loads(self) -> list[HostLoad]:
+        counts: dict[str, int] = {}
+        for kernel in self.kernels.values():
+            for replica in kernel.live_replicas():
+                counts[replica.host] = counts.get(replica.host, 0) + 1
+        return [
+            HostLoad(h.name, counts.get(h.name, 0), len(h.resources.gpus))
+            for h in self.hosts.connected()
+        ]
+
+    async def _launch_replicas(self, kernel: GatewayKernel) -> None:
+        count = self.config.replicas_per_kernel
+        try:
+            hosts = choose_hosts(self._host_loads(), count)
+        except PlacementError as exc:
+            connected = len(self.hosts.connected())
+            raise KernelStartError(
+                f"cannot place the kernel: {exc} ({connected} host(s) connected)"
+            ) from None
+        results = await asyncio.gather(
+            *(self._launch_replica(kernel, host) for host in hosts), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self._stop_replicas(kernel)
+            raise KernelStartError("; ".join(str(e) for e in errors))
+
+    async def _launch_replica(self, kernel: GatewayKernel, host: str) -> None:
+        spec = self.specs.get(kernel.record.name)
+        assert spec is not None
+        replica = ReplicaRecord(replica_id=f"{kernel.id[:8]}-{secrets.token_hex(3)}", host=host)
+        kernel.record.replicas.append(replica)
+        env = {**spec.env, **kernel.record.env}
+        timeout = self.config.launch_timeout
+        try:
+            result = await self.hosts.session(host).request(
+                lambda rid: StartReplica(
+                    request_id=rid,
+                    kernel_id=kernel.id,
+                    replica_id=replica.replica_id,
+                    argv=spec.argv,
+                    env=env,
+                    key=kernel.record.key,
+                    working_dir=kernel.record.working_dir,
+                    launch_timeout=timeout,
+                ),
+                timeout=timeout + 5,
+            )
+            report = ReplicaReport.model_validate(result)
+        except HostRequestError as exc:
+            replica.state = "dead"
+            replica.reason = str(exc)
+            raise KernelStartError(f"replica on host {host} failed to start: {exc}") from None
+        replica.pid = report.pid
+        replica.connection = report.connection
+        replica.state = "running"
+        link = kernel.make_link(self.zmq_context, replica)
+        try:
+            await kernel.wait_ready(link, timeout)
+        except (TimeoutError, KernelUnavailable) as exc:
+            raise KernelStartError(f"replica on host {host} did not become ready: {exc}") from None
+
+    # -- stop, restart, interrupt -------------------------------------------------------------
+
+    async def _stop_replicas(self, kernel: GatewayKernel) -> None:
+        await asyncio.gather(
+            *(self._stop_replica(kernel, r) for r in kernel.record.replicas),
+            return_exceptions=True,
+        )
+
+    async def _stop_replica(self, kernel: GatewayKernel, replica: ReplicaRecord) -> None:
+        was_live = replica.state in ("running", "unknown", "starting")
+        replica.state = "stopped"  # its exit is expected from now on
+        link = kernel.links.get(replica.replica_id)
+        if was_live and link is not None:
+            with contextlib.suppress(TimeoutError, KernelUnavailable, ConnectionError):
+                await kernel.request(link, "control", "shutdown_request", {"restart": False}, 1.0)
+        kernel.drop_link(replica.replica_id)
+        if not was_live:
+            return
+        try:
+            await self.hosts.session(replica.host).request(
+                lambda rid: StopReplica(request_id=rid, replica_id=replica.replica_id, grace=2.0),
+                timeout=10,
+            )
+        except HostRequestError as exc:
+            # Usually: it already exited after the shutdown request, or its host is gone.
+            log.debug("stop of replica %s: %s", replica.replica_id, exc)
+
+    async def shutdown_kernel(self, kernel_id: str) -> None:
+        kernel = self.get(kernel_id)
+        async with kernel.lifecycle_lock:
+            self.kernels.pop(kernel_id, None)
+            kernel.fail_pending("KernelShutdown", "the kernel was shut down")
+            await self._stop_replicas(kernel)
+            self.store.delete(kernel_id)
+            for client in tuple(kernel.clients):
+                client.close(1000, "kernel shut down")
+            kernel.close()
+        log.info("kernel %s shut down", kernel_id)
+
+    async def restart_kernel(self, kernel_id: str) -> GatewayKernel:
+        kernel = self.get(kernel_id)
+        async with kernel.lifecycle_lock:
+            kernel.fail_pending("KernelRestarted", "the kernel was restarted")
+            kernel.set_state("restarting")
+            await self._stop_replicas(kernel)
+            kernel.record.replicas = []
+            kernel.record.dead_reason = ""
+            kernel.executor = None
+            try:
+                await self._launch_replicas(kernel)
+            except KernelStartError as exc:
+                kernel.mark_dead(f"restart failed: {exc}")
+                self.store.save(kernel.record)
+                raise
+            kernel.set_state("idle")
+            self.store.save(kernel.record)
+        log.info("kernel %s restarted", kernel_id)
+        return kernel
+
+    async def interrupt_kernel(self, kernel_id: str) -> None:
+        kernel = self.get(kernel_id)
+        if kernel.is_dead:
+            raise KernelUnavailable(f"kernel {kernel_id} is dead: {kernel.record.dead_reason}")
+        spec = self.specs.get(kernel.record.name)
+        if spec is not None and spec.interrupt_mode == "message":
+            link = kernel.executor_link()
+            if link is not None:
+                await kernel.request(link, "control", "interrupt_request", {}, 5.0)
+            return
+        errors = []
+        for replica in kernel.live_replicas():
+            replica_id = replica.replica_id
+
+            def build(rid: str, replica_id: str = replica_id) -> SignalReplica:
+                return SignalReplica(request_id=rid, replica_id=replica_id, signum=signal.SIGINT)
+
+            try:
+                await self.hosts.session(replica.host).request(build, timeout=5)
+            except HostRequestError as exc:
+                errors.append(f"replica {replica.replica_id}: {exc}")
+        if errors and len(errors) == len(kernel.live_replicas()):
+            raise KernelUnavailable("could not interrupt: " + "; ".join(errors))
+
+    # -- host events --------------------------------------------------------------------------
+
+    def _replica_lost(self, kernel: GatewayKernel, replica: ReplicaRecord, reason: str) -> None:
+        replica.state = "dead"
+        replica.reason = reason
+        kernel.drop_link(replica.replica_id)
+        if not kernel.live_replicas() and not kernel.is_dead:
+            log.warning("kernel %s is dead: %s", kernel.id, reason)
+            kernel.mark_dead(reason)
+        self.store.save(kernel.record)
+
+    def on_replica_exited(self, host: str, event: ReplicaExited) -> None:
+        kernel = self.kernels.get(event.kernel_id)
+        replica = kernel.replica(event.replica_id) if kernel else None
+        if kernel is None or replica is None or replica.state in ("stopped", "dead"):
+            return
+        reason = f"replica {replica.replica_id} on host {host} exited with code {event.exit_code}"
+        if event.log_tail:
+            log.warning("%s; end of its log:\n%s", reason, event.log_tail)
+        self._replica_lost(kernel, replica, reason)
+
+    def on_host_lost(self, entry: HostEntry) -> None:
+        self.metrics.hosts_lost.inc()
+        log.warning("host %s is lost (silent for over %.0f s)", entry.name, self.hosts.lost_timeout)
+        for kernel in list(self.kernels.values()):
+            for replica in kernel.live_replicas():
+                if replica.host == entry.name:
+                    self._replica_lost(kernel, replica, f"host {entry.name} was lost")
+
+    async def on_host_disconnected(self, entry: HostEntry) -> None:
+        """A host's websocket closed. If its replicas stop answering heartbeats too, the host
+        is gone (its daemon died, taking its replicas with it): declare them dead at once
+        rather than after the lost timeout."""
+        for kernel in list(self.kernels.values()):
+            for replica in kernel.live_replicas():
+                link = kernel.links.get(replica.replica_id)
+                if replica.host != entry.name or link is None:
+                    continue
+                if not await link.ping(timeout=1.0) and entry.state != "connected":
+                    self._replica_lost(
+                        kernel,
+                        replica,
+                        f"host {entry.name} disconnected and its replica stopped answering",
+                    )
+
+    def on_host_hello(self, entry: HostEntry, reports: list[ReplicaReport]) -> list[str]:
+        """Reconcile what a (re)connecting host runs with what we know.
+
+        Returns replica ids the host runs that belong to no known kernel: the caller stops them.
+        """
+        reported = {r.replica_id: r for r in reports}
+        for kernel in list(self.kernels.values()):
+            for replica in kernel.live_replicas():
+                if replica.host != entry.name:
+                    continue
+                report = reported.pop(replica.replica_id, None)
+                if report is None:
+                    if replica.state != "starting":
+                        self._replica_lost(
+                            kernel, replica, f"host {entry.name} came back without this replica"
+                        )
+                    continue
+                if replica.state == "unknown":
+                    replica.state = "running"
+                    replica.pid = report.pid
+                    replica.connection = report.connection
+                    if replica.replica_id not in kernel.links:
+                        kernel.make_link(self.zmq_context, replica)
+                    self.store.save(kernel.record)
+        return list(reported)
+
+    # -- gateway restart ----------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Load persisted kernels at start-up and reconnect to their replicas' sockets."""
+        for record in self.store.load_all():
+            kernel = self._new_kernel(record)
+            self.kernels[record.id] = kernel
+            if record.dead_reason:
+                kernel.execution_state = "dead"
+                continue
+            for replica in record.replicas:
+                if replica.state in ("running", "starting", "unknown") and replica.connection:
+                    replica.state = "unknown"
+                    kernel.make_link(self.zmq_context, replica)
+            if not kernel.links:
+                kernel.mark_dead("no replica survived the gateway restart")
+                continue
+            self._spawn(self._confirm_restored(kernel))
+        if self.kernels:
+            log.info("restored %d kernel(s) from %s", len(self.kernels), self.config.state_dir)
+            self._spawn(self._expire_unknown_replicas(self.config.host_lost_timeout * 2))
+
+    async def _confirm_restored(self, kernel: GatewayKernel) -> None:
+        link = kernel.executor_link()
+        if link is None:
+            return
+        try:
+            await kernel.wait_ready(link, self.config.host_lost_timeout * 2)
+        except (TimeoutError, KernelUnavailable):
+            return
+        if kernel.execution_state == "starting":
+            kernel.execution_state = "idle"
+
+    async def _expire_unknown_replicas(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for kernel in list(self.kernels.values()):
+            for replica in kernel.live_replicas():
+                if replica.state == "unknown" and self.hosts.hosts.get(replica.host) is None:
+                    self._replica_lost(
+                        kernel,
+                        replica,
+                        f"host {replica.host} did not reconnect after the gateway restarted",
+                    )
+
+    async def close(self) -> None:
+        """Detach from every kernel (they keep running) when the gateway stops."""
+        for task in list(self._background):
+            task.cancel()
+        for kernel in self.kernels.values():
+            for client in tuple(kernel.clients):
+                client.close(1001, "gateway shutting down")
+            kernel.close()
+        self.zmq_context.term()

@@ -1,0 +1,110 @@
+"""Prometheus metrics of the gateway, in a registry of its own (several gateways may share a
+process in tests). Gauges of hosts, kernels and replicas are computed at scrape time from the
+live registries rather than kept in step by hand.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ._hosts import HostRegistry
+    from ._kernel import GatewayKernel
+
+__all__ = ["GatewayMetrics"]
+
+
+class _ClusterCollector(Collector):
+    def __init__(self, hosts: HostRegistry, kernels: Callable[[], Iterable[GatewayKernel]]) -> None:
+        self._hosts = hosts
+        self._kernels = kernels
+
+    def collect(self) -> Iterator[Metric]:
+        hosts = GaugeMetricFamily(
+            "nbcluster_hosts", "Hosts known to the gateway, by state.", labels=["state"]
+        )
+        for host_state, n in Tally(h.state for h in self._hosts.hosts.values()).items():
+            hosts.add_metric([host_state], n)
+        yield hosts
+        cpus = GaugeMetricFamily("nbcluster_host_cpus", "CPUs a host reports.", labels=["host"])
+        mem = GaugeMetricFamily(
+            "nbcluster_host_memory_bytes", "Memory a host reports.", labels=["host"]
+        )
+        gpus = GaugeMetricFamily("nbcluster_host_gpus", "GPUs a host reports.", labels=["host"])
+        for h in self._hosts.hosts.values():
+            cpus.add_metric([h.name], h.resources.cpus)
+            mem.add_metric([h.name], h.resources.memory_mb * 2**20)
+            gpus.add_metric([h.name], len(h.resources.gpus))
+        yield from (cpus, mem, gpus)
+        kernels = list(self._kernels())
+        k_family = GaugeMetricFamily(
+            "nbcluster_kernels", "Kernels by execution state.", labels=["state"]
+        )
+        for kernel_state, n in Tally(k.execution_state for k in kernels).items():
+            k_family.add_metric([kernel_state], n)
+        yield k_family
+        r_family = GaugeMetricFamily(
+            "nbcluster_replicas", "Kernel replicas by state.", labels=["state"]
+        )
+        for replica_state, n in Tally(r.state for k in kernels for r in k.record.replicas).items():
+            r_family.add_metric([replica_state], n)
+        yield r_family
+        c_family = GaugeMetricFamily(
+            "nbcluster_client_connections", "Open websocket connections to kernels."
+        )
+        c_family.add_metric([], sum(len(k.clients) for k in kernels))
+        yield c_family
+
+
+class GatewayMetrics:
+    """Created once per gateway; the router and API handlers record into it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.messages = Counter(
+            "nbcluster_messages_routed",
+            "Jupyter messages routed by the gateway, by channel and direction (in: client to kernel).",
+            ["channel", "direction"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "nbcluster_messages_rejected",
+            "Messages or frames rejected as malformed or badly signed, by source.",
+            ["source"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "nbcluster_http_request_duration_seconds",
+            "Latency of HTTP API requests.",
+            ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.kernel_start = Histogram(
+            "nbcluster_kernel_start_seconds",
+            "Time from a kernel start request to all its replicas ready.",
+            registry=self.registry,
+            buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+        )
+        self.hosts_lost = Counter(
+            "nbcluster_hosts_lost", "Hosts declared lost.", registry=self.registry
+        )
+        self._routed: dict[tuple[str, str], Callable[[], None]] = {}
+
+    def watch(self, hosts: HostRegistry, kernels: Callable[[], Iterable[GatewayKernel]]) -> None:
+        self.registry.register(_ClusterCollector(hosts, kernels))
+
+    def routed(self, channel: str, direction: str) -> None:
+        inc = self._routed.get((channel, direction))
+        if inc is None:
+            inc = self._routed[(channel, direction)] = self.messages.labels(channel, direction).inc
+        inc()
+
+    def reject(self, source: str, reason: str) -> None:
+        self.rejected.labels(source).inc()

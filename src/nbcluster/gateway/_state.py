@@ -1,0 +1,106 @@
+"""What the gateway persists so that a restarted gateway re-attaches to running kernels.
+
+Records are small and change only on kernel lifecycle events (create, restart, replica death,
+shutdown), so each kernel is one JSON file written atomically (temp file + rename), readable
+only by its owner because it holds the kernel's HMAC key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field, ValidationError
+
+from ..hostproto import ConnectionInfo
+
+__all__ = ["FileStateStore", "KernelRecord", "MemoryStateStore", "ReplicaRecord", "StateStore"]
+
+log = logging.getLogger(__name__)
+
+ReplicaState = Literal["starting", "running", "unknown", "dead", "stopped"]
+
+
+class ReplicaRecord(BaseModel):
+    replica_id: str
+    host: str
+    state: ReplicaState = "starting"
+    pid: int | None = None
+    connection: ConnectionInfo | None = None
+    reason: str = ""
+
+
+class KernelRecord(BaseModel):
+    id: str
+    name: str
+    key: str
+    env: dict[str, str] = Field(default_factory=dict)
+    working_dir: str | None = None
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    replicas: list[ReplicaRecord] = Field(default_factory=list)
+    dead_reason: str = ""
+
+
+class StateStore(Protocol):
+    """Where kernel records live. The gateway calls :meth:`save` after every lifecycle change,
+    :meth:`delete` on shutdown and :meth:`load_all` once at start-up."""
+
+    def load_all(self) -> list[KernelRecord]: ...
+
+    def save(self, record: KernelRecord) -> None: ...
+
+    def delete(self, kernel_id: str) -> None: ...
+
+
+class MemoryStateStore:
+    """Keeps records in a dict: for unit tests, and for a gateway that need not survive."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, KernelRecord] = {}
+
+    def load_all(self) -> list[KernelRecord]:
+        return [r.model_copy(deep=True) for r in self.records.values()]
+
+    def save(self, record: KernelRecord) -> None:
+        self.records[record.id] = record.model_copy(deep=True)
+
+    def delete(self, kernel_id: str) -> None:
+        self.records.pop(kernel_id, None)
+
+
+class FileStateStore:
+    """One ``kernels/<id>.json`` file per kernel under the state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._dir = state_dir / "kernels"
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, kernel_id: str) -> Path:
+        return self._dir / f"{kernel_id}.json"
+
+    def load_all(self) -> list[KernelRecord]:
+        records = []
+        for path in sorted(self._dir.glob("*.json")):
+            try:
+                records.append(KernelRecord.model_validate_json(path.read_bytes()))
+            except (OSError, ValidationError) as exc:
+                log.error("ignoring unreadable kernel record %s: %s", path, exc)
+        return records
+
+    def save(self, record: KernelRecord) -> None:
+        path = self._path(record.id)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(record.model_dump_json(indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def delete(self, kernel_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(kernel_id).unlink()

@@ -1,0 +1,30 @@
+"""Settings of one host daemon."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["HostConfig"]
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What ``nbcluster host`` is started with.
+
+    ``address`` is where this host's replicas listen and must be reachable from the gateway;
+    it is loopback by default.
+    """
+
+    gateway_url: str
+    token: str
+    name: str
+    address: str = "127.0.0.1"
+    state_dir: Path = field(default_factory=lambda: Path.cwd() / ".nbcluster" / "host")
+    working_dir: Path = field(default_factory=Path.cwd)
+    virtual_gpus: int | None = None
+    default_virtual_gpus: int = 8
+    gpu_devices: tuple[int, ...] | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+    reconnect_max_delay: float = 5.0

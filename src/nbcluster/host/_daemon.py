@@ -1,0 +1,206 @@
+"""The host daemon: one per machine, connected to the gateway by a websocket it opens itself.
+
+It registers (hello), heartbeats, runs the gateway's start/stop/signal requests on its replicas
+and reports replica exits. When the gateway goes away it keeps its replicas running and
+reconnects, listing them in its next hello so that a restarted gateway can re-attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from ..hostproto import (
+    Heartbeat,
+    Hello,
+    HostProtocolError,
+    HostResources,
+    ReplicaExited,
+    Reply,
+    SignalReplica,
+    StartReplica,
+    StopReplica,
+    Welcome,
+    decode_gateway_message,
+    encode,
+)
+from ._config import HostConfig
+from ._processes import ReplicaStartError, ReplicaSupervisor
+from ._resources import discover_resources
+
+__all__ = ["HostDaemon", "HostRejected"]
+
+log = logging.getLogger(__name__)
+
+
+class HostRejected(RuntimeError):
+    """The gateway refused this host for good (bad token, duplicate name): retrying won't help."""
+
+
+def _ws_url(gateway_url: str) -> str:
+    base = gateway_url.rstrip("/")
+    if base.startswith("https://"):
+        base = "wss://" + base[len("https://") :]
+    elif base.startswith("http://"):
+        base = "ws://" + base[len("http://") :]
+    return base + "/api/cluster/hosts/connect"
+
+
+class HostDaemon:
+    """Run with :meth:`run` until :meth:`stop` is called (the CLI wires SIGTERM/SIGINT to it)."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.resources: HostResources = discover_resources(
+            config.name,
+            virtual_gpu_count=config.virtual_gpus,
+            default_virtual_gpus=config.default_virtual_gpus,
+            gpu_devices=config.gpu_devices,
+            cpus=config.cpus,
+            memory_mb=config.memory_mb,
+        )
+        state = config.state_dir
+        self.supervisor = ReplicaSupervisor(
+            address=config.address,
+            run_dir=state / "run",
+            log_dir=state / "logs",
+            default_working_dir=config.working_dir,
+            on_exit=self._report_exit,
+        )
+        self._ws: ClientConnection | None = None
+        self._send_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.connected = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect on loss; on stop, end every replica and return."""
+        delay = 0.1
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    delay = 0.1
+                except HostRejected:
+                    raise
+                except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                    log.warning("gateway connection lost or refused (%s); retrying", exc)
+                if self._stopping.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, self.config.reconnect_max_delay)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await self.supervisor.stop_all()
+
+    async def _session(self) -> None:
+        headers = {"Authorization": f"token {self.config.token}"}
+        try:
+            ws = await connect(
+                _ws_url(self.config.gateway_url),
+                additional_headers=headers,
+                max_size=16 * 2**20,
+                open_timeout=10,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise HostRejected(
+                    f"the gateway refused this host's token (HTTP {status})"
+                ) from None
+            raise
+        async with ws:
+            hello = Hello(
+                name=self.config.name,
+                address=self.config.address,
+                resources=self.resources,
+                replicas=self.supervisor.reports(),
+            )
+            await ws.send(encode(hello))
+            first = await asyncio.wait_for(ws.recv(), 10)
+            welcome = self._parse_welcome(first)
+            self._ws = ws
+            self.connected.set()
+            log.info("registered with the gateway as %s", self.config.name)
+            heartbeat = asyncio.create_task(self._heartbeat(welcome.heartbeat_interval))
+            stopper = asyncio.create_task(self._stopping.wait())
+            try:
+                receiver = asyncio.create_task(self._receive(ws))
+                done, _ = await asyncio.wait(
+                    {receiver, stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                receiver.cancel()
+                for task in done:
+                    if task is receiver and not task.cancelled() and task.exception():
+                        raise task.exception()  # type: ignore[misc]
+            finally:
+                self._ws = None
+                self.connected.clear()
+                heartbeat.cancel()
+                stopper.cancel()
+
+    def _parse_welcome(self, frame: str | bytes) -> Welcome:
+        try:
+            message = decode_gateway_message(frame)
+        except HostProtocolError as exc:
+            raise HostRejected(f"gateway did not welcome this host: {exc}") from None
+        if not isinstance(message, Welcome):
+            raise HostRejected(f"gateway answered the hello with {message.type!r}")
+        return message
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        async for frame in ws:
+            try:
+                message = decode_gateway_message(frame)
+            except HostProtocolError as exc:
+                log.error("%s", exc)
+                continue
+            if isinstance(message, Welcome):
+                continue
+            task = asyncio.create_task(self._handle(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, request: StartReplica | StopReplica | SignalReplica) -> None:
+        try:
+            if isinstance(request, StartReplica):
+                replica = await self.supervisor.start(request)
+                result: dict[str, Any] = replica.report().model_dump()
+            elif isinstance(request, StopReplica):
+                code = await self.supervisor.stop(request.replica_id, request.grace)
+                result = {"exit_code": code}
+            else:
+                self.supervisor.signal(request.replica_id, signal.Signals(request.signum))
+                result = {}
+            reply = Reply(request_id=request.request_id, ok=True, result=result)
+        except (ReplicaStartError, LookupError, ValueError, OSError) as exc:
+            reply = Reply(request_id=request.request_id, ok=False, error=str(exc))
+        await self._send(encode(reply))
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._send(encode(Heartbeat(replicas=len(self.supervisor.replicas))))
+
+    async def _report_exit(self, event: ReplicaExited) -> None:
+        await self._send(encode(event))
+
+    async def _send(self, frame: str) -> None:
+        ws = self._ws
+        if ws is None:
+            return  # the next hello tells the gateway what still runs
+        async with self._send_lock:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(frame)

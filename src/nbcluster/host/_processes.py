@@ -1,0 +1,284 @@
+"""Starting, signalling and stopping kernel replica processes on this host.
+
+Each replica runs in its own session (process group), so interrupts and stops reach the
+processes its user code started too. Output goes to a log file per replica, whose tail is
+reported when the replica fails to start or exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..hostproto import ConnectionInfo, ReplicaExited, ReplicaReport, StartReplica
+
+__all__ = ["ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
+
+log = logging.getLogger(__name__)
+
+_LOG_TAIL_BYTES = 4000
+#: Environment variables of the host daemon that must never reach user code.
+_SECRET_ENV = ("NBCLUSTER_TOKEN",)
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica did not come up; the message says why and includes the end of its log."""
+
+
+@dataclass
+class ReplicaProcess:
+    kernel_id: str
+    replica_id: str
+    process: asyncio.subprocess.Process
+    connection: ConnectionInfo
+    log_path: Path
+    stop_requested: bool = False
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def report(self) -> ReplicaReport:
+        return ReplicaReport(
+            kernel_id=self.kernel_id,
+            replica_id=self.replica_id,
+            pid=self.pid,
+            connection=self.connection,
+        )
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class ReplicaSupervisor:
+    """Owns the replica processes of one host daemon.
+
+    The daemon calls :meth:`start`, :meth:`signal`, :meth:`stop` when the gateway asks, and
+    :meth:`stop_all` when it shuts down; ``on_exit`` is awaited whenever a replica ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        run_dir: Path,
+        log_dir: Path,
+        default_working_dir: Path,
+        on_exit: Callable[[ReplicaExited], Awaitable[None]],
+    ) -> None:
+        self._address = address
+        self._run_dir = run_dir
+        self._log_dir = log_dir
+        self._default_cwd = default_working_dir
+        self._on_exit = on_exit
+        self.replicas: dict[str, ReplicaProcess] = {}
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def reports(self) -> list[ReplicaReport]:
+        return [r.report() for r in self.replicas.values() if r.process.returncode is None]
+
+    def _argv(self, request: StartReplica, connection_file: Path) -> list[str]:
+        argv = [a.replace("{connection_file}", str(connection_file)) for a in request.argv]
+        # Like jupyter_client: a kernelspec's "python" means the interpreter running us.
+        if argv[0] in {"python", "python3", f"python{sys.version_info[0]}"}:
+            argv[0] = sys.executable
+        return argv
+
+    def _env(self, request: StartReplica, report_fd: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env.update(request.env)
+        env.update(
+            NBCLUSTER_KERNEL_ID=request.kernel_id,
+            NBCLUSTER_REPLICA_ID=request.replica_id,
+            NBCLUSTER_REPORT_FD=str(report_fd),
+            NBCLUSTER_PARENT_PID=str(os.getpid()),
+            JPY_PARENT_PID=str(os.getpid()),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _working_dir(self, request: StartReplica) -> Path:
+        if request.working_dir:
+            candidate = Path(request.working_dir).expanduser()
+            if candidate.is_dir():
+                return candidate
+            log.info(
+                "working dir %s does not exist on this host; using %s",
+                candidate,
+                self._default_cwd,
+            )
+        return self._default_cwd
+
+    async def start(self, request: StartReplica) -> ReplicaProcess:
+        """Start a replica and wait until it has bound its sockets.
+
+        Raises :class:`ReplicaStartError` if it exits or stays silent past the launch timeout.
+        """
+        if request.replica_id in self.replicas:
+            raise ReplicaStartError(f"replica {request.replica_id} is already running here")
+        connection_file = self._run_dir / f"kernel-{request.replica_id}.json"
+        fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(
+                {
+                    "ip": self._address,
+                    "transport": "tcp",
+                    "key": request.key,
+                    "signature_scheme": request.signature_scheme,
+                    "shell_port": 0,
+                    "iopub_port": 0,
+                    "stdin_port": 0,
+                    "control_port": 0,
+                    "hb_port": 0,
+                },
+                f,
+            )
+        log_path = self._log_dir / f"{request.replica_id}.log"
+        read_fd, write_fd = os.pipe()
+        try:
+            with log_path.open("ab") as log_file:
+                process = await asyncio.create_subprocess_exec(
+                    *self._argv(request, connection_file),
+                    env=self._env(request, write_fd),
+                    cwd=self._working_dir(request),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            os.close(read_fd)
+            raise ReplicaStartError(f"could not run {request.argv[0]!r}: {exc}") from None
+        finally:
+            os.close(write_fd)
+        try:
+            report = await self._read_report(read_fd, process, request.launch_timeout)
+        except ReplicaStartError as exc:
+            await self._kill(process, grace=0.0)
+            tail = _log_tail(log_path)
+            raise ReplicaStartError(f"{exc}\n--- replica log ---\n{tail}") from None
+        connection = ConnectionInfo(
+            ip=self._address,
+            transport="tcp",
+            shell_port=report["shell_port"],
+            iopub_port=report["iopub_port"],
+            stdin_port=report["stdin_port"],
+            control_port=report["control_port"],
+            hb_port=report["hb_port"],
+        )
+        replica = ReplicaProcess(
+            request.kernel_id, request.replica_id, process, connection, log_path
+        )
+        self.replicas[request.replica_id] = replica
+        replica.watcher = asyncio.create_task(self._watch(replica))
+        return replica
+
+    async def _read_report(
+        self, read_fd: int, process: asyncio.subprocess.Process, timeout: float
+    ) -> dict[str, int]:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(read_fd, "rb")
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+        except TimeoutError:
+            raise ReplicaStartError(
+                f"replica did not report its ports within {timeout:.0f} s"
+            ) from None
+        finally:
+            transport.close()
+        if not line:
+            code = await process.wait()
+            raise ReplicaStartError(f"replica process exited with code {code} before it was ready")
+        try:
+            report = json.loads(line)
+            return {
+                k: int(report[k])
+                for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReplicaStartError(f"replica sent an unreadable port report: {exc}") from None
+
+    async def _watch(self, replica: ReplicaProcess) -> None:
+        code = await replica.process.wait()
+        # Processes the user's code started stay in the replica's group: end them too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(replica.pid, signal.SIGKILL)
+        self.replicas.pop(replica.replica_id, None)
+        with contextlib.suppress(OSError):
+            (self._run_dir / f"kernel-{replica.replica_id}.json").unlink()
+        event = ReplicaExited(
+            kernel_id=replica.kernel_id,
+            replica_id=replica.replica_id,
+            exit_code=code,
+            requested=replica.stop_requested,
+            log_tail="" if replica.stop_requested else _log_tail(replica.log_path),
+        )
+        log.info("replica %s exited with code %s", replica.replica_id, code)
+        try:
+            await self._on_exit(event)
+        except Exception:
+            log.exception("could not report the exit of replica %s", replica.replica_id)
+
+    def signal(self, replica_id: str, signum: int) -> None:
+        replica = self._get(replica_id)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(replica.pid, signum)
+
+    async def stop(self, replica_id: str, grace: float) -> int | None:
+        replica = self._get(replica_id)
+        replica.stop_requested = True
+        code = await self._kill(replica.process, grace)
+        if replica.watcher is not None:
+            await replica.watcher
+        return code
+
+    async def stop_all(self, grace: float = 3.0) -> None:
+        for replica in list(self.replicas.values()):
+            replica.stop_requested = True
+        await asyncio.gather(
+            *(self.stop(rid, grace) for rid in list(self.replicas)), return_exceptions=True
+        )
+
+    def _get(self, replica_id: str) -> ReplicaProcess:
+        try:
+            return self.replicas[replica_id]
+        except KeyError:
+            raise LookupError(f"no replica {replica_id} runs on this host") from None
+
+    @staticmethod
+    async def _kill(process: asyncio.subprocess.Process, grace: float) -> int | None:
+        if process.returncode is not None:
+            return process.returncode
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            if grace <= 0 and sig == signal.SIGTERM:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                return await asyncio.wait_for(process.wait(), wait)
+            except TimeoutError:
+                continue
+        return process.returncode

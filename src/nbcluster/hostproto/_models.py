@@ -1,0 +1,206 @@
+"""Messages between the gateway and host daemons, carried as JSON text frames on one websocket
+that the host daemon opens to the gateway (``/api/cluster/hosts/connect``).
+
+Requests carry a ``request_id``; the host answers each with a :class:`Reply` of the same id.
+Events (heartbeats, replica exits) carry none.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ConnectionInfo",
+    "GatewayMessage",
+    "GpuInfo",
+    "Heartbeat",
+    "Hello",
+    "HostMessage",
+    "HostProtocolError",
+    "HostResources",
+    "ReplicaExited",
+    "ReplicaReport",
+    "Reply",
+    "SignalReplica",
+    "StartReplica",
+    "StopReplica",
+    "Welcome",
+    "decode_gateway_message",
+    "decode_host_message",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuInfo(_Model):
+    """One GPU a host offers: a real device found through NVML, or a virtual one from config."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_mb: int
+    virtual: bool
+
+
+class HostResources(_Model):
+    """What a host can give to replicas."""
+
+    cpus: int
+    memory_mb: int
+    gpus: list[GpuInfo] = Field(default_factory=list)
+
+
+class ConnectionInfo(_Model):
+    """Where a replica's five Jupyter sockets listen."""
+
+    ip: str
+    transport: Literal["tcp", "ipc"] = "tcp"
+    shell_port: int
+    iopub_port: int
+    stdin_port: int
+    control_port: int
+    hb_port: int
+
+
+class ReplicaReport(_Model):
+    """A running replica as its host reports it (in :class:`Hello` and after a start)."""
+
+    kernel_id: str
+    replica_id: str
+    pid: int
+    connection: ConnectionInfo
+
+
+# host -> gateway ---------------------------------------------------------------------------
+
+
+class Hello(_Model):
+    """First frame a host sends: who it is, what it has, and which replicas it still runs."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    address: str
+    resources: HostResources
+    replicas: list[ReplicaReport] = Field(default_factory=list)
+
+
+class Heartbeat(_Model):
+    type: Literal["heartbeat"] = "heartbeat"
+    replicas: int = 0
+
+
+class Reply(_Model):
+    """The answer to one gateway request: ``ok`` with a ``result``, or an ``error`` text."""
+
+    type: Literal["reply"] = "reply"
+    request_id: str
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str = ""
+
+
+class ReplicaExited(_Model):
+    """A replica process ended (crash, kill, or a requested stop)."""
+
+    type: Literal["replica_exited"] = "replica_exited"
+    kernel_id: str
+    replica_id: str
+    exit_code: int | None
+    requested: bool
+    log_tail: str = ""
+
+
+HostMessage = Annotated[Hello | Heartbeat | Reply | ReplicaExited, Field(discriminator="type")]
+
+# gateway -> host ---------------------------------------------------------------------------
+
+
+class Welcome(_Model):
+    type: Literal["welcome"] = "welcome"
+    heartbeat_interval: float
+
+
+class StartReplica(_Model):
+    """Start one replica process; answered with a :class:`ReplicaReport` as the result."""
+
+    type: Literal["start_replica"] = "start_replica"
+    request_id: str
+    kernel_id: str
+    replica_id: str
+    argv: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    key: str
+    signature_scheme: str = "hmac-sha256"
+    working_dir: str | None = None
+    launch_timeout: float = 30.0
+
+
+class StopReplica(_Model):
+    """Stop one replica: SIGTERM to its process group, SIGKILL after ``grace`` seconds."""
+
+    type: Literal["stop_replica"] = "stop_replica"
+    request_id: str
+    replica_id: str
+    grace: float = 5.0
+
+
+class SignalReplica(_Model):
+    """Send a signal (SIGINT for interrupt) to a replica's process group."""
+
+    type: Literal["signal_replica"] = "signal_replica"
+    request_id: str
+    replica_id: str
+    signum: int
+
+
+GatewayMessage = Annotated[
+    Welcome | StartReplica | StopReplica | SignalReplica, Field(discriminator="type")
+]
+
+_host_adapter: TypeAdapter[Hello | Heartbeat | Reply | ReplicaExited] = TypeAdapter(HostMessage)
+_gateway_adapter: TypeAdapter[Welcome | StartReplica | StopReplica | SignalReplica] = TypeAdapter(
+    GatewayMessage
+)
+
+
+class HostProtocolError(ValueError):
+    """A control frame could not be decoded; the text names the problem."""
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "frame"
+        problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def decode_host_message(frame: str | bytes) -> Hello | Heartbeat | Reply | ReplicaExited:
+    """Parse a frame a host sent; raises :class:`HostProtocolError` naming what is wrong."""
+    try:
+        return _host_adapter.validate_json(frame)
+    except ValidationError as exc:
+        raise HostProtocolError(f"invalid host message: {_describe(exc)}") from None
+
+
+def decode_gateway_message(
+    frame: str | bytes,
+) -> Welcome | StartReplica | StopReplica | SignalReplica:
+    """Parse a frame the gateway sent; raises :class:`HostProtocolError` naming what is wrong."""
+    try:
+        return _gateway_adapter.validate_json(frame)
+    except ValidationError as exc:
+        raise HostProtocolError(f"invalid gateway message: {_describe(exc)}") from None
+
+
+def encode(message: BaseModel) -> str:
+    return message.model_dump_json()

@@ -1,0 +1,55 @@
+"""The replica's application: binds its sockets, then tells the host daemon which ports it got.
+
+Ports are bound by the kernel itself (port 0, so no race between choosing and binding) and
+reported as one JSON line on the file descriptor named by ``NBCLUSTER_REPORT_FD``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+from ipykernel.kernelapp import IPKernelApp
+
+from .._lifeline import die_with_parent
+from ._kernel import ReplicaKernel
+
+__all__ = ["ReplicaKernelApp", "main"]
+
+
+class ReplicaKernelApp(IPKernelApp):
+    """IPKernelApp that reports its bound ports to the host daemon that started it."""
+
+    name = "nbcluster-kernel"
+
+    def initialize(self, argv: Any = None) -> None:
+        super().initialize(argv)  # type: ignore[no-untyped-call]
+        self._report_ports()
+
+    def _report_ports(self) -> None:
+        fd_text = os.environ.get("NBCLUSTER_REPORT_FD")
+        if not fd_text:
+            return
+        report = {
+            "pid": os.getpid(),
+            "ip": self.ip,
+            "transport": self.transport,
+            "shell_port": self.shell_port,
+            "iopub_port": self.iopub_port,
+            "stdin_port": self.stdin_port,
+            "control_port": self.control_port,
+            "hb_port": self.hb_port,
+        }
+        fd = int(fd_text)
+        with os.fdopen(fd, "w") as pipe:
+            pipe.write(json.dumps(report) + "\n")
+
+
+def main() -> None:
+    """Entry point of ``python -m nbcluster.kernel``, run by the host daemon."""
+    parent = int(os.environ.get("NBCLUSTER_PARENT_PID") or 0)
+    # A replica must not outlive its host daemon: a dead daemon means a lost host.
+    die_with_parent(parent, signal.SIGKILL)
+    ReplicaKernelApp.launch_instance(kernel_class=ReplicaKernel)

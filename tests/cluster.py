@@ -1,0 +1,172 @@
+"""A whole nbcluster on loopback for integration tests: a gateway process and host daemon
+processes, started with the real CLI, stopped (and checked for leftovers) at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+__all__ = ["Cluster", "free_port", "wait_for"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what} (last error: {last_error})"
+    )
+
+
+class Cluster:
+    """``Cluster(tmp_path, hosts=2).start()``; ``stop()`` ends every process it started."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        hosts: int = 2,
+        gpus_per_host: int = 2,
+        token: str = "test-token",
+        host_lost_timeout: float = 3.0,
+        heartbeat_interval: float = 0.5,
+    ) -> None:
+        self.state_dir = state_dir
+        self.n_hosts = hosts
+        self.gpus_per_host = gpus_per_host
+        self.token = token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host_lost_timeout = host_lost_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.hosts: dict[str, subprocess.Popen[bytes]] = {}
+        self.http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"token {token}"}, timeout=60
+        )
+        self.log_dir = state_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "NBCLUSTER_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "nbcluster", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start_gateway(self) -> None:
+        self.gateway = self._spawn(
+            "gateway",
+            [
+                "gateway",
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(self.state_dir),
+                "--host-lost-timeout",
+                str(self.host_lost_timeout),
+                "--heartbeat-interval",
+                str(self.heartbeat_interval),
+                "--log-level",
+                "debug",
+            ],
+        )
+        wait_for(lambda: self.http.get("/api").status_code == 200, 30, "the gateway to answer")
+
+    def start_host(self, name: str) -> None:
+        self.hosts[name] = self._spawn(
+            name,
+            [
+                "host",
+                "--gateway",
+                self.url,
+                "--name",
+                name,
+                "--state-dir",
+                str(self.state_dir),
+                "--gpus",
+                str(self.gpus_per_host),
+                "--log-level",
+                "debug",
+            ],
+        )
+
+    def connected_hosts(self) -> list[str]:
+        return [
+            h["name"]
+            for h in self.http.get("/api/cluster/hosts").json()
+            if h["state"] == "connected"
+        ]
+
+    def start(self) -> Cluster:
+        self.start_gateway()
+        for i in range(self.n_hosts):
+            self.start_host(f"host-{i + 1}")
+        wait_for(lambda: len(self.connected_hosts()) == self.n_hosts, 30, "hosts to connect")
+        return self
+
+    def kill_gateway(self) -> None:
+        assert self.gateway is not None
+        self.gateway.kill()
+        self.gateway.wait(10)
+
+    def kill_host(self, name: str) -> None:
+        proc = self.hosts[name]
+        proc.kill()
+        proc.wait(10)
+
+    def kernel_summary(self, kernel_id: str) -> dict[str, object]:
+        for k in self.http.get("/api/cluster/kernels").json():
+            if k["id"] == kernel_id:
+                return dict(k)
+        raise KeyError(kernel_id)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"===== {p.name}\n{p.read_text(errors='replace')[-6000:]}"
+            for p in sorted(self.log_dir.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        procs = [p for p in (*self.hosts.values(), self.gateway) if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.http.close()
