@@ -209,19 +209,19 @@ def up_command(
         _wait_until(f"Starting {hosts} host daemon(s)", hosts_ready, children, 60)
         lab_line = f"jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}"
         lines = [
-            f"[bold]Gateway[/]  {url}",
-            f"[bold]Token[/]    {token}",
-            f"[bold]Hosts[/]    {hosts} (nbcluster status)",
-            "",
-            "Connect JupyterLab:",
-            f"  {lab_line}",
+            f"[bold]Gateway[/]     {url}",
+            f"[bold]Token[/]       {token}",
+            f"[bold]Hosts[/]       {hosts}   (see them with: nbcluster status)",
         ]
         if lab:
             lab_url = _start_lab(children, env, url, token, lab_port)
-            lines += ["", f"[bold]JupyterLab[/] {lab_url}"]
-        lines += ["", "Press Ctrl-C to stop everything."]
+            lines.append(f"[bold]JupyterLab[/]  {lab_url}")
         console.print(Panel("\n".join(lines), title="nbcluster is up", expand=False))
-        # Plain lines too, for scripts reading stdout.
+        # The connect line stays unwrapped so that it can be copied whole.
+        console.print("Connect JupyterLab with:", highlight=False)
+        console.print(f"  {lab_line}", soft_wrap=True, highlight=False)
+        console.print("Press Ctrl-C to stop everything.", highlight=False)
+        # Plain lines on stdout, for scripts.
         click.echo(f"URL: {url}\nTOKEN: {token}\nCONNECT: {lab_line}", err=False)
         while not stop_requested:
             dead = children.exited()
@@ -244,11 +244,14 @@ def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, p
     if not _port_free("127.0.0.1", port):
         port = _free_port("127.0.0.1")
     lab_token = secrets.token_urlsafe(24)
+    # JupyterLab refuses to run as root unless told; containers often run as root.
+    as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     children.start(
         "jupyterlab",
         [
             jupyter,
             "lab",
+            *as_root,
             "--no-browser",
             "--ip=127.0.0.1",
             f"--port={port}",

@@ -328,17 +328,24 @@ class KernelManager:
         """A host's websocket closed. If its replicas stop answering heartbeats too, the host
         is gone (its daemon died, taking its replicas with it): declare them dead at once
         rather than after the lost timeout."""
-        for kernel in list(self.kernels.values()):
-            for replica in kernel.live_replicas():
-                link = kernel.links.get(replica.replica_id)
-                if replica.host != entry.name or link is None:
-                    continue
-                if not await link.ping(timeout=1.0) and entry.state != "connected":
-                    self._replica_lost(
-                        kernel,
-                        replica,
-                        f"host {entry.name} disconnected and its replica stopped answering",
-                    )
+        suspects = [
+            (kernel, replica, link)
+            for kernel in self.kernels.values()
+            for replica in kernel.live_replicas()
+            if replica.host == entry.name
+            and (link := kernel.links.get(replica.replica_id)) is not None
+        ]
+        answers = await asyncio.gather(*(link.ping(timeout=1.0) for _, _, link in suspects))
+        current = self.hosts.hosts.get(entry.name)
+        if current is not None and current.state == "connected":
+            return  # it came back while we were pinging
+        for (kernel, replica, _), alive in zip(suspects, answers, strict=True):
+            if not alive and replica.state in ("running", "unknown", "starting"):
+                self._replica_lost(
+                    kernel,
+                    replica,
+                    f"host {entry.name} disconnected and its replica stopped answering",
+                )
 
     def on_host_hello(self, entry: HostEntry, reports: list[ReplicaReport]) -> list[str]:
         """Reconcile what a (re)connecting host runs with what we know.
@@ -418,4 +425,4 @@ class KernelManager:
             for client in tuple(kernel.clients):
                 client.close(1001, "gateway shutting down")
             kernel.close()
-        self.zmq_context.term()
+        self.zmq_context.destroy(linger=0)
