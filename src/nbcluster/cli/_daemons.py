@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -20,6 +21,10 @@ __all__ = ["gateway_command", "host_command"]
 log = logging.getLogger("nbcluster")
 
 _LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
 
 
 def _token(value: str | None) -> str:
@@ -85,6 +90,9 @@ def gateway_command(
     url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
     write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid()})
     log.info("gateway listening on %s (state in %s)", url, config.state_dir)
+    # uvicorn shuts down on SIGTERM, then raises it again: with the default disposition that
+    # would kill us before the runtime file is removed (below). Exit normally instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         run(config)
     except OSError as exc:

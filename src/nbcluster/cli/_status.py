@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -59,7 +60,7 @@ def status_command(
         hosts, kernels = asyncio.run(fetch())
     except GatewayError as exc:
         raise click.ClickException(f"gateway at {url}: {exc}") from None
-    except OSError as exc:
+    except (OSError, httpx.TransportError) as exc:
         raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from None
     if as_json:
         click.echo(json.dumps({"hosts": hosts, "kernels": kernels}, indent=2))

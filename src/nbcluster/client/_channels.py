@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from ..protocol import (
     KERNEL_CHANNELS,
@@ -112,6 +113,8 @@ class KernelChannels:
                     self._by_parent[parent].put_nowait(as_dict)
                 else:
                     self.unrouted.put_nowait(as_dict)
+        except ConnectionClosed:
+            pass  # the server went away without a closing handshake: ``closed`` tells
         finally:
             self.closed.set()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
@@ -174,6 +175,10 @@ def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAP
     )
     app.state.gateway = gateway
     app.include_router(build_router())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        return error_response(exc.status_code, f"{exc.detail}: {request.url.path}", str(exc.detail))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Any:

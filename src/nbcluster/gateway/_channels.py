@@ -98,7 +98,7 @@ async def serve_channels(
             if frame is None:
                 continue
             try:
-                msg = decode_v1(frame) if v1 else decode_legacy(frame)
+                msg = decode_v1(frame) if v1 else decode_legacy(frame, default_channel="shell")
             except ProtocolError as exc:
                 metrics.reject("client", str(exc))
                 log.warning("rejected a frame from a client of kernel %s: %s", kernel.id, exc)

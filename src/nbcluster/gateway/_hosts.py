@@ -49,13 +49,17 @@ class HostSession:
             raise HostRequestError(f"host {self.name} is not connected")
         request_id = f"{self.name}-{next(self._ids)}"
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        frame = encode(build(request_id))
         self._waiting[request_id] = future
         try:
-            await self._send_frame(encode(build(request_id)))
+            try:
+                await self._send_frame(frame)
+            except Exception as exc:  # the websocket closed under us
+                raise HostRequestError(f"host {self.name}: cannot send the request: {exc}") from exc
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise HostRequestError(
-                f"host {self.name} did not answer within {timeout:.0f} s"
+                f"host {self.name} did not answer within {timeout:g} s"
             ) from None
         finally:
             self._waiting.pop(request_id, None)

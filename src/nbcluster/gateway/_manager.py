@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import secrets
 import signal
@@ -74,8 +75,10 @@ def validate_env(env: Mapping[str, Any]) -> dict[str, str]:
                 raise KernelRequestError(
                     f"env.{name}: {value!r} is not a{'n integer' if kind is int else ' number'}"
                 ) from None
-            if number < 0 or number != number:
-                raise KernelRequestError(f"env.{name}: must not be negative, got {value!r}")
+            if not math.isfinite(number) or number < 0:
+                raise KernelRequestError(
+                    f"env.{name}: must be a finite, non-negative number, got {value!r}"
+                )
         if name.startswith("KERNEL_"):
             accepted[name] = value
     return accepted

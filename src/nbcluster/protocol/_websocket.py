@@ -47,11 +47,23 @@ def _dict_part(msg: dict[str, Any], name: str, required: bool) -> bytes:
         return b"{}"
     if not isinstance(value, dict):
         raise ProtocolError(f"message '{name}' must be a JSON object, got {type(value).__name__}")
-    return dumps(value)
+    try:
+        return dumps(value)
+    except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255 levels)
+        raise ProtocolError(f"message '{name}' cannot be encoded: {exc}") from None
 
 
-def decode_legacy(frame: str | bytes, allowed: frozenset[str] = CLIENT_CHANNELS) -> Message:
-    """Decode a legacy text frame (JSON) or legacy binary frame (offsets + JSON + buffers)."""
+def decode_legacy(
+    frame: str | bytes,
+    allowed: frozenset[str] = CLIENT_CHANNELS,
+    *,
+    default_channel: str | None = None,
+) -> Message:
+    """Decode a legacy text frame (JSON) or legacy binary frame (offsets + JSON + buffers).
+
+    A message without a ``channel`` is put on ``default_channel`` if one is given, as
+    jupyter_server does with ``shell`` (its ``GatewayKernelClient`` sends none); else rejected.
+    """
     buffers: list[bytes] = []
     if isinstance(frame, bytes):
         body, buffers = _split_legacy_binary(frame)
@@ -63,7 +75,8 @@ def decode_legacy(frame: str | bytes, allowed: frozenset[str] = CLIENT_CHANNELS)
         raise ProtocolError(f"websocket frame is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("websocket frame must hold a JSON object")
-    channel = _check_channel(msg.get("channel"), allowed)
+    named = msg.get("channel")
+    channel = _check_channel(default_channel if named is None else named, allowed)
     return Message.from_parts(
         channel,
         _dict_part(msg, "header", True),
@@ -142,7 +155,11 @@ def decode_v1(frame: str | bytes, allowed: frozenset[str] = CLIENT_CHANNELS) -> 
     if count < 6 or 8 * (count + 1) > len(frame):
         raise ProtocolError(f"v1 websocket frame declares {count} offsets, which does not fit")
     offsets = struct.unpack_from(f"<{count}Q", frame, 8)
-    if offsets[-1] != len(frame) or any(a > b for a, b in itertools.pairwise(offsets)):
+    if (
+        offsets[0] != 8 * (count + 1)
+        or offsets[-1] != len(frame)
+        or any(a > b for a, b in itertools.pairwise(offsets))
+    ):
         raise ProtocolError("v1 websocket frame has inconsistent offsets")
     pieces = [frame[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
     try:
