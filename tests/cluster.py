@@ -3,19 +3,32 @@ processes, started with the real CLI, stopped (and checked for leftovers) at the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Cluster", "free_port", "wait_for"]
+__all__ = [
+    "Cluster",
+    "async_wait_for",
+    "free_port",
+    "process_gone",
+    "processes_mentioning",
+    "wait_for",
+]
 
 
 def free_port() -> int:
@@ -40,6 +53,53 @@ def wait_for(
     raise AssertionError(
         f"timed out after {timeout} s waiting for {what} (last error: {last_error})"
     )
+
+
+async def async_wait_for(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+) -> None:
+    """:func:`wait_for` for async tests: the event loop keeps running between polls, so
+    websocket clients keep reading. ``condition`` may be a plain or an async function."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+        except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+            last_error = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what} (last error: {last_error})"
+    )
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def processes_mentioning(text: str | Path) -> list[psutil.Process]:
+    """Live processes (zombies excluded) whose command line mentions ``text``, e.g. a state
+    directory: the gateway, host daemons and replicas of a cluster all have it in theirs."""
+    needle = str(text)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = proc.info.get("cmdline") or []
+        if any(needle in part for part in cmdline):
+            found.append(proc)
+    return found
 
 
 class Cluster:
@@ -150,6 +210,31 @@ class Cluster:
             if k["id"] == kernel_id:
                 return dict(k)
         raise KeyError(kernel_id)
+
+    def replicas(self, kernel_id: str) -> list[dict[str, Any]]:
+        """The kernel's replicas as ``/api/cluster/kernels`` lists them (host, state, pid ...)."""
+        replicas = self.kernel_summary(kernel_id)["replicas"]
+        assert isinstance(replicas, list)
+        return replicas
+
+    def state_record(self, kernel_id: str) -> dict[str, Any]:
+        """The gateway's persisted record of a kernel (it holds the key and replica ports)."""
+        path = self.state_dir / "gateway" / "kernels" / f"{kernel_id}.json"
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """``/metrics`` as {(sample name, labels): value}; see :meth:`metric`."""
+        text = self.http.get("/metrics").text
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of ``/metrics`` by its name and labels (``None`` if absent)."""
+        return self.metrics().get((name, frozenset(labels.items())))
 
     def logs(self) -> str:
         return "\n".join(
