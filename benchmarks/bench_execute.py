@@ -2,7 +2,8 @@
 ipykernel driven by jupyter_client, measured in the same run.
 
 A round trip is: send ``execute_request("1+1")``, wait for the ``execute_reply`` and the
-``idle`` status that follows. Both sides use the same wait logic.
+``idle`` status that follows. Both kernels run at the same time and cells alternate between
+them, so that machine noise (a shared 2-core VM) hits both sides alike.
 
     python benchmarks/bench_execute.py [--cells 500] [--starts 5] [--v1]
 """
@@ -15,80 +16,77 @@ import tempfile
 import time
 from pathlib import Path
 
+from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from _harness import percentile, start_cluster, summary
-from nbcluster.client import GatewayClient
+from nbcluster.client import GatewayClient, KernelChannels
 
 WARMUP = 20
 
 
-async def plain_ipykernel(cells: int, starts: int) -> tuple[list[float], list[float]]:
-    start_times = []
-    for _ in range(starts):
-        km = AsyncKernelManager(kernel_name="python3")
-        t0 = time.perf_counter()
-        await km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        start_times.append(time.perf_counter() - t0)
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-
+async def plain_start() -> tuple[float, AsyncKernelManager, AsyncKernelClient]:
     km = AsyncKernelManager(kernel_name="python3")
+    t0 = time.perf_counter()
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()
     await kc.wait_for_ready(timeout=60)
-
-    async def one() -> float:
-        t0 = time.perf_counter()
-        msg_id = kc.execute("1+1")
-        reply = idle = False
-        while not (reply and idle):
-            if not reply:
-                shell = await kc.get_shell_msg(timeout=30)
-                reply = shell["parent_header"].get("msg_id") == msg_id
-            if not idle:
-                io = await kc.get_iopub_msg(timeout=30)
-                idle = (
-                    io["parent_header"].get("msg_id") == msg_id
-                    and io["msg_type"] == "status"
-                    and io["content"]["execution_state"] == "idle"
-                )
-        return time.perf_counter() - t0
-
-    for _ in range(WARMUP):
-        await one()
-    round_trips = [await one() for _ in range(cells)]
-    kc.stop_channels()
-    await km.shutdown_kernel(now=True)
-    return start_times, round_trips
+    return time.perf_counter() - t0, km, kc
 
 
-async def through_gateway(
-    url: str, token: str, cells: int, starts: int, v1: bool
-) -> tuple[list[float], list[float]]:
+async def plain_cell(kc: AsyncKernelClient) -> float:
+    t0 = time.perf_counter()
+    msg_id = kc.execute("1+1")
+    reply = idle = False
+    while not (reply and idle):
+        if not reply:
+            shell = await kc.get_shell_msg(timeout=30)
+            reply = shell["parent_header"].get("msg_id") == msg_id
+        if not idle:
+            io = await kc.get_iopub_msg(timeout=30)
+            idle = (
+                io["parent_header"].get("msg_id") == msg_id
+                and io["msg_type"] == "status"
+                and io["content"]["execution_state"] == "idle"
+            )
+    return time.perf_counter() - t0
+
+
+async def gateway_cell(channels: KernelChannels) -> float:
+    t0 = time.perf_counter()
+    result = await channels.execute("1+1")
+    elapsed = time.perf_counter() - t0
+    assert result.status == "ok", result.reply
+    return elapsed
+
+
+async def run(url: str, token: str, cells: int, starts: int, v1: bool) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"plain_start": [], "gw_start": [], "plain": [], "gw": []}
     async with GatewayClient(url, token) as gw:
-        start_times = []
         for _ in range(starts):
+            elapsed, km, kc = await plain_start()
+            times["plain_start"].append(elapsed)
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
             t0 = time.perf_counter()
             kernel = await gw.start_kernel()
-            start_times.append(time.perf_counter() - t0)
+            times["gw_start"].append(time.perf_counter() - t0)
             await gw.shutdown_kernel(kernel["id"])
+
+        _, km, kc = await plain_start()
         kernel = await gw.start_kernel()
         async with gw.channels(kernel["id"], v1=v1) as channels:
             for _ in range(WARMUP):
-                await channels.execute("1+1")
-            round_trips = []
+                await plain_cell(kc)
+                await gateway_cell(channels)
             for _ in range(cells):
-                t0 = time.perf_counter()
-                result = await channels.execute("1+1")
-                round_trips.append(time.perf_counter() - t0)
-                assert result.status == "ok"
+                times["plain"].append(await plain_cell(kc))
+                times["gw"].append(await gateway_cell(channels))
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
         await gw.shutdown_kernel(kernel["id"])
-    return start_times, round_trips
+    return times
 
 
 async def main() -> None:
@@ -100,32 +98,26 @@ async def main() -> None:
     parser.add_argument("--v1", action="store_true", help="use the v1 binary websocket protocol")
     args = parser.parse_args()
 
-    print(
-        f"plain ipykernel via jupyter_client: {args.starts} starts, {args.cells} cells ...",
-        flush=True,
-    )
-    plain_start, plain_rt = await plain_ipykernel(args.cells, args.starts)
     with tempfile.TemporaryDirectory() as state:
         print("nbcluster up --hosts 1 ...", flush=True)
         cluster = start_cluster(Path(state), hosts=1)
         try:
-            gw_start, gw_rt = await through_gateway(
-                cluster.url, cluster.token, args.cells, args.starts, args.v1
-            )
+            print(f"{args.starts} starts and {args.cells} cells on each side ...", flush=True)
+            t = await run(cluster.url, cluster.token, args.cells, args.starts, args.v1)
         finally:
             cluster.stop()
 
     framing = "v1 binary" if args.v1 else "legacy JSON"
     print()
     print("trivial cell (1+1) round trip, execute_reply + idle")
-    print(f"  {'plain ipykernel (jupyter_client)':36s} {summary(plain_rt)}")
-    print(f"  {f'nbcluster gateway ({framing})':36s} {summary(gw_rt)}")
-    ratio = percentile(gw_rt, 50) / percentile(plain_rt, 50)
+    print(f"  {'plain ipykernel (jupyter_client)':36s} {summary(t['plain'])}")
+    print(f"  {f'nbcluster gateway ({framing})':36s} {summary(t['gw'])}")
+    ratio = percentile(t["gw"], 50) / percentile(t["plain"], 50)
     print(f"  p50 ratio gateway / plain: {ratio:.2f}   (target <= 1.3 with one replica)")
     print()
     print("kernel start to ready")
-    print(f"  {'plain ipykernel (jupyter_client)':36s} {summary(plain_start)}")
-    print(f"  {'nbcluster gateway (1 replica)':36s} {summary(gw_start)}")
+    print(f"  {'plain ipykernel (jupyter_client)':36s} {summary(t['plain_start'])}")
+    print(f"  {'nbcluster gateway (1 replica)':36s} {summary(t['gw_start'])}")
 
 
 if __name__ == "__main__":
