@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "free_port",
     "process_gone",
     "processes_mentioning",
+    "running_cluster",
     "wait_for",
 ]
 
@@ -255,3 +256,25 @@ class Cluster:
                 proc.kill()
                 proc.wait(5)
         self.http.close()
+
+
+@contextlib.contextmanager
+def running_cluster(state_dir: Path, **options: Any) -> Iterator[Cluster]:
+    """Start a :class:`Cluster`, yield it, stop it, and fail if any of its processes remain.
+
+    The ``cluster`` fixtures (function- and module-scoped) are built on this.
+    """
+    c = Cluster(state_dir, **options)
+    try:
+        c.start()
+    except BaseException:
+        print(c.logs())
+        c.stop()
+        raise
+    yield c
+    c.stop()
+    leftovers = processes_mentioning(state_dir)
+    if leftovers:
+        for proc in leftovers:
+            proc.kill()
+        raise AssertionError(f"processes left behind: {[p.info['cmdline'] for p in leftovers]}")

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -23,7 +22,7 @@ import websockets
 
 from nbcluster.client import GatewayClient, GatewayError, KernelChannels
 
-from ..cluster import Cluster
+from ..cluster import Cluster, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -62,33 +61,11 @@ get_ipython().kernel.comm_manager.register_target('nbcluster_echo', _echo_target
 """
 
 
-def _processes_under(state_dir: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if any(str(state_dir) in part for part in cmdline):
-            found.append(proc)
-    return found
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One gateway and two hosts for the module (as conftest's ``cluster``, module-scoped)."""
-    state_dir = tmp_path_factory.mktemp("jupyter-features") / "state"
-    c = Cluster(state_dir, hosts=2)
-    try:
-        c.start()
-    except BaseException:
-        print(c.logs())
-        c.stop()
-        raise
-    yield c
-    c.stop()
-    leftovers = _processes_under(state_dir)
-    if leftovers:
-        for proc in leftovers:
-            proc.kill()
-        pytest.fail(f"processes left behind: {[p.info['cmdline'] for p in leftovers]}")
+    with running_cluster(tmp_path_factory.mktemp("jupyter-features") / "state", hosts=2) as c:
+        yield c
 
 
 def _replica_pids(cluster: Cluster, kernel_id: str) -> set[int]:
