@@ -114,8 +114,10 @@ class Cluster:
         token: str = "test-token",
         host_lost_timeout: float = 3.0,
         heartbeat_interval: float = 0.5,
+        replicas: int = 1,
     ) -> None:
         self.state_dir = state_dir
+        self.replicas_per_kernel = replicas
         self.n_hosts = hosts
         self.gpus_per_host = gpus_per_host
         self.token = token
@@ -158,6 +160,8 @@ class Cluster:
                 str(self.host_lost_timeout),
                 "--heartbeat-interval",
                 str(self.heartbeat_interval),
+                "--replicas",
+                str(self.replicas_per_kernel),
                 "--log-level",
                 "debug",
             ],

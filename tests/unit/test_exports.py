@@ -16,6 +16,8 @@ PACKAGES = [
     "nbcluster.scheduling",
     "nbcluster.client",
     "nbcluster.cli",
+    "nbcluster.consensus",
+    "nbcluster.store",
 ]
 
 

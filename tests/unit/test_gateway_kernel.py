@@ -35,12 +35,66 @@ def test_client_request_reaches_the_executor_link() -> None:
     kernel, links = make_kernel("r1", "r2")
     client = FakeClient()
     kernel.attach(client)
-    request = execute_request()
+    request = new_message("shell", "complete_request", {"code": "pri", "cursor_pos": 3})
     kernel.handle_client_message(client, request)
     assert links["r1"].sent == [request]
     assert links["r2"].sent == []
     assert len(kernel.pending) == 1
     assert client.sent == []
+
+
+def test_with_several_replicas_execute_goes_to_the_target_and_yield_to_the_others() -> None:
+    kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    first, second = execute_request("a = 1"), execute_request("a + 1")
+    kernel.handle_client_message(client, first)
+    [executed] = links["r1"].sent
+    assert executed.msg_id == first.msg_id
+    assert orjson.loads(executed.metadata)["nbcluster"] == {
+        "term": 1,
+        "attempt": 1,
+        "after_term": 0,
+    }
+    for standby in ("r2", "r3"):
+        [yielded] = links[standby].sent
+        assert yielded.msg_type == "yield_request" and yielded.msg_id != first.msg_id
+        assert orjson.loads(yielded.header)["msg_type"] == "yield_request"
+        assert orjson.loads(yielded.metadata)["nbcluster"]["term"] == 1
+        assert yielded.content == first.content
+    # standby replies and standby iopub never reach the client; the executor's do
+    for standby in ("r2", "r3"):
+        yielded = links[standby].sent[0]
+        kernel.on_replica_message(links[standby], status("busy", yielded))  # type: ignore[arg-type]
+        kernel.on_replica_message(  # type: ignore[arg-type]
+            links[standby],
+            reply_to(yielded, "execute_reply", {"status": "error", "ename": "ExecutionYieldError"}),
+        )
+    assert client.sent == []
+    kernel.on_replica_message(links["r1"], status("busy", first))  # type: ignore[arg-type]
+    kernel.on_replica_message(  # type: ignore[arg-type]
+        links["r1"], reply_to(first, "execute_reply", {"status": "ok", "execution_count": 1})
+    )
+    assert client.types() == [("iopub", "status"), ("shell", "execute_reply")]
+    assert len(kernel.pending) == 0
+    # the next cell is term 2 and must see term 1's state
+    kernel.handle_client_message(client, second)
+    meta = orjson.loads(links["r1"].sent[-1].metadata)["nbcluster"]
+    assert meta == {"term": 2, "attempt": 1, "after_term": 1}
+
+
+def test_losing_the_executor_answers_its_open_cell_and_keeps_the_kernel() -> None:
+    kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    request = execute_request("import time; time.sleep(60)")
+    kernel.handle_client_message(client, request)
+    kernel.drop_link("r1")
+    kernel.fail_pending("ReplicaLost", "host h0 was lost", replica="r1")
+    assert [m.msg_type for m in client.sent] == ["error", "execute_reply", "status"]
+    assert client.sent[1].content_dict["ename"] == "ReplicaLost"
+    assert kernel.executor_link() is links["r2"]  # type: ignore[comparison-overlap]
+    assert not kernel.is_dead
 
 
 def test_non_request_messages_are_forwarded_but_not_tracked() -> None:
@@ -149,17 +203,13 @@ def test_status_messages_update_execution_state() -> None:
     assert kernel.execution_state == "busy"
     kernel.on_replica_message(link, status("idle"))
     assert kernel.execution_state == "idle"
+    # A replica's own 'starting' is not forwarded: the gateway announces lifecycle states.
     kernel.on_replica_message(link, status("starting"))
-    assert kernel.execution_state == "starting"
+    assert kernel.execution_state == "idle"
     kernel.on_replica_message(link, status("bogus"))
-    assert kernel.execution_state == "starting"
-    assert [m.content_dict["execution_state"] for m in client.sent] == [
-        "busy",
-        "idle",
-        "starting",
-        "bogus",
-    ]
-    assert kernel.model()["execution_state"] == "starting"
+    assert kernel.execution_state == "idle"
+    assert [m.content_dict["execution_state"] for m in client.sent] == ["busy", "idle", "bogus"]
+    assert kernel.model()["execution_state"] == "idle"
 
 
 @pytest.mark.parametrize("lifecycle", ["dead", "restarting"])
@@ -256,20 +306,21 @@ def test_dead_kernel_answers_an_execute_request_at_once() -> None:
     assert len(kernel.pending) == 0
 
 
-def test_restarting_kernel_refuses_with_kernel_unavailable() -> None:
+def test_restart_holds_at_most_a_bounded_number_of_messages() -> None:
     kernel, links = make_kernel("r1")
     client = FakeClient()
     kernel.attach(client)
-    kernel.set_state("restarting")
-    client.sent.clear()
-    request = new_message("shell", "kernel_info_request", {})
-    kernel.handle_client_message(client, request)
+    kernel.begin_restart()
+    requests = [new_message("shell", "kernel_info_request", {}) for _ in range(1001)]
+    for request in requests:
+        kernel.handle_client_message(client, request)
     assert links["r1"].sent == []
+    # the 1001st is refused at once, saying why
     assert client.types() == [("shell", "kernel_info_reply"), ("iopub", "status")]
     reply = client.sent[0]
     assert reply.content_dict["ename"] == "KernelUnavailable"
     assert "restarting" in reply.content_dict["evalue"]
-    assert reply.parent_msg_id == request.msg_id
+    assert reply.parent_msg_id == requests[-1].msg_id
 
 
 def test_kernel_without_replica_refuses_and_says_why() -> None:
@@ -456,3 +507,32 @@ def test_error_replies_for_other_requests(channel: str, msg_type: str, reply_typ
     assert reply.content_dict["status"] == "error"
     assert "execution_count" not in reply.content_dict
     assert reply.to_dict()["parent_header"]["msg_id"] == request.msg_id
+
+
+def test_requests_during_a_restart_are_held_and_delivered_to_the_new_replica() -> None:
+    kernel, links = make_kernel("r1")
+    client = FakeClient()
+    kernel.attach(client)
+    kernel.begin_restart()
+    request = new_message("shell", "kernel_info_request", {})
+    kernel.handle_client_message(client, request)
+    assert links["r1"].sent == [] and client.sent == []
+    kernel.end_restart()
+    assert links["r1"].sent == [request]
+    assert [m.content_dict.get("execution_state") for m in client.sent] == ["idle"]
+    assert "restarting" not in [m.content_dict.get("execution_state") for m in client.sent]
+
+
+def test_requests_held_by_a_failed_restart_are_refused_with_the_reason() -> None:
+    kernel, _ = make_kernel("r1")
+    client = FakeClient()
+    kernel.attach(client)
+    kernel.begin_restart()
+    kernel.handle_client_message(client, execute_request())
+    kernel.drop_link("r1")
+    kernel.mark_dead("restart failed: no host")
+    kernel.end_restart()
+    replies = [m for m in client.sent if m.msg_type == "execute_reply"]
+    assert len(replies) == 1
+    assert replies[0].content_dict["ename"] == "KernelDead"
+    assert "restart failed: no host" in replies[0].content_dict["evalue"]

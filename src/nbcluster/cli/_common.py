@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 __all__ = ["default_state_dir", "read_runtime", "remove_runtime", "setup_logging", "write_runtime"]
@@ -54,7 +55,14 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(name)s: %(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
+        handlers=[
+            RichHandler(
+                console=Console(stderr=True),
+                show_path=False,
+                rich_tracebacks=False,
+                markup=False,
+            )
+        ],
     )
     # pysyncobj/uvicorn chatter is not for operators
     logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -57,6 +57,13 @@ def _token(value: str | None) -> str:
     "--host-lost-timeout", default=5.0, show_default=True, type=click.FloatRange(0.2, 3600)
 )
 @click.option("--launch-timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600))
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    type=click.Choice(["1", "3"]),
+    help="Replicas per kernel: 3 (Raft-replicated, survives a host) or 1.",
+)
 @click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
 @click.option("--parent-pid", default=0, hidden=True, type=int)
 def gateway_command(
@@ -68,6 +75,7 @@ def gateway_command(
     heartbeat_interval: float,
     host_lost_timeout: float,
     launch_timeout: float,
+    replicas: str,
     log_level: str,
     parent_pid: int,
 ) -> None:
@@ -86,6 +94,8 @@ def gateway_command(
         heartbeat_interval=heartbeat_interval,
         host_lost_timeout=host_lost_timeout,
         launch_timeout=launch_timeout,
+        replicas_per_kernel=int(replicas),
+        store_dir=root / "store",
     )
     url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
     write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid()})

@@ -60,17 +60,22 @@ class _Children:
         return [(n, p.returncode) for n, p in self.procs if p.poll() is not None]
 
     def stop_all(self, grace: float = 10.0) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        """JupyterLab first (it shuts its kernels down through the gateway), then the hosts
+        (which stop their replicas), then the gateway."""
+        order = ("jupyterlab", "host", "gateway")
+        for phase in order:
+            group = [p for n, p in self.procs if n.startswith(phase)]
+            for proc in group:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for proc in group:
+                try:
+                    proc.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
 
 
 def _wait_until(what: str, check: Callable[[], bool], children: _Children, timeout: float) -> None:
@@ -114,6 +119,13 @@ def _partition_real_gpus(hosts: int) -> list[str | None]:
 @click.option("--port", default=8889, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--token", help="API token (default: $NBCLUSTER_TOKEN, else a random one).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    type=click.Choice(["1", "3"]),
+    help="Replicas per kernel: 3 (Raft-replicated) or 1.",
+)
 @click.option("--lab", is_flag=True, help="Also start JupyterLab wired to the gateway.")
 @click.option("--lab-port", default=8888, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -129,12 +141,17 @@ def up_command(
     port: int,
     token: str | None,
     state_dir: Path | None,
+    replicas: str,
     lab: bool,
     lab_port: int,
     log_level: str,
 ) -> None:
     """Start a gateway and host daemons on this machine (loopback only)."""
     ip = "127.0.0.1"
+    if int(replicas) > hosts:
+        raise click.BadParameter(
+            f"{replicas} replicas per kernel need at least {replicas} hosts", param_hint="--hosts"
+        )
     if not _port_free(ip, port):
         raise click.ClickException(f"port {port} on {ip} is in use; choose another with --port")
     token = token or os.environ.get("NBCLUSTER_TOKEN") or secrets.token_urlsafe(24)
@@ -165,6 +182,8 @@ def up_command(
                 str(port),
                 "--state-dir",
                 str(root),
+                "--replicas",
+                str(replicas),
                 "--log-level",
                 log_level,
                 "--parent-pid",
@@ -223,6 +242,8 @@ def up_command(
         console.print("Press Ctrl-C to stop everything.", highlight=False)
         # Plain lines on stdout, for scripts.
         click.echo(f"URL: {url}\nTOKEN: {token}\nCONNECT: {lab_line}", err=False)
+        if lab:
+            click.echo(f"LAB: {lab_url}", err=False)
         while not stop_requested:
             dead = children.exited()
             if any(name == "gateway" for name, _ in dead):

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..protocol import Message, Signer, new_message
+import orjson
+
+from ..protocol import Message, Signer, dumps, new_message
 from ._replica import ReplicaLink
 from ._routing import PendingRequests
 from ._state import KernelRecord, ReplicaRecord
@@ -38,6 +41,19 @@ class KernelUnavailable(RuntimeError):
     """The kernel cannot take the request now; the text says why."""
 
 
+#: Messages held for a restarting kernel, at most (then refused with an error reply).
+_HOLD_LIMIT = 1000
+
+
+class _Sink:
+    """Owner of the yield requests sent to standby replicas: their replies are dropped."""
+
+    __slots__ = ()
+
+
+_SINK = _Sink()
+
+
 class _Waiter:
     """Owner of a request the gateway itself sent (readiness checks, shutdown)."""
 
@@ -47,7 +63,7 @@ class _Waiter:
         self.future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
 
 
-Owner = ClientSink | _Waiter
+Owner = ClientSink | _Waiter | _Sink
 
 
 class GatewayKernel:
@@ -69,6 +85,12 @@ class GatewayKernel:
         self.last_activity = datetime.now(UTC)
         self.execution_count = 0
         self.executor: str | None = None
+        #: Execution index of the next cell; replicas elect an executor per term.
+        self.next_term = 1
+        self.last_replied_term = 0
+        self.terms: dict[str, int] = {}
+        #: Client messages that arrived while the kernel was restarting.
+        self.held: list[tuple[ClientSink, Message]] = []
         self.lifecycle_lock = asyncio.Lock()
         self._on_routed = on_routed or (lambda channel, direction: None)
         self._on_reject = on_reject or (lambda source, reason: None)
@@ -138,19 +160,73 @@ class GatewayKernel:
         """Route one decoded client message to the executing replica."""
         self.last_activity = datetime.now(UTC)
         self._on_routed(msg.channel, "in")
+        if self.execution_state == "restarting" and len(self.held) < _HOLD_LIMIT:
+            # As ZMQ would queue them for a restarting local kernel: delivered once it is up.
+            self.held.append((client, msg))
+            return
         link = None if self.execution_state in ("dead", "restarting") else self.executor_link()
         if link is None:
             self._refuse(client, msg, self._unavailable_reason())
             return
+        if msg.msg_type == "execute_request" and len(self.links) > 1:
+            self._route_execute(client, msg, link)
+            return
         is_request = msg.msg_type.endswith("_request")
         if is_request:
-            self.pending.add(msg.msg_id, msg.msg_type, msg.channel, msg.header, client)
+            self.pending.add(
+                msg.msg_id, msg.msg_type, msg.channel, msg.header, client, link.replica_id
+            )
         try:
             link.send(msg)
         except ConnectionError as exc:
             if is_request:
                 self.pending.route(msg.msg_id, msg.msg_type.replace("_request", "_reply"))
             self._refuse(client, msg, str(exc))
+
+    def _route_execute(self, client: ClientSink, msg: Message, target: ReplicaLink) -> None:
+        """Send an execute request to the target replica and a yield request to the others.
+
+        The request carries the term (this kernel's execution index) that the replicas elect
+        an executor for, and the last term whose reply we saw, whose state the executor must
+        have applied before it runs this cell.
+        """
+        term = self.next_term
+        self.next_term += 1
+        replication = {"term": term, "attempt": 1, "after_term": self.last_replied_term}
+        metadata = orjson.loads(msg.metadata)
+        metadata["nbcluster"] = replication
+        msg.metadata = dumps(metadata)
+        self.terms[msg.msg_id] = term
+        self.pending.add(
+            msg.msg_id, msg.msg_type, msg.channel, msg.header, client, target.replica_id
+        )
+        try:
+            target.send(msg)
+        except ConnectionError as exc:
+            self.pending.route(msg.msg_id, "execute_reply")
+            self._refuse(client, msg, str(exc))
+            return
+        header = msg.header_dict
+        for link in tuple(self.links.values()):
+            if link is target:
+                continue
+            yield_header = {**header, "msg_id": uuid.uuid4().hex, "msg_type": "yield_request"}
+            standby = Message(
+                channel="shell",
+                header=dumps(yield_header),
+                parent_header=msg.parent_header,
+                metadata=msg.metadata,
+                content=msg.content,
+                msg_id=yield_header["msg_id"],
+                msg_type="yield_request",
+            )
+            self.pending.add(
+                standby.msg_id, "yield_request", "shell", standby.header, _SINK, link.replica_id
+            )
+            try:
+                link.send(standby)
+            except ConnectionError:
+                self.pending.route(standby.msg_id, "execute_reply")
 
     def _unavailable_reason(self) -> str:
         if self.execution_state == "restarting":
@@ -177,6 +253,10 @@ class GatewayKernel:
         if msg.channel == "iopub":
             if msg.msg_type == "iopub_welcome":
                 return
+            if len(self.links) > 1 and link.replica_id != self.executor:
+                return  # standby replicas' status changes are not the kernel's
+            if msg.msg_type == "status" and msg.content_dict.get("execution_state") == "starting":
+                return  # the gateway announces lifecycle states itself
             if msg.msg_type == "status" and self.execution_state not in ("dead", "restarting"):
                 state = msg.content_dict.get("execution_state")
                 if state in ("busy", "idle", "starting"):
@@ -195,6 +275,12 @@ class GatewayKernel:
             )
             return
         owner = pending.owner
+        if msg.msg_type == "execute_reply":
+            term = self.terms.pop(pending.msg_id, None)
+            if term is not None:
+                self.last_replied_term = max(self.last_replied_term, term)
+        if isinstance(owner, _Sink):
+            return
         if isinstance(owner, _Waiter):
             if not owner.future.done():
                 owner.future.set_result(msg)
@@ -256,6 +342,22 @@ class GatewayKernel:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def begin_restart(self) -> None:
+        """Called by the manager as a restart starts: answer what the old replicas owed and
+        hold new client messages until :meth:`end_restart`. No status is broadcast: a
+        ``restarting`` status means an automatic restart after a crash to JupyterLab."""
+        self.fail_pending("KernelRestarted", "the kernel was restarted")
+        self.execution_state = "restarting"
+
+    def end_restart(self) -> None:
+        """The restart finished (successfully or not): deliver or refuse held messages."""
+        if not self.is_dead:
+            self.set_state("idle")
+        held, self.held = self.held, []
+        for client, msg in held:
+            if client in self.clients:
+                self.handle_client_message(client, msg)
+
     def set_state(self, state: str) -> None:
         """Set a lifecycle state (restarting, dead ...) and tell every client."""
         self.execution_state = state
@@ -263,9 +365,17 @@ class GatewayKernel:
         for client in tuple(self.clients):
             client.send(status)
 
-    def fail_pending(self, ename: str, reason: str) -> None:
-        """Answer every open request with an error: the replica that owed the reply is gone."""
-        for pending in self.pending.take_all():
+    def fail_pending(self, ename: str, reason: str, replica: str | None = None) -> None:
+        """Answer open requests with an error: the replica that owed the reply is gone.
+
+        With ``replica``, only the requests that replica was to answer.
+        """
+        taken = (
+            self.pending.take_all() if replica is None else self.pending.take_for_replica(replica)
+        )
+        for pending in taken:
+            if isinstance(pending.owner, _Sink):
+                continue
             owner = pending.owner
             if isinstance(owner, _Waiter):
                 if not owner.future.done():

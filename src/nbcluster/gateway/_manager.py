@@ -134,6 +134,7 @@ class KernelManager:
             id=str(uuid.uuid4()),
             name=name,
             key=secrets.token_hex(32),
+            raft_password=secrets.token_hex(16),
             env=kernel_env,
             working_dir=kernel_env.get("KERNEL_WORKING_DIR"),
         )
@@ -176,16 +177,57 @@ class KernelManager:
             *(self._launch_replica(kernel, host) for host in hosts), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors and count > 1:
+            try:
+                await self._form_group(kernel)
+            except KernelStartError as exc:
+                errors.append(exc)
         if errors:
             await self._stop_replicas(kernel)
             raise KernelStartError("; ".join(str(e) for e in errors))
+
+    async def _form_group(self, kernel: GatewayKernel) -> None:
+        """Have the replicas start their Raft nodes as one group and wait for a leader."""
+        replicas = [r for r in kernel.record.replicas if r.state == "running"]
+        addresses = {}
+        for r in replicas:
+            assert r.connection is not None
+            if r.connection.raft_port is None:
+                raise KernelStartError(f"replica {r.replica_id} reported no Raft port")
+            addresses[r.replica_id] = f"{r.connection.ip}:{r.connection.raft_port}"
+        content = {"peers": list(addresses.values()), "members": len(replicas), "timeout": 10.0}
+
+        async def join(replica: ReplicaRecord) -> None:
+            link = kernel.links[replica.replica_id]
+            reply = await kernel.request(
+                link,
+                "shell",
+                "nbcluster_raft_start_request",
+                {**content, "address": addresses[replica.replica_id]},
+                15.0,
+            )
+            body = reply.content_dict
+            if body.get("status") != "ok":
+                raise KernelStartError(
+                    f"replica {replica.replica_id} could not join its group: {body.get('evalue')}"
+                )
+
+        results = await asyncio.gather(*(join(r) for r in replicas), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise KernelStartError("; ".join(str(f) or type(f).__name__ for f in failures))
 
     async def _launch_replica(self, kernel: GatewayKernel, host: str) -> None:
         spec = self.specs.get(kernel.record.name)
         assert spec is not None
         replica = ReplicaRecord(replica_id=f"{kernel.id[:8]}-{secrets.token_hex(3)}", host=host)
         kernel.record.replicas.append(replica)
-        env = {**spec.env, **kernel.record.env}
+        env = {
+            **spec.env,
+            **kernel.record.env,
+            "NBCLUSTER_RAFT_PASSWORD": kernel.record.raft_password,
+            "NBCLUSTER_STORE_DIR": str(self.config.store_dir),
+        }
         timeout = self.config.launch_timeout
         try:
             result = await self.hosts.session(host).request(
@@ -257,19 +299,20 @@ class KernelManager:
     async def restart_kernel(self, kernel_id: str) -> GatewayKernel:
         kernel = self.get(kernel_id)
         async with kernel.lifecycle_lock:
-            kernel.fail_pending("KernelRestarted", "the kernel was restarted")
-            kernel.set_state("restarting")
+            kernel.begin_restart()
             await self._stop_replicas(kernel)
             kernel.record.replicas = []
             kernel.record.dead_reason = ""
             kernel.executor = None
+            kernel.next_term, kernel.last_replied_term = 1, 0
             try:
                 await self._launch_replicas(kernel)
             except KernelStartError as exc:
                 kernel.mark_dead(f"restart failed: {exc}")
                 self.store.save(kernel.record)
                 raise
-            kernel.set_state("idle")
+            finally:
+                kernel.end_restart()
             self.store.save(kernel.record)
         log.info("kernel %s restarted", kernel_id)
         return kernel
@@ -285,7 +328,11 @@ class KernelManager:
                 await kernel.request(link, "control", "interrupt_request", {}, 5.0)
             return
         errors = []
-        for replica in kernel.live_replicas():
+        targets = kernel.live_replicas()
+        if len(targets) > 1 and kernel.executor is not None:
+            # Standby replicas are only waiting on the log; interrupting them would break that.
+            targets = [r for r in targets if r.replica_id == kernel.executor] or targets
+        for replica in targets:
             replica_id = replica.replica_id
 
             def build(rid: str, replica_id: str = replica_id) -> SignalReplica:
@@ -295,7 +342,7 @@ class KernelManager:
                 await self.hosts.session(replica.host).request(build, timeout=5)
             except HostRequestError as exc:
                 errors.append(f"replica {replica.replica_id}: {exc}")
-        if errors and len(errors) == len(kernel.live_replicas()):
+        if errors and len(errors) == len(targets):
             raise KernelUnavailable("could not interrupt: " + "; ".join(errors))
 
     # -- host events --------------------------------------------------------------------------
@@ -304,7 +351,14 @@ class KernelManager:
         replica.state = "dead"
         replica.reason = reason
         kernel.drop_link(replica.replica_id)
-        if not kernel.live_replicas() and not kernel.is_dead:
+        if kernel.live_replicas():
+            kernel.fail_pending(
+                "ReplicaLost",
+                f"{reason}. The cell it was running is lost; the kernel continues on its other "
+                "replicas with the state of the cells before it.",
+                replica=replica.replica_id,
+            )
+        elif not kernel.is_dead:
             log.warning("kernel %s is dead: %s", kernel.id, reason)
             kernel.mark_dead(reason)
         self.store.save(kernel.record)
@@ -403,9 +457,12 @@ class KernelManager:
         if link is None:
             return
         try:
-            await kernel.wait_ready(link, self.config.host_lost_timeout * 2)
+            info = await kernel.wait_ready(link, self.config.host_lost_timeout * 2)
         except (TimeoutError, KernelUnavailable):
             return
+        last_term = int((info.get("nbcluster") or {}).get("last_term") or 0)
+        kernel.last_replied_term = max(kernel.last_replied_term, last_term)
+        kernel.next_term = max(kernel.next_term, last_term + 1)
         if kernel.execution_state == "starting":
             kernel.execution_state = "idle"
 

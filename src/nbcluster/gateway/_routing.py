@@ -24,6 +24,8 @@ class PendingRequest(Generic[Owner]):
     channel: str
     header: bytes
     owner: Owner
+    #: The replica expected to answer, when the kernel has several.
+    replica: str | None = None
 
 
 class PendingRequests(Generic[Owner]):
@@ -37,8 +39,16 @@ class PendingRequests(Generic[Owner]):
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, msg_id: str, msg_type: str, channel: str, header: bytes, owner: Owner) -> None:
-        self._open[msg_id] = PendingRequest(msg_id, msg_type, channel, header, owner)
+    def add(
+        self,
+        msg_id: str,
+        msg_type: str,
+        channel: str,
+        header: bytes,
+        owner: Owner,
+        replica: str | None = None,
+    ) -> None:
+        self._open[msg_id] = PendingRequest(msg_id, msg_type, channel, header, owner, replica)
         while len(self._open) > self._limit:
             self._open.popitem(last=False)
 
@@ -56,6 +66,13 @@ class PendingRequests(Generic[Owner]):
         for pending in gone:
             del self._open[pending.msg_id]
         return gone
+
+    def take_for_replica(self, replica: str) -> list[PendingRequest[Owner]]:
+        """Remove and return the requests a replica was to answer (it died)."""
+        taken = [p for p in self._open.values() if p.replica == replica]
+        for pending in taken:
+            del self._open[pending.msg_id]
+        return taken
 
     def take_all(self) -> list[PendingRequest[Owner]]:
         """Remove and return every open request (the kernel died or restarted)."""

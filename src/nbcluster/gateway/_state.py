@@ -38,6 +38,7 @@ class KernelRecord(BaseModel):
     id: str
     name: str
     key: str
+    raft_password: str = ""
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: str | None = None
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -184,6 +184,7 @@ class ReplicaSupervisor:
             stdin_port=report["stdin_port"],
             control_port=report["control_port"],
             hb_port=report["hb_port"],
+            raft_port=report.get("raft_port"),
         )
         replica = ReplicaProcess(
             request.kernel_id, request.replica_id, process, connection, log_path
@@ -214,10 +215,13 @@ class ReplicaSupervisor:
             raise ReplicaStartError(f"replica process exited with code {code} before it was ready")
         try:
             report = json.loads(line)
-            return {
+            ports = {
                 k: int(report[k])
                 for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
             }
+            if report.get("raft_port") is not None:
+                ports["raft_port"] = int(report["raft_port"])
+            return ports
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplicaStartError(f"replica sent an unreadable port report: {exc}") from None
 

@@ -68,6 +68,8 @@ class ConnectionInfo(_Model):
     stdin_port: int
     control_port: int
     hb_port: int
+    #: The port the replica's Raft node listens on once it joins its group.
+    raft_port: int | None = None
 
 
 class ReplicaReport(_Model):

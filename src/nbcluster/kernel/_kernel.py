@@ -1,10 +1,20 @@
-"""The kernel replica: an IPython kernel that knows which replica of which kernel it is.
+"""The kernel replica: an IPython kernel that is one of a kernel's replicas.
 
-This issue runs one replica per kernel; the Raft node and executor election attach here.
+Alone (one replica, or messages without nbcluster metadata) it behaves exactly like ipykernel.
+In a replica group it joins the group's Raft log when the gateway sends
+``nbcluster_raft_start_request``, and then:
+
+* ``execute_request`` (this replica is the gateway's target): propose ``lead`` for the term,
+  wait for the committed decision, wait until the state of earlier cells is applied, execute,
+  reply, and then (off the critical path) append ``done`` with the cell's state update.
+* ``yield_request`` (another replica is the target): propose ``yield``, wait for the decision,
+  and answer with an ``ExecutionYieldError`` reply that the gateway drops.
+* ``done`` records of other replicas are applied to this replica's namespace as they commit.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -12,8 +22,16 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Unicode
 
 from .._version import __version__
+from ._records import Proposal
 
 __all__ = ["ReplicaKernel"]
+
+log = logging.getLogger(__name__)
+
+#: How long a proposal may take to commit before the replica gives up on the cell.
+PROPOSE_TIMEOUT = 10.0
+#: How long the executor waits for earlier cells' state before running anyway (with a warning).
+CATCH_UP_TIMEOUT = 5.0
 
 
 class ReplicaKernel(IPythonKernel):
@@ -30,8 +48,201 @@ class ReplicaKernel(IPythonKernel):
         config=True
     )
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shell_handlers["yield_request"] = self.yield_request
+        self.shell_handlers["nbcluster_raft_start_request"] = self.nbcluster_raft_start_request
+        self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
+        self._finish_after_reply: tuple[int, str, str] | None = None
+
     @property
     def kernel_info(self) -> dict[str, Any]:
         info: dict[str, Any] = dict(super().kernel_info)
-        info["nbcluster"] = {"kernel_id": self.kernel_id, "replica_id": self.replica_id}
+        group = self.replication
+        info["nbcluster"] = {
+            "kernel_id": self.kernel_id,
+            "replica_id": self.replica_id,
+            "replicated": group is not None,
+            "last_term": group.coordinator.done_term if group else 0,
+        }
         return info
+
+    # -- group membership ---------------------------------------------------------------------
+
+    async def nbcluster_raft_start_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        from ._group import ReplicaGroup
+
+        content = parent.get("content", {})
+        try:
+            if self.replication is None:
+                self.replication = await ReplicaGroup.start(
+                    self,
+                    address=str(content["address"]),
+                    peers=[str(p) for p in content["peers"]],
+                    members=int(content["members"]),
+                    password=os.environ.get("NBCLUSTER_RAFT_PASSWORD", ""),
+                    store_dir=os.environ.get("NBCLUSTER_STORE_DIR") or None,
+                )
+            await self.replication.wait_for_leader(float(content.get("timeout", 10.0)))
+            reply: dict[str, Any] = {"status": "ok", "log": self.replication.log.status()}
+        except Exception as exc:
+            log.exception("could not join the replica group")
+            reply = {
+                "status": "error",
+                "ename": type(exc).__name__,
+                "evalue": str(exc),
+                "traceback": [],
+            }
+        self._send(stream, "nbcluster_raft_start_reply", reply, parent, ident)
+
+    # -- execution ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _term_of(parent: dict[str, Any]) -> dict[str, Any] | None:
+        meta = (parent.get("metadata") or {}).get("nbcluster")
+        return meta if isinstance(meta, dict) and "term" in meta else None
+
+    async def execute_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        self._finish_after_reply = None
+        await super().execute_request(stream, ident, parent)
+        finish = self._finish_after_reply
+        if finish is not None and self.replication is not None:
+            term, status, code = finish
+            # After the reply went out: replicate this cell's effect.
+            self.replication.finish(term, status, self.shell.execution_count - 1, code)
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict[str, Any] | None = None,
+        cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        parent = self.get_parent("shell")
+        term_meta = self._term_of(parent)
+        group = self.replication
+        if term_meta is None or group is None:
+            return await self._run(
+                code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+            )
+        term = int(term_meta["term"])
+        attempt = int(term_meta.get("attempt", 1))
+        msg_id = parent["header"]["msg_id"]
+        try:
+            winner = await group.elect(Proposal("lead", term, attempt, self.replica_id, msg_id))
+        except (TimeoutError, RuntimeError) as exc:
+            return self._error_reply(
+                "ReplicaGroupUnavailable", f"the replicas could not agree on this cell: {exc}"
+            )
+        if winner != self.replica_id:
+            return self._yield_reply(term, winner)
+        after = int(term_meta.get("after_term", term - 1))
+        if not await group.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
+            self.send_stream_warning(
+                f"[nbcluster] the state of an earlier cell (term {after}) has not arrived from "
+                "the replica that ran it; running with the state this replica has.\n"
+            )
+        reply = await self._run(
+            code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+        )
+        self._finish_after_reply = (term, str(reply.get("status", "ok")), code)
+        reply.setdefault("nbcluster", {})
+        return reply
+
+    async def _run(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool,
+        user_expressions: dict[str, Any] | None,
+        allow_stdin: bool,
+        cell_meta: dict[str, Any] | None,
+        cell_id: str | None,
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await super().do_execute(
+            code,
+            silent,
+            store_history=store_history,
+            user_expressions=user_expressions,
+            allow_stdin=allow_stdin,
+            cell_meta=cell_meta,
+            cell_id=cell_id,
+        )
+        return result
+
+    async def yield_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        term_meta = self._term_of(parent) or {}
+        group = self.replication
+        term = int(term_meta.get("term", 0))
+        attempt = int(term_meta.get("attempt", 1))
+        if group is None or term < 1:
+            content = self._error_reply(
+                "ExecutionYieldError", "this replica is not in a replica group"
+            )
+        else:
+            msg_id = parent["header"]["msg_id"]
+            try:
+                winner = await group.elect(
+                    Proposal("yield", term, attempt, self.replica_id, msg_id)
+                )
+                content = self._yield_reply(term, winner)
+            except (TimeoutError, RuntimeError) as exc:
+                content = self._error_reply("ReplicaGroupUnavailable", str(exc))
+        self._send(
+            stream,
+            "execute_reply",
+            content,
+            parent,
+            ident,
+            {"nbcluster": {"yielded": True, "term": term}},
+        )
+
+    def _yield_reply(self, term: int, winner: str | None) -> dict[str, Any]:
+        who = f"replica {winner}" if winner else "no replica (every replica yielded)"
+        return self._error_reply(
+            "ExecutionYieldError",
+            f"replica {self.replica_id} did not execute term {term}: {who} did",
+        ) | {"yielded": True, "winner": winner}
+
+    def _error_reply(self, ename: str, evalue: str) -> dict[str, Any]:
+        return {
+            "status": "error",
+            "ename": ename,
+            "evalue": evalue,
+            "traceback": [f"{ename}: {evalue}"],
+            "execution_count": self.shell.execution_count - 1 if self.shell else 0,
+            "user_expressions": {},
+            "payload": [],
+        }
+
+    def _send(
+        self,
+        stream: Any,
+        msg_type: str,
+        content: dict[str, Any],
+        parent: Any,
+        ident: Any,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        session = self.session
+        assert session is not None
+        session.send(stream, msg_type, content, parent, ident=ident, metadata=metadata)
+
+    def send_stream_warning(self, text: str) -> None:
+        """Write a warning into the current cell's output (stderr stream)."""
+        self._send(
+            self.iopub_socket,
+            "stream",
+            {"name": "stderr", "text": text},
+            self.get_parent("shell"),
+            self._topic("stream"),
+        )
+
+    def do_shutdown(self, restart: bool) -> Any:
+        if self.replication is not None:
+            self.replication.close_soon()
+        return super().do_shutdown(restart)

@@ -1,0 +1,159 @@
+"""The bridge between a replica's Raft log and its kernel.
+
+:class:`ReplicaCoordinator` is the :class:`~nbcluster.consensus.LogStateMachine` of one replica:
+the log's thread hands it committed records; it decodes them, runs the pure
+:class:`~._election.ElectionLog`, keeps the merged state of every synchronised variable (so
+that a snapshot can bring a new replica up to date), and passes the resulting events to the
+kernel's event loop, where waiting handlers wake up and followers apply state updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from ._election import Completed, Decided, ElectionLog, Event, Failed, Ignored
+from ._records import Done, RecordError, decode_record
+from ._sync import decode_payload
+
+__all__ = ["ReplicaCoordinator"]
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaCoordinator:
+    """Owned by the replica kernel. ``apply``/``snapshot``/``restore`` run on the log's thread;
+    everything else runs on the kernel's event loop."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        members: int,
+        loop: asyncio.AbstractEventLoop,
+        on_state: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.replica_id = replica_id
+        self._loop = loop
+        self._on_state = on_state
+        self._lock = threading.Lock()
+        self.election = ElectionLog(members)
+        #: name -> latest sync entry (the merged effect of every completed cell)
+        self.values: dict[str, dict[str, Any]] = {}
+        self.applied_index = 0
+        self.rejected = 0
+        # loop-side view, updated from events in log order
+        self.decisions: dict[tuple[int, int], str | None] = {}
+        self.done_term = 0
+        self.done_count = 0
+        self._changed = asyncio.Event()
+
+    # -- log thread -----------------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> None:
+        with self._lock:
+            self.applied_index = index
+            try:
+                record = decode_record(data)
+            except RecordError as exc:
+                self.rejected += 1
+                log.error("rejected log record %d: %s", index, exc)
+                return
+            events = self.election.apply(record)
+            payload: dict[str, Any] | None = None
+            for event in events:
+                if isinstance(event, Completed) and event.record.sync:
+                    payload = self._merge(event.record)
+        self._loop.call_soon_threadsafe(self._deliver, events, payload)
+
+    def _merge(self, done: Done) -> dict[str, Any] | None:
+        try:
+            payload: dict[str, Any] = dict(decode_payload(done.sync or b""))
+        except ValueError as exc:
+            self.rejected += 1
+            log.error("term %d: rejected its state update: %s", done.term, exc)
+            return None
+        for name, entry in payload["set"].items():
+            self.values[name] = entry
+        # Deleted names, and names whose new value could not be copied: followers drop both.
+        for name in (*payload["del"], *payload.get("unpicklable", ())):
+            self.values.pop(name, None)
+        return payload
+
+    def snapshot(self) -> bytes:
+        with self._lock:
+            data: bytes = msgpack.packb(
+                {"election": self.election.snapshot(), "values": self.values},
+                use_bin_type=True,
+            )
+            return data
+
+    def restore(self, data: bytes) -> None:
+        with self._lock:
+            state = msgpack.unpackb(data, raw=False)
+            self.election = ElectionLog.restore(state["election"])
+            self.values = dict(state["values"])
+            full_state = {
+                "count": self.election.last_done_count,
+                "set": dict(self.values),
+                "del": [],
+                "full": True,
+            }
+            done_term = self.election.last_done_term
+        self._loop.call_soon_threadsafe(self._deliver_restore, done_term, full_state)
+
+    # -- event loop -----------------------------------------------------------------------
+
+    def _deliver(self, events: list[Event], payload: dict[str, Any] | None) -> None:
+        for event in events:
+            if isinstance(event, Decided):
+                self.decisions[(event.term, event.attempt)] = event.winner
+            elif isinstance(event, Failed):
+                self.decisions[(event.term, event.attempt)] = None
+            elif isinstance(event, Completed):
+                self.done_term = event.record.term
+                self.done_count = event.record.execution_count
+                if event.record.replica != self.replica_id and payload is not None:
+                    self._on_state(payload)
+            elif isinstance(event, Ignored):
+                log.debug("log: %s", event.reason)
+        self._changed.set()
+
+    def _deliver_restore(self, done_term: int, full_state: dict[str, Any]) -> None:
+        self.done_term = done_term
+        self.done_count = int(full_state["count"])
+        self._on_state(full_state)
+        self._changed.set()
+
+    async def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
+        deadline = self._loop.time() + timeout
+        while not condition():
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return condition()
+        return True
+
+    async def decision(self, term: int, attempt: int, timeout: float) -> str | None:
+        """The winner of (term, attempt) once committed; ``None`` if everybody yielded.
+
+        Raises ``TimeoutError`` if it is not decided in time.
+        """
+        key = (term, attempt)
+        if not await self._wait(lambda: key in self.decisions or self.done_term >= term, timeout):
+            raise TimeoutError(f"term {term} attempt {attempt} was not decided in {timeout:g} s")
+        if key not in self.decisions:
+            return None
+        return self.decisions[key]
+
+    async def caught_up(self, term: int, timeout: float) -> bool:
+        """Wait until the state of every cell up to ``term`` has been applied here."""
+        return await self._wait(lambda: self.done_term >= term, timeout)
