@@ -48,7 +48,9 @@ class RunningCluster:
             self.process.kill()
 
 
-def start_cluster(state_dir: Path, hosts: int = 1, timeout: float = 90) -> RunningCluster:
+def start_cluster(
+    state_dir: Path, hosts: int = 1, replicas: int = 1, timeout: float = 90
+) -> RunningCluster:
     """Run the real ``nbcluster up`` and read its URL and token from stdout."""
     port = _free_port()
     process = subprocess.Popen(
@@ -59,6 +61,8 @@ def start_cluster(state_dir: Path, hosts: int = 1, timeout: float = 90) -> Runni
             "up",
             "--hosts",
             str(hosts),
+            "--replicas",
+            str(replicas),
             "--port",
             str(port),
             "--state-dir",

@@ -43,7 +43,7 @@ def test_client_request_reaches_the_executor_link() -> None:
     assert client.sent == []
 
 
-def test_with_several_replicas_execute_goes_to_the_target_and_yield_to_the_others() -> None:
+def test_with_several_replicas_execute_goes_to_the_target_only_with_its_term() -> None:
     kernel, links = make_kernel("r1", "r2", "r3")
     client = FakeClient()
     kernel.attach(client)
@@ -56,20 +56,9 @@ def test_with_several_replicas_execute_goes_to_the_target_and_yield_to_the_other
         "attempt": 1,
         "after_term": 0,
     }
-    for standby in ("r2", "r3"):
-        [yielded] = links[standby].sent
-        assert yielded.msg_type == "yield_request" and yielded.msg_id != first.msg_id
-        assert orjson.loads(yielded.header)["msg_type"] == "yield_request"
-        assert orjson.loads(yielded.metadata)["nbcluster"]["term"] == 1
-        assert yielded.content == first.content
-    # standby replies and standby iopub never reach the client; the executor's do
-    for standby in ("r2", "r3"):
-        yielded = links[standby].sent[0]
-        kernel.on_replica_message(links[standby], status("busy", yielded))  # type: ignore[arg-type]
-        kernel.on_replica_message(  # type: ignore[arg-type]
-            links[standby],
-            reply_to(yielded, "execute_reply", {"status": "error", "ename": "ExecutionYieldError"}),
-        )
+    assert links["r2"].sent == [] and links["r3"].sent == []
+    # standby replicas' iopub never reaches the client; the executor's does
+    kernel.on_replica_message(links["r2"], status("busy"))  # type: ignore[arg-type]
     assert client.sent == []
     kernel.on_replica_message(links["r1"], status("busy", first))  # type: ignore[arg-type]
     kernel.on_replica_message(  # type: ignore[arg-type]

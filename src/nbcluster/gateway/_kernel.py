@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -45,15 +44,6 @@ class KernelUnavailable(RuntimeError):
 _HOLD_LIMIT = 1000
 
 
-class _Sink:
-    """Owner of the yield requests sent to standby replicas: their replies are dropped."""
-
-    __slots__ = ()
-
-
-_SINK = _Sink()
-
-
 class _Waiter:
     """Owner of a request the gateway itself sent (readiness checks, shutdown)."""
 
@@ -63,7 +53,7 @@ class _Waiter:
         self.future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
 
 
-Owner = ClientSink | _Waiter | _Sink
+Owner = ClientSink | _Waiter
 
 
 class GatewayKernel:
@@ -184,11 +174,14 @@ class GatewayKernel:
             self._refuse(client, msg, str(exc))
 
     def _route_execute(self, client: ClientSink, msg: Message, target: ReplicaLink) -> None:
-        """Send an execute request to the target replica and a yield request to the others.
+        """Send an execute request to the target replica only.
 
         The request carries the term (this kernel's execution index) that the replicas elect
         an executor for, and the last term whose reply we saw, whose state the executor must
-        have applied before it runs this cell.
+        have applied before it runs this cell. The other replicas get nothing: the first
+        committed ``lead`` decides the term (see ``docs/replication.md``), and they follow the
+        log. Sending them ``yield_request``s, as NotebookOS does, cost 6 ms per cell on a
+        2-core machine for no decision it could change.
         """
         term = self.next_term
         self.next_term += 1
@@ -206,27 +199,6 @@ class GatewayKernel:
             self.pending.route(msg.msg_id, "execute_reply")
             self._refuse(client, msg, str(exc))
             return
-        header = msg.header_dict
-        for link in tuple(self.links.values()):
-            if link is target:
-                continue
-            yield_header = {**header, "msg_id": uuid.uuid4().hex, "msg_type": "yield_request"}
-            standby = Message(
-                channel="shell",
-                header=dumps(yield_header),
-                parent_header=msg.parent_header,
-                metadata=msg.metadata,
-                content=msg.content,
-                msg_id=yield_header["msg_id"],
-                msg_type="yield_request",
-            )
-            self.pending.add(
-                standby.msg_id, "yield_request", "shell", standby.header, _SINK, link.replica_id
-            )
-            try:
-                link.send(standby)
-            except ConnectionError:
-                self.pending.route(standby.msg_id, "execute_reply")
 
     def _unavailable_reason(self) -> str:
         if self.execution_state == "restarting":
@@ -279,8 +251,6 @@ class GatewayKernel:
             term = self.terms.pop(pending.msg_id, None)
             if term is not None:
                 self.last_replied_term = max(self.last_replied_term, term)
-        if isinstance(owner, _Sink):
-            return
         if isinstance(owner, _Waiter):
             if not owner.future.done():
                 owner.future.set_result(msg)
@@ -374,8 +344,6 @@ class GatewayKernel:
             self.pending.take_all() if replica is None else self.pending.take_for_replica(replica)
         )
         for pending in taken:
-            if isinstance(pending.owner, _Sink):
-                continue
             owner = pending.owner
             if isinstance(owner, _Waiter):
                 if not owner.future.done():

@@ -6,10 +6,10 @@ In a replica group it joins the group's Raft log when the gateway sends
 
 * ``execute_request`` (this replica is the gateway's target): propose ``lead`` for the term,
   wait for the committed decision, wait until the state of earlier cells is applied, execute,
-  reply, and then (off the critical path) append ``done`` with the cell's state update.
-* ``yield_request`` (another replica is the target): propose ``yield``, wait for the decision,
-  and answer with an ``ExecutionYieldError`` reply that the gateway drops.
-* ``done`` records of other replicas are applied to this replica's namespace as they commit.
+  reply, and then (off the critical path) append ``done`` with the cell's state update. If
+  another replica's lead for the term committed first, reply ``ExecutionYieldError`` instead.
+* The other replicas receive nothing for the cell: they apply ``done`` records of other
+  replicas to their namespace as they commit.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ class ReplicaKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.shell_handlers["yield_request"] = self.yield_request
         self.shell_handlers["nbcluster_raft_start_request"] = self.nbcluster_raft_start_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
@@ -173,33 +172,6 @@ class ReplicaKernel(IPythonKernel):
             cell_id=cell_id,
         )
         return result
-
-    async def yield_request(self, stream: Any, ident: Any, parent: Any) -> None:
-        term_meta = self._term_of(parent) or {}
-        group = self.replication
-        term = int(term_meta.get("term", 0))
-        attempt = int(term_meta.get("attempt", 1))
-        if group is None or term < 1:
-            content = self._error_reply(
-                "ExecutionYieldError", "this replica is not in a replica group"
-            )
-        else:
-            msg_id = parent["header"]["msg_id"]
-            try:
-                winner = await group.elect(
-                    Proposal("yield", term, attempt, self.replica_id, msg_id)
-                )
-                content = self._yield_reply(term, winner)
-            except (TimeoutError, RuntimeError) as exc:
-                content = self._error_reply("ReplicaGroupUnavailable", str(exc))
-        self._send(
-            stream,
-            "execute_reply",
-            content,
-            parent,
-            ident,
-            {"nbcluster": {"yielded": True, "term": term}},
-        )
 
     def _yield_reply(self, term: int, winner: str | None) -> dict[str, Any]:
         who = f"replica {winner}" if winner else "no replica (every replica yielded)"
