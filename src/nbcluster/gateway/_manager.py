@@ -217,7 +217,11 @@ class KernelManager:
         if failures:
             raise KernelStartError("; ".join(str(f) or type(f).__name__ for f in failures))
 
-    async def _launch_replica(self, kernel: GatewayKernel, host: str) -> None:
+    async def _launch_replica(
+        self, kernel: GatewayKernel, host: str, joining: bool = False
+    ) -> ReplicaRecord:
+        """Start one replica on ``host`` and wait until it answers. A ``joining`` replica (a
+        replacement) stays ``starting`` until it has joined its group and caught up."""
         spec = self.specs.get(kernel.record.name)
         assert spec is not None
         replica = ReplicaRecord(replica_id=f"{kernel.id[:8]}-{secrets.token_hex(3)}", host=host)
@@ -250,12 +254,93 @@ class KernelManager:
             raise KernelStartError(f"replica on host {host} failed to start: {exc}") from None
         replica.pid = report.pid
         replica.connection = report.connection
-        replica.state = "running"
+        replica.state = "starting" if joining else "running"
         link = kernel.make_link(self.zmq_context, replica)
         try:
             await kernel.wait_ready(link, timeout)
         except (TimeoutError, KernelUnavailable) as exc:
             raise KernelStartError(f"replica on host {host} did not become ready: {exc}") from None
+        return replica
+
+    @staticmethod
+    def _raft_address(replica: ReplicaRecord) -> str:
+        assert replica.connection is not None and replica.connection.raft_port is not None
+        return f"{replica.connection.ip}:{replica.connection.raft_port}"
+
+    async def _replace_replica(self, kernel: GatewayKernel, dead: ReplicaRecord) -> None:
+        """Bring a replicated kernel back to full strength after it lost ``dead``: start a new
+        replica on another host, swap it for the dead one in the Raft group (remove, then add:
+        one change at a time), and let it catch up from the log or a snapshot before it may
+        execute. Runs in the background; the kernel keeps serving meanwhile."""
+        async with kernel.lifecycle_lock:
+            running = [r for r in kernel.record.replicas if r.state == "running"]
+            if self.kernels.get(kernel.id) is not kernel or kernel.is_dead or not running:
+                return
+            if len(running) >= self.config.replicas_per_kernel:
+                return
+            exclude = {r.host for r in kernel.live_replicas()}
+            try:
+                [host] = choose_hosts(self._host_loads(), 1, exclude)
+            except PlacementError as exc:
+                log.warning(
+                    "kernel %s runs degraded on %d replicas: %s", kernel.id, len(running), exc
+                )
+                return
+            started = time.monotonic()
+            known = {r.replica_id for r in kernel.record.replicas}
+            new: ReplicaRecord | None = None
+            try:
+                new = await self._launch_replica(kernel, host, joining=True)
+                # A standby replica does the membership change: the executor may be busy.
+                helper = next((r for r in running if r.replica_id != kernel.executor), running[0])
+                new_address = self._raft_address(new)
+                reply = await kernel.request(
+                    kernel.links[helper.replica_id],
+                    "shell",
+                    "nbcluster_membership_request",
+                    {"remove": [self._raft_address(dead)], "add": [new_address], "timeout": 20.0},
+                    30.0,
+                )
+                if reply.content_dict.get("status") != "ok":
+                    raise KernelStartError(
+                        f"membership change failed: {reply.content_dict.get('evalue')}"
+                    )
+                peers = [self._raft_address(r) for r in running] + [new_address]
+                reply = await kernel.request(
+                    kernel.links[new.replica_id],
+                    "shell",
+                    "nbcluster_raft_start_request",
+                    {
+                        "address": new_address,
+                        "peers": peers,
+                        "members": len(peers),
+                        "timeout": 20.0,
+                    },
+                    30.0,
+                )
+                if reply.content_dict.get("status") != "ok":
+                    raise KernelStartError(f"could not join: {reply.content_dict.get('evalue')}")
+            except (KernelStartError, KernelUnavailable, TimeoutError) as exc:
+                log.error(
+                    "kernel %s: could not replace replica %s: %s", kernel.id, dead.replica_id, exc
+                )
+                for attempt in kernel.record.replicas:
+                    if attempt.replica_id not in known:
+                        await self._stop_replica(kernel, attempt)
+                        attempt.state, attempt.reason = "dead", f"replacement failed: {exc}"
+                self.store.save(kernel.record)
+                return
+            new.state = "running"
+            self.store.save(kernel.record)
+            self.metrics.replacements.observe(time.monotonic() - started)
+            log.info(
+                "kernel %s: replica %s on %s replaced %s in %.2f s",
+                kernel.id,
+                new.replica_id,
+                host,
+                dead.replica_id,
+                time.monotonic() - started,
+            )
 
     # -- stop, restart, interrupt -------------------------------------------------------------
 
@@ -358,6 +443,8 @@ class KernelManager:
                 "replicas with the state of the cells before it.",
                 replica=replica.replica_id,
             )
+            if self.config.replicas_per_kernel > 1:
+                self._spawn(self._replace_replica(kernel, replica))
         elif not kernel.is_dead:
             log.warning("kernel %s is dead: %s", kernel.id, reason)
             kernel.mark_dead(reason)

@@ -92,6 +92,12 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
         )
+        self.replacements = Histogram(
+            "nbcluster_replica_replacement_seconds",
+            "Time to start a replacement replica and have it join its group and catch up.",
+            registry=self.registry,
+            buckets=(0.5, 1, 2, 3, 5, 10, 20, 30),
+        )
         self.hosts_lost = Counter(
             "nbcluster_hosts_lost", "Hosts declared lost.", registry=self.registry
         )

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._records import Done, Proposal, Record
+from ._records import Done, Mark, Proposal, Record
 
 __all__ = ["Completed", "Decided", "ElectionLog", "Event", "Failed", "Ignored"]
 
@@ -78,6 +78,8 @@ class ElectionLog:
         self.last_done_count = 0
 
     def apply(self, record: Record) -> list[Event]:
+        if isinstance(record, Mark):
+            return [Ignored(f"mark from {record.replica}")]
         if isinstance(record, Done):
             return self._apply_done(record)
         return self._apply_proposal(record)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._records import Done, Proposal, encode_record
+from ._records import Done, Mark, Proposal, encode_record
 from ._replication import ReplicaCoordinator
 
 if TYPE_CHECKING:
@@ -70,6 +71,21 @@ class ReplicaGroup:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"no Raft leader among the replicas after {timeout:g} s")
             await asyncio.sleep(0.02)
+
+    async def catch_up(self, timeout: float) -> None:
+        """Return once this replica has applied every record committed before now."""
+        await self.log.propose(
+            encode_record(Mark(self.kernel.replica_id, uuid.uuid4().hex)), timeout
+        )
+
+    async def change_members(self, remove: list[str], add: list[str], timeout: float) -> None:
+        """Raft membership changes, one at a time: first drop the dead, then add the new."""
+        for address in remove:
+            if address in self.log.status().get("members", ()):
+                await self.log.remove_member(address, timeout)
+        for address in add:
+            if address not in self.log.status().get("members", ()):
+                await self.log.add_member(address, timeout)
 
     async def elect(self, proposal: Proposal) -> str | None:
         """Propose and return the committed winner of the proposal's term and attempt."""

@@ -51,6 +51,7 @@ class ReplicaKernel(IPythonKernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.shell_handlers["nbcluster_raft_start_request"] = self.nbcluster_raft_start_request
+        self.shell_handlers["nbcluster_membership_request"] = self.nbcluster_membership_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
 
@@ -82,7 +83,11 @@ class ReplicaKernel(IPythonKernel):
                     password=os.environ.get("NBCLUSTER_RAFT_PASSWORD", ""),
                     store_dir=os.environ.get("NBCLUSTER_STORE_DIR") or None,
                 )
-            await self.replication.wait_for_leader(float(content.get("timeout", 10.0)))
+            timeout = float(content.get("timeout", 10.0))
+            await self.replication.wait_for_leader(timeout)
+            # Whatever committed before we joined (snapshot and tail) is applied before we
+            # answer, so the gateway never picks a replica that is behind as executor.
+            await self.replication.catch_up(timeout)
             reply: dict[str, Any] = {"status": "ok", "log": self.replication.log.status()}
         except Exception as exc:
             log.exception("could not join the replica group")
@@ -93,6 +98,28 @@ class ReplicaKernel(IPythonKernel):
                 "traceback": [],
             }
         self._send(stream, "nbcluster_raft_start_reply", reply, parent, ident)
+
+    async def nbcluster_membership_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Replace members of the group's Raft log (the gateway replacing a lost replica)."""
+        content = parent.get("content", {})
+        try:
+            if self.replication is None:
+                raise RuntimeError("this replica is not in a replica group")
+            await self.replication.change_members(
+                [str(a) for a in content.get("remove", ())],
+                [str(a) for a in content.get("add", ())],
+                float(content.get("timeout", 20.0)),
+            )
+            reply: dict[str, Any] = {"status": "ok", "log": self.replication.log.status()}
+        except Exception as exc:
+            log.exception("membership change failed")
+            reply = {
+                "status": "error",
+                "ename": type(exc).__name__,
+                "evalue": str(exc),
+                "traceback": [],
+            }
+        self._send(stream, "nbcluster_membership_reply", reply, parent, ident)
 
     # -- execution ----------------------------------------------------------------------------
 

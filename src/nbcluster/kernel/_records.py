@@ -3,6 +3,8 @@
 * ``lead`` / ``yield``: a replica's proposal for one execution: it was asked to execute
   (lead) or to stand by (yield) for ``term`` (the gateway's execution index) and ``attempt``.
 * ``done``: the executor finished ``term``; carries the cell's state update (see ``_sync``).
+* ``mark``: a no-op a replica appends to learn that it has applied everything before it
+  (a replica joining its group does this before it may execute).
 
 Decoding validates every field, so that a malformed record from a buggy or hostile peer is
 rejected with a message naming the problem instead of crashing the replica.
@@ -15,7 +17,7 @@ from typing import Any, Literal
 
 import msgpack
 
-__all__ = ["Done", "Proposal", "Record", "RecordError", "decode_record", "encode_record"]
+__all__ = ["Done", "Mark", "Proposal", "Record", "RecordError", "decode_record", "encode_record"]
 
 
 class RecordError(ValueError):
@@ -40,12 +42,20 @@ class Done:
     sync: bytes | None = None
 
 
-Record = Proposal | Done
+@dataclass(frozen=True, slots=True)
+class Mark:
+    replica: str
+    nonce: str
+
+
+Record = Proposal | Done | Mark
 
 
 def encode_record(record: Record) -> bytes:
-    if isinstance(record, Proposal):
-        data: dict[str, Any] = {
+    if isinstance(record, Mark):
+        data: dict[str, Any] = {"k": "mark", "replica": record.replica, "nonce": record.nonce}
+    elif isinstance(record, Proposal):
+        data = {
             "k": record.kind,
             "term": record.term,
             "attempt": record.attempt,
@@ -88,6 +98,8 @@ def decode_record(raw: bytes) -> Record:
         if term < 1 or attempt < 1:
             raise RecordError("record term and attempt must be >= 1")
         return Proposal(kind, term, attempt, _field(data, "replica", str), _field(data, "msg", str))
+    if kind == "mark":
+        return Mark(_field(data, "replica", str), _field(data, "nonce", str))
     if kind == "done":
         sync = data.get("sync")
         if sync is not None and not isinstance(sync, bytes):
