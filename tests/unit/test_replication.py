@@ -20,7 +20,13 @@ class Replica:
         self.id = replica_id
         self.ns: dict[str, Any] = {"__name__": "__main__"}
         self.sync = StateSynchronizer(self.ns, set(), STORE)
-        self.coordinator = ReplicaCoordinator(replica_id, 3, loop, self.sync.apply)
+        self.counts: list[int] = []
+        self.coordinator = ReplicaCoordinator(replica_id, 3, loop, self._on_state)
+
+    def _on_state(self, payload: Any, count: int) -> None:
+        if payload is not None:
+            self.sync.apply(payload)
+        self.counts.append(count)
 
 
 async def _run_cell(leader: Replica, log: Any, term: int, code: str) -> str | None:
@@ -94,3 +100,15 @@ async def test_malformed_records_are_rejected_and_the_replica_keeps_applying() -
     assert await replicas[2].coordinator.caught_up(1, 5)
     assert replicas[2].ns["y"] == 5
     assert replicas[2].coordinator.rejected == 1  # the garbage record; the stray done is ignored
+
+
+async def test_a_cell_that_changes_nothing_still_moves_the_followers_count() -> None:
+    loop = asyncio.get_running_loop()
+    replicas = [Replica(r, loop) for r in ("r1", "r2", "r3")]
+    _, logs = InMemoryLogGroup.create(
+        [r.coordinator for r in replicas], addresses=["r1", "r2", "r3"]
+    )
+    assert await _run_cell(replicas[0], logs[0], 1, "x = 1") == "r1"
+    assert await _run_cell(replicas[0], logs[0], 2, "x + 1") == "r1"
+    assert await replicas[1].coordinator.caught_up(2, 5)
+    assert replicas[1].counts == [1, 2]

@@ -59,7 +59,7 @@ def _token(value: str | None) -> str:
 @click.option("--launch-timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600))
 @click.option(
     "--replicas",
-    default=1,
+    default="3",
     show_default=True,
     type=click.Choice(["1", "3"]),
     help="Replicas per kernel: 3 (Raft-replicated, survives a host) or 1.",

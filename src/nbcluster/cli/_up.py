@@ -121,10 +121,8 @@ def _partition_real_gpus(hosts: int) -> list[str | None]:
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--replicas",
-    default=1,
-    show_default=True,
     type=click.Choice(["1", "3"]),
-    help="Replicas per kernel: 3 (Raft-replicated) or 1.",
+    help="Replicas per kernel: 3 (Raft-replicated; the default with 3 or more hosts) or 1.",
 )
 @click.option("--lab", is_flag=True, help="Also start JupyterLab wired to the gateway.")
 @click.option("--lab-port", default=8888, show_default=True, type=click.IntRange(1, 65535))
@@ -141,13 +139,17 @@ def up_command(
     port: int,
     token: str | None,
     state_dir: Path | None,
-    replicas: str,
+    replicas: str | None,
     lab: bool,
     lab_port: int,
     log_level: str,
 ) -> None:
     """Start a gateway and host daemons on this machine (loopback only)."""
     ip = "127.0.0.1"
+    if replicas is None:
+        replicas = "3" if hosts >= 3 else "1"
+        if hosts < 3:
+            console.print(f"[yellow]{hosts} host(s): kernels run 1 replica (3 need 3 hosts).[/]")
     if int(replicas) > hosts:
         raise click.BadParameter(
             f"{replicas} replicas per kernel need at least {replicas} hosts", param_hint="--hosts"
@@ -231,6 +233,7 @@ def up_command(
             f"[bold]Gateway[/]     {url}",
             f"[bold]Token[/]       {token}",
             f"[bold]Hosts[/]       {hosts}   (see them with: nbcluster status)",
+            f"[bold]Replicas[/]    {replicas} per kernel",
         ]
         if lab:
             lab_url = _start_lab(children, env, url, token, lab_port)

@@ -27,7 +27,7 @@ class GatewayConfig:
     #: How long a replica may take to start and answer kernel_info.
     launch_timeout: float = 30.0
     #: Replicas per kernel: 3 replicated ones, or 1 (a plain remote kernel, no Raft).
-    replicas_per_kernel: int = 1
+    replicas_per_kernel: int = 3
     #: Directory of the local object store that replicas share for large values.
     store_dir: Path = field(default_factory=lambda: Path.cwd() / ".nbcluster" / "store")
     #: Bytes a slow websocket client may have queued before it is disconnected.

@@ -59,7 +59,7 @@ class ReplicaGroup:
         sync = StateSynchronizer(shell.user_ns, set(shell.user_ns_hidden), store)
         group: ReplicaGroup
         coordinator = ReplicaCoordinator(
-            kernel.replica_id, members, loop, lambda p: group.apply_state(p)
+            kernel.replica_id, members, loop, lambda p, n: group.apply_state(p, n)
         )
         group = cls(kernel, coordinator, sync)
         group.log = PySyncObjLog(address, [p for p in peers if p != address], password, coordinator)
@@ -137,13 +137,13 @@ class ReplicaGroup:
         except Exception as exc:
             log.error("could not replicate the state of term %d: %s", record.term, exc)
 
-    def apply_state(self, payload: dict[str, Any]) -> None:
+    def apply_state(self, payload: dict[str, Any] | None, count: int) -> None:
         """A follower applies another replica's cell (or a snapshot's full state)."""
-        try:
-            self.sync.apply(payload)
-        except Exception:
-            log.exception("could not apply a state update")
-        count = int(payload.get("count", 0))
+        if payload is not None:
+            try:
+                self.sync.apply(payload)
+            except Exception:
+                log.exception("could not apply a state update")
         shell = self.kernel.shell
         if count and shell is not None:
             self.kernel.execution_count = count

@@ -35,7 +35,7 @@ class ReplicaCoordinator:
         replica_id: str,
         members: int,
         loop: asyncio.AbstractEventLoop,
-        on_state: Callable[[dict[str, Any]], None],
+        on_state: Callable[[dict[str, Any] | None, int], None],
     ) -> None:
         self.replica_id = replica_id
         self._loop = loop
@@ -117,8 +117,9 @@ class ReplicaCoordinator:
             elif isinstance(event, Completed):
                 self.done_term = event.record.term
                 self.done_count = event.record.execution_count
-                if event.record.replica != self.replica_id and payload is not None:
-                    self._on_state(payload)
+                if event.record.replica != self.replica_id:
+                    # A cell that changed no variable has no payload but still moves the count.
+                    self._on_state(payload, event.record.execution_count)
             elif isinstance(event, Ignored):
                 log.debug("log: %s", event.reason)
         self._changed.set()
@@ -126,7 +127,7 @@ class ReplicaCoordinator:
     def _deliver_restore(self, done_term: int, full_state: dict[str, Any]) -> None:
         self.done_term = done_term
         self.done_count = int(full_state["count"])
-        self._on_state(full_state)
+        self._on_state(full_state, self.done_count)
         self._changed.set()
 
     async def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
