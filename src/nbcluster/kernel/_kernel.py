@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -70,10 +71,12 @@ class ReplicaKernel(IPythonKernel):
     # -- group membership ---------------------------------------------------------------------
 
     async def nbcluster_raft_start_request(self, stream: Any, ident: Any, parent: Any) -> None:
-        from ._group import ReplicaGroup
-
+        """Join the kernel's replica group (the gateway forming or repairing it)."""
         content = parent.get("content", {})
-        try:
+
+        async def join() -> None:
+            from ._group import ReplicaGroup
+
             if self.replication is None:
                 self.replication = await ReplicaGroup.start(
                     self,
@@ -88,21 +91,14 @@ class ReplicaKernel(IPythonKernel):
             # Whatever committed before we joined (snapshot and tail) is applied before we
             # answer, so the gateway never picks a replica that is behind as executor.
             await self.replication.catch_up(timeout)
-            reply: dict[str, Any] = {"status": "ok", "log": self.replication.log.status()}
-        except Exception as exc:
-            log.exception("could not join the replica group")
-            reply = {
-                "status": "error",
-                "ename": type(exc).__name__,
-                "evalue": str(exc),
-                "traceback": [],
-            }
-        self._send(stream, "nbcluster_raft_start_reply", reply, parent, ident)
+
+        await self._group_request(stream, ident, parent, "nbcluster_raft_start_reply", join)
 
     async def nbcluster_membership_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Replace members of the group's Raft log (the gateway replacing a lost replica)."""
         content = parent.get("content", {})
-        try:
+
+        async def change() -> None:
             if self.replication is None:
                 raise RuntimeError("this replica is not in a replica group")
             await self.replication.change_members(
@@ -110,16 +106,32 @@ class ReplicaKernel(IPythonKernel):
                 [str(a) for a in content.get("add", ())],
                 float(content.get("timeout", 20.0)),
             )
+
+        await self._group_request(stream, ident, parent, "nbcluster_membership_reply", change)
+
+    async def _group_request(
+        self,
+        stream: Any,
+        ident: Any,
+        parent: Any,
+        reply_type: str,
+        action: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Run a group operation the gateway asked for and answer ok (with the log's status)
+        or with the error."""
+        try:
+            await action()
+            assert self.replication is not None
             reply: dict[str, Any] = {"status": "ok", "log": self.replication.log.status()}
         except Exception as exc:
-            log.exception("membership change failed")
+            log.exception("%s failed", reply_type.removesuffix("_reply"))
             reply = {
                 "status": "error",
                 "ename": type(exc).__name__,
                 "evalue": str(exc),
                 "traceback": [],
             }
-        self._send(stream, "nbcluster_membership_reply", reply, parent, ident)
+        self._send(stream, reply_type, reply, parent, ident)
 
     # -- execution ----------------------------------------------------------------------------
 
