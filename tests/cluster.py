@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 
-def free_port() -> int:
+def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return int(s.getsockname()[1])
 
 
@@ -115,14 +115,18 @@ class Cluster:
         host_lost_timeout: float = 3.0,
         heartbeat_interval: float = 0.5,
         replicas: int = 1,
+        ip: str = "127.0.0.1",
     ) -> None:
         self.state_dir = state_dir
+        #: The address the gateway listens on (hosts in other network namespaces need one
+        #: they can reach, e.g. a bridge's).
+        self.ip = ip
         self.replicas_per_kernel = replicas
         self.n_hosts = hosts
         self.gpus_per_host = gpus_per_host
         self.token = token
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port(ip)
+        self.url = f"http://{ip}:{self.port}"
         self.host_lost_timeout = host_lost_timeout
         self.heartbeat_interval = heartbeat_interval
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -137,10 +141,12 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "NBCLUSTER_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], prefix: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "nbcluster", *args],
+            [*prefix, sys.executable, "-m", "nbcluster", *args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -152,6 +158,8 @@ class Cluster:
             "gateway",
             [
                 "gateway",
+                "--ip",
+                self.ip,
                 "--port",
                 str(self.port),
                 "--state-dir",
@@ -168,7 +176,10 @@ class Cluster:
         )
         wait_for(lambda: self.http.get("/api").status_code == 200, 30, "the gateway to answer")
 
-    def start_host(self, name: str) -> None:
+    def start_host(self, name: str, address: str | None = None, prefix: Sequence[str] = ()) -> None:
+        """Start a host daemon; ``address`` is its ``--address`` (where its replicas listen),
+        ``prefix`` goes before the command (e.g. ``ip netns exec NS``, which execs it)."""
+        extra = ["--address", address] if address is not None else []
         self.hosts[name] = self._spawn(
             name,
             [
@@ -183,7 +194,9 @@ class Cluster:
                 str(self.gpus_per_host),
                 "--log-level",
                 "debug",
+                *extra,
             ],
+            prefix,
         )
 
     def connected_hosts(self) -> list[str]:

@@ -77,6 +77,14 @@ async def serve_host(
                 log.error("host %s: %s", hello.name, exc)
                 kernels.metrics.reject("host", str(exc))
                 continue
+            if entry.state == "lost" or hosts.hosts.get(hello.name) is not entry:
+                # Declared lost while this connection stayed open (a partition that healed):
+                # make the host reconnect, so that its hello reconciles its replicas.
+                log.warning(
+                    "host %s is back after being declared lost; asking it to reconnect", hello.name
+                )
+                await websocket.close(4000, "host was declared lost; reconnect")
+                break
             hosts.heartbeat(hello.name, time.monotonic())
             if isinstance(message, Reply):
                 session.on_reply(message)
