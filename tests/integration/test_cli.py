@@ -178,6 +178,8 @@ def test_up_status_and_sigterm(up: Up, state_dir: Path) -> None:
     after = nbcluster("status", "--state-dir", str(state_dir))
     assert after.returncode != 0
     assert "no running gateway" in after.stderr
+    # Its kernels stopped with it, so it forgot them: the next `up` starts clean.
+    assert list((state_dir / "gateway" / "kernels").glob("*.json")) == []
 
 
 def test_sigkill_of_up_takes_everything_down(up: Up, state_dir: Path) -> None:

@@ -256,6 +256,10 @@ def up_command(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with console.status("Stopping"):
             children.stop_all()
+            # Every replica stopped with its host: records of those kernels would only come
+            # back as dead kernels at the next start.
+            for record in (root / "gateway" / "kernels").glob("*.json"):
+                record.unlink(missing_ok=True)
         console.print("nbcluster stopped.")
 
 
