@@ -49,10 +49,16 @@ class RunningCluster:
 
 
 def start_cluster(
-    state_dir: Path, hosts: int = 1, replicas: int = 1, timeout: float = 90
+    state_dir: Path,
+    hosts: int = 1,
+    replicas: int = 1,
+    timeout: float = 90,
+    log: Path | None = None,
 ) -> RunningCluster:
-    """Run the real ``nbcluster up`` and read its URL and token from stdout."""
+    """Run the real ``nbcluster up`` and read its URL and token from stdout. Its stderr (the
+    logs of the gateway and the hosts) goes to ``log`` if given, else nowhere."""
     port = _free_port()
+    stderr = subprocess.DEVNULL if log is None else log.open("ab")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -69,10 +75,12 @@ def start_cluster(
             str(state_dir),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
         env={**os.environ, "NBCLUSTER_TOKEN": ""},
     )
+    if log is not None:
+        stderr.close()  # type: ignore[union-attr]  # the child has its own copy
     assert process.stdout is not None
     url = token = None
     deadline = time.monotonic() + timeout
