@@ -72,18 +72,59 @@ def test_with_several_replicas_execute_goes_to_the_target_only_with_its_term() -
     assert meta == {"term": 2, "attempt": 1, "after_term": 1}
 
 
-def test_losing_the_executor_answers_its_open_cell_and_keeps_the_kernel() -> None:
+def test_a_cell_of_a_lost_executor_is_sent_to_another_replica_as_the_next_attempt() -> None:
     kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    request = execute_request("x = 1")
+    kernel.handle_client_message(client, request)
+    kernel.drop_link("r1")
+    kernel.on_replica_lost("r1", "host h0 was lost")
+    [retried] = links["r2"].sent
+    assert retried.msg_id == request.msg_id
+    assert orjson.loads(retried.metadata)["nbcluster"] == {"term": 1, "attempt": 2, "after_term": 0}
+    assert client.sent == []  # nothing lost so far: the cell just runs elsewhere
+    kernel.on_replica_message(  # type: ignore[arg-type]
+        links["r2"], reply_to(request, "execute_reply", {"status": "ok", "execution_count": 1})
+    )
+    assert client.types() == [("shell", "execute_reply")]
+    assert not kernel.is_dead
+
+
+def test_a_retried_cell_that_the_lost_replica_had_won_is_answered_replica_lost() -> None:
+    kernel, links = make_kernel("r1", "r2", "r3")
+    kernel.record.replicas[0].state, kernel.record.replicas[0].reason = "dead", "host h0 was lost"
     client = FakeClient()
     kernel.attach(client)
     request = execute_request("import time; time.sleep(60)")
     kernel.handle_client_message(client, request)
     kernel.drop_link("r1")
-    kernel.fail_pending("ReplicaLost", "host h0 was lost", replica="r1")
+    kernel.on_replica_lost("r1", "host h0 was lost")
+    yielded = {"status": "error", "ename": "ExecutionYieldError", "evalue": "r1 did"}
+    kernel.on_replica_message(links["r2"], reply_to(request, "execute_reply", yielded))  # type: ignore[arg-type]
     assert [m.msg_type for m in client.sent] == ["error", "execute_reply", "status"]
-    assert client.sent[1].content_dict["ename"] == "ReplicaLost"
-    assert kernel.executor_link() is links["r2"]  # type: ignore[comparison-overlap]
-    assert not kernel.is_dead
+    reply = client.sent[1].content_dict
+    assert reply["ename"] == "ReplicaLost" and "host h0 was lost" in reply["evalue"]
+
+
+def test_a_lost_replica_that_replied_but_never_went_idle_gets_its_idle() -> None:
+    kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    request = execute_request()
+    kernel.handle_client_message(client, request)
+    kernel.on_replica_message(links["r1"], status("busy", request))  # type: ignore[arg-type]
+    kernel.on_replica_message(  # type: ignore[arg-type]
+        links["r1"], reply_to(request, "execute_reply", {"status": "ok", "execution_count": 1})
+    )
+    assert kernel.execution_state == "busy"
+    client.sent.clear()
+    kernel.drop_link("r1")
+    kernel.on_replica_lost("r1", "replica r1 exited with code -9")
+    assert [(m.msg_type, m.parent_msg_id) for m in client.sent] == [("status", request.msg_id)]
+    assert client.sent[0].content_dict["execution_state"] == "idle"
+    assert kernel.execution_state == "idle"
+    assert links["r2"].sent == []  # the cell completed: it is not run again
 
 
 def test_non_request_messages_are_forwarded_but_not_tracked() -> None:

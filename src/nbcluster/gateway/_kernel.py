@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -42,6 +43,18 @@ class KernelUnavailable(RuntimeError):
 
 #: Messages held for a restarting kernel, at most (then refused with an error reply).
 _HOLD_LIMIT = 1000
+
+
+@dataclass(slots=True)
+class _Execution:
+    """An execute request sent to a replica of a replicated kernel, kept until its reply so
+    that it can be sent to another replica if this one is lost before it was elected."""
+
+    term: int
+    attempt: int
+    msg: Message
+    client: ClientSink
+    replica: str
 
 
 class _Waiter:
@@ -78,7 +91,10 @@ class GatewayKernel:
         #: Execution index of the next cell; replicas elect an executor per term.
         self.next_term = 1
         self.last_replied_term = 0
-        self.terms: dict[str, int] = {}
+        #: Execute requests in flight on a replicated kernel, by message id.
+        self.executions: dict[str, _Execution] = {}
+        #: Shell requests whose closing ``idle`` has not arrived: msg id -> (header, replica).
+        self.awaiting_idle: dict[str, tuple[bytes, str]] = {}
         #: Client messages that arrived while the kernel was restarting.
         self.held: list[tuple[ClientSink, Message]] = []
         self.lifecycle_lock = asyncio.Lock()
@@ -166,6 +182,8 @@ class GatewayKernel:
             self.pending.add(
                 msg.msg_id, msg.msg_type, msg.channel, msg.header, client, link.replica_id
             )
+            if msg.channel == "shell":
+                self._await_idle(msg, link.replica_id)
         try:
             link.send(msg)
         except ConnectionError as exc:
@@ -183,22 +201,74 @@ class GatewayKernel:
         log. Sending them ``yield_request``s, as NotebookOS does, cost 6 ms per cell on a
         2-core machine for no decision it could change.
         """
-        term = self.next_term
+        execution = _Execution(self.next_term, 1, msg, client, target.replica_id)
         self.next_term += 1
-        replication = {"term": term, "attempt": 1, "after_term": self.last_replied_term}
+        self.executions[msg.msg_id] = execution
+        self._send_execution(execution, target)
+
+    def _send_execution(self, execution: _Execution, target: ReplicaLink) -> None:
+        msg = execution.msg
         metadata = orjson.loads(msg.metadata)
-        metadata["nbcluster"] = replication
+        metadata["nbcluster"] = {
+            "term": execution.term,
+            "attempt": execution.attempt,
+            "after_term": self.last_replied_term,
+        }
         msg.metadata = dumps(metadata)
-        self.terms[msg.msg_id] = term
+        execution.replica = target.replica_id
         self.pending.add(
-            msg.msg_id, msg.msg_type, msg.channel, msg.header, client, target.replica_id
+            msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.client, target.replica_id
         )
+        self._await_idle(msg, target.replica_id)
         try:
             target.send(msg)
         except ConnectionError as exc:
             self.pending.route(msg.msg_id, "execute_reply")
-            self._refuse(client, msg, str(exc))
-            return
+            self.executions.pop(msg.msg_id, None)
+            self.awaiting_idle.pop(msg.msg_id, None)
+            self._refuse(execution.client, msg, str(exc))
+
+    def _await_idle(self, msg: Message, replica: str) -> None:
+        self.awaiting_idle[msg.msg_id] = (msg.header, replica)
+        if len(self.awaiting_idle) > _HOLD_LIMIT * 10:
+            del self.awaiting_idle[next(iter(self.awaiting_idle))]
+
+    def on_replica_lost(self, replica: str, reason: str) -> None:
+        """A replica of a kernel that still has others is gone (the manager dropped its link).
+
+        Execute requests it had not answered go to another replica under the same term with
+        the next attempt: if the lost replica had won the term, the election says so and the
+        client gets ``ReplicaLost`` (the cell may have run partly); otherwise the cell simply
+        runs elsewhere. Its other open requests are answered with ``ReplicaLost``, and a
+        request whose reply came but whose ``idle`` did not gets its ``idle``.
+        """
+        target = self.executor_link()
+        for execution in list(self.executions.values()):
+            if execution.replica == replica and target is not None:
+                execution.attempt += 1
+                log.info(
+                    "kernel %s: term %d goes to replica %s (attempt %d): %s",
+                    self.id,
+                    execution.term,
+                    target.replica_id,
+                    execution.attempt,
+                    reason,
+                )
+                self._send_execution(execution, target)
+        self.fail_pending(
+            "ReplicaLost",
+            f"{reason}. The cell it was running is lost; the kernel continues on its other "
+            "replicas with the state of the cells before it.",
+            replica=replica,
+        )
+        for msg_id, (header, owner_replica) in list(self.awaiting_idle.items()):
+            if owner_replica == replica:
+                del self.awaiting_idle[msg_id]
+                idle = new_message("iopub", "status", {"execution_state": "idle"}, parent=header)
+                for client in tuple(self.clients):
+                    client.send(idle)
+        if self.execution_state == "busy":
+            self.execution_state = "idle"
 
     def _unavailable_reason(self) -> str:
         if self.execution_state == "restarting":
@@ -227,11 +297,13 @@ class GatewayKernel:
                 return
             if len(self.links) > 1 and link.replica_id != self.executor:
                 return  # standby replicas' status changes are not the kernel's
-            if msg.msg_type == "status" and msg.content_dict.get("execution_state") == "starting":
-                return  # the gateway announces lifecycle states itself
-            if msg.msg_type == "status" and self.execution_state not in ("dead", "restarting"):
+            if msg.msg_type == "status":
                 state = msg.content_dict.get("execution_state")
-                if state in ("busy", "idle", "starting"):
+                if state == "starting":
+                    return  # the gateway announces lifecycle states itself
+                if state == "idle" and msg.parent_msg_id is not None:
+                    self.awaiting_idle.pop(msg.parent_msg_id, None)
+                if state in ("busy", "idle") and self.execution_state not in ("dead", "restarting"):
                     self.execution_state = state
             elif msg.msg_type == "execute_input":
                 count = msg.content_dict.get("execution_count")
@@ -248,14 +320,35 @@ class GatewayKernel:
             return
         owner = pending.owner
         if msg.msg_type == "execute_reply":
-            term = self.terms.pop(pending.msg_id, None)
-            if term is not None:
-                self.last_replied_term = max(self.last_replied_term, term)
+            execution = self.executions.pop(pending.msg_id, None)
+            if execution is not None:
+                self.last_replied_term = max(self.last_replied_term, execution.term)
+                if execution.attempt > 1 and msg.content_dict.get("ename") == "ExecutionYieldError":
+                    # The lost replica had won this term: the cell may have run partly there.
+                    self._answer_lost_execution(execution, msg)
+                    return
         if isinstance(owner, _Waiter):
             if not owner.future.done():
                 owner.future.set_result(msg)
         elif owner in self.clients:
             owner.send(msg)
+
+    def _answer_lost_execution(self, execution: _Execution, yielded: Message) -> None:
+        if execution.client not in self.clients:
+            return
+        lost = self.record.replicas
+        reason = next(
+            (r.reason for r in lost if r.state == "dead" and r.reason), "its replica was lost"
+        )
+        for reply in error_replies(
+            "shell",
+            "execute_request",
+            execution.msg.header,
+            "ReplicaLost",
+            f"{reason}. The cell had started there and its effects are lost; the kernel "
+            "continues on its other replicas with the state of the cells before it.",
+        ):
+            execution.client.send(reply)
 
     def _reject_from_replica(self, link: ReplicaLink, channel: str, reason: str) -> None:
         log.warning("rejected a %s message from replica %s: %s", channel, link.replica_id, reason)

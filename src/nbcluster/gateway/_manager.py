@@ -437,12 +437,7 @@ class KernelManager:
         replica.reason = reason
         kernel.drop_link(replica.replica_id)
         if kernel.live_replicas():
-            kernel.fail_pending(
-                "ReplicaLost",
-                f"{reason}. The cell it was running is lost; the kernel continues on its other "
-                "replicas with the state of the cells before it.",
-                replica=replica.replica_id,
-            )
+            kernel.on_replica_lost(replica.replica_id, reason)
             if self.config.replicas_per_kernel > 1:
                 self._spawn(self._replace_replica(kernel, replica))
         elif not kernel.is_dead:
@@ -469,27 +464,34 @@ class KernelManager:
                     self._replica_lost(kernel, replica, f"host {entry.name} was lost")
 
     async def on_host_disconnected(self, entry: HostEntry) -> None:
-        """A host's websocket closed. If its replicas stop answering heartbeats too, the host
-        is gone (its daemon died, taking its replicas with it): declare them dead at once
-        rather than after the lost timeout."""
-        suspects = [
-            (kernel, replica, link)
-            for kernel in self.kernels.values()
-            for replica in kernel.live_replicas()
-            if replica.host == entry.name
-            and (link := kernel.links.get(replica.replica_id)) is not None
-        ]
-        answers = await asyncio.gather(*(link.ping(timeout=1.0) for _, _, link in suspects))
-        current = self.hosts.hosts.get(entry.name)
-        if current is not None and current.state == "connected":
-            return  # it came back while we were pinging
-        for (kernel, replica, _), alive in zip(suspects, answers, strict=True):
-            if not alive and replica.state in ("running", "unknown", "starting"):
-                self._replica_lost(
-                    kernel,
-                    replica,
-                    f"host {entry.name} disconnected and its replica stopped answering",
-                )
+        """A host's websocket closed. Ping its replicas' heartbeat sockets until they stop
+        answering (its daemon died, taking them with it: they are declared dead at once rather
+        than after the lost timeout), the host comes back, or it is declared lost. One ping is
+        not enough: a dying replica can still answer for a moment after its host's socket
+        closed."""
+        deadline = time.monotonic() + self.hosts.lost_timeout
+        while time.monotonic() < deadline:
+            suspects = [
+                (kernel, replica, link)
+                for kernel in self.kernels.values()
+                for replica in kernel.live_replicas()
+                if replica.host == entry.name
+                and (link := kernel.links.get(replica.replica_id)) is not None
+            ]
+            if not suspects:
+                return
+            answers = await asyncio.gather(*(link.ping(timeout=0.5) for _, _, link in suspects))
+            current = self.hosts.hosts.get(entry.name)
+            if current is None or current.state != "disconnected":
+                return  # it came back, or it was declared lost (and handled) meanwhile
+            for (kernel, replica, _), alive in zip(suspects, answers, strict=True):
+                if not alive and replica.state in ("running", "unknown", "starting"):
+                    self._replica_lost(
+                        kernel,
+                        replica,
+                        f"host {entry.name} disconnected and its replica stopped answering",
+                    )
+            await asyncio.sleep(0.2)
 
     def on_host_hello(self, entry: HostEntry, reports: list[ReplicaReport]) -> list[str]:
         """Reconcile what a (re)connecting host runs with what we know.

@@ -177,6 +177,8 @@ class ReplicaKernel(IPythonKernel):
                 "ReplicaGroupUnavailable", f"the replicas could not agree on this cell: {exc}"
             )
         if winner != self.replica_id:
+            if not silent:
+                self.execution_count -= 1  # ipykernel counted the request; nothing ran here
             return self._yield_reply(term, winner)
         after = int(term_meta.get("after_term", term - 1))
         if not await group.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
