@@ -176,23 +176,25 @@ def gone(proc: psutil.Process) -> bool:
         return True
 
 
-def tree_memory(pids: list[int]) -> tuple[int, int, int]:
-    """(RSS, USS, process count) of these processes and all their descendants, each counted
-    once. RSS counts pages shared between processes (the interpreter, libraries) in each of
-    them; USS counts only the pages that are each process's own."""
+def tree_memory(pids: list[int]) -> tuple[int, int, int, int]:
+    """(RSS, USS, PSS, process count) of these processes and all their descendants, each
+    counted once. RSS counts pages shared between processes (the interpreter, libraries) in
+    each of them; USS counts only the pages that are each process's own; PSS splits shared
+    pages between the processes that share them."""
     procs: dict[int, psutil.Process] = {}
     for pid in pids:
         proc = psutil.Process(pid)
         procs[pid] = proc
         for child in proc.children(recursive=True):
             procs[child.pid] = child
-    rss = uss = 0
+    rss = uss = pss = 0
     for proc in procs.values():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             info = proc.memory_full_info()
             rss += info.rss
             uss += info.uss
-    return rss, uss, len(procs)
+            pss += getattr(info, "pss", 0)
+    return rss, uss, pss, len(procs)
 
 
 async def expect(channels: KernelChannels, code: str, text: str) -> None:
@@ -202,7 +204,7 @@ async def expect(channels: KernelChannels, code: str, text: str) -> None:
     assert got == [text], (code, got, text)
 
 
-async def measure_memory(bench: Bench, gw: GatewayClient) -> dict[str, tuple[int, int, int]]:
+async def measure_memory(bench: Bench, gw: GatewayClient) -> dict[str, tuple[int, int, int, int]]:
     """{"replicated": (RSS, USS, processes), "plain": ...}: a 3-replica kernel and a plain
     ipykernel, both idle after one trivial cell."""
     km = AsyncKernelManager(kernel_name="python3")
@@ -412,8 +414,11 @@ async def run(bench: Bench, trials: int, recover: float) -> None:
         ("plain ipykernel (jupyter_client)", "plain"),
         ("nbcluster kernel (3 replicas)", "replicated"),
     ):
-        rss, uss, procs = memory[key]
-        print(f"  {label:36s} RSS {rss / mib:7.1f} MiB   USS {uss / mib:7.1f} MiB   ({procs} proc)")
+        rss, uss, pss, procs = memory[key]
+        print(
+            f"  {label:36s} RSS {rss / mib:7.1f} MiB   USS {uss / mib:7.1f} MiB"
+            f"   PSS {pss / mib:7.1f} MiB   ({procs} proc)"
+        )
     ratio = memory["replicated"][0] / memory["plain"][0]
     verdict = "met" if ratio <= TARGET_MEMORY_RATIO else "MISSED"
     print(
@@ -421,6 +426,9 @@ async def run(bench: Bench, trials: int, recover: float) -> None:
     )
     uss_ratio = memory["replicated"][1] / memory["plain"][1]
     print(f"  USS ratio replicated / plain: {uss_ratio:.2f}")
+    if memory["plain"][2]:
+        pss_ratio = memory["replicated"][2] / memory["plain"][2]
+        print(f"  PSS ratio replicated / plain: {pss_ratio:.2f}")
 
 
 async def main() -> None:

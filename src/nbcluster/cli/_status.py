@@ -81,10 +81,15 @@ def status_command(
         )
     console.print(host_table)
     kernel_table = Table(title="Kernels")
-    for column in ("kernel", "spec", "state", "connections", "replicas (host: state)"):
+    for column in ("kernel", "spec", "state", "connections", "replicas (host: state, *executor)"):
         kernel_table.add_column(column)
     for k in kernels:
-        replicas = ", ".join(f"{r['host']}: {r['state']}" for r in k["replicas"])
+        # Live replicas first; the executor is starred.
+        shown = [r for r in k["replicas"] if r["state"] != "dead"] or k["replicas"]
+        replicas = ", ".join(
+            f"{r['host']}: {r['state']}{'*' if r['replica_id'] == k.get('executor') else ''}"
+            for r in shown
+        )
         kernel_table.add_row(
             k["id"], k["name"], k["execution_state"], str(k["connections"]), replicas
         )
