@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,27 +21,12 @@ import httpx
 from rich.console import Console
 from rich.panel import Panel
 
+from .._net import free_port, port_is_free
 from ._common import default_state_dir
 
 __all__ = ["up_command"]
 
 console = Console(stderr=True)
-
-
-def _port_free(ip: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((ip, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(ip: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 class _Children:
@@ -154,7 +138,7 @@ def up_command(
         raise click.BadParameter(
             f"{replicas} replicas per kernel need at least {replicas} hosts", param_hint="--hosts"
         )
-    if not _port_free(ip, port):
+    if not port_is_free(ip, port):
         raise click.ClickException(f"port {port} on {ip} is in use; choose another with --port")
     token = token or os.environ.get("NBCLUSTER_TOKEN") or secrets.token_urlsafe(24)
     root = (state_dir or default_state_dir()).resolve()
@@ -269,8 +253,8 @@ def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, p
     )
     if jupyter is None:
         raise click.ClickException("JupyterLab is not installed: pip install 'nbcluster[lab]'")
-    if not _port_free("127.0.0.1", port):
-        port = _free_port("127.0.0.1")
+    if not port_is_free("127.0.0.1", port):
+        port = free_port("127.0.0.1")
     lab_token = secrets.token_urlsafe(24)
     # JupyterLab refuses to run as root unless told; containers often run as root.
     as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []

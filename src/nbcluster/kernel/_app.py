@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
 
 from .._lifeline import die_with_parent
+from .._net import free_port
 from ._kernel import ReplicaKernel
 
 __all__ = ["ReplicaKernelApp", "main"]
@@ -42,19 +42,12 @@ class ReplicaKernelApp(IPKernelApp):
             "stdin_port": self.stdin_port,
             "control_port": self.control_port,
             "hb_port": self.hb_port,
-            "raft_port": _free_port(self.ip),
+            # pysyncobj binds it itself later, when the replica joins its group.
+            "raft_port": free_port(self.ip),
         }
         fd = int(fd_text)
         with os.fdopen(fd, "w") as pipe:
             pipe.write(json.dumps(report) + "\n")
-
-
-def _free_port(ip: str) -> int:
-    """A port for the replica's Raft node. pysyncobj binds it itself later, when the replica
-    joins its group; the window in which another process could take it is small."""
-    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
