@@ -1,0 +1,123 @@
+"""What the scheduler asks the gateway to do: one frozen dataclass per decision.
+
+:meth:`Scheduler.handle` returns a list of these; the gateway carries them out in order
+(start replicas, refuse a kernel, set ``CUDA_VISIBLE_DEVICES`` for a cell, migrate a
+replica, show a waiting message, ask the host provider for hosts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "Action",
+    "BindGpus",
+    "CancelWait",
+    "Migrate",
+    "PlaceReplicas",
+    "RejectKernel",
+    "ReleaseGpus",
+    "ScaleIn",
+    "ScaleOut",
+    "WaitForGpus",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceReplicas:
+    """Start these replicas (``(replica_id, host)``) of a kernel."""
+
+    kernel_id: str
+    replicas: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RejectKernel:
+    """Refuse the kernel at creation; ``reason`` is the user-facing error."""
+
+    kernel_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BindGpus:
+    """``replica_id`` on ``host`` executes ``term`` with these GPU devices.
+
+    ``term`` is None for a binding that lasts the kernel's life (``reservation``)."""
+
+    kernel_id: str
+    term: int | None
+    replica_id: str
+    host: str
+    device_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseGpus:
+    """The binding of ``term`` (None: the life-long one) is over; the devices are free."""
+
+    kernel_id: str
+    term: int | None
+    replica_id: str
+    host: str
+    device_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Migrate:
+    """Move ``replica_id`` from ``from_host`` to ``to_host`` (start new, catch up, retire old).
+
+    The scheduler has already moved the replica's claims to ``to_host``; a ``BindGpus`` for
+    the same replica on ``to_host`` follows in the same list."""
+
+    kernel_id: str
+    replica_id: str
+    from_host: str
+    to_host: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForGpus:
+    """No host can give ``term`` its GPUs now: the cell waits (tell the user why)."""
+
+    kernel_id: str
+    term: int
+    gpus: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelWait:
+    """A waiting cell was interrupted and left the queue."""
+
+    kernel_id: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleOut:
+    """Ask the host provider for ``count`` more hosts."""
+
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleIn:
+    """Ask the host provider to stop these idle hosts."""
+
+    hosts: tuple[str, ...]
+    reason: str
+
+
+Action = (
+    PlaceReplicas
+    | RejectKernel
+    | BindGpus
+    | ReleaseGpus
+    | Migrate
+    | WaitForGpus
+    | CancelWait
+    | ScaleOut
+    | ScaleIn
+)

@@ -1,0 +1,127 @@
+"""What the gateway tells the scheduler: one frozen dataclass per fact.
+
+The gateway (later: a workload simulator) builds these from what it observes: host
+registrations and resource reports, kernel creation, ``execute_request`` / ``execute_reply``,
+interrupts, replica deaths, and passes each to :meth:`Scheduler.handle`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._resources import Resources
+
+__all__ = [
+    "Event",
+    "ExecutionCancelled",
+    "ExecutionFinished",
+    "ExecutionRequested",
+    "HostAdded",
+    "HostRemoved",
+    "HostResourcesChanged",
+    "KernelRequested",
+    "KernelStopped",
+    "ReplicaRequested",
+    "ReplicaStopped",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HostAdded:
+    """A host registered (a known name is treated as ``HostResourcesChanged``).
+
+    ``gpu_devices`` are the device indices (empty: ``0 .. spec.gpus - 1``); their count must
+    equal ``spec.gpus``, else :meth:`Scheduler.handle` raises ``ValueError``."""
+
+    name: str
+    spec: Resources
+    gpu_devices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HostRemoved:
+    """A host left (or died): its replicas and bindings are forgotten."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostResourcesChanged:
+    """A host reported new resources; one that shrinks below its bindings is drained."""
+
+    name: str
+    spec: Resources
+    gpu_devices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRequested:
+    """``POST /api/kernels``: place ``replicas`` replicas (None: the policy's count)."""
+
+    kernel_id: str
+    request: Resources
+    replicas: int | None = None
+    policy: str = "notebookos"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRequested:
+    """Place one more replica of a kernel (the gateway replaces a dead one)."""
+
+    kernel_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStopped:
+    """A replica exited, was retired or failed to start: its claims are released."""
+
+    kernel_id: str
+    replica_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRequested:
+    """An ``execute_request`` for ``term`` arrived; ``preferred_replica`` ran the last cell."""
+
+    kernel_id: str
+    term: int
+    preferred_replica: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionFinished:
+    """The ``execute_reply`` of ``term`` arrived (ok, error or aborted)."""
+
+    kernel_id: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionCancelled:
+    """The user interrupted ``term``: a waiting cell leaves the queue (``CancelWait``).
+
+    A bound cell keeps its GPUs until its ``execute_reply`` (``ExecutionFinished``)."""
+
+    kernel_id: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStopped:
+    """The kernel was shut down: every claim it holds is released."""
+
+    kernel_id: str
+
+
+Event = (
+    HostAdded
+    | HostRemoved
+    | HostResourcesChanged
+    | KernelRequested
+    | ReplicaRequested
+    | ReplicaStopped
+    | ExecutionRequested
+    | ExecutionFinished
+    | ExecutionCancelled
+    | KernelStopped
+)

@@ -1,0 +1,632 @@
+"""The scheduler: resource accounting, placement, binding and migration decisions.
+
+The gateway owns one :class:`Scheduler` and feeds it every relevant fact as an event
+(``_events``); :meth:`Scheduler.handle` updates the accounting and returns the actions
+(``_actions``) the gateway must carry out. Nothing here does I/O or reads a clock, so a
+simulator or a unit test can drive the same code. Callers read state only through the
+frozen views (``hosts``, ``kernels``, ``summary()``).
+
+Model (NotebookOS §2.6, §3.4): every placed replica holds its kernel's request as a
+*pending* claim on its host, counted against the host's subscription cap
+(``pending / spec / replicas_per_kernel ≤ max_subscription_ratio`` for GPUs, CPU, memory
+and VRAM). GPUs are *committed* (bound to concrete device indices) only while a replica
+executes a cell, or for the kernel's life under ``reservation``. CPU, memory and VRAM are
+accounted as pending claims only.
+
+Migration: when a cell's replicas' hosts cannot commit its GPUs but another host can, the
+scheduler moves the replica's claim to that host at once and returns ``Migrate`` followed by
+``BindGpus`` on the new host. The gateway then starts the new replica (same replica id),
+lets it catch up, retires the old one, and runs the cell there. If the migration fails the
+gateway reports ``ReplicaStopped`` for that replica (releasing claim and binding) and,
+to restore the replica count, ``ReplicaRequested``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ._actions import (
+    Action,
+    BindGpus,
+    CancelWait,
+    Migrate,
+    PlaceReplicas,
+    RejectKernel,
+    ReleaseGpus,
+    ScaleOut,
+    WaitForGpus,
+)
+from ._events import (
+    Event,
+    ExecutionCancelled,
+    ExecutionFinished,
+    ExecutionRequested,
+    HostAdded,
+    HostRemoved,
+    HostResourcesChanged,
+    KernelRequested,
+    KernelStopped,
+    ReplicaRequested,
+    ReplicaStopped,
+)
+from ._policies import Policy, policy_named
+from ._resources import Resources
+from ._views import Binding, ClusterSummary, HostView, KernelView
+
+__all__ = ["Scheduler", "SchedulerConfig"]
+
+_FIELD_WORDS = {
+    "gpus": "GPUs",
+    "millicpus": "millicpus",
+    "memory_mb": "MB of memory",
+    "vram_gb": "GB of VRAM",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    #: A host refuses a placement that would push any resource's
+    #: ``pending / spec / replicas_per_kernel`` past this.
+    max_subscription_ratio: float = 7.0
+    #: The denominator of the subscription ratio (NotebookOS: the cluster's replica count).
+    replicas_per_kernel: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_subscription_ratio <= 0 or self.replicas_per_kernel < 1:
+            raise ValueError("max_subscription_ratio must be > 0 and replicas_per_kernel ≥ 1")
+
+
+@dataclass(slots=True)
+class _Host:
+    name: str
+    spec: Resources
+    devices: tuple[int, ...]
+    free: set[int]
+    pending: Resources = field(default_factory=Resources)
+    replicas: dict[tuple[str, str], None] = field(default_factory=dict)
+    bound: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    draining: bool = False
+    version: int = 0
+    #: The ``_by_free`` bucket this host sits in (None: not indexed).
+    free_bucket: int | None = None
+
+    def load_key(self) -> tuple[float, int, str]:
+        return (self.pending.gpus / max(self.spec.gpus, 1), len(self.replicas), self.name)
+
+
+@dataclass(slots=True)
+class _Kernel:
+    kernel_id: str
+    request: Resources
+    policy: Policy
+    replicas: dict[str, str] = field(default_factory=dict)  # replica id -> host
+    binding: Binding | None = None
+    waiting: list[int] = field(default_factory=list)
+    next_replica: int = 0
+
+    def new_replica_id(self) -> str:
+        self.next_replica += 1
+        return f"{self.kernel_id}-r{self.next_replica}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    kernel_id: str
+    term: int
+    preferred: str | None
+
+
+class Scheduler:
+    """Events in (:meth:`handle`), actions out; attributes are read-only to callers."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self._config = config or SchedulerConfig()
+        self._hosts: dict[str, _Host] = {}
+        self._kernels: dict[str, _Kernel] = {}
+        self._queue: deque[_Wait] = deque()
+        # Least-loaded placement: per spec GPU count, a heap of (load key, version) with
+        # lazy deletion; every placeable host has exactly one live entry.
+        self._heaps: dict[int, list[tuple[tuple[float, int, str], int]]] = {}
+        # Binding and migration: non-draining hosts by number of free GPU devices.
+        self._by_free: dict[int, dict[str, None]] = {}
+        self._max_spec: Resources | None = None
+        # Heap entry versions come from one counter, so that a host removed and added again
+        # never matches an entry left from its earlier life.
+        self._versions = 0
+
+    # ----------------------------------------------------------------- views
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def hosts(self) -> Mapping[str, HostView]:
+        return {name: self._host_view(h) for name, h in self._hosts.items()}
+
+    @property
+    def kernels(self) -> Mapping[str, KernelView]:
+        return {
+            k.kernel_id: KernelView(
+                k.kernel_id,
+                k.request,
+                k.policy.name,
+                tuple(k.replicas.items()),
+                k.binding,
+                tuple(k.waiting),
+            )
+            for k in self._kernels.values()
+        }
+
+    @property
+    def waiting(self) -> tuple[tuple[str, int], ...]:
+        """Cells waiting for GPUs, ``(kernel_id, term)``, in queue order."""
+        return tuple((w.kernel_id, w.term) for w in self._queue)
+
+    def summary(self) -> ClusterSummary:
+        hosts = self._hosts.values()
+        return ClusterSummary(
+            hosts=len(self._hosts),
+            gpu_capacity=sum(h.spec.gpus for h in hosts),
+            committed_gpus=sum(len(d) for h in hosts for d in h.bound.values()),
+            pending_gpus=sum(h.pending.gpus for h in hosts),
+            waiting_cells=len(self._queue),
+            idle_hosts=tuple(sorted(h.name for h in hosts if not h.replicas and not h.bound)),
+        )
+
+    def subscription_ratio(self, host: str) -> float:
+        """The largest of a host's per-resource ratios ``pending / spec / replicas_per_kernel``."""
+        h = self._hosts[host]
+        return self._ratio(h.pending, h.spec)
+
+    # ----------------------------------------------------------------- events
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return what the gateway must do, in order."""
+        match event:
+            case HostAdded():
+                return self._host_added(event)
+            case HostRemoved():
+                return self._host_removed(event)
+            case HostResourcesChanged():
+                return self._host_changed(event)
+            case KernelRequested():
+                return self._kernel_requested(event)
+            case ReplicaRequested():
+                return self._replica_requested(event)
+            case ReplicaStopped():
+                return self._replica_stopped(event)
+            case ExecutionRequested():
+                return self._execution_requested(event)
+            case ExecutionFinished():
+                return self._execution_finished(event)
+            case ExecutionCancelled():
+                return self._execution_cancelled(event)
+            case KernelStopped():
+                return self._kernel_stopped(event)
+        raise TypeError(f"not a scheduler event: {event!r}")
+
+    def _host_added(self, event: HostAdded) -> list[Action]:
+        if event.name in self._hosts:
+            return self._host_changed(
+                HostResourcesChanged(event.name, event.spec, event.gpu_devices)
+            )
+        devices = _devices(event.spec, event.gpu_devices)
+        host = _Host(event.name, event.spec, devices, set(devices))
+        self._hosts[event.name] = host
+        self._max_spec = None
+        self._reindex(host)
+        return self._retry_waiting()
+
+    def _host_removed(self, event: HostRemoved) -> list[Action]:
+        host = self._hosts.pop(event.name, None)
+        if host is None:
+            return []
+        self._unindex_free(host)
+        host.version = -1  # kills its heap entry
+        self._max_spec = None
+        actions: list[Action] = []
+        for kernel_id, replica_id in list(host.replicas):
+            kernel = self._kernels[kernel_id]
+            del kernel.replicas[replica_id]
+            b = kernel.binding
+            if b is not None and b.replica_id == replica_id:
+                kernel.binding = None
+                actions.append(ReleaseGpus(kernel_id, b.term, replica_id, b.host, b.device_indices))
+        return actions
+
+    def _host_changed(self, event: HostResourcesChanged) -> list[Action]:
+        host = self._hosts.get(event.name)
+        if host is None:
+            return self._host_added(HostAdded(event.name, event.spec, event.gpu_devices))
+        devices = _devices(event.spec, event.gpu_devices)
+        self._unindex_free(host)
+        host.spec = event.spec
+        host.devices = devices
+        self._max_spec = None
+        self._refresh_free(host)
+        self._reindex(host)
+        return self._retry_waiting()
+
+    def _kernel_requested(self, event: KernelRequested) -> list[Action]:
+        kid = event.kernel_id
+        if kid in self._kernels:
+            return [RejectKernel(kid, f"kernel {kid} already exists")]
+        try:
+            policy = policy_named(event.policy)
+        except ValueError as exc:
+            return [RejectKernel(kid, str(exc))]
+        count = policy.replicas if event.replicas is None else event.replicas
+        if count < 1:
+            return [RejectKernel(kid, f"a kernel needs at least 1 replica, got {count}")]
+        request = event.request
+        if not self._hosts:
+            reason = "the cluster has no hosts"
+            return [RejectKernel(kid, reason), ScaleOut(count, reason)]
+        too_big = self._too_big(request)
+        if too_big is not None:
+            return [RejectKernel(kid, too_big)]
+        kernel = _Kernel(kid, request, policy)
+        if policy.commit_at_placement and request.gpus > 0:
+            if count != 1:
+                return [RejectKernel(kid, f"policy {policy.name} runs 1 replica, got {count}")]
+            target = self._free_host(request, exclude=())
+            if target is None:
+                reason = f"requests {request.gpus} GPUs; no host has {request.gpus} free GPUs"
+                return [RejectKernel(kid, reason), ScaleOut(1, reason)]
+            hosts = [target]
+        else:
+            hosts = self._least_loaded(request, count, exclude=())
+            if len(hosts) < count:
+                reason = (
+                    f"{count} replicas need {count} hosts with room for {_describe(request)}; "
+                    f"{len(hosts)} have room"
+                )
+                return [RejectKernel(kid, reason), ScaleOut(count - len(hosts), reason)]
+        self._kernels[kid] = kernel
+        placed = tuple(
+            (self._add_replica(kernel, kernel.new_replica_id(), h), h.name) for h in hosts
+        )
+        actions: list[Action] = [PlaceReplicas(kid, placed)]
+        if policy.commit_at_placement and request.gpus > 0:
+            replica_id, host_name = placed[0]
+            actions.append(self._bind(kernel, None, replica_id, self._hosts[host_name]))
+        return actions
+
+    def _replica_requested(self, event: ReplicaRequested) -> list[Action]:
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None:
+            return []
+        exclude = set(kernel.replicas.values())
+        life_long = kernel.policy.commit_at_placement and kernel.request.gpus > 0
+        if life_long:
+            target = self._free_host(kernel.request, exclude)
+            hosts = [] if target is None else [target]
+        else:
+            hosts = self._least_loaded(kernel.request, 1, exclude)
+        if not hosts:
+            return [ScaleOut(1, f"no host has room for a replica of {kernel.kernel_id}")]
+        replica_id = self._add_replica(kernel, kernel.new_replica_id(), hosts[0])
+        actions: list[Action] = [PlaceReplicas(kernel.kernel_id, ((replica_id, hosts[0].name),))]
+        if life_long and kernel.binding is None:
+            actions.append(self._bind(kernel, None, replica_id, hosts[0]))
+        return actions + self._retry_waiting()
+
+    def _replica_stopped(self, event: ReplicaStopped) -> list[Action]:
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None or event.replica_id not in kernel.replicas:
+            return []
+        actions = self._drop_replica(kernel, event.replica_id)
+        return actions + self._retry_waiting()
+
+    def _execution_requested(self, event: ExecutionRequested) -> list[Action]:
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None or event.term in kernel.waiting:
+            return []
+        b = kernel.binding
+        if b is not None and b.term is None:
+            # reservation: the cell runs with the kernel's life-long devices.
+            return [BindGpus(kernel.kernel_id, event.term, b.replica_id, b.host, b.device_indices)]
+        if b is not None and b.term == event.term:
+            return []
+        if kernel.request.gpus == 0 and kernel.replicas:
+            # 0-GPU kernels never wait: nothing is committed, any replica may run the cell.
+            kernel.binding = None
+            bound = self._try_bind(kernel, event.term, event.preferred_replica)
+            assert bound is not None
+            return bound
+        if b is None and not kernel.waiting:
+            bound = self._try_bind(kernel, event.term, event.preferred_replica)
+            if bound is not None:
+                return bound
+        gpus = kernel.request.gpus
+        if b is not None or kernel.waiting:
+            reason = "the kernel's previous cell still holds its GPUs"
+        elif not kernel.replicas:
+            reason = "the kernel has no running replica"
+        else:
+            reason = f"no host has {gpus} idle GPUs"
+        kernel.waiting.append(event.term)
+        self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica))
+        actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason)]
+        if b is None and kernel.replicas and max(self._by_free, default=0) < gpus:
+            actions.append(ScaleOut(1, f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"))
+        return actions
+
+    def _execution_finished(self, event: ExecutionFinished) -> list[Action]:
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None:
+            return []
+        b = kernel.binding
+        if b is not None and b.term == event.term:
+            return [self._release(kernel), *self._retry_waiting()]
+        if event.term in kernel.waiting:
+            self._unqueue(kernel, event.term)
+            return [CancelWait(kernel.kernel_id, event.term)]
+        return []
+
+    def _execution_cancelled(self, event: ExecutionCancelled) -> list[Action]:
+        # A bound cell keeps its GPUs until its reply (ExecutionFinished) arrives.
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None or event.term not in kernel.waiting:
+            return []
+        self._unqueue(kernel, event.term)
+        return [CancelWait(kernel.kernel_id, event.term)]
+
+    def _kernel_stopped(self, event: KernelStopped) -> list[Action]:
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None:
+            return []
+        actions: list[Action] = []
+        for term in list(kernel.waiting):
+            self._unqueue(kernel, term)
+            actions.append(CancelWait(kernel.kernel_id, term))
+        for replica_id in list(kernel.replicas):
+            actions += self._drop_replica(kernel, replica_id)
+        del self._kernels[event.kernel_id]
+        return actions + self._retry_waiting()
+
+    # ----------------------------------------------------------------- binding
+
+    def _try_bind(self, kernel: _Kernel, term: int, preferred: str | None) -> list[Action] | None:
+        """Bind the cell's GPUs on a replica's host, else migrate, else None (wait).
+
+        NotebookOS ``FindReadyReplica``: the previous executor if its host can commit now,
+        else the replica whose host has the most idle GPUs."""
+        gpus = kernel.request.gpus
+        ready = [
+            (rid, self._hosts[h])
+            for rid, h in kernel.replicas.items()
+            if not self._hosts[h].draining and len(self._hosts[h].free) >= gpus
+        ]
+        if gpus == 0 and not ready:
+            ready = [(rid, self._hosts[h]) for rid, h in kernel.replicas.items()]
+        if ready:
+            chosen = next((r for r in ready if r[0] == preferred), None)
+            if chosen is None:
+                chosen = max(ready, key=lambda r: len(r[1].free))
+            return [self._bind(kernel, term, chosen[0], chosen[1])]
+        if not kernel.policy.migrates or not kernel.replicas:
+            return None
+        target = self._free_host(kernel.request, exclude=set(kernel.replicas.values()))
+        if target is None:
+            return None
+        replica_id = preferred if preferred in kernel.replicas else next(iter(kernel.replicas))
+        source = self._hosts[kernel.replicas[replica_id]]
+        self._remove_claim(kernel, replica_id, source)
+        self._add_replica(kernel, replica_id, target)
+        return [
+            Migrate(kernel.kernel_id, replica_id, source.name, target.name),
+            self._bind(kernel, term, replica_id, target),
+        ]
+
+    def _bind(self, kernel: _Kernel, term: int | None, replica_id: str, host: _Host) -> BindGpus:
+        devices = tuple(sorted(host.free)[: kernel.request.gpus])
+        if devices:
+            self._unindex_free(host)
+            host.free.difference_update(devices)
+            host.bound[kernel.kernel_id] = devices
+            self._index_free(host)
+        kernel.binding = Binding(term, replica_id, host.name, devices)
+        return BindGpus(kernel.kernel_id, term, replica_id, host.name, devices)
+
+    def _release(self, kernel: _Kernel) -> ReleaseGpus:
+        b = kernel.binding
+        assert b is not None
+        kernel.binding = None
+        host = self._hosts.get(b.host)
+        if host is not None and kernel.kernel_id in host.bound:
+            del host.bound[kernel.kernel_id]
+            self._unindex_free(host)
+            self._refresh_free(host)
+            self._reindex(host)
+        return ReleaseGpus(kernel.kernel_id, b.term, b.replica_id, b.host, b.device_indices)
+
+    def _retry_waiting(self) -> list[Action]:
+        """Give waiting cells, oldest first, whatever GPUs are free now."""
+        actions: list[Action] = []
+        if not self._queue:
+            return actions
+        most_free = max(self._by_free, default=0)
+        for wait in list(self._queue):
+            kernel = self._kernels[wait.kernel_id]
+            if kernel.request.gpus > most_free:
+                continue  # cheap skip: no host has that many idle GPUs
+            if kernel.binding is not None or kernel.waiting[0] != wait.term:
+                continue
+            bound = self._try_bind(kernel, wait.term, wait.preferred)
+            if bound is not None:
+                self._unqueue(kernel, wait.term)
+                actions += bound
+                most_free = max(self._by_free, default=0)
+        return actions
+
+    def _unqueue(self, kernel: _Kernel, term: int) -> None:
+        kernel.waiting.remove(term)
+        for wait in self._queue:
+            if wait.kernel_id == kernel.kernel_id and wait.term == term:
+                self._queue.remove(wait)
+                return
+
+    # ----------------------------------------------------------------- placement
+
+    def _can_place(self, host: _Host, request: Resources) -> bool:
+        if host.draining or not request.fits(host.spec):
+            return False
+        return self._ratio(host.pending + request, host.spec) <= self._config.max_subscription_ratio
+
+    def _ratio(self, pending: Resources, spec: Resources) -> float:
+        worst = 0.0
+        capacity = spec.fields()
+        for name, value in pending.fields().items():
+            if value <= 0:
+                continue
+            if capacity[name] <= 0:
+                return float("inf")
+            worst = max(worst, value / capacity[name] / self._config.replicas_per_kernel)
+        return worst
+
+    def _least_loaded(self, request: Resources, count: int, exclude: Iterable[str]) -> list[_Host]:
+        """Up to ``count`` distinct placeable hosts, least GPU-subscribed first."""
+        excluded = set(exclude)
+        found: list[tuple[tuple[float, int, str], _Host]] = []
+        for gpus, heap in self._heaps.items():
+            if gpus < request.gpus:
+                continue
+            popped: list[tuple[tuple[float, int, str], int]] = []
+            eligible = 0
+            while heap and eligible < count:
+                entry = heapq.heappop(heap)
+                host = self._hosts.get(entry[0][2])
+                if host is None or host.version != entry[1]:
+                    continue  # stale
+                popped.append(entry)
+                if host.name not in excluded and self._can_place(host, request):
+                    found.append((entry[0], host))
+                    eligible += 1
+            for entry in popped:
+                heapq.heappush(heap, entry)
+            if len(heap) > 64 + 4 * len(self._hosts):
+                self._compact(gpus)
+        found.sort(key=lambda f: f[0])
+        return [host for _, host in found[:count]]
+
+    def _free_host(self, request: Resources, exclude: Iterable[str]) -> _Host | None:
+        """A placeable host with at least ``request.gpus`` free devices, most free first."""
+        excluded = set(exclude)
+        for free in sorted(self._by_free, reverse=True):
+            if free < request.gpus:
+                break
+            for name in self._by_free[free]:
+                host = self._hosts[name]
+                if name not in excluded and self._can_place(host, request):
+                    return host
+        return None
+
+    def _too_big(self, request: Resources) -> str | None:
+        if self._max_spec is None:
+            specs = [h.spec for h in self._hosts.values()]
+            self._max_spec = Resources(
+                max(s.gpus for s in specs),
+                max(s.millicpus for s in specs),
+                max(s.memory_mb for s in specs),
+                max(s.vram_gb for s in specs),
+            )
+        largest = self._max_spec.fields()
+        for name, value in request.fields().items():
+            if value > largest[name] + (1e-9 if name == "vram_gb" else 0):
+                word = _FIELD_WORDS[name]
+                return f"requests {value:g} {word}; the largest host has {largest[name]:g}"
+        return None
+
+    # ----------------------------------------------------------------- accounting
+
+    def _add_replica(self, kernel: _Kernel, replica_id: str, host: _Host) -> str:
+        kernel.replicas[replica_id] = host.name
+        host.replicas[(kernel.kernel_id, replica_id)] = None
+        host.pending = host.pending + kernel.request
+        self._reindex(host)
+        return replica_id
+
+    def _remove_claim(self, kernel: _Kernel, replica_id: str, host: _Host) -> None:
+        del kernel.replicas[replica_id]
+        del host.replicas[(kernel.kernel_id, replica_id)]
+        host.pending = host.pending - kernel.request
+        self._reindex(host)
+
+    def _drop_replica(self, kernel: _Kernel, replica_id: str) -> list[Action]:
+        actions: list[Action] = []
+        b = kernel.binding
+        if b is not None and b.replica_id == replica_id:
+            actions.append(self._release(kernel))
+        self._remove_claim(kernel, replica_id, self._hosts[kernel.replicas[replica_id]])
+        return actions
+
+    def _refresh_free(self, host: _Host) -> None:
+        """Recompute free devices and draining after the spec or the bindings changed."""
+        used = {d for devices in host.bound.values() for d in devices}
+        host.free = set(host.devices) - used
+        host.draining = not used <= set(host.devices)
+
+    # ----------------------------------------------------------------- indexes
+
+    def _reindex(self, host: _Host) -> None:
+        self._versions += 1
+        host.version = self._versions
+        if not host.draining:
+            heap = self._heaps.setdefault(host.spec.gpus, [])
+            heapq.heappush(heap, (host.load_key(), host.version))
+        self._unindex_free(host)
+        self._index_free(host)
+
+    def _compact(self, gpus: int) -> None:
+        heap = [
+            (h.load_key(), h.version)
+            for h in self._hosts.values()
+            if h.spec.gpus == gpus and not h.draining
+        ]
+        heapq.heapify(heap)
+        self._heaps[gpus] = heap
+
+    def _index_free(self, host: _Host) -> None:
+        if not host.draining:
+            host.free_bucket = len(host.free)
+            self._by_free.setdefault(host.free_bucket, {})[host.name] = None
+
+    def _unindex_free(self, host: _Host) -> None:
+        if host.free_bucket is None:
+            return
+        names = self._by_free[host.free_bucket]
+        del names[host.name]
+        if not names:
+            del self._by_free[host.free_bucket]
+        host.free_bucket = None
+
+    def _host_view(self, h: _Host) -> HostView:
+        return HostView(
+            name=h.name,
+            spec=h.spec,
+            gpu_devices=h.devices,
+            pending=h.pending,
+            bound=tuple(h.bound.items()),
+            replicas=tuple(h.replicas),
+            draining=h.draining,
+            subscription_ratio=self._ratio(h.pending, h.spec),
+        )
+
+
+def _devices(spec: Resources, devices: tuple[int, ...]) -> tuple[int, ...]:
+    chosen = devices or tuple(range(spec.gpus))
+    if len(chosen) != spec.gpus or len(set(chosen)) != len(chosen):
+        raise ValueError(f"a host with {spec.gpus} GPUs needs {spec.gpus} distinct device indices")
+    return tuple(sorted(chosen))
+
+
+def _describe(request: Resources) -> str:
+    return (
+        f"{request.gpus} GPUs, {request.millicpus} millicpus, {request.memory_mb} MB, "
+        f"{request.vram_gb:g} GB VRAM"
+    )

@@ -1,0 +1,70 @@
+"""Read-only snapshots of the scheduler's state, for callers, metrics and tests.
+
+:class:`Scheduler` builds these on request (``hosts``, ``kernels``, ``summary()``); they are
+frozen copies, so holding one never lets a caller change the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._resources import Resources
+
+__all__ = ["Binding", "ClusterSummary", "HostView", "KernelView"]
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """GPUs committed to one replica: for one cell (``term``) or for life (``term`` None)."""
+
+    term: int | None
+    replica_id: str
+    host: str
+    device_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    name: str
+    spec: Resources
+    gpu_devices: tuple[int, ...]
+    #: Sum of the requests of every replica placed here.
+    pending: Resources
+    #: GPU devices bound to a replica, by kernel id.
+    bound: tuple[tuple[str, tuple[int, ...]], ...]
+    replicas: tuple[tuple[str, str], ...]
+    draining: bool
+    subscription_ratio: float
+
+    @property
+    def committed_gpus(self) -> int:
+        return sum(len(devices) for _, devices in self.bound)
+
+    @property
+    def idle_gpus(self) -> int:
+        return len(self.gpu_devices) - self.committed_gpus
+
+
+@dataclass(frozen=True, slots=True)
+class KernelView:
+    kernel_id: str
+    request: Resources
+    policy: str
+    #: ``(replica_id, host)`` of every placed replica.
+    replicas: tuple[tuple[str, str], ...]
+    binding: Binding | None
+    #: Terms of this kernel's cells waiting for GPUs, oldest first.
+    waiting: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSummary:
+    """What the auto-scaler looks at (see :func:`scaling_decision`)."""
+
+    hosts: int
+    gpu_capacity: int
+    committed_gpus: int
+    pending_gpus: int
+    waiting_cells: int
+    #: Hosts with no replica placed on them, in name order.
+    idle_hosts: tuple[str, ...]
