@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -210,7 +209,3 @@ class KernelChannels:
                 else:
                     outputs.append(msg)
         return ExecutionResult(reply=reply, outputs=outputs)
-
-    @staticmethod
-    def loads(frame: bytes) -> Any:
-        return orjson.loads(frame)
