@@ -68,16 +68,6 @@ def test_done_from_the_winner_completes_and_from_others_is_ignored() -> None:
     assert isinstance(log.apply(lead("r2"))[0], Ignored)
 
 
-def test_pending_done_lists_decided_terms_not_yet_completed() -> None:
-    log = ElectionLog(3)
-    log.apply(lead("r1", term=1))
-    log.apply(lead("r1", term=2))
-    log.apply(yld("r1", term=3))
-    assert log.decided_terms_pending_done(3) == [1, 2]
-    log.apply(Done(1, "r1", "ok", 1))
-    assert log.decided_terms_pending_done(3) == [2]
-
-
 def test_snapshot_round_trip_preserves_decisions() -> None:
     log = ElectionLog(3)
     log.apply(lead("r2", term=1))

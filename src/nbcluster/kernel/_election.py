@@ -124,14 +124,6 @@ class ElectionLog:
         state = self.terms.get(term)
         return state.winner if state else None
 
-    def decided_terms_pending_done(self, up_to: int) -> list[int]:
-        """Decided terms below ``up_to`` whose completion has not been applied yet."""
-        return sorted(
-            t
-            for t, s in self.terms.items()
-            if t < up_to and t > self.last_done_term and s.winner is not None
-        )
-
     def _prune(self) -> None:
         if len(self.terms) > _KEEP_TERMS:
             for term in sorted(self.terms)[: len(self.terms) - _KEEP_TERMS]:
