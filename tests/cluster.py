@@ -116,12 +116,15 @@ class Cluster:
         heartbeat_interval: float = 0.5,
         replicas: int = 1,
         ip: str = "127.0.0.1",
+        gateway_args: Sequence[str] = (),
     ) -> None:
         self.state_dir = state_dir
         #: The address the gateway listens on (hosts in other network namespaces need one
         #: they can reach, e.g. a bridge's).
         self.ip = ip
         self.replicas_per_kernel = replicas
+        #: More ``nbcluster gateway`` flags (policy, auto-scaling ...).
+        self.gateway_args = list(gateway_args)
         self.n_hosts = hosts
         self.gpus_per_host = gpus_per_host
         self.token = token
@@ -172,6 +175,7 @@ class Cluster:
                 str(self.replicas_per_kernel),
                 "--log-level",
                 "debug",
+                *self.gateway_args,
             ],
         )
         wait_for(lambda: self.http.get("/api").status_code == 200, 30, "the gateway to answer")
@@ -288,8 +292,10 @@ def running_cluster(state_dir: Path, **options: Any) -> Iterator[Cluster]:
         print(c.logs())
         c.stop()
         raise
-    yield c
-    c.stop()
+    try:
+        yield c
+    finally:
+        c.stop()
     leftovers = processes_mentioning(state_dir)
     if leftovers:
         for proc in leftovers:

@@ -170,9 +170,9 @@ async def test_start_without_hosts_is_503_and_says_why(
         response = await client.post("/api/kernels", json=payload)
     body = _error(response, 503)
     assert "cannot place the kernel" in body["message"]
-    assert "0 available" in body["message"]
+    assert "the cluster has no hosts" in body["message"]
     assert "0 host(s) connected" in body["message"]
-    assert body["reason"] == "kernel could not be started"
+    assert body["reason"] == "no capacity for the kernel"
     # the failed kernel is not left behind
     assert (await client.get("/api/kernels")).json() == []
     assert (await client.get("/api/cluster/kernels")).json() == []

@@ -26,12 +26,17 @@ from nbcluster.scheduling import (
     HostAdded,
     HostRemoved,
     HostResourcesChanged,
+    KernelAdopted,
     KernelRequested,
     KernelStopped,
     Migrate,
+    MigrationRefused,
+    MigrationRequested,
     PlaceReplicas,
     RejectKernel,
     ReleaseGpus,
+    ReplicaAdopted,
+    ReplicaReady,
     ReplicaRequested,
     ReplicaStopped,
     Resources,
@@ -229,9 +234,12 @@ def test_migrates_when_every_replica_host_is_full() -> None:
     s.handle(HostAdded("fresh", HOST))
     actions = s.handle(ExecutionRequested("busy", 1, preferred_replica=place.replicas[0][0]))
     migrate, bind = two(actions, Migrate, BindGpus)
-    assert migrate == Migrate("busy", place.replicas[0][0], place.replicas[0][1], "fresh")
-    assert bind == BindGpus("busy", 1, place.replicas[0][0], "fresh", (0,))
-    assert dict(s.kernels["busy"].replicas)[place.replicas[0][0]] == "fresh"
+    assert migrate == Migrate(
+        "busy", place.replicas[0][0], place.replicas[0][1], "fresh", "busy-r4"
+    )
+    assert bind == BindGpus("busy", 1, "busy-r4", "fresh", (0,))
+    replicas = dict(s.kernels["busy"].replicas)
+    assert replicas["busy-r4"] == "fresh" and place.replicas[0][0] not in replicas
     assert (
         s.hosts[place.replicas[0][1]].pending.gpus == 3
     )  # the claim moved (4 kernels placed there before)
@@ -248,6 +256,106 @@ def test_waiting_cell_migrates_when_a_host_is_added() -> None:
     migrate, bind = two(s.handle(HostAdded("new", HOST)), Migrate, BindGpus)
     assert migrate.to_host == "new"
     assert (bind.kernel_id, bind.host) == ("k3", "new")
+
+
+def test_a_replacement_executes_only_once_ready() -> None:
+    s = cluster(3)
+    place = one(s.handle(KernelRequested("k", Resources(), replicas=2)), PlaceReplicas)
+    for rid, _ in place.replicas:
+        s.handle(ReplicaStopped("k", rid))
+    new = one(s.handle(ReplicaRequested("k")), PlaceReplicas)
+    [(rid, host)] = new.replicas
+    wait = one(s.handle(ExecutionRequested("k", 1)), WaitForGpus)
+    assert wait.reason == "the kernel has no running replica"
+    assert one(s.handle(ExecutionRequested("k", 2)), WaitForGpus).behind_own_cell
+    bind = one(s.handle(ReplicaReady("k", rid)), BindGpus)
+    assert (bind.term, bind.replica_id, bind.host) == (1, rid, host)
+
+
+def test_a_lone_replica_waits_instead_of_migrating() -> None:
+    s = cluster(2)
+    one(s.handle(KernelRequested("hog", ONE_GPU, policy="batch")), PlaceReplicas)
+    place = one(s.handle(KernelRequested("k", ONE_GPU, policy="batch")), PlaceReplicas)
+    s.handle(ExecutionRequested("hog", 1))
+    hog_host = s.kernels["hog"].binding.host  # type: ignore[union-attr]
+    if place.replicas[0][1] == hog_host:
+        wait = one(s.handle(ExecutionRequested("k", 1)), WaitForGpus)
+        assert not wait.behind_own_cell
+
+
+def test_queued_cell_waits_silently_then_says_so_if_the_cluster_is_full() -> None:
+    s = cluster(3)
+    s.handle(KernelRequested("k", ONE_GPU))
+    for k in range(3):
+        s.handle(KernelRequested(f"hog{k}", ONE_GPU))
+    first = one(s.handle(ExecutionRequested("k", 1)), BindGpus)
+    for k in range(2):
+        one(s.handle(ExecutionRequested(f"hog{k}", 1)), BindGpus)
+    waiting = of_type(s.handle(ExecutionRequested("hog2", 1)), WaitForGpus)
+    assert waiting and not waiting[0].behind_own_cell
+    queued = one(s.handle(ExecutionRequested("k", 2)), WaitForGpus)
+    assert queued.behind_own_cell
+    actions = s.handle(ExecutionFinished("k", 1))
+    assert actions[0] == ReleaseGpus("k", 1, first.replica_id, first.host, (0,))
+    # The older waiter (hog2) gets the freed GPU; k's next cell now waits for the cluster.
+    assert [(b.kernel_id, b.term) for b in of_type(actions, BindGpus)] == [("hog2", 1)]
+    assert of_type(actions, WaitForGpus) == [
+        WaitForGpus("k", 2, 1, "no host has 1 idle GPUs", behind_own_cell=False)
+    ]
+
+
+def test_manual_migration() -> None:
+    s = cluster(4)
+    place = one(s.handle(KernelRequested("k", ONE_GPU)), PlaceReplicas)
+    used = {h for _, h in place.replicas}
+    [free] = {"h0", "h1", "h2", "h3"} - used
+    rid, source = place.replicas[0]
+    migrate = one(s.handle(MigrationRequested("k", rid)), Migrate)
+    assert (migrate.from_host, migrate.to_host) == (source, free)
+    replicas = dict(s.kernels["k"].replicas)
+    assert rid not in replicas and replicas[migrate.new_replica_id] == free
+    assert s.hosts[source].pending.gpus == 0 and s.hosts[free].pending.gpus == 1
+    # Refusals name the reason.
+    other = place.replicas[1][0]
+    refused = one(s.handle(MigrationRequested("k", other, to_host=free)), MigrationRefused)
+    assert "already runs a replica" in refused.reason
+    refused = one(s.handle(MigrationRequested("k", other, to_host="nowhere")), MigrationRefused)
+    assert "no host named nowhere" in refused.reason
+    refused = one(s.handle(MigrationRequested("k", "k-r99")), MigrationRefused)
+    assert "has no replica k-r99" in refused.reason
+    bind = one(s.handle(ExecutionRequested("k", 1)), BindGpus)
+    refused = one(s.handle(MigrationRequested("k", bind.replica_id)), MigrationRefused)
+    assert "is executing a cell" in refused.reason
+    # The moved-away host can take the replica back (a failed migration re-adopts the old one).
+    assert s.handle(ReplicaStopped("k", migrate.new_replica_id)) == []
+    assert s.handle(ReplicaAdopted("k", rid, source, ONE_GPU)) == []
+    assert dict(s.kernels["k"].replicas)[rid] == source
+
+
+def test_adoption_after_a_gateway_restart() -> None:
+    s = cluster(2)
+    assert s.handle(ReplicaAdopted("k", "k-a", "h0", ONE_GPU, "reservation", (0,))) == []
+    assert s.handle(ReplicaAdopted("k", "k-b", "unknown", ONE_GPU)) == []
+    view = s.kernels["k"]
+    assert view.policy == "reservation" and dict(view.replicas) == {"k-a": "h0"}
+    assert view.binding is not None and view.binding.device_indices == (0,)
+    assert s.hosts["h0"].committed_gpus == 1
+    # The life-long binding is what the next cell runs with.
+    bind = one(s.handle(ExecutionRequested("k", 7)), BindGpus)
+    assert (bind.replica_id, bind.device_indices) == ("k-a", (0,))
+    # A restored kernel's cells wait until one of its replicas is adopted.
+    assert s.handle(KernelAdopted("z", Resources())) == []
+    assert s.has_kernel("z")
+    wait = one(s.handle(ExecutionRequested("z", 1)), WaitForGpus)
+    assert wait.reason == "the kernel has no running replica" and not wait.behind_own_cell
+    bind = one(s.handle(ReplicaAdopted("z", "z-a", "h1", Resources())), BindGpus)
+    assert (bind.term, bind.replica_id) == (1, "z-a")
+    # New replica ids come from the configured namer and never repeat an existing one.
+    named = Scheduler(SchedulerConfig(new_replica_id=lambda k, n: f"{k[:2]}-{n % 2}"))
+    named.handle(HostAdded("h0", HOST))
+    named.handle(HostAdded("h1", HOST))
+    place = one(named.handle(KernelRequested("kernel", ONE_GPU, replicas=2)), PlaceReplicas)
+    assert sorted(r for r, _ in place.replicas) == ["ke-0", "ke-1"]
 
 
 def test_over_large_request_is_rejected_with_the_numbers() -> None:
@@ -310,14 +418,23 @@ def test_replica_stop_and_replace() -> None:
     s = cluster(4)
     place = one(s.handle(KernelRequested("k", ONE_GPU)), PlaceReplicas)
     bind = one(s.handle(ExecutionRequested("k", 1)), BindGpus)
-    release = one(s.handle(ReplicaStopped("k", bind.replica_id)), ReleaseGpus)
+    s.handle(ExecutionRequested("k", 2))  # queued behind cell 1
+    # The executor dies: cell 1 runs again on another replica, before cell 2.
+    release, rebind = two(s.handle(ReplicaStopped("k", bind.replica_id)), ReleaseGpus, BindGpus)
     assert release.device_indices == bind.device_indices
+    assert rebind.term == 1 and rebind.replica_id != bind.replica_id
+    assert s.kernels["k"].waiting == (2,)
     placed = one(s.handle(ReplicaRequested("k")), PlaceReplicas)
     assert isinstance(placed, PlaceReplicas)
     [(_, host)] = placed.replicas
     assert host not in {h for r, h in place.replicas if r != bind.replica_id}
-    assert s.handle(ExecutionFinished("k", 1)) == []
     assert len(s.kernels["k"].replicas) == 3
+    assert of_type(s.handle(ExecutionFinished("k", 1)), BindGpus)[0].term == 2
+    # Without rerun (a failed migration) the cell is the caller's to ask for again.
+    bound = s.kernels["k"].binding
+    assert bound is not None
+    one(s.handle(ReplicaStopped("k", bound.replica_id, rerun=False)), ReleaseGpus)
+    assert s.kernels["k"].waiting == () and s.kernels["k"].binding is None
 
 
 def test_host_with_wrong_device_count_is_refused() -> None:
@@ -407,7 +524,9 @@ def check_accounting(s: Scheduler, shrunk: set[str]) -> None:
     for kernel in kernels.values():
         for replica_id, host_name in kernel.replicas:
             assert (kernel.kernel_id, replica_id) in hosts[host_name].replicas
-        assert len({h for _, h in kernel.replicas}) == len(kernel.replicas)
+        if not any(r.endswith("-adopted") for r, _ in kernel.replicas):
+            # Placement spreads replicas; adoption records what runs, wherever it runs.
+            assert len({h for _, h in kernel.replicas}) == len(kernel.replicas)
         if kernel.binding is not None:
             assert kernel.binding.replica_id in dict(kernel.replicas)
     queued = Counter(k for k, _ in s.waiting)
@@ -463,6 +582,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     def request_replica(self, kernel: str) -> None:
         self.apply(ReplicaRequested(kernel))
 
+    @rule(kernel=st.sampled_from(KERNELS), index=st.integers(0, 3))
+    def replica_ready(self, kernel: str, index: int) -> None:
+        view = self.s.kernels.get(kernel)
+        if view and view.replicas:
+            self.apply(ReplicaReady(kernel, view.replicas[index % len(view.replicas)][0]))
+
     @rule(kernel=st.sampled_from(KERNELS), index=st.integers(0, 2))
     def stop_replica(self, kernel: str, index: int) -> None:
         view = self.s.kernels.get(kernel)
@@ -485,6 +610,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         if terms:
             term = terms[which % len(terms)]
             self.apply((ExecutionCancelled if cancel else ExecutionFinished)(kernel, term))
+
+    @rule(
+        kernel=st.sampled_from(KERNELS),
+        index=st.integers(0, 2),
+        to=st.sampled_from([None, *HOSTS]),
+    )
+    def migrate(self, kernel: str, index: int, to: str | None) -> None:
+        view = self.s.kernels.get(kernel)
+        if view and view.replicas:
+            replica = view.replicas[index % len(view.replicas)][0]
+            for a in self.apply(MigrationRequested(kernel, replica, to)):
+                assert isinstance(a, (Migrate, MigrationRefused)) and a.replica_id == replica
+
+    @rule(kernel=st.sampled_from(KERNELS), host=st.sampled_from(HOSTS), gpus=st.integers(0, 2))
+    def adopt(self, kernel: str, host: str, gpus: int) -> None:
+        # What a restarted gateway (or a failed migration) reports; it ignores the cap.
+        self.apply(ReplicaAdopted(kernel, f"{kernel}-adopted", host, Resources(gpus, 500, 1024)))
+        self.shrunk.add(host)
 
     @rule(kernel=st.sampled_from(KERNELS))
     def stop_kernel(self, kernel: str) -> None:

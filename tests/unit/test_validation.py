@@ -25,7 +25,6 @@ from nbcluster.gateway import (
     validate_env,
 )
 from nbcluster.hostproto import ConnectionInfo
-from nbcluster.scheduling import HostLoad, PlacementError, choose_hosts
 
 # -- validate_env -----------------------------------------------------------------------------
 
@@ -272,77 +271,6 @@ def test_load_file_missing(tmp_path: Path) -> None:
     with pytest.raises(KernelSpecError, match="cannot read: No such file or directory") as info:
         KernelSpecRegistry.load_file(path)
     assert str(path) in str(info.value)
-
-
-# -- placement --------------------------------------------------------------------------------
-
-
-def test_least_loaded_hosts_first() -> None:
-    hosts = [HostLoad("a", 3, 0), HostLoad("b", 1, 0), HostLoad("c", 2, 0)]
-    assert choose_hosts(hosts, 1) == ["b"]
-    assert choose_hosts(hosts, 2) == ["b", "c"]
-    assert choose_hosts(hosts, 3) == ["b", "c", "a"]
-
-
-def test_load_is_per_gpu() -> None:
-    # 4 replicas on 8 GPUs (0.5 each) is lighter than 1 replica on a host without GPUs
-    hosts = [HostLoad("cpu-only", 1, 0), HostLoad("big", 4, 8)]
-    assert choose_hosts(hosts, 1) == ["big"]
-
-
-def test_ties_are_broken_deterministically() -> None:
-    hosts = [HostLoad("c", 0, 2), HostLoad("a", 0, 2), HostLoad("b", 0, 2)]
-    assert choose_hosts(hosts, 2) == ["a", "b"]
-    assert choose_hosts(list(reversed(hosts)), 2) == ["a", "b"]
-    # equal per-GPU load: the host with fewer replicas wins before the name
-    assert choose_hosts([HostLoad("a", 2, 2), HostLoad("b", 1, 1)], 1) == ["b"]
-
-
-def test_exclude() -> None:
-    hosts = [HostLoad("a", 0, 1), HostLoad("b", 5, 1)]
-    assert choose_hosts(hosts, 1, exclude=["a"]) == ["b"]
-
-
-@pytest.mark.parametrize(
-    ("hosts", "count", "exclude", "expected"),
-    [
-        ([], 1, (), "1 replica(s) need 1 distinct host(s); 0 available"),
-        ([HostLoad("a", 0, 1)], 2, (), "2 replica(s) need 2 distinct host(s); 1 available"),
-        ([HostLoad("a", 0, 1), HostLoad("b", 0, 1)], 2, ("a",), "; 1 available"),
-    ],
-)
-def test_placement_error_says_what_is_missing(
-    hosts: list[HostLoad], count: int, exclude: tuple[str, ...], expected: str
-) -> None:
-    with pytest.raises(PlacementError) as info:
-        choose_hosts(hosts, count, exclude)
-    assert expected in str(info.value)
-
-
-@given(
-    st.lists(
-        st.builds(
-            HostLoad,
-            st.text("abcdef", min_size=1, max_size=3),
-            st.integers(0, 20),
-            st.integers(0, 8),
-        ),
-        unique_by=lambda h: h.name,
-        max_size=8,
-    ),
-    st.integers(1, 4),
-)
-def test_placement_properties(hosts: list[HostLoad], count: int) -> None:
-    try:
-        chosen = choose_hosts(hosts, count)
-    except PlacementError:
-        assert len(hosts) < count
-        return
-    assert len(chosen) == count == len(set(chosen))
-    assert chosen == choose_hosts(list(reversed(hosts)), count)
-    load = {h.name: h.replicas / max(h.gpus, 1) for h in hosts}
-    rest = [h.name for h in hosts if h.name not in chosen]
-    assert all(load[c] <= load[r] for c in chosen for r in rest)
 
 
 # -- state stores -----------------------------------------------------------------------------

@@ -8,10 +8,37 @@ import os
 from pathlib import Path
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.logging import RichHandler
 
-__all__ = ["default_state_dir", "read_runtime", "remove_runtime", "setup_logging", "write_runtime"]
+__all__ = [
+    "default_state_dir",
+    "policy_option",
+    "read_runtime",
+    "remove_runtime",
+    "setup_logging",
+    "subscription_option",
+    "write_runtime",
+]
+
+#: ``--policy`` of ``nbcluster gateway`` and ``nbcluster up``.
+policy_option = click.option(
+    "--policy",
+    default="notebookos",
+    show_default=True,
+    type=click.Choice(["notebookos", "reservation", "batch"]),
+    help="Scheduling policy: GPUs bound per cell on 3 replicas (notebookos), for the "
+    "kernel's life (reservation), or per cell on 1 replica (batch).",
+)
+#: ``--max-subscription-ratio`` of ``nbcluster gateway`` and ``nbcluster up``.
+subscription_option = click.option(
+    "--max-subscription-ratio",
+    default=7.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="How far a host's GPUs may be oversubscribed by placed replicas.",
+)
 
 
 def default_state_dir() -> Path:

@@ -14,7 +14,14 @@ from types import FrameType
 import click
 
 from .._lifeline import die_with_parent
-from ._common import default_state_dir, remove_runtime, setup_logging, write_runtime
+from ._common import (
+    default_state_dir,
+    policy_option,
+    remove_runtime,
+    setup_logging,
+    subscription_option,
+    write_runtime,
+)
 
 __all__ = ["gateway_command", "host_command"]
 
@@ -64,6 +71,35 @@ def _token(value: str | None) -> str:
     type=click.Choice(["1", "3"]),
     help="Replicas per kernel: 3 (Raft-replicated, survives a host) or 1.",
 )
+@policy_option
+@subscription_option
+@click.option(
+    "--min-hosts", default=0, show_default=True, type=click.IntRange(0), help="Auto-scaling floor."
+)
+@click.option(
+    "--max-hosts",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Auto-scaling ceiling; 0 turns auto-scaling off. Hosts are local host daemons.",
+)
+@click.option(
+    "--scaling-buffer",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Spare hosts kept beyond the minimum.",
+)
+@click.option(
+    "--scaling-interval", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600)
+)
+@click.option(
+    "--scaling-gpus-per-host",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0, 4096),
+    help="Virtual GPUs of each host the auto-scaler starts.",
+)
 @click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
 @click.option("--parent-pid", default=0, hidden=True, type=int)
 def gateway_command(
@@ -76,10 +112,21 @@ def gateway_command(
     host_lost_timeout: float,
     launch_timeout: float,
     replicas: str,
+    policy: str,
+    max_subscription_ratio: float,
+    min_hosts: int,
+    max_hosts: int,
+    scaling_buffer: int,
+    scaling_interval: float,
+    scaling_gpus_per_host: int,
     log_level: str,
     parent_pid: int,
 ) -> None:
     """Run the gateway (global scheduler) serving the Jupyter Kernel Gateway API."""
+    if max_hosts and min_hosts > max_hosts:
+        raise click.BadParameter(
+            f"--min-hosts {min_hosts} is above --max-hosts {max_hosts}", param_hint="--min-hosts"
+        )
     from ..gateway import GatewayConfig, run
 
     die_with_parent(parent_pid)
@@ -96,6 +143,13 @@ def gateway_command(
         launch_timeout=launch_timeout,
         replicas_per_kernel=int(replicas),
         store_dir=root / "store",
+        policy=policy,
+        max_subscription_ratio=max_subscription_ratio,
+        min_hosts=min_hosts,
+        max_hosts=max_hosts,
+        scaling_buffer=scaling_buffer,
+        scaling_interval=scaling_interval,
+        scaling_gpus_per_host=scaling_gpus_per_host,
     )
     url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
     write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid()})

@@ -6,7 +6,7 @@ import click
 
 from .._version import __version__
 from ._daemons import gateway_command, host_command
-from ._status import status_command
+from ._status import migrate_command, status_command
 from ._up import up_command
 
 __all__ = ["cli", "main"]
@@ -22,6 +22,7 @@ cli.add_command(up_command)
 cli.add_command(gateway_command)
 cli.add_command(host_command)
 cli.add_command(status_command)
+cli.add_command(migrate_command)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ._common import default_state_dir, read_runtime
 
-__all__ = ["status_command"]
+__all__ = ["migrate_command", "status_command"]
 
 
 def resolve_gateway(url: str | None, token: str | None, state_dir: Path | None) -> tuple[str, str]:
@@ -67,9 +67,11 @@ def status_command(
         return
     console = Console()
     host_table = Table(title=f"Hosts ({url})")
-    for column in ("host", "state", "address", "CPUs", "memory", "GPUs", "replicas"):
+    columns = ("host", "state", "address", "CPUs", "memory", "GPUs", "GPUs in use", "replicas")
+    for column in columns:
         host_table.add_column(column)
     for h in hosts:
+        in_use = "-" if h.get("gpus_committed") is None else str(h["gpus_committed"])
         host_table.add_row(
             h["name"],
             h["state"],
@@ -77,6 +79,7 @@ def status_command(
             str(h["cpus"]),
             f"{h['memory_mb'] / 1024:.1f} GiB",
             _gpus(h),
+            in_use,
             str(len(h["replicas"])),
         )
     console.print(host_table)
@@ -94,3 +97,42 @@ def status_command(
             k["id"], k["name"], k["execution_state"], str(k["connections"]), replicas
         )
     console.print(kernel_table)
+
+
+@click.command("migrate")
+@click.argument("kernel_id")
+@click.argument("replica_id")
+@click.option("--to", "host", help="Target host (default: the least loaded host with room).")
+@click.option("--url", help="Gateway URL (default: the running gateway).")
+@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN or the running gateway's).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+def migrate_command(
+    kernel_id: str,
+    replica_id: str,
+    host: str | None,
+    url: str | None,
+    token: str | None,
+    state_dir: Path | None,
+) -> None:
+    """Move one replica of a kernel to another host; its state follows through Raft.
+
+    Find the ids with ``nbcluster status --json``."""
+    from ..client import GatewayClient, GatewayError
+
+    url, token = resolve_gateway(url, token, state_dir)
+
+    async def migrate() -> dict[str, Any]:
+        async with GatewayClient(url, token, timeout=120) as client:
+            return await client.migrate_replica(kernel_id, replica_id, host)
+
+    try:
+        with Console(stderr=True).status(f"Moving replica {replica_id}"):
+            result = asyncio.run(migrate())
+    except GatewayError as exc:
+        raise click.ClickException(f"gateway at {url}: {exc}") from None
+    except (OSError, httpx.TransportError) as exc:
+        raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from None
+    click.echo(
+        f"replica {result['replica_id']} moved from {result['from_host']} to "
+        f"{result['to_host']} as {result['new_replica_id']} in {result['seconds']:.2f} s"
+    )

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from .._net import free_port, port_is_free
-from ._common import default_state_dir
+from ._common import default_state_dir, policy_option, subscription_option
 
 __all__ = ["up_command"]
 
@@ -108,6 +108,19 @@ def _partition_real_gpus(hosts: int) -> list[str | None]:
     type=click.Choice(["1", "3"]),
     help="Replicas per kernel: 3 (Raft-replicated; the default with 3 or more hosts) or 1.",
 )
+@policy_option
+@click.option(
+    "--min-hosts",
+    type=click.IntRange(0, 64),
+    help="Auto-scaling floor (default: --hosts).",
+)
+@click.option(
+    "--max-hosts",
+    type=click.IntRange(0, 64),
+    help="Auto-scaling ceiling: above --hosts, the gateway starts and stops extra local "
+    "hosts with the load (default: --hosts, no auto-scaling).",
+)
+@subscription_option
 @click.option("--lab", is_flag=True, help="Also start JupyterLab wired to the gateway.")
 @click.option("--lab-port", default=8888, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -124,6 +137,10 @@ def up_command(
     token: str | None,
     state_dir: Path | None,
     replicas: str | None,
+    policy: str,
+    min_hosts: int | None,
+    max_hosts: int | None,
+    max_subscription_ratio: float,
     lab: bool,
     lab_port: int,
     log_level: str,
@@ -137,6 +154,16 @@ def up_command(
     if int(replicas) > hosts:
         raise click.BadParameter(
             f"{replicas} replicas per kernel need at least {replicas} hosts", param_hint="--hosts"
+        )
+    min_hosts = hosts if min_hosts is None else min_hosts
+    max_hosts = hosts if max_hosts is None else max_hosts
+    if max_hosts < hosts:
+        raise click.BadParameter(
+            f"--max-hosts {max_hosts} is below --hosts {hosts}", param_hint="--max-hosts"
+        )
+    if min_hosts > max_hosts:
+        raise click.BadParameter(
+            f"--min-hosts {min_hosts} is above --max-hosts {max_hosts}", param_hint="--min-hosts"
         )
     if not port_is_free(ip, port):
         raise click.ClickException(f"port {port} on {ip} is in use; choose another with --port")
@@ -170,6 +197,22 @@ def up_command(
                 str(root),
                 "--replicas",
                 str(replicas),
+                "--policy",
+                policy,
+                "--max-subscription-ratio",
+                str(max_subscription_ratio),
+                *(
+                    [
+                        "--min-hosts",
+                        str(min_hosts),
+                        "--max-hosts",
+                        str(max_hosts),
+                        "--scaling-gpus-per-host",
+                        str(8 if gpus_per_host is None else gpus_per_host),
+                    ]
+                    if max_hosts > hosts
+                    else []
+                ),
                 "--log-level",
                 log_level,
                 "--parent-pid",
@@ -217,8 +260,10 @@ def up_command(
             f"[bold]Gateway[/]     {url}",
             f"[bold]Token[/]       {token}",
             f"[bold]Hosts[/]       {hosts}   (see them with: nbcluster status)",
-            f"[bold]Replicas[/]    {replicas} per kernel",
+            f"[bold]Replicas[/]    {replicas} per kernel, policy {policy}",
         ]
+        if max_hosts > hosts:
+            lines.append(f"[bold]Scaling[/]     {min_hosts} to {max_hosts} hosts")
         if lab:
             lab_url = _start_lab(children, env, url, token, lab_port)
             lines.append(f"[bold]JupyterLab[/]  {lab_url}")

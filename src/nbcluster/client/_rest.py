@@ -103,3 +103,15 @@ class GatewayClient:
     def channels(self, kernel_id: str, *, v1: bool = False) -> KernelChannels:
         """A websocket to the kernel's channels; use as ``async with``."""
         return KernelChannels(self.url, self.token, kernel_id, v1=v1)
+
+    async def migrate_replica(
+        self, kernel_id: str, replica_id: str, host: str | None = None
+    ) -> dict[str, Any]:
+        """Move one replica of a kernel to ``host`` (None: the scheduler picks)."""
+        body = {"host": host} if host else {}
+        result: dict[str, Any] = await self._call(
+            "POST",
+            f"/api/cluster/kernels/{kernel_id}/replicas/{replica_id}/migrate",
+            json=body,
+        )
+        return result

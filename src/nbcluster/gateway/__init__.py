@@ -12,6 +12,7 @@ from ._manager import (
     NoSuchKernel,
     validate_env,
 )
+from ._provider import HostProvider, HostProviderError, LocalProcessHostProvider
 from ._routing import PendingRequest, PendingRequests
 from ._server import run, serve
 from ._state import FileStateStore, KernelRecord, MemoryStateStore, ReplicaRecord, StateStore
@@ -23,6 +24,8 @@ __all__ = [
     "GatewayConfig",
     "GatewayKernel",
     "HostEntry",
+    "HostProvider",
+    "HostProviderError",
     "HostRegistry",
     "HostRequestError",
     "HostSession",
@@ -34,6 +37,7 @@ __all__ = [
     "KernelSpecRegistry",
     "KernelStartError",
     "KernelUnavailable",
+    "LocalProcessHostProvider",
     "MemoryStateStore",
     "NoSuchKernel",
     "PendingRequest",

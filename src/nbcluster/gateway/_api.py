@@ -47,6 +47,14 @@ class StartKernelBody(BaseModel):
     path: str | None = Field(None, description="Accepted for compatibility; unused.")
 
 
+class MigrateBody(BaseModel):
+    """Body of ``POST /api/cluster/kernels/{id}/replicas/{rid}/migrate``."""
+
+    host: str | None = Field(
+        None, description="Target host; absent: the least loaded host with room."
+    )
+
+
 class KernelModel(BaseModel):
     id: str
     name: str
@@ -185,6 +193,17 @@ def build_router() -> APIRouter:
     @router.get("/api/cluster/kernels", summary="Kernels and where their replicas run")
     async def cluster_kernels(request: Request) -> list[dict[str, Any]]:
         return _gateway(request).kernel_summaries()
+
+    @router.post(
+        "/api/cluster/kernels/{kernel_id}/replicas/{replica_id}/migrate",
+        summary="Move a replica to another host (it catches up through Raft, then the old "
+        "one retires)",
+    )
+    async def migrate_replica(request: Request, kernel_id: str, replica_id: str) -> dict[str, Any]:
+        body = await _json_body(request, MigrateBody)
+        gateway = _gateway(request)
+        _kernel(gateway, kernel_id)
+        return await gateway.kernels.migrate_replica(kernel_id, replica_id, body.host)
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
     async def metrics(request: Request) -> Response:

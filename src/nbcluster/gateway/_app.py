@@ -18,14 +18,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
+from ..scheduling import HostView, KernelView, ScalingConfig
 from ._api import ApiError, build_router, error_response
 from ._auth import TokenAuthMiddleware
+from ._autoscaler import Autoscaler
 from ._config import GatewayConfig
 from ._hosts import HostRegistry
 from ._kernel import KernelUnavailable
 from ._kernelspecs import KernelSpecRegistry
-from ._manager import KernelManager, KernelRequestError, KernelStartError, NoSuchKernel
+from ._manager import (
+    KernelManager,
+    KernelRejected,
+    KernelRequestError,
+    KernelStartError,
+    MigrationError,
+    NoSuchKernel,
+)
 from ._metrics import GatewayMetrics
+from ._provider import HostProvider, LocalProcessHostProvider
 from ._state import FileStateStore, StateStore
 
 __all__ = ["Gateway", "create_app"]
@@ -43,19 +53,61 @@ class Gateway:
         self.specs = KernelSpecRegistry(config.kernelspec_dirs)
         self.store = store if store is not None else FileStateStore(config.state_dir)
         self.kernels = KernelManager(config, self.hosts, self.specs, self.store, self.metrics)
-        self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values())
+        self.metrics.watch(
+            self.hosts, lambda: self.kernels.kernels.values(), self.kernels.gpus.scheduler
+        )
         self._watchdog: asyncio.Task[None] | None = None
+        self.autoscaler: Autoscaler | None = None
+        self._scaling: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.kernels.restore()
         self._watchdog = asyncio.create_task(self._watch_hosts())
+        if self.config.max_hosts > 0:
+            self.autoscaler = self._make_autoscaler()
+            self.kernels.gpus.scale_out = self.autoscaler.request
+            self.kernels.await_hosts = self.autoscaler.wait_for_hosts
+            self.kernels.host_registered = self.autoscaler.host_registered
+            self._scaling = asyncio.create_task(self.autoscaler.run())
+
+    def _make_autoscaler(self, provider: HostProvider | None = None) -> Autoscaler:
+        config = self.config
+        if provider is None:
+            ip = config.ip if config.ip not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            host = f"[{ip}]" if ":" in ip else ip
+            provider = LocalProcessHostProvider(
+                gateway_url=f"http://{host}:{config.port}",
+                token=config.token,
+                state_dir=config.state_dir.parent,
+                gpus_per_host=config.scaling_gpus_per_host,
+                log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+            )
+        scaling = ScalingConfig(
+            buffer_hosts=config.scaling_buffer,
+            min_hosts=config.min_hosts,
+            max_hosts=config.max_hosts,
+            gpus_per_host=max(config.scaling_gpus_per_host, 1),
+            replicas_per_kernel=config.replicas_per_kernel,
+        )
+        return Autoscaler(
+            provider,
+            self.kernels.gpus,
+            self.hosts,
+            self.metrics,
+            scaling,
+            config.scaling_interval,
+            startup_grace=max(2 * config.host_lost_timeout, 5.0),
+        )
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in (self._watchdog, self._scaling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.kernels.close()
+        if self.autoscaler is not None:
+            await self.autoscaler.close()
 
     async def _watch_hosts(self) -> None:
         period = min(self.config.heartbeat_interval, self.config.host_lost_timeout / 4)
@@ -72,8 +124,10 @@ class Gateway:
                     {"kernel_id": kernel.id, "replica_id": r.replica_id, "state": r.state}
                 )
         now = time.monotonic()
+        views = self.kernels.gpus.scheduler.hosts
         return [
             {
+                **_gpu_state(views.get(h.name)),
                 "name": h.name,
                 "state": h.state,
                 "address": h.address,
@@ -87,8 +141,10 @@ class Gateway:
         ]
 
     def kernel_summaries(self) -> list[dict[str, Any]]:
+        views = self.kernels.gpus.scheduler.kernels
         return [
             {
+                **_scheduling_state(k.record.policy, views.get(k.id)),
                 **k.model(),
                 "created": k.record.created.isoformat(),
                 "executor": k.executor,
@@ -107,6 +163,32 @@ class Gateway:
             }
             for k in self.kernels.kernels.values()
         ]
+
+
+def _gpu_state(view: HostView | None) -> dict[str, Any]:
+    if view is None:
+        return {"gpus_idle": None, "gpus_committed": None, "gpus_pending": None}
+    return {
+        "gpus_idle": view.idle_gpus,
+        "gpus_committed": view.committed_gpus,
+        "gpus_pending": view.pending.gpus,
+        "subscription_ratio": round(view.subscription_ratio, 3),
+        "draining": view.draining,
+    }
+
+
+def _scheduling_state(policy: str, view: KernelView | None) -> dict[str, Any]:
+    if view is None:
+        return {"policy": policy, "request": None, "binding": None, "waiting_cells": 0}
+    b = view.binding
+    return {
+        "policy": view.policy,
+        "request": view.request.fields(),
+        "binding": None
+        if b is None
+        else {"term": b.term, "replica_id": b.replica_id, "host": b.host, "gpus": b.device_indices},
+        "waiting_cells": len(view.waiting),
+    }
 
 
 class _RequestMetricsMiddleware:
@@ -199,6 +281,16 @@ def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAP
     @app.exception_handler(KernelStartError)
     async def _start_failed(request: Request, exc: KernelStartError) -> Any:
         return error_response(503, str(exc), "kernel could not be started")
+
+    @app.exception_handler(KernelRejected)
+    async def _rejected(request: Request, exc: KernelRejected) -> Any:
+        if exc.permanent:
+            return error_response(400, str(exc), "kernel request cannot be satisfied")
+        return error_response(503, str(exc), "no capacity for the kernel")
+
+    @app.exception_handler(MigrationError)
+    async def _migration_failed(request: Request, exc: MigrationError) -> Any:
+        return error_response(409, str(exc), "migration refused or failed")
 
     @app.exception_handler(KernelUnavailable)
     async def _unavailable(request: Request, exc: KernelUnavailable) -> Any:

@@ -32,3 +32,18 @@ class GatewayConfig:
     store_dir: Path = field(default_factory=lambda: Path.cwd() / ".nbcluster" / "store")
     #: Bytes a slow websocket client may have queued before it is disconnected.
     client_queue_limit: int = 64 * 2**20
+    #: Scheduling policy: ``notebookos`` (replicas share GPUs, bound per cell),
+    #: ``reservation`` (1 replica, GPUs for the kernel's life) or ``batch`` (1 replica,
+    #: GPUs per cell, waits for its own host).
+    policy: str = "notebookos"
+    #: A host refuses replicas past ``pending / capacity / replicas_per_kernel`` of this.
+    max_subscription_ratio: float = 7.0
+    #: Auto-scaling bounds (hosts in the cluster); ``max_hosts`` 0 turns auto-scaling off.
+    min_hosts: int = 0
+    max_hosts: int = 0
+    #: Spare hosts kept beyond what the committed GPUs need (NotebookOS keeps 3).
+    scaling_buffer: int = 0
+    #: Seconds between two auto-scaling rounds.
+    scaling_interval: float = 5.0
+    #: Virtual GPUs of each host the auto-scaler starts.
+    scaling_gpus_per_host: int = 8

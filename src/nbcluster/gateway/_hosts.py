@@ -139,6 +139,13 @@ class HostRegistry:
                 lost.append(entry)
         return lost
 
+    def forget(self, name: str) -> None:
+        """Drop a host that was stopped on purpose (scaled in): it is not lost, it is gone."""
+        entry = self.hosts.pop(name, None)
+        if entry is not None and entry.session is not None:
+            entry.session.close()
+            entry.session = None
+
     def connected(self) -> list[HostEntry]:
         return [h for h in self.hosts.values() if h.state == "connected"]
 

@@ -24,7 +24,7 @@ from ._replica import ReplicaLink
 from ._routing import PendingRequests
 from ._state import KernelRecord, ReplicaRecord
 
-__all__ = ["ClientSink", "GatewayKernel", "KernelUnavailable"]
+__all__ = ["ClientSink", "ExecutionGate", "GatewayKernel", "KernelUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,24 @@ class ClientSink(Protocol):
     def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
+class ExecutionGate(Protocol):
+    """Decides where and when each cell runs (the gateway's GPU scheduling, ``_gpus``).
+
+    The kernel calls :meth:`execution_requested` for every ``execute_request``; the gate
+    answers, now or later, with :meth:`GatewayKernel.dispatch` (run it on that replica with
+    those GPUs), :meth:`GatewayKernel.show_waiting` or :meth:`GatewayKernel.cancel_waiting`.
+    """
+
+    def execution_requested(self, kernel: GatewayKernel, term: int, preferred: str | None) -> None:
+        """A cell arrived, or must run again elsewhere (its replica was lost)."""
+
+    def execution_finished(self, kernel: GatewayKernel, term: int) -> None:
+        """The cell's reply arrived, or it was answered without running."""
+
+    def execution_cancelled(self, kernel: GatewayKernel, term: int) -> None:
+        """The user interrupted a cell that was waiting for GPUs."""
+
+
 class KernelUnavailable(RuntimeError):
     """The kernel cannot take the request now; the text says why."""
 
@@ -47,14 +65,17 @@ _HOLD_LIMIT = 1000
 
 @dataclass(slots=True)
 class _Execution:
-    """An execute request sent to a replica of a replicated kernel, kept until its reply so
-    that it can be sent to another replica if this one is lost before it was elected."""
+    """An execute request, kept until its reply: it waits for GPUs (``replica`` None), then
+    runs on a replica, and is sent to another one if that replica is lost first."""
 
     term: int
     attempt: int
     msg: Message
     client: ClientSink
-    replica: str
+    replica: str | None = None
+    devices: tuple[int, ...] | None = None
+    #: When a wait for GPUs was announced to the user (monotonic), if one was.
+    waiting_since: float | None = None
 
 
 class _Waiter:
@@ -91,8 +112,11 @@ class GatewayKernel:
         #: Execution index of the next cell; replicas elect an executor per term.
         self.next_term = 1
         self.last_replied_term = 0
-        #: Execute requests in flight on a replicated kernel, by message id.
+        #: Execute requests not yet answered, by message id and by term.
         self.executions: dict[str, _Execution] = {}
+        self._terms: dict[int, _Execution] = {}
+        #: Where cells run (GPU binding); None: at once, on the executor.
+        self.gate: ExecutionGate | None = None
         #: Shell requests whose closing ``idle`` has not arrived: msg id -> (header, replica).
         self.awaiting_idle: dict[str, tuple[bytes, str]] = {}
         #: Client messages that arrived while the kernel was restarting.
@@ -174,8 +198,8 @@ class GatewayKernel:
         if link is None:
             self._refuse(client, msg, self._unavailable_reason())
             return
-        if msg.msg_type == "execute_request" and len(self.links) > 1:
-            self._route_execute(client, msg, link)
+        if msg.msg_type == "execute_request":
+            self._submit_execution(client, msg, link)
             return
         is_request = msg.msg_type.endswith("_request")
         if is_request:
@@ -191,70 +215,169 @@ class GatewayKernel:
                 self.pending.route(msg.msg_id, msg.msg_type.replace("_request", "_reply"))
             self._refuse(client, msg, str(exc))
 
-    def _route_execute(self, client: ClientSink, msg: Message, target: ReplicaLink) -> None:
-        """Send an execute request to the target replica only.
+    def _submit_execution(self, client: ClientSink, msg: Message, executor: ReplicaLink) -> None:
+        """Give the cell a term and ask the gate where it runs (now or once GPUs are free).
 
-        The request carries the term (this kernel's execution index) that the replicas elect
-        an executor for, and the last term whose reply we saw, whose state the executor must
-        have applied before it runs this cell. The other replicas get nothing: the first
-        committed ``lead`` decides the term (see ``docs/replication.md``), and they follow the
-        log. Sending them ``yield_request``s, as NotebookOS does, cost 6 ms per cell on a
-        2-core machine for no decision it could change.
+        On a replicated kernel the request goes to the chosen replica only, carrying the term
+        (this kernel's execution index) that the replicas elect an executor for, and the last
+        term whose reply we saw, whose state the executor must have applied before it runs
+        this cell. The other replicas get nothing: the first committed ``lead`` decides the
+        term (see ``docs/replication.md``), and they follow the log. Sending them
+        ``yield_request``s, as NotebookOS does, cost 6 ms per cell on a 2-core machine for no
+        decision it could change.
         """
-        execution = _Execution(self.next_term, 1, msg, client, target.replica_id)
+        execution = _Execution(self.next_term, 1, msg, client)
         self.next_term += 1
         self.executions[msg.msg_id] = execution
-        self._send_execution(execution, target)
+        self._terms[execution.term] = execution
+        # Registered now, so that a kernel that dies meanwhile answers a waiting cell too.
+        self.pending.add(msg.msg_id, msg.msg_type, msg.channel, msg.header, client)
+        if self.gate is None:
+            self.dispatch(execution.term, executor.replica_id, None)
+        else:
+            self.gate.execution_requested(self, execution.term, executor.replica_id)
 
-    def _send_execution(self, execution: _Execution, target: ReplicaLink) -> None:
+    def dispatch(self, term: int, replica_id: str, devices: tuple[int, ...] | None) -> bool:
+        """Run cell ``term`` on ``replica_id`` with GPU ``devices`` (None: say nothing of GPUs).
+
+        Called by the gate. Returns False when the cell is no longer waiting (answered) or the
+        replica is gone: the gate then releases what it bound."""
+        execution = self._terms.get(term)
+        link = self.links.get(replica_id)
+        if execution is None or execution.replica is not None or link is None:
+            return False
         msg = execution.msg
         metadata = orjson.loads(msg.metadata)
-        metadata["nbcluster"] = {
-            "term": execution.term,
-            "attempt": execution.attempt,
-            "after_term": self.last_replied_term,
-        }
-        msg.metadata = dumps(metadata)
-        execution.replica = target.replica_id
+        meta: dict[str, Any] = {}
+        if len(self.links) > 1:
+            meta = {
+                "term": term,
+                "attempt": execution.attempt,
+                "after_term": self.last_replied_term,
+            }
+        if devices is not None:
+            meta["gpus"] = list(devices)
+        if meta:
+            metadata["nbcluster"] = meta
+            msg.metadata = dumps(metadata)
+        execution.replica = replica_id
+        execution.devices = devices
+        self.executor = replica_id
         self.pending.add(
-            msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.client, target.replica_id
+            msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.client, replica_id
         )
-        self._await_idle(msg, target.replica_id)
+        self._await_idle(msg, replica_id)
         try:
-            target.send(msg)
+            link.send(msg)
         except ConnectionError as exc:
             self.pending.route(msg.msg_id, "execute_reply")
-            self.executions.pop(msg.msg_id, None)
             self.awaiting_idle.pop(msg.msg_id, None)
+            self._forget_execution(execution)
             self._refuse(execution.client, msg, str(exc))
+            return False
+        return True
+
+    def waiting_terms(self) -> list[int]:
+        """Terms of cells that wait for GPUs (not yet sent to a replica), oldest first."""
+        return [term for term, e in self._terms.items() if e.replica is None]
+
+    def show_waiting(self, term: int, text: str) -> None:
+        """Tell the user, in the cell, that it waits for GPUs and why (once per cell)."""
+        execution = self._terms.get(term)
+        if execution is None or execution.replica is not None:
+            return
+        header = execution.msg.header
+        if execution.waiting_since is None:
+            execution.waiting_since = time.monotonic()
+            busy = new_message("iopub", "status", {"execution_state": "busy"}, parent=header)
+            for client in tuple(self.clients):
+                client.send(busy)
+        self._broadcast_stream(header, text)
+
+    def cell_started_after_wait(self, term: int, text: str) -> float | None:
+        """Called by the gate when a cell that announced a wait got its GPUs: says so in the
+        cell and returns how long it waited (None if it never announced a wait)."""
+        execution = self._terms.get(term)
+        if execution is None or execution.waiting_since is None:
+            return None
+        self._broadcast_stream(execution.msg.header, text)
+        return time.monotonic() - execution.waiting_since
+
+    def _broadcast_stream(self, parent: bytes, text: str) -> None:
+        stream = new_message("iopub", "stream", {"name": "stderr", "text": text}, parent=parent)
+        for client in tuple(self.clients):
+            client.send(stream)
+
+    def cancel_waiting(self, term: int, ename: str, reason: str) -> float | None:
+        """Answer a waiting cell with an error instead of running it (interrupted, aborted).
+
+        Returns how long it had waited visibly, or None (it was not waiting, or silently)."""
+        execution = self._terms.get(term)
+        if execution is None or execution.replica is not None:
+            return None
+        self.pending.route(execution.msg.msg_id, "execute_reply")
+        self._forget_execution(execution)
+        if execution.client in self.clients:
+            for reply in error_replies(
+                "shell", "execute_request", execution.msg.header, ename, reason
+            ):
+                execution.client.send(reply)
+        if execution.waiting_since is None:
+            return None
+        return time.monotonic() - execution.waiting_since
+
+    def _forget_execution(self, execution: _Execution) -> None:
+        self.executions.pop(execution.msg.msg_id, None)
+        self._terms.pop(execution.term, None)
 
     def _await_idle(self, msg: Message, replica: str) -> None:
         self.awaiting_idle[msg.msg_id] = (msg.header, replica)
         if len(self.awaiting_idle) > _HOLD_LIMIT * 10:
             del self.awaiting_idle[next(iter(self.awaiting_idle))]
 
-    def on_replica_lost(self, replica: str, reason: str) -> None:
+    def on_replica_lost(
+        self, replica: str, reason: str, release: Callable[[], object] | None = None
+    ) -> None:
         """A replica of a kernel that still has others is gone (the manager dropped its link).
 
         Execute requests it had not answered go to another replica under the same term with
         the next attempt: if the lost replica had won the term, the election says so and the
         client gets ``ReplicaLost`` (the cell may have run partly); otherwise the cell simply
         runs elsewhere. Its other open requests are answered with ``ReplicaLost``, and a
-        request whose reply came but whose ``idle`` did not gets its ``idle``.
+        request whose reply came but whose ``idle`` did not gets its ``idle``. ``release``
+        (the manager's: tell the scheduler) runs once those cells are marked unsent, so that
+        the gate can re-bind them ahead of any cell that waited behind them.
         """
         target = self.executor_link()
+        rerun = []
         for execution in list(self.executions.values()):
             if execution.replica == replica and target is not None:
                 execution.attempt += 1
+                execution.replica = None
                 log.info(
-                    "kernel %s: term %d goes to replica %s (attempt %d): %s",
+                    "kernel %s: term %d runs again (attempt %d): %s",
                     self.id,
                     execution.term,
-                    target.replica_id,
                     execution.attempt,
                     reason,
                 )
-                self._send_execution(execution, target)
+                # Re-registered under no replica, so that fail_pending below leaves it alone.
+                msg = execution.msg
+                self.pending.add(
+                    msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.client
+                )
+                self.awaiting_idle.pop(msg.msg_id, None)
+                rerun.append(execution)
+        if release is not None:
+            release()
+        for execution in rerun:
+            if execution.replica is not None or self._terms.get(execution.term) is not execution:
+                continue  # dispatched by release(), or answered meanwhile
+            assert target is not None
+            if self.gate is None:
+                self.dispatch(execution.term, target.replica_id, execution.devices)
+            else:
+                self.gate.execution_requested(self, execution.term, target.replica_id)
         self.fail_pending(
             "ReplicaLost",
             f"{reason}. The cell it was running is lost; the kernel continues on its other "
@@ -320,18 +443,37 @@ class GatewayKernel:
             return
         owner = pending.owner
         if msg.msg_type == "execute_reply":
-            execution = self.executions.pop(pending.msg_id, None)
+            execution = self.executions.get(pending.msg_id)
             if execution is not None:
-                self.last_replied_term = max(self.last_replied_term, execution.term)
-                if execution.attempt > 1 and msg.content_dict.get("ename") == "ExecutionYieldError":
-                    # The lost replica had won this term: the cell may have run partly there.
-                    self._answer_lost_execution(execution, msg)
-                    return
+                self._execution_replied(execution, msg)
+                return
         if isinstance(owner, _Waiter):
             if not owner.future.done():
                 owner.future.set_result(msg)
         elif owner in self.clients:
             owner.send(msg)
+
+    def _execution_replied(self, execution: _Execution, reply: Message) -> None:
+        self._forget_execution(execution)
+        self.last_replied_term = max(self.last_replied_term, execution.term)
+        content = reply.content_dict
+        if execution.attempt > 1 and content.get("ename") == "ExecutionYieldError":
+            # The lost replica had won this term: the cell may have run partly there.
+            self._answer_lost_execution(execution, reply)
+        elif execution.client in self.clients:
+            execution.client.send(reply)
+        if self.gate is None:
+            return
+        if content.get("status") == "error" and orjson.loads(execution.msg.content).get(
+            "stop_on_error", True
+        ):
+            # ipykernel aborts the requests queued behind a failed cell; cells held here
+            # for GPUs were queued behind it too. Before the GPUs are released: the next
+            # waiting cell would get them and run.
+            for term in self.waiting_terms():
+                self.cancel_waiting(term, "ExecutionAborted", "a cell before this one failed")
+                self.gate.execution_cancelled(self, term)
+        self.gate.execution_finished(self, execution.term)
 
     def _answer_lost_execution(self, execution: _Execution, yielded: Message) -> None:
         if execution.client not in self.clients:
@@ -436,6 +578,14 @@ class GatewayKernel:
         taken = (
             self.pending.take_all() if replica is None else self.pending.take_for_replica(replica)
         )
+        # Forget every answered cell before telling the gate: a release could otherwise hand
+        # the GPUs to a cell of this very batch and send it to a replica.
+        finished = []
+        for pending in taken:
+            execution = self.executions.get(pending.msg_id)
+            if execution is not None:
+                self._forget_execution(execution)
+                finished.append(execution.term)
         for pending in taken:
             owner = pending.owner
             if isinstance(owner, _Waiter):
@@ -448,6 +598,9 @@ class GatewayKernel:
                 pending.channel, pending.msg_type, pending.header, ename, reason
             ):
                 owner.send(reply)
+        if self.gate is not None:
+            for term in finished:
+                self.gate.execution_finished(self, term)
 
     def mark_dead(self, reason: str) -> None:
         self.record.dead_reason = reason

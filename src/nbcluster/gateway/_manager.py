@@ -14,21 +14,50 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import zmq
 
 from ..hostproto import ReplicaExited, ReplicaReport, SignalReplica, StartReplica, StopReplica
-from ..scheduling import HostLoad, PlacementError, choose_hosts
+from ..scheduling import (
+    DEFAULT_REQUEST,
+    BindGpus,
+    HostAdded,
+    HostRemoved,
+    KernelAdopted,
+    KernelRequested,
+    KernelStopped,
+    Migrate,
+    MigrationRefused,
+    MigrationRequested,
+    PlaceReplicas,
+    RejectKernel,
+    ReplicaAdopted,
+    ReplicaReady,
+    ReplicaRequested,
+    ReplicaStopped,
+    Resources,
+    ScaleOut,
+    parse_request,
+    policy_named,
+)
 from ._config import GatewayConfig
+from ._gpus import GpuScheduling, host_spec
 from ._hosts import HostEntry, HostRegistry, HostRequestError
 from ._kernel import GatewayKernel, KernelUnavailable
 from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpecRegistry
 from ._metrics import GatewayMetrics
 from ._state import KernelRecord, ReplicaRecord, StateStore
 
-__all__ = ["KernelManager", "KernelRequestError", "KernelStartError", "NoSuchKernel"]
+__all__ = [
+    "KernelManager",
+    "KernelRejected",
+    "KernelRequestError",
+    "KernelStartError",
+    "MigrationError",
+    "NoSuchKernel",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +81,19 @@ class KernelRequestError(ValueError):
 
 class KernelStartError(RuntimeError):
     """The kernel could not be started (no host, a replica failed ...); the text says why."""
+
+
+class KernelRejected(KernelStartError):
+    """The scheduler refused the kernel. ``permanent``: no host could ever take it (400);
+    otherwise the cluster is full now (503)."""
+
+    def __init__(self, reason: str, permanent: bool) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
+
+
+class MigrationError(RuntimeError):
+    """A requested migration was refused or failed; the text says why."""
 
 
 def validate_env(env: Mapping[str, Any]) -> dict[str, str]:
@@ -104,6 +146,15 @@ class KernelManager:
         self.kernels: dict[str, GatewayKernel] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._background: set[asyncio.Task[Any]] = set()
+        policy_named(config.policy)  # a bad name fails at start-up, not at the first kernel
+        self.gpus = GpuScheduling(
+            self.kernels, metrics, config.max_subscription_ratio, config.replicas_per_kernel
+        )
+        self.gpus.migrate = self._migrate
+        #: Waits for new hosts after a reactive scale-out, and hears of every registration;
+        #: set by the gateway's auto-scaler.
+        self.await_hosts: Callable[[float], Awaitable[bool]] | None = None
+        self.host_registered: Callable[[str], None] | None = None
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -114,7 +165,9 @@ class KernelManager:
             raise NoSuchKernel(f"no kernel with id {kernel_id}") from None
 
     def _new_kernel(self, record: KernelRecord) -> GatewayKernel:
-        return GatewayKernel(record, on_routed=self.metrics.routed, on_reject=self.metrics.reject)
+        kernel = GatewayKernel(record, on_routed=self.metrics.routed, on_reject=self.metrics.reject)
+        kernel.gate = self.gpus
+        return kernel
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -130,6 +183,11 @@ class KernelManager:
                 f"unknown kernelspec {name!r}; available: {', '.join(self.specs.names)}"
             )
         kernel_env = validate_env(env)
+        try:
+            request = parse_request(kernel_env, DEFAULT_REQUEST)
+        except ValueError as exc:
+            raise KernelRequestError(f"env.{exc}") from None
+        policy = policy_named(self.config.policy)
         record = KernelRecord(
             id=str(uuid.uuid4()),
             name=name,
@@ -137,6 +195,11 @@ class KernelManager:
             raft_password=secrets.token_hex(16),
             env=kernel_env,
             working_dir=kernel_env.get("KERNEL_WORKING_DIR"),
+            policy=policy.name,
+            request=request.fields(),
+            replica_count=(
+                self.config.replicas_per_kernel if policy.name == "notebookos" else policy.replicas
+            ),
         )
         kernel = self._new_kernel(record)
         self.kernels[record.id] = kernel
@@ -154,35 +217,63 @@ class KernelManager:
         log.info("kernel %s (%s) started on %s", record.id, name, [r.host for r in record.replicas])
         return kernel
 
-    def _host_loads(self) -> list[HostLoad]:
-        counts: dict[str, int] = {}
-        for kernel in self.kernels.values():
-            for replica in kernel.live_replicas():
-                counts[replica.host] = counts.get(replica.host, 0) + 1
-        return [
-            HostLoad(h.name, counts.get(h.name, 0), len(h.resources.gpus))
-            for h in self.hosts.connected()
-        ]
+    @staticmethod
+    def _request(record: KernelRecord) -> Resources:
+        fields = record.request
+        return Resources(
+            int(fields.get("gpus", 0)),
+            int(fields.get("millicpus", 0)),
+            int(fields.get("memory_mb", 0)),
+            float(fields.get("vram_gb", 0.0)),
+        )
+
+    async def _place(self, kernel: GatewayKernel) -> list[Any]:
+        """Ask the scheduler where the kernel's replicas go. A full cluster that the
+        auto-scaler can grow is given one chance to (reactive scale-out)."""
+        record = kernel.record
+        event = KernelRequested(
+            record.id, self._request(record), record.replica_count, record.policy
+        )
+        actions: list[Any] = self.gpus.handle(event)
+        reject = next((a for a in actions if isinstance(a, RejectKernel)), None)
+        scaling = any(isinstance(a, ScaleOut) for a in actions)
+        if (
+            reject is not None
+            and scaling
+            and self.await_hosts is not None
+            and await self.await_hosts(self.config.launch_timeout)
+        ):
+            actions = self.gpus.handle(event)
+            reject = next((a for a in actions if isinstance(a, RejectKernel)), None)
+        if reject is not None:
+            connected = len(self.hosts.connected())
+            raise KernelRejected(
+                f"cannot place the kernel: {reject.reason} ({connected} host(s) connected)",
+                permanent=not scaling,
+            )
+        return actions
 
     async def _launch_replicas(self, kernel: GatewayKernel) -> None:
-        count = self.config.replicas_per_kernel
-        try:
-            hosts = choose_hosts(self._host_loads(), count)
-        except PlacementError as exc:
-            connected = len(self.hosts.connected())
-            raise KernelStartError(
-                f"cannot place the kernel: {exc} ({connected} host(s) connected)"
-            ) from None
+        actions = await self._place(kernel)
+        [place] = [a for a in actions if isinstance(a, PlaceReplicas)]
+        life = next((a for a in actions if isinstance(a, BindGpus) and a.term is None), None)
+        devices = life.device_indices if life is not None else None
+        kernel.record.reserved_devices = list(devices) if devices is not None else None
         results = await asyncio.gather(
-            *(self._launch_replica(kernel, host) for host in hosts), return_exceptions=True
+            *(
+                self._launch_replica(kernel, host, replica_id, devices=devices)
+                for replica_id, host in place.replicas
+            ),
+            return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
-        if not errors and count > 1:
+        if not errors and len(place.replicas) > 1:
             try:
                 await self._form_group(kernel)
             except KernelStartError as exc:
                 errors.append(exc)
         if errors:
+            self.gpus.handle(KernelStopped(kernel.id))
             await self._stop_replicas(kernel)
             raise KernelStartError("; ".join(str(e) for e in errors))
 
@@ -218,13 +309,19 @@ class KernelManager:
             raise KernelStartError("; ".join(str(f) or type(f).__name__ for f in failures))
 
     async def _launch_replica(
-        self, kernel: GatewayKernel, host: str, joining: bool = False
+        self,
+        kernel: GatewayKernel,
+        host: str,
+        replica_id: str,
+        joining: bool = False,
+        devices: tuple[int, ...] | None = None,
     ) -> ReplicaRecord:
         """Start one replica on ``host`` and wait until it answers. A ``joining`` replica (a
-        replacement) stays ``starting`` until it has joined its group and caught up."""
+        replacement) stays ``starting`` until it has joined its group and caught up.
+        ``devices``: GPUs it holds for its whole life (``reservation``)."""
         spec = self.specs.get(kernel.record.name)
         assert spec is not None
-        replica = ReplicaRecord(replica_id=f"{kernel.id[:8]}-{secrets.token_hex(3)}", host=host)
+        replica = ReplicaRecord(replica_id=replica_id, host=host)
         kernel.record.replicas.append(replica)
         env = {
             **spec.env,
@@ -232,6 +329,9 @@ class KernelManager:
             "NBCLUSTER_RAFT_PASSWORD": kernel.record.raft_password,
             "NBCLUSTER_STORE_DIR": str(self.config.store_dir),
         }
+        if devices is not None:
+            visible = ",".join(map(str, devices))
+            env |= {"CUDA_VISIBLE_DEVICES": visible, "NBCLUSTER_GPUS": visible}
         timeout = self.config.launch_timeout
         try:
             result = await self.hosts.session(host).request(
@@ -267,70 +367,87 @@ class KernelManager:
         assert replica.connection is not None and replica.connection.raft_port is not None
         return f"{replica.connection.ip}:{replica.connection.raft_port}"
 
+    async def _swap_in(
+        self, kernel: GatewayKernel, host: str, replica_id: str, out: ReplicaRecord
+    ) -> tuple[ReplicaRecord | None, str, bool]:
+        """Start ``replica_id`` on ``host`` and swap it for ``out`` in the Raft group (remove,
+        then add: one change at a time); it catches up from the log or a snapshot.
+
+        Returns the new replica (None on failure), why it failed, and whether ``out`` left
+        the group (the membership change went through even if joining failed)."""
+        running = [
+            r
+            for r in kernel.record.replicas
+            if r.state == "running" and r.replica_id != out.replica_id
+        ]
+        known = {r.replica_id for r in kernel.record.replicas}
+        out_removed = False
+        try:
+            new = await self._launch_replica(kernel, host, replica_id, joining=True)
+            # A standby replica does the membership change: the executor may be busy.
+            helper = next((r for r in running if r.replica_id != kernel.executor), running[0])
+            new_address = self._raft_address(new)
+            reply = await kernel.request(
+                kernel.links[helper.replica_id],
+                "shell",
+                "nbcluster_membership_request",
+                {"remove": [self._raft_address(out)], "add": [new_address], "timeout": 20.0},
+                30.0,
+            )
+            if reply.content_dict.get("status") != "ok":
+                raise KernelStartError(
+                    f"membership change failed: {reply.content_dict.get('evalue')}"
+                )
+            out_removed = True
+            peers = [self._raft_address(r) for r in running] + [new_address]
+            reply = await kernel.request(
+                kernel.links[new.replica_id],
+                "shell",
+                "nbcluster_raft_start_request",
+                {"address": new_address, "peers": peers, "members": len(peers), "timeout": 20.0},
+                30.0,
+            )
+            if reply.content_dict.get("status") != "ok":
+                raise KernelStartError(f"could not join: {reply.content_dict.get('evalue')}")
+        except (KernelStartError, KernelUnavailable, TimeoutError, IndexError) as exc:
+            for attempt in kernel.record.replicas:
+                if attempt.replica_id not in known:
+                    await self._stop_replica(kernel, attempt)
+                    attempt.state, attempt.reason = "dead", f"did not join: {exc}"
+            return None, str(exc) or type(exc).__name__, out_removed
+        new.state = "running"
+        return new, "", True
+
     async def _replace_replica(self, kernel: GatewayKernel, dead: ReplicaRecord) -> None:
         """Bring a replicated kernel back to full strength after it lost ``dead``: start a new
-        replica on another host, swap it for the dead one in the Raft group (remove, then add:
-        one change at a time), and let it catch up from the log or a snapshot before it may
-        execute. Runs in the background; the kernel keeps serving meanwhile."""
+        replica on another host, chosen by the scheduler, and swap it in. Runs in the
+        background; the kernel keeps serving meanwhile."""
         async with kernel.lifecycle_lock:
             running = [r for r in kernel.record.replicas if r.state == "running"]
             if self.kernels.get(kernel.id) is not kernel or kernel.is_dead or not running:
                 return
-            if len(running) >= self.config.replicas_per_kernel:
+            if len(running) >= kernel.record.replica_count:
                 return
-            exclude = {r.host for r in kernel.live_replicas()}
-            try:
-                [host] = choose_hosts(self._host_loads(), 1, exclude)
-            except PlacementError as exc:
+            actions = self.gpus.handle(ReplicaRequested(kernel.id))
+            place = next((a for a in actions if isinstance(a, PlaceReplicas)), None)
+            if place is None:
                 log.warning(
-                    "kernel %s runs degraded on %d replicas: %s", kernel.id, len(running), exc
+                    "kernel %s runs degraded on %d replicas: no host has room for another",
+                    kernel.id,
+                    len(running),
                 )
                 return
+            [(replica_id, host)] = place.replicas
             started = time.monotonic()
-            known = {r.replica_id for r in kernel.record.replicas}
-            new: ReplicaRecord | None = None
-            try:
-                new = await self._launch_replica(kernel, host, joining=True)
-                # A standby replica does the membership change: the executor may be busy.
-                helper = next((r for r in running if r.replica_id != kernel.executor), running[0])
-                new_address = self._raft_address(new)
-                reply = await kernel.request(
-                    kernel.links[helper.replica_id],
-                    "shell",
-                    "nbcluster_membership_request",
-                    {"remove": [self._raft_address(dead)], "add": [new_address], "timeout": 20.0},
-                    30.0,
-                )
-                if reply.content_dict.get("status") != "ok":
-                    raise KernelStartError(
-                        f"membership change failed: {reply.content_dict.get('evalue')}"
-                    )
-                peers = [self._raft_address(r) for r in running] + [new_address]
-                reply = await kernel.request(
-                    kernel.links[new.replica_id],
-                    "shell",
-                    "nbcluster_raft_start_request",
-                    {
-                        "address": new_address,
-                        "peers": peers,
-                        "members": len(peers),
-                        "timeout": 20.0,
-                    },
-                    30.0,
-                )
-                if reply.content_dict.get("status") != "ok":
-                    raise KernelStartError(f"could not join: {reply.content_dict.get('evalue')}")
-            except (KernelStartError, KernelUnavailable, TimeoutError) as exc:
+            new, why, _ = await self._swap_in(kernel, host, replica_id, dead)
+            if new is None:
+                self.gpus.handle(ReplicaStopped(kernel.id, replica_id))
                 log.error(
-                    "kernel %s: could not replace replica %s: %s", kernel.id, dead.replica_id, exc
+                    "kernel %s: could not replace replica %s: %s", kernel.id, dead.replica_id, why
                 )
-                for attempt in kernel.record.replicas:
-                    if attempt.replica_id not in known:
-                        await self._stop_replica(kernel, attempt)
-                        attempt.state, attempt.reason = "dead", f"replacement failed: {exc}"
                 self.store.save(kernel.record)
                 return
-            new.state = "running"
+            self.gpus.handle(ReplicaReady(kernel.id, replica_id))
             self.store.save(kernel.record)
             self.metrics.replacements.observe(time.monotonic() - started)
             log.info(
@@ -341,6 +458,81 @@ class KernelManager:
                 dead.replica_id,
                 time.monotonic() - started,
             )
+
+    async def _migrate(self, migrate: Migrate) -> bool:
+        """Carry out a scheduler ``Migrate``: the new replica joins, the old one retires.
+
+        Called by :class:`GpuScheduling` (a cell needs GPUs elsewhere) and by
+        :meth:`migrate_replica`. On failure the scheduler is told what runs where again."""
+        kernel = self.kernels.get(migrate.kernel_id)
+        if kernel is None:
+            return False
+        async with kernel.lifecycle_lock:
+            old = kernel.replica(migrate.replica_id)
+            if self.kernels.get(kernel.id) is not kernel or old is None or old.state != "running":
+                self.gpus.handle(ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False))
+                return False
+            started = time.monotonic()
+            # The old replica retires first: pysyncobj's leader refuses to remove itself, and
+            # the old one may be the leader. The group commits on 2 of 3 meanwhile.
+            await self._stop_replica(kernel, old)
+            old.reason = f"migrating to {migrate.to_host}"
+            new, why, _ = await self._swap_in(kernel, migrate.to_host, migrate.new_replica_id, old)
+            if new is None:
+                log.error(
+                    "kernel %s: migration of replica %s to %s failed: %s",
+                    kernel.id,
+                    old.replica_id,
+                    migrate.to_host,
+                    why,
+                )
+                # Its cell is asked for again by GpuScheduling (bounded attempts).
+                self.gpus.handle(ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False))
+                self._replica_lost(kernel, old, f"migration to {migrate.to_host} failed: {why}")
+                self.store.save(kernel.record)
+                return False
+            old.reason = f"migrated to {migrate.to_host} as {new.replica_id}"
+            self.store.save(kernel.record)
+            log.info(
+                "kernel %s: replica %s moved from %s to %s as %s in %.2f s",
+                kernel.id,
+                old.replica_id,
+                migrate.from_host,
+                migrate.to_host,
+                new.replica_id,
+                time.monotonic() - started,
+            )
+            return True
+
+    async def migrate_replica(
+        self, kernel_id: str, replica_id: str, to_host: str | None
+    ) -> dict[str, Any]:
+        """``POST /api/cluster/kernels/{id}/replicas/{rid}/migrate``: move one replica now."""
+        kernel = self.get(kernel_id)
+        if kernel.is_dead:
+            raise MigrationError(f"kernel {kernel_id} is dead: {kernel.record.dead_reason}")
+        actions = self.gpus.handle(MigrationRequested(kernel_id, replica_id, to_host))
+        refused = next((a for a in actions if isinstance(a, MigrationRefused)), None)
+        if refused is not None:
+            raise MigrationError(refused.reason)
+        [migrate] = [a for a in actions if isinstance(a, Migrate)]
+        started = time.monotonic()
+        ok = await self._migrate(migrate)
+        self.metrics.migrations.labels("ok" if ok else "failed").inc()
+        if not ok:
+            raise MigrationError(
+                f"replica {replica_id} could not move to {migrate.to_host}; see the gateway log"
+            )
+        seconds = time.monotonic() - started
+        self.metrics.migration_seconds.observe(seconds)
+        return {
+            "kernel_id": kernel_id,
+            "replica_id": replica_id,
+            "new_replica_id": migrate.new_replica_id,
+            "from_host": migrate.from_host,
+            "to_host": migrate.to_host,
+            "seconds": round(seconds, 3),
+        }
 
     # -- stop, restart, interrupt -------------------------------------------------------------
 
@@ -374,6 +566,7 @@ class KernelManager:
         async with kernel.lifecycle_lock:
             self.kernels.pop(kernel_id, None)
             kernel.fail_pending("KernelShutdown", "the kernel was shut down")
+            self.gpus.handle(KernelStopped(kernel_id))
             await self._stop_replicas(kernel)
             self.store.delete(kernel_id)
             for client in tuple(kernel.clients):
@@ -385,6 +578,7 @@ class KernelManager:
         kernel = self.get(kernel_id)
         async with kernel.lifecycle_lock:
             kernel.begin_restart()
+            self.gpus.handle(KernelStopped(kernel_id))
             await self._stop_replicas(kernel)
             kernel.record.replicas = []
             kernel.record.dead_reason = ""
@@ -406,6 +600,10 @@ class KernelManager:
         kernel = self.get(kernel_id)
         if kernel.is_dead:
             raise KernelUnavailable(f"kernel {kernel_id} is dead: {kernel.record.dead_reason}")
+        for term in kernel.waiting_terms():
+            # Cells waiting for GPUs have not reached a replica: they leave the queue here.
+            kernel.cancel_waiting(term, "KeyboardInterrupt", "interrupted while waiting for GPUs")
+            self.gpus.execution_cancelled(kernel, term)
         spec = self.specs.get(kernel.record.name)
         if spec is not None and spec.interrupt_mode == "message":
             link = kernel.executor_link()
@@ -436,13 +634,21 @@ class KernelManager:
         replica.state = "dead"
         replica.reason = reason
         kernel.drop_link(replica.replica_id)
+        stopped = ReplicaStopped(kernel.id, replica.replica_id)
         if kernel.live_replicas():
-            kernel.on_replica_lost(replica.replica_id, reason)
-            if self.config.replicas_per_kernel > 1:
+            # The scheduler frees the replica's GPUs once the kernel has marked its cell to
+            # run again, so that the cell is re-bound first.
+            kernel.on_replica_lost(
+                replica.replica_id, reason, release=lambda: self.gpus.handle(stopped)
+            )
+            if kernel.record.replica_count > 1:
                 self._spawn(self._replace_replica(kernel, replica))
-        elif not kernel.is_dead:
-            log.warning("kernel %s is dead: %s", kernel.id, reason)
-            kernel.mark_dead(reason)
+        else:
+            self.gpus.handle(stopped)
+            if not kernel.is_dead:
+                log.warning("kernel %s is dead: %s", kernel.id, reason)
+                kernel.mark_dead(reason)
+                self.gpus.handle(KernelStopped(kernel.id))
         self.store.save(kernel.record)
 
     def on_replica_exited(self, host: str, event: ReplicaExited) -> None:
@@ -462,6 +668,7 @@ class KernelManager:
             for replica in kernel.live_replicas():
                 if replica.host == entry.name:
                     self._replica_lost(kernel, replica, f"host {entry.name} was lost")
+        self.gpus.handle(HostRemoved(entry.name))
 
     async def on_host_disconnected(self, entry: HostEntry) -> None:
         """A host's websocket closed. Ping its replicas' heartbeat sockets until they stop
@@ -469,6 +676,8 @@ class KernelManager:
         than after the lost timeout), the host comes back, or it is declared lost. One ping is
         not enough: a dying replica can still answer for a moment after its host's socket
         closed."""
+        # Nothing new goes to it meanwhile; a hello brings it and its replicas back.
+        self.gpus.handle(HostRemoved(entry.name))
         deadline = time.monotonic() + self.hosts.lost_timeout
         while time.monotonic() < deadline:
             suspects = [
@@ -498,6 +707,13 @@ class KernelManager:
 
         Returns replica ids the host runs that belong to no known kernel: the caller stops them.
         """
+        if self.host_registered is not None:
+            self.host_registered(entry.name)
+        spec, devices = host_spec(entry.resources)
+        try:
+            self.gpus.handle(HostAdded(entry.name, spec, devices))
+        except ValueError as exc:
+            log.error("host %s reported unusable resources: %s", entry.name, exc)
         reported = {r.replica_id: r for r in reports}
         for kernel in list(self.kernels.values()):
             for replica in kernel.live_replicas():
@@ -517,6 +733,18 @@ class KernelManager:
                     if replica.replica_id not in kernel.links:
                         kernel.make_link(self.zmq_context, replica)
                     self.store.save(kernel.record)
+                if replica.state == "running":
+                    reserved = kernel.record.reserved_devices
+                    self.gpus.handle(
+                        ReplicaAdopted(
+                            kernel.id,
+                            replica.replica_id,
+                            entry.name,
+                            self._request(kernel.record),
+                            kernel.record.policy,
+                            tuple(reserved) if reserved is not None else None,
+                        )
+                    )
         return list(reported)
 
     # -- gateway restart ----------------------------------------------------------------------
@@ -529,6 +757,8 @@ class KernelManager:
             if record.dead_reason:
                 kernel.execution_state = "dead"
                 continue
+            # Its cells wait until a host's hello brings back one of its replicas.
+            self.gpus.handle(KernelAdopted(record.id, self._request(record), record.policy))
             for replica in record.replicas:
                 if replica.state in ("running", "starting", "unknown") and replica.connection:
                     replica.state = "unknown"
@@ -570,6 +800,7 @@ class KernelManager:
         """Detach from every kernel (they keep running) when the gateway stops."""
         for task in list(self._background):
             task.cancel()
+        await self.gpus.close()
         for kernel in self.kernels.values():
             for client in tuple(kernel.clients):
                 client.close(1001, "gateway shutting down")

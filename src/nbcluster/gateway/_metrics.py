@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from ..scheduling import Scheduler
     from ._hosts import HostRegistry
     from ._kernel import GatewayKernel
 
@@ -62,6 +63,50 @@ class _ClusterCollector(Collector):
         yield c_family
 
 
+class _SchedulerCollector(Collector):
+    """GPU accounting per host and the cluster's waiting cells, from the scheduler's views."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        gpus = GaugeMetricFamily(
+            "nbcluster_host_gpu_state",
+            "GPUs of a host by state: idle (not bound), committed (bound to an executing "
+            "replica or reserved), pending (claimed by replicas placed here; may exceed the "
+            "host's GPUs: oversubscription).",
+            labels=["host", "state"],
+        )
+        ratio = GaugeMetricFamily(
+            "nbcluster_host_subscription_ratio",
+            "Largest per-resource pending / capacity / replicas-per-kernel of a host.",
+            labels=["host"],
+        )
+        draining = GaugeMetricFamily(
+            "nbcluster_host_draining", "1 when a host shrank below its bindings.", labels=["host"]
+        )
+        for view in self._scheduler.hosts.values():
+            gpus.add_metric([view.name, "idle"], view.idle_gpus)
+            gpus.add_metric([view.name, "committed"], view.committed_gpus)
+            gpus.add_metric([view.name, "pending"], view.pending.gpus)
+            ratio.add_metric([view.name], view.subscription_ratio)
+            draining.add_metric([view.name], 1 if view.draining else 0)
+        yield from (gpus, ratio, draining)
+        summary = self._scheduler.summary()
+        waiting = GaugeMetricFamily(
+            "nbcluster_cells_waiting_for_gpus", "Cells queued until GPUs are free."
+        )
+        waiting.add_metric([], summary.waiting_cells)
+        yield waiting
+        capacity = GaugeMetricFamily(
+            "nbcluster_cluster_gpus", "GPUs in the cluster by state.", labels=["state"]
+        )
+        capacity.add_metric(["total"], summary.gpu_capacity)
+        capacity.add_metric(["committed"], summary.committed_gpus)
+        capacity.add_metric(["pending"], summary.pending_gpus)
+        yield capacity
+
+
 class GatewayMetrics:
     """Created once per gateway; the router and API handlers record into it."""
 
@@ -101,10 +146,46 @@ class GatewayMetrics:
         self.hosts_lost = Counter(
             "nbcluster_hosts_lost", "Hosts declared lost.", registry=self.registry
         )
+        self.cells_waiting_total = Counter(
+            "nbcluster_cells_waited_for_gpus",
+            "Cells that had to wait for GPUs (the user was told).",
+            registry=self.registry,
+        )
+        self.gpu_wait = Histogram(
+            "nbcluster_gpu_wait_seconds",
+            "How long cells waited for GPUs (until they ran or were cancelled).",
+            registry=self.registry,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+        )
+        self.migrations = Counter(
+            "nbcluster_migrations",
+            "Replica migrations, by outcome (ok, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.migration_seconds = Histogram(
+            "nbcluster_migration_seconds",
+            "Time to start a replica on another host, let it catch up and retire the old one.",
+            registry=self.registry,
+            buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60),
+        )
+        self.scale_events = Counter(
+            "nbcluster_scale_events",
+            "Auto-scaling actions, by direction (out, in) and outcome (ok, failed).",
+            ["direction", "outcome"],
+            registry=self.registry,
+        )
         self._routed: dict[tuple[str, str], Callable[[], None]] = {}
 
-    def watch(self, hosts: HostRegistry, kernels: Callable[[], Iterable[GatewayKernel]]) -> None:
+    def watch(
+        self,
+        hosts: HostRegistry,
+        kernels: Callable[[], Iterable[GatewayKernel]],
+        scheduler: Scheduler | None = None,
+    ) -> None:
         self.registry.register(_ClusterCollector(hosts, kernels))
+        if scheduler is not None:
+            self.registry.register(_SchedulerCollector(scheduler))
 
     def routed(self, channel: str, direction: str) -> None:
         inc = self._routed.get((channel, direction))

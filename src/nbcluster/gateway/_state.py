@@ -44,6 +44,12 @@ class KernelRecord(BaseModel):
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     replicas: list[ReplicaRecord] = Field(default_factory=list)
     dead_reason: str = ""
+    #: Scheduling: the policy, the resource request (``Resources`` fields), how many replicas
+    #: the kernel runs, and the GPU devices it holds for life (``reservation``).
+    policy: str = "notebookos"
+    request: dict[str, float] = Field(default_factory=dict)
+    replica_count: int = 1
+    reserved_devices: list[int] | None = None
 
 
 class StateStore(Protocol):

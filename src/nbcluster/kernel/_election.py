@@ -96,13 +96,13 @@ class ElectionLog:
             return [Ignored(f"{p.kind} for stale attempt {p.attempt} of term {p.term}")]
         if state.winner is not None:
             return [Ignored(f"{p.kind} for decided term {p.term}")]
+        if state.failed:
+            # Every member yielded this attempt: it is over, also for a lead committed late.
+            return [Ignored(f"{p.kind} for failed attempt {p.attempt} of term {p.term}")]
         if p.kind == "lead":
             state.winner = p.replica
-            state.failed = False
             self._prune()
             return [Decided(p.term, p.attempt, p.replica)]
-        if state.failed:
-            return [Ignored(f"yield for failed attempt {p.attempt} of term {p.term}")]
         state.yields.add(p.replica)
         if len(state.yields) >= self.members:
             state.failed = True

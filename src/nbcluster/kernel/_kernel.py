@@ -8,6 +8,8 @@ In a replica group it joins the group's Raft log when the gateway sends
   wait for the committed decision, wait until the state of earlier cells is applied, execute,
   reply, and then (off the critical path) append ``done`` with the cell's state update. If
   another replica's lead for the term committed first, reply ``ExecutionYieldError`` instead.
+* The GPUs the gateway bound to the cell (``metadata["nbcluster"]["gpus"]``, with or without a
+  term) are visible to the cell while it runs on the replica that runs it (see ``_gpus``).
 * The other replicas receive nothing for the cell: they apply ``done`` records of other
   replicas to their namespace as they commit.
 """
@@ -22,7 +24,9 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Unicode
 
+from .. import runtime
 from .._version import __version__
+from ._gpus import cell_gpus, use_nvml_device_order
 from ._records import Proposal
 
 __all__ = ["ReplicaKernel"]
@@ -55,6 +59,8 @@ class ReplicaKernel(IPythonKernel):
         self.shell_handlers["nbcluster_membership_request"] = self.nbcluster_membership_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
+        runtime._mark_kernel()
+        use_nvml_device_order()  # before any cell can initialise CUDA
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -203,15 +209,18 @@ class ReplicaKernel(IPythonKernel):
         cell_meta: dict[str, Any] | None,
         cell_id: str | None,
     ) -> dict[str, Any]:
-        result: dict[str, Any] = await super().do_execute(
-            code,
-            silent,
-            store_history=store_history,
-            user_expressions=user_expressions,
-            allow_stdin=allow_stdin,
-            cell_meta=cell_meta,
-            cell_id=cell_id,
-        )
+        """Run the cell here, with the GPUs the gateway bound to it (if it said which)."""
+        parent = self.get_parent("shell")
+        with cell_gpus(parent.get("metadata"), self.send_stream_warning):
+            result: dict[str, Any] = await super().do_execute(
+                code,
+                silent,
+                store_history=store_history,
+                user_expressions=user_expressions,
+                allow_stdin=allow_stdin,
+                cell_meta=cell_meta,
+                cell_id=cell_id,
+            )
         return result
 
     def _yield_reply(self, term: int, winner: str | None) -> dict[str, Any]:

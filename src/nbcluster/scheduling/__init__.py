@@ -1,8 +1,8 @@
 """Scheduling decisions as pure code: events and snapshots in, decisions out, no I/O.
 
-``choose_hosts`` is today's least-loaded placement used by the gateway; :class:`Scheduler`
-is the GPU-aware core (resource accounting, oversubscription, binding, migration) that the
-gateway will drive with events, and :func:`scaling_decision` its auto-scaler.
+:class:`Scheduler` is the GPU-aware core (resource accounting, oversubscription, placement,
+binding, migration) that the gateway drives with events, and :func:`scaling_decision` the
+auto-scaler's rule.
 """
 
 from ._actions import (
@@ -10,6 +10,7 @@ from ._actions import (
     BindGpus,
     CancelWait,
     Migrate,
+    MigrationRefused,
     PlaceReplicas,
     RejectKernel,
     ReleaseGpus,
@@ -25,12 +26,15 @@ from ._events import (
     HostAdded,
     HostRemoved,
     HostResourcesChanged,
+    KernelAdopted,
     KernelRequested,
     KernelStopped,
+    MigrationRequested,
+    ReplicaAdopted,
+    ReplicaReady,
     ReplicaRequested,
     ReplicaStopped,
 )
-from ._placement import HostLoad, PlacementError, choose_hosts
 from ._policies import BATCH, NOTEBOOKOS, POLICIES, RESERVATION, Policy, policy_named
 from ._resources import DEFAULT_REQUEST, Resources, parse_request
 from ._scaling import ScalingConfig, scaling_decision
@@ -53,19 +57,22 @@ __all__ = [
     "ExecutionFinished",
     "ExecutionRequested",
     "HostAdded",
-    "HostLoad",
     "HostRemoved",
     "HostResourcesChanged",
     "HostView",
+    "KernelAdopted",
     "KernelRequested",
     "KernelStopped",
     "KernelView",
     "Migrate",
+    "MigrationRefused",
+    "MigrationRequested",
     "PlaceReplicas",
-    "PlacementError",
     "Policy",
     "RejectKernel",
     "ReleaseGpus",
+    "ReplicaAdopted",
+    "ReplicaReady",
     "ReplicaRequested",
     "ReplicaStopped",
     "Resources",
@@ -75,7 +82,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "WaitForGpus",
-    "choose_hosts",
     "parse_request",
     "policy_named",
     "scaling_decision",

@@ -14,6 +14,7 @@ __all__ = [
     "BindGpus",
     "CancelWait",
     "Migrate",
+    "MigrationRefused",
     "PlaceReplicas",
     "RejectKernel",
     "ReleaseGpus",
@@ -65,25 +66,41 @@ class ReleaseGpus:
 
 @dataclass(frozen=True, slots=True)
 class Migrate:
-    """Move ``replica_id`` from ``from_host`` to ``to_host`` (start new, catch up, retire old).
+    """Replace ``replica_id`` on ``from_host`` by ``new_replica_id`` on ``to_host`` (start the
+    new one, let it catch up through a Raft membership change, retire the old one).
 
-    The scheduler has already moved the replica's claims to ``to_host``; a ``BindGpus`` for
-    the same replica on ``to_host`` follows in the same list."""
+    The scheduler has already moved the claim to the new replica; a ``BindGpus`` for
+    ``new_replica_id`` on ``to_host`` follows in the same list when a cell waits for it."""
 
     kernel_id: str
     replica_id: str
     from_host: str
     to_host: str
+    new_replica_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRefused:
+    """A requested migration cannot happen; ``reason`` is the operator-facing error."""
+
+    kernel_id: str
+    replica_id: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class WaitForGpus:
-    """No host can give ``term`` its GPUs now: the cell waits (tell the user why)."""
+    """No host can give ``term`` its GPUs now: the cell waits (tell the user why).
+
+    ``behind_own_cell``: it only waits for the kernel's previous cell, as any queued cell of a
+    Jupyter kernel does; not worth a message. If, once that cell is done, no GPU is free, a
+    second ``WaitForGpus`` for the same term comes with ``behind_own_cell`` False."""
 
     kernel_id: str
     term: int
     gpus: int
     reason: str
+    behind_own_cell: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +133,7 @@ Action = (
     | BindGpus
     | ReleaseGpus
     | Migrate
+    | MigrationRefused
     | WaitForGpus
     | CancelWait
     | ScaleOut

@@ -19,8 +19,12 @@ __all__ = [
     "HostAdded",
     "HostRemoved",
     "HostResourcesChanged",
+    "KernelAdopted",
     "KernelRequested",
     "KernelStopped",
+    "MigrationRequested",
+    "ReplicaAdopted",
+    "ReplicaReady",
     "ReplicaRequested",
     "ReplicaStopped",
 ]
@@ -72,11 +76,53 @@ class ReplicaRequested:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaStopped:
-    """A replica exited, was retired or failed to start: its claims are released."""
+class KernelAdopted:
+    """A kernel that already exists (a restarted gateway restored it), with no replica known
+    yet: its cells wait until ``ReplicaAdopted`` brings one. Known ids are ignored."""
+
+    kernel_id: str
+    request: Resources
+    policy: str = "notebookos"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReady:
+    """A replica placed by ``ReplicaRequested`` has joined its group and caught up: from now
+    on it may execute cells (replicas placed with their kernel, adopted or migrated to are
+    ready from the start)."""
 
     kernel_id: str
     replica_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAdopted:
+    """A replica that already runs on ``host`` (the gateway restarted and found it there).
+
+    Its claim is added without the subscription cap: it exists whatever the cap says. The
+    first adopted replica of an unknown kernel creates it with ``request`` and ``policy``;
+    ``reserved_devices`` re-creates a life-long binding (``reservation``) on those devices.
+    A replica on an unknown host is ignored (adopt it when that host registers)."""
+
+    kernel_id: str
+    replica_id: str
+    host: str
+    request: Resources
+    policy: str = "notebookos"
+    reserved_devices: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStopped:
+    """A replica exited, was retired or failed to start: its claims are released.
+
+    ``rerun``: the cell it was executing (if it held a binding for one) runs again elsewhere,
+    ahead of every waiting cell (it was running already); the scheduler binds it at once if it
+    can, else queues it first. False: the caller decides (a failed migration, for instance)."""
+
+    kernel_id: str
+    replica_id: str
+    rerun: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +153,15 @@ class ExecutionCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationRequested:
+    """An operator asked to move a replica (to ``to_host``, or wherever fits best)."""
+
+    kernel_id: str
+    replica_id: str
+    to_host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class KernelStopped:
     """The kernel was shut down: every claim it holds is released."""
 
@@ -118,10 +173,14 @@ Event = (
     | HostRemoved
     | HostResourcesChanged
     | KernelRequested
+    | KernelAdopted
+    | ReplicaAdopted
+    | ReplicaReady
     | ReplicaRequested
     | ReplicaStopped
     | ExecutionRequested
     | ExecutionFinished
     | ExecutionCancelled
+    | MigrationRequested
     | KernelStopped
 )

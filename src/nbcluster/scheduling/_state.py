@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ._actions import (
@@ -33,6 +33,7 @@ from ._actions import (
     BindGpus,
     CancelWait,
     Migrate,
+    MigrationRefused,
     PlaceReplicas,
     RejectKernel,
     ReleaseGpus,
@@ -47,8 +48,12 @@ from ._events import (
     HostAdded,
     HostRemoved,
     HostResourcesChanged,
+    KernelAdopted,
     KernelRequested,
     KernelStopped,
+    MigrationRequested,
+    ReplicaAdopted,
+    ReplicaReady,
     ReplicaRequested,
     ReplicaStopped,
 )
@@ -66,6 +71,11 @@ _FIELD_WORDS = {
 }
 
 
+def numbered_replica_id(kernel_id: str, number: int) -> str:
+    """Deterministic replica ids (``<kernel>-r<n>``) for tests and the simulator."""
+    return f"{kernel_id}-r{number}"
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     #: A host refuses a placement that would push any resource's
@@ -73,6 +83,9 @@ class SchedulerConfig:
     max_subscription_ratio: float = 7.0
     #: The denominator of the subscription ratio (NotebookOS: the cluster's replica count).
     replicas_per_kernel: int = 3
+    #: Names a kernel's ``number``-th replica; the gateway passes one that is unique across
+    #: restarts of the kernel and of itself.
+    new_replica_id: Callable[[str, int], str] = numbered_replica_id
 
     def __post_init__(self) -> None:
         if self.max_subscription_ratio <= 0 or self.replicas_per_kernel < 1:
@@ -105,11 +118,16 @@ class _Kernel:
     replicas: dict[str, str] = field(default_factory=dict)  # replica id -> host
     binding: Binding | None = None
     waiting: list[int] = field(default_factory=list)
+    #: Replicas placed as replacements that have not caught up yet: they cannot execute.
+    starting: set[str] = field(default_factory=set)
     next_replica: int = 0
 
-    def new_replica_id(self) -> str:
-        self.next_replica += 1
-        return f"{self.kernel_id}-r{self.next_replica}"
+    def new_replica_id(self, name: Callable[[str, int], str]) -> str:
+        while True:
+            self.next_replica += 1
+            replica_id = name(self.kernel_id, self.next_replica)
+            if replica_id not in self.replicas:
+                return replica_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +195,9 @@ class Scheduler:
             idle_hosts=tuple(sorted(h.name for h in hosts if not h.replicas and not h.bound)),
         )
 
+    def has_kernel(self, kernel_id: str) -> bool:
+        return kernel_id in self._kernels
+
     def subscription_ratio(self, host: str) -> float:
         """The largest of a host's per-resource ratios ``pending / spec / replicas_per_kernel``."""
         h = self._hosts[host]
@@ -197,6 +218,24 @@ class Scheduler:
                 return self._kernel_requested(event)
             case ReplicaRequested():
                 return self._replica_requested(event)
+            case KernelAdopted():
+                if event.kernel_id not in self._kernels:
+                    try:
+                        policy = policy_named(event.policy)
+                    except ValueError:
+                        policy = policy_named("notebookos")
+                    self._kernels[event.kernel_id] = _Kernel(event.kernel_id, event.request, policy)
+                return []
+            case ReplicaAdopted():
+                return self._replica_adopted(event)
+            case ReplicaReady():
+                kernel = self._kernels.get(event.kernel_id)
+                if kernel is None or event.replica_id not in kernel.starting:
+                    return []
+                kernel.starting.discard(event.replica_id)
+                return self._retry_waiting()
+            case MigrationRequested():
+                return self._migration_requested(event)
             case ReplicaStopped():
                 return self._replica_stopped(event)
             case ExecutionRequested():
@@ -288,7 +327,11 @@ class Scheduler:
                 return [RejectKernel(kid, reason), ScaleOut(count - len(hosts), reason)]
         self._kernels[kid] = kernel
         placed = tuple(
-            (self._add_replica(kernel, kernel.new_replica_id(), h), h.name) for h in hosts
+            (
+                self._add_replica(kernel, kernel.new_replica_id(self._config.new_replica_id), h),
+                h.name,
+            )
+            for h in hosts
         )
         actions: list[Action] = [PlaceReplicas(kid, placed)]
         if policy.commit_at_placement and request.gpus > 0:
@@ -309,17 +352,111 @@ class Scheduler:
             hosts = self._least_loaded(kernel.request, 1, exclude)
         if not hosts:
             return [ScaleOut(1, f"no host has room for a replica of {kernel.kernel_id}")]
-        replica_id = self._add_replica(kernel, kernel.new_replica_id(), hosts[0])
+        replica_id = self._add_replica(
+            kernel, kernel.new_replica_id(self._config.new_replica_id), hosts[0]
+        )
         actions: list[Action] = [PlaceReplicas(kernel.kernel_id, ((replica_id, hosts[0].name),))]
         if life_long and kernel.binding is None:
             actions.append(self._bind(kernel, None, replica_id, hosts[0]))
+        else:
+            kernel.starting.add(replica_id)
         return actions + self._retry_waiting()
+
+    def _replica_adopted(self, event: ReplicaAdopted) -> list[Action]:
+        host = self._hosts.get(event.host)
+        if host is None:
+            return []
+        kernel = self._kernels.get(event.kernel_id)
+        if kernel is None:
+            try:
+                policy = policy_named(event.policy)
+            except ValueError:
+                return []
+            kernel = self._kernels[event.kernel_id] = _Kernel(
+                event.kernel_id, event.request, policy
+            )
+        previous = kernel.replicas.get(event.replica_id)
+        if previous == event.host:
+            return []
+        if previous is not None:
+            self._drop_replica(kernel, event.replica_id)
+        self._add_replica(kernel, event.replica_id, host)
+        devices = event.reserved_devices
+        if devices and kernel.binding is None and set(devices) <= host.free:
+            self._unindex_free(host)
+            host.free.difference_update(devices)
+            host.bound[kernel.kernel_id] = tuple(sorted(devices))
+            self._index_free(host)
+            kernel.binding = Binding(None, event.replica_id, host.name, tuple(sorted(devices)))
+        return self._retry_waiting()
+
+    def _migration_requested(self, event: MigrationRequested) -> list[Action]:
+        kid, rid = event.kernel_id, event.replica_id
+        kernel = self._kernels.get(kid)
+        if kernel is None:
+            return [MigrationRefused(kid, rid, f"no kernel {kid}")]
+        if rid not in kernel.replicas:
+            return [MigrationRefused(kid, rid, f"kernel {kid} has no replica {rid}")]
+        b = kernel.binding
+        if b is not None and b.replica_id == rid:
+            why = "holds GPUs for its whole life" if b.term is None else "is executing a cell"
+            return [MigrationRefused(kid, rid, f"replica {rid} {why}; it cannot move now")]
+        if len(kernel.replicas) < 2:
+            return [
+                MigrationRefused(kid, rid, "a kernel with one replica has no peer to catch up from")
+            ]
+        others = {h for r, h in kernel.replicas.items() if r != rid}
+        source = self._hosts[kernel.replicas[rid]]
+        if event.to_host is not None:
+            target = self._hosts.get(event.to_host)
+            if target is None:
+                return [MigrationRefused(kid, rid, f"no host named {event.to_host}")]
+            if target.name == source.name or target.name in others:
+                return [
+                    MigrationRefused(
+                        kid, rid, f"host {target.name} already runs a replica of kernel {kid}"
+                    )
+                ]
+            if not self._can_place(target, kernel.request):
+                return [
+                    MigrationRefused(
+                        kid,
+                        rid,
+                        f"host {target.name} has no room for {_describe(kernel.request)} "
+                        f"(draining, too small, or over the subscription cap)",
+                    )
+                ]
+        else:
+            found = self._least_loaded(kernel.request, 1, others | {source.name})
+            if not found:
+                return [
+                    MigrationRefused(
+                        kid, rid, f"no other host has room for {_describe(kernel.request)}"
+                    )
+                ]
+            target = found[0]
+        return [self._move(kernel, rid, source, target)]
+
+    def _move(self, kernel: _Kernel, replica_id: str, source: _Host, target: _Host) -> Migrate:
+        self._remove_claim(kernel, replica_id, source)
+        new_id = kernel.new_replica_id(self._config.new_replica_id)
+        self._add_replica(kernel, new_id, target)
+        return Migrate(kernel.kernel_id, replica_id, source.name, target.name, new_id)
 
     def _replica_stopped(self, event: ReplicaStopped) -> list[Action]:
         kernel = self._kernels.get(event.kernel_id)
         if kernel is None or event.replica_id not in kernel.replicas:
             return []
+        b = kernel.binding
         actions = self._drop_replica(kernel, event.replica_id)
+        if (
+            event.rerun
+            and b is not None
+            and b.replica_id == event.replica_id
+            and b.term is not None
+        ):
+            kernel.waiting.insert(0, b.term)
+            self._queue.appendleft(_Wait(kernel.kernel_id, b.term, None))
         return actions + self._retry_waiting()
 
     def _execution_requested(self, event: ExecutionRequested) -> list[Action]:
@@ -332,26 +469,27 @@ class Scheduler:
             return [BindGpus(kernel.kernel_id, event.term, b.replica_id, b.host, b.device_indices)]
         if b is not None and b.term == event.term:
             return []
-        if kernel.request.gpus == 0 and kernel.replicas:
-            # 0-GPU kernels never wait: nothing is committed, any replica may run the cell.
-            kernel.binding = None
+        if kernel.request.gpus == 0 and not kernel.waiting:
+            # 0-GPU kernels wait for nothing but a ready replica: nothing is committed.
+            kernel.binding = b = None
             bound = self._try_bind(kernel, event.term, event.preferred_replica)
-            assert bound is not None
-            return bound
-        if b is None and not kernel.waiting:
+            if bound is not None:
+                return bound
+        elif b is None and not kernel.waiting:
             bound = self._try_bind(kernel, event.term, event.preferred_replica)
             if bound is not None:
                 return bound
         gpus = kernel.request.gpus
-        if b is not None or kernel.waiting:
+        behind = b is not None or bool(kernel.waiting)
+        if behind:
             reason = "the kernel's previous cell still holds its GPUs"
-        elif not kernel.replicas:
+        elif len(kernel.starting) == len(kernel.replicas):
             reason = "the kernel has no running replica"
         else:
             reason = f"no host has {gpus} idle GPUs"
         kernel.waiting.append(event.term)
         self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica))
-        actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason)]
+        actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason, behind)]
         if b is None and kernel.replicas and max(self._by_free, default=0) < gpus:
             actions.append(ScaleOut(1, f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"))
         return actions
@@ -362,7 +500,16 @@ class Scheduler:
             return []
         b = kernel.binding
         if b is not None and b.term == event.term:
-            return [self._release(kernel), *self._retry_waiting()]
+            actions = [self._release(kernel), *self._retry_waiting()]
+            if kernel.waiting and kernel.binding is None:
+                # Its next cell waited only for this one; now it waits for the cluster.
+                gpus = kernel.request.gpus
+                actions.append(
+                    WaitForGpus(
+                        kernel.kernel_id, kernel.waiting[0], gpus, f"no host has {gpus} idle GPUs"
+                    )
+                )
+            return actions
         if event.term in kernel.waiting:
             self._unqueue(kernel, event.term)
             return [CancelWait(kernel.kernel_id, event.term)]
@@ -397,31 +544,30 @@ class Scheduler:
         NotebookOS ``FindReadyReplica``: the previous executor if its host can commit now,
         else the replica whose host has the most idle GPUs."""
         gpus = kernel.request.gpus
-        ready = [
+        usable = [
             (rid, self._hosts[h])
             for rid, h in kernel.replicas.items()
-            if not self._hosts[h].draining and len(self._hosts[h].free) >= gpus
+            if rid not in kernel.starting
         ]
+        ready = [(rid, h) for rid, h in usable if not h.draining and len(h.free) >= gpus]
         if gpus == 0 and not ready:
-            ready = [(rid, self._hosts[h]) for rid, h in kernel.replicas.items()]
+            ready = usable
         if ready:
             chosen = next((r for r in ready if r[0] == preferred), None)
             if chosen is None:
                 chosen = max(ready, key=lambda r: len(r[1].free))
             return [self._bind(kernel, term, chosen[0], chosen[1])]
-        if not kernel.policy.migrates or not kernel.replicas:
+        # A lone replica has no peer to catch up from: it waits for its own host.
+        if not kernel.policy.migrates or len(usable) < 2:
             return None
         target = self._free_host(kernel.request, exclude=set(kernel.replicas.values()))
         if target is None:
             return None
-        replica_id = preferred if preferred in kernel.replicas else next(iter(kernel.replicas))
+        ids = [rid for rid, _ in usable]
+        replica_id = preferred if preferred in ids else ids[0]
         source = self._hosts[kernel.replicas[replica_id]]
-        self._remove_claim(kernel, replica_id, source)
-        self._add_replica(kernel, replica_id, target)
-        return [
-            Migrate(kernel.kernel_id, replica_id, source.name, target.name),
-            self._bind(kernel, term, replica_id, target),
-        ]
+        migrate = self._move(kernel, replica_id, source, target)
+        return [migrate, self._bind(kernel, term, migrate.new_replica_id, target)]
 
     def _bind(self, kernel: _Kernel, term: int | None, replica_id: str, host: _Host) -> BindGpus:
         devices = tuple(sorted(host.free)[: kernel.request.gpus])
@@ -553,6 +699,7 @@ class Scheduler:
 
     def _remove_claim(self, kernel: _Kernel, replica_id: str, host: _Host) -> None:
         del kernel.replicas[replica_id]
+        kernel.starting.discard(replica_id)
         del host.replicas[(kernel.kernel_id, replica_id)]
         host.pending = host.pending - kernel.request
         self._reindex(host)

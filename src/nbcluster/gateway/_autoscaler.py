@@ -1,0 +1,187 @@
+"""Auto-scaling: NotebookOS's capacity rule (``scaling_decision``) run every interval, and
+reactive scale-out when a kernel or a cell finds no room, carried out by a host provider.
+
+The gateway creates an :class:`Autoscaler` when it is given a host provider and a
+``max_hosts`` above 0. Only hosts the provider started are ever scaled in; hosts started by
+hand (or by ``nbcluster up``) stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from ..scheduling import (
+    HostAdded,
+    HostRemoved,
+    ScaleIn,
+    ScaleOut,
+    ScalingConfig,
+    scaling_decision,
+)
+from ._gpus import GpuScheduling, host_spec
+from ._hosts import HostRegistry
+from ._metrics import GatewayMetrics
+from ._provider import HostProvider, HostProviderError
+
+__all__ = ["Autoscaler"]
+
+log = logging.getLogger(__name__)
+
+
+class Autoscaler:
+    """Owned by the gateway; ``GpuScheduling.scale_out`` and the kernel manager's
+    ``await_hosts`` point here."""
+
+    def __init__(
+        self,
+        provider: HostProvider,
+        gpus: GpuScheduling,
+        hosts: HostRegistry,
+        metrics: GatewayMetrics,
+        config: ScalingConfig,
+        interval: float,
+        startup_grace: float = 10.0,
+    ) -> None:
+        self.provider = provider
+        self.gpus = gpus
+        self.hosts = hosts
+        self.metrics = metrics
+        self.config = config
+        self.interval = interval
+        #: Rounds start this long after the gateway: hosts started with it (``nbcluster up``,
+        #: or hosts reconnecting after a gateway restart) register first.
+        self.startup_grace = startup_grace
+        #: Hosts launched that have not registered yet, with when they were launched.
+        self._starting: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self._arrived = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- the periodic round ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Scaling rounds until cancelled (the gateway's lifetime)."""
+        await asyncio.sleep(self.startup_grace)
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.round()
+            except Exception:
+                log.exception("auto-scaling round failed")
+
+    async def round(self) -> ScaleOut | ScaleIn | None:
+        """One NotebookOS ``ValidateCapacity`` round; returns what it decided."""
+        self._forget_arrived()
+        summary = self.gpus.scheduler.summary()
+        summary = dataclasses.replace(
+            summary,
+            hosts=summary.hosts + len(self._starting),
+            gpu_capacity=summary.gpu_capacity + len(self._starting) * self.config.gpus_per_host,
+            # Only the provider's hosts can go: the others must not take their turns.
+            idle_hosts=tuple(h for h in summary.idle_hosts if self.provider.owns(h)),
+        )
+        decision = scaling_decision(summary, self.config)
+        if isinstance(decision, ScaleOut):
+            await self._scale_out(decision.count, decision.reason)
+        elif isinstance(decision, ScaleIn):
+            await self._scale_in(decision)
+        return decision
+
+    # -- reactive -------------------------------------------------------------------------------
+
+    def request(self, action: ScaleOut) -> None:
+        """The scheduler found no room (a kernel, a replica or a cell): add hosts now."""
+        task = asyncio.get_running_loop().create_task(self._scale_out(action.count, action.reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_for_hosts(self, timeout: float) -> bool:
+        """After a reactive scale-out: wait until a launched host registers (True) or none is
+        coming (False). The kernel manager then places the kernel again."""
+        await asyncio.sleep(0)  # let a scale-out requested just now launch its hosts
+        async with self._lock:
+            expected = set(self._starting)
+        deadline = time.monotonic() + timeout
+        # Checked against the registry, not consumed: every waiter hears of an arrival.
+        while not any(name in self.hosts.hosts for name in expected):
+            expected &= set(self._starting) | set(self.hosts.hosts)
+            remaining = deadline - time.monotonic()
+            if not expected or remaining <= 0:
+                return False
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.1))
+        return True
+
+    def host_registered(self, name: str) -> None:
+        """Called by the kernel manager on every hello."""
+        if name in self._starting:
+            self._arrived.set()
+
+    # -- carrying out ---------------------------------------------------------------------------
+
+    def _forget_arrived(self) -> int:
+        arrived = [n for n in self._starting if n in self.hosts.hosts]
+        for name in arrived:
+            del self._starting[name]
+        # A host that never registered within a minute is given up on.
+        stale = [n for n, t in self._starting.items() if time.monotonic() - t > 60]
+        for name in stale:
+            log.warning("host %s was started but never registered", name)
+            del self._starting[name]
+        return len(arrived)
+
+    async def _scale_out(self, count: int, reason: str) -> None:
+        async with self._lock:
+            self._forget_arrived()
+            present = len(self.hosts.connected()) + len(self._starting)
+            count = min(count, self.config.max_hosts - present)
+            if count <= 0:
+                log.info("cannot scale out (%s): at the maximum of %d hosts", reason, present)
+                return
+            try:
+                names = await self.provider.start_hosts(count)
+            except HostProviderError as exc:
+                self.metrics.scale_events.labels("out", "failed").inc()
+                log.error("scale-out by %d host(s) failed: %s", count, exc)
+                return
+            now = time.monotonic()
+            for name in names:
+                self._starting[name] = now
+            self.metrics.scale_events.labels("out", "ok").inc(len(names))
+            log.info("scaling out by %s: %s", ", ".join(names), reason)
+
+    async def _scale_in(self, decision: ScaleIn) -> None:
+        async with self._lock:
+            for name in decision.hosts:
+                if not self.provider.owns(name):
+                    continue
+                view = self.gpus.scheduler.hosts.get(name)
+                if view is None or view.replicas or view.bound:
+                    continue
+                # Out of the scheduler first, so that nothing is placed there meanwhile.
+                self.gpus.handle(HostRemoved(name))
+                try:
+                    await self.provider.stop_host(name)
+                except HostProviderError as exc:
+                    self.metrics.scale_events.labels("in", "failed").inc()
+                    log.error("scale-in of %s failed: %s", name, exc)
+                    entry = self.hosts.hosts.get(name)
+                    if entry is not None and entry.state == "connected":
+                        # Still there and serving: give it back to the scheduler.
+                        spec, devices = host_spec(entry.resources)
+                        self.gpus.handle(HostAdded(name, spec, devices))
+                    continue
+                self.hosts.forget(name)
+                self.metrics.scale_events.labels("in", "ok").inc()
+                log.info("scaled in %s: %s", name, decision.reason)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await self.provider.close()
