@@ -20,6 +20,7 @@ from nbcluster.store import (
     StoreError,
     validate_key,
 )
+from nbcluster.store._local import MAGIC
 
 Factory = Callable[[Path], ObjectStore]
 
@@ -174,7 +175,7 @@ def test_the_object_appears_only_when_complete(
 
     monkeypatch.setattr(os, "replace", replace)
     store.put("k", b"x" * 4096)
-    assert seen == [(False, 4096 + 40)]
+    assert seen == [(False, 4096 + len(MAGIC) + 16)]
 
 
 def test_readers_never_see_a_partial_object(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "read_runtime",
     "remove_runtime",
     "setup_logging",
+    "store_option",
     "subscription_option",
     "write_runtime",
 ]
@@ -30,6 +31,14 @@ policy_option = click.option(
     type=click.Choice(["notebookos", "reservation", "batch"]),
     help="Scheduling policy: GPUs bound per cell on 3 replicas (notebookos), for the "
     "kernel's life (reservation), or per cell on 1 replica (batch).",
+)
+#: ``--store`` of ``nbcluster gateway``, ``nbcluster up`` and ``nbcluster store``.
+store_option = click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    help="Object store for large values: file:///dir, redis://host:6379/0?prefix=p/, or "
+    "s3://bucket/prefix?endpoint_url=http://... (default: a directory under the state dir).",
 )
 #: ``--max-subscription-ratio`` of ``nbcluster gateway`` and ``nbcluster up``.
 subscription_option = click.option(

@@ -19,6 +19,7 @@ from ._common import (
     policy_option,
     remove_runtime,
     setup_logging,
+    store_option,
     subscription_option,
     write_runtime,
 )
@@ -73,6 +74,14 @@ def _token(value: str | None) -> str:
 )
 @policy_option
 @subscription_option
+@store_option
+@click.option(
+    "--store-retention",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds a shut-down kernel's objects stay in the store before they are deleted.",
+)
 @click.option(
     "--min-hosts", default=0, show_default=True, type=click.IntRange(0), help="Auto-scaling floor."
 )
@@ -114,6 +123,8 @@ def gateway_command(
     replicas: str,
     policy: str,
     max_subscription_ratio: float,
+    store_url: str | None,
+    store_retention: float,
     min_hosts: int,
     max_hosts: int,
     scaling_buffer: int,
@@ -128,10 +139,16 @@ def gateway_command(
             f"--min-hosts {min_hosts} is above --max-hosts {max_hosts}", param_hint="--min-hosts"
         )
     from ..gateway import GatewayConfig, run
+    from ..store import StoreError, open_store
 
     die_with_parent(parent_pid)
     setup_logging(log_level)
     root = state_dir or default_state_dir()
+    store_url = store_url or (root / "store").resolve().as_uri()
+    try:
+        open_store(store_url)
+    except (ValueError, StoreError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from None
     config = GatewayConfig(
         token=_token(token),
         ip=ip,
@@ -143,6 +160,8 @@ def gateway_command(
         launch_timeout=launch_timeout,
         replicas_per_kernel=int(replicas),
         store_dir=root / "store",
+        store_url=store_url,
+        store_retention=store_retention,
         policy=policy,
         max_subscription_ratio=max_subscription_ratio,
         min_hosts=min_hosts,
@@ -152,7 +171,7 @@ def gateway_command(
         scaling_gpus_per_host=scaling_gpus_per_host,
     )
     url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
-    write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid()})
+    write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid(), "store": store_url})
     log.info("gateway listening on %s (state in %s)", url, config.state_dir)
     # uvicorn shuts down on SIGTERM, then raises it again: with the default disposition that
     # would kill us before the runtime file is removed (below). Exit normally instead.

@@ -7,6 +7,7 @@ import click
 from .._version import __version__
 from ._daemons import gateway_command, host_command
 from ._status import migrate_command, status_command
+from ._store import store_group
 from ._up import up_command
 
 __all__ = ["cli", "main"]
@@ -23,6 +24,7 @@ cli.add_command(gateway_command)
 cli.add_command(host_command)
 cli.add_command(status_command)
 cli.add_command(migrate_command)
+cli.add_command(store_group)
 
 
 def main() -> None:

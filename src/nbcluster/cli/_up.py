@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from .._net import free_port, port_is_free
-from ._common import default_state_dir, policy_option, subscription_option
+from ._common import default_state_dir, policy_option, store_option, subscription_option
 
 __all__ = ["up_command"]
 
@@ -121,6 +121,7 @@ def _partition_real_gpus(hosts: int) -> list[str | None]:
     "hosts with the load (default: --hosts, no auto-scaling).",
 )
 @subscription_option
+@store_option
 @click.option("--lab", is_flag=True, help="Also start JupyterLab wired to the gateway.")
 @click.option("--lab-port", default=8888, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -141,6 +142,7 @@ def up_command(
     min_hosts: int | None,
     max_hosts: int | None,
     max_subscription_ratio: float,
+    store_url: str | None,
     lab: bool,
     lab_port: int,
     log_level: str,
@@ -201,6 +203,7 @@ def up_command(
                 policy,
                 "--max-subscription-ratio",
                 str(max_subscription_ratio),
+                *(["--store", store_url] if store_url else []),
                 *(
                     [
                         "--min-hosts",

@@ -30,6 +30,11 @@ class GatewayConfig:
     replicas_per_kernel: int = 3
     #: Directory of the local object store that replicas share for large values.
     store_dir: Path = field(default_factory=lambda: Path.cwd() / ".nbcluster" / "store")
+    #: The object store replicas use (``file://``, ``redis://``, ``s3://``); None: a local
+    #: directory store in ``store_dir``.
+    store_url: str | None = None
+    #: Seconds a shut-down kernel's objects stay in the store before the gateway deletes them.
+    store_retention: float = 0.0
     #: Bytes a slow websocket client may have queued before it is disconnected.
     client_queue_limit: int = 64 * 2**20
     #: Scheduling policy: ``notebookos`` (replicas share GPUs, bound per cell),

@@ -42,6 +42,7 @@ from ..scheduling import (
     parse_request,
     policy_named,
 )
+from ..store import ObjectStore, StoreError, open_store
 from ._config import GatewayConfig
 from ._gpus import GpuScheduling, host_spec
 from ._hosts import HostEntry, HostRegistry, HostRequestError
@@ -146,6 +147,7 @@ class KernelManager:
         self.kernels: dict[str, GatewayKernel] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._background: set[asyncio.Task[Any]] = set()
+        self._object_store: ObjectStore | None = None
         policy_named(config.policy)  # a bad name fails at start-up, not at the first kernel
         self.gpus = GpuScheduling(
             self.kernels, metrics, config.max_subscription_ratio, config.replicas_per_kernel
@@ -327,7 +329,7 @@ class KernelManager:
             **spec.env,
             **kernel.record.env,
             "NBCLUSTER_RAFT_PASSWORD": kernel.record.raft_password,
-            "NBCLUSTER_STORE_DIR": str(self.config.store_dir),
+            "NBCLUSTER_STORE_URL": self.config.store_url or self.config.store_dir.as_uri(),
         }
         if devices is not None:
             visible = ",".join(map(str, devices))
@@ -572,7 +574,37 @@ class KernelManager:
             for client in tuple(kernel.clients):
                 client.close(1000, "kernel shut down")
             kernel.close()
+        self._spawn(self._delete_objects(kernel_id, self.config.store_retention))
         log.info("kernel %s shut down", kernel_id)
+
+    def object_store(self) -> ObjectStore:
+        """The store the replicas use (opened on first use)."""
+        if self._object_store is None:
+            self._object_store = open_store(self.config.store_url or self.config.store_dir.as_uri())
+        return self._object_store
+
+    async def _delete_objects(self, kernel_id: str, delay: float) -> None:
+        """Delete what a kernel's replicas put in the object store (its large values), after
+        ``delay`` seconds (the retention). A gateway stopped before then leaves them to
+        ``nbcluster store gc``."""
+        if delay > 0:
+            await asyncio.sleep(delay)
+        prefix = f"kernels/{kernel_id}/"
+
+        def delete_all() -> int:
+            store = self.object_store()
+            keys = [info.key for info in store.list(prefix)]
+            for key in keys:
+                store.delete(key)
+            return len(keys)
+
+        try:
+            count = await asyncio.to_thread(delete_all)
+        except (StoreError, ValueError) as exc:
+            log.warning("could not delete the stored objects of kernel %s: %s", kernel_id, exc)
+            return
+        if count:
+            log.info("deleted %d stored object(s) of kernel %s", count, kernel_id)
 
     async def restart_kernel(self, kernel_id: str) -> GatewayKernel:
         kernel = self.get(kernel_id)
@@ -580,6 +612,9 @@ class KernelManager:
             kernel.begin_restart()
             self.gpus.handle(KernelStopped(kernel_id))
             await self._stop_replicas(kernel)
+            # The new replicas start empty: what the old ones stored is of no use now (and
+            # is deleted before they can store anything under the same keys).
+            await self._delete_objects(kernel_id, 0.0)
             kernel.record.replicas = []
             kernel.record.dead_reason = ""
             kernel.executor = None

@@ -46,17 +46,19 @@ class ReplicaGroup:
         peers: list[str],
         members: int,
         password: str,
-        store_dir: str | None,
+        store_url: str | None,
     ) -> ReplicaGroup:
         from ..consensus import PySyncObjLog
-        from ..store import LocalDirectoryStore
+        from ..store import open_store
         from ._sync import StateSynchronizer
 
         loop = asyncio.get_running_loop()
         shell = kernel.shell
         assert shell is not None
-        store = LocalDirectoryStore(Path(store_dir or Path.cwd() / ".nbcluster-store"))
-        sync = StateSynchronizer(shell.user_ns, set(shell.user_ns_hidden), store)
+        store = open_store(store_url or (Path.cwd() / ".nbcluster-store").as_uri())
+        # One key space per kernel, so that a kernel's objects go when it does (store gc).
+        prefix = f"kernels/{kernel.kernel_id}/values/" if kernel.kernel_id else "values/"
+        sync = StateSynchronizer(shell.user_ns, set(shell.user_ns_hidden), store, key_prefix=prefix)
         group: ReplicaGroup
         coordinator = ReplicaCoordinator(
             kernel.replica_id, members, loop, lambda p, n: group.apply_state(p, n)

@@ -90,7 +90,7 @@ class ReplicaKernel(IPythonKernel):
                     peers=[str(p) for p in content["peers"]],
                     members=int(content["members"]),
                     password=os.environ.get("NBCLUSTER_RAFT_PASSWORD", ""),
-                    store_dir=os.environ.get("NBCLUSTER_STORE_DIR") or None,
+                    store_url=os.environ.get("NBCLUSTER_STORE_URL") or None,
                 )
             timeout = float(content.get("timeout", 10.0))
             await self.replication.wait_for_leader(timeout)

@@ -3,11 +3,13 @@
 A kernel's replicas put the pickled bytes of large values here and only a pointer (the key)
 goes into the log. :class:`ObjectStore` is the whole interface; :class:`LocalDirectoryStore`
 keeps objects as files in a directory (shared between replicas, or for one machine), and
-:class:`InMemoryStore` keeps them in a dict (tests).
+:class:`InMemoryStore` keeps them in a dict (tests); ``RedisStore`` and ``S3Store`` (imported on
+demand by :func:`open_store`) keep them in Redis and S3.
 """
 
 from ._interface import (
     ObjectCorruptedError,
+    ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
     StoreError,
@@ -15,13 +17,17 @@ from ._interface import (
 )
 from ._local import LocalDirectoryStore
 from ._memory import InMemoryStore
+from ._url import open_store, store_url_for_directory
 
 __all__ = [
     "InMemoryStore",
     "LocalDirectoryStore",
     "ObjectCorruptedError",
+    "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectStore",
     "StoreError",
+    "open_store",
+    "store_url_for_directory",
     "validate_key",
 ]

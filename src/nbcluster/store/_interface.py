@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
     "ObjectCorruptedError",
+    "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectStore",
     "StoreError",
@@ -53,6 +56,14 @@ def validate_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object as :meth:`ObjectStore.list` reports it."""
+
+    key: str
+    size: int
+
+
 class ObjectStore(Protocol):
     """Where large values live. Implementations are safe to call from several threads.
 
@@ -70,3 +81,8 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object under ``key``; no error if there is none."""
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every complete object whose key starts with ``prefix``, in key order (for
+        housekeeping: ``nbcluster store ls|du|gc``)."""
+        ...

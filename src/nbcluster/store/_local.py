@@ -7,21 +7,38 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from ._interface import ObjectCorruptedError, ObjectNotFoundError, StoreError, validate_key
+import xxhash
+
+from ._interface import (
+    ObjectCorruptedError,
+    ObjectInfo,
+    ObjectNotFoundError,
+    StoreError,
+    validate_key,
+)
 
 __all__ = ["LocalDirectoryStore"]
 
-#: Every object file starts with this, then the BLAKE2b-256 digest of the data, then the data.
-MAGIC = b"NBCOBJ1\n"
-_DIGEST_SIZE = 32
+#: Every object file starts with a magic line naming its checksum, then the checksum of the
+#: data, then the data. Version 2 (written now): XXH3-128, which checks 100 MB in ~10 ms;
+#: version 1 (BLAKE2b-256, ~150 ms per 100 MB) is still read.
+MAGIC = b"NBCOBJ2\n"
+MAGIC_V1 = b"NBCOBJ1\n"
+_DIGEST_SIZE = 16
+_DIGEST_SIZE_V1 = 32
 _HEADER = len(MAGIC) + _DIGEST_SIZE
 _TEMP_PREFIX = ".tmp-"
 
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
+def _digest(data: bytes | memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def _digest_v1(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE_V1).digest()
 
 
 class LocalDirectoryStore:
@@ -55,15 +72,15 @@ class LocalDirectoryStore:
 
     def put(self, key: str, data: bytes) -> None:
         target = self._file(key)
-        data = bytes(data)
+        view = memoryview(data).cast("B")
         tmp: str | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=target.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC)
-                f.write(_digest(data))
-                f.write(data)
+                f.write(_digest(view))
+                f.write(view)
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
@@ -89,15 +106,22 @@ class LocalDirectoryStore:
     def get(self, key: str) -> bytes:
         source = self._file(key)
         try:
-            raw = source.read_bytes()
+            # Unbuffered, and the rest read with its size known: the data lands in its final
+            # bytes object in one pass (a buffered read of "the rest" copies it twice).
+            with source.open("rb", buffering=0) as f:
+                magic = f.read(len(MAGIC)) or b""
+                size = _DIGEST_SIZE_V1 if magic == MAGIC_V1 else _DIGEST_SIZE
+                expected = f.read(size) or b""
+                remaining = os.fstat(f.fileno()).st_size - len(magic) - len(expected)
+                data = f.read(max(remaining, 0)) or b""
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
         except OSError as exc:
             raise StoreError(f"could not read object {key!r} from {source}: {exc}") from exc
-        if len(raw) < _HEADER or not raw.startswith(MAGIC):
+        if magic not in (MAGIC, MAGIC_V1) or len(expected) != size:
             raise ObjectCorruptedError(key, f"{source} is not an object file (bad header)")
-        data = raw[_HEADER:]
-        if _digest(data) != raw[len(MAGIC) : _HEADER]:
+        actual = _digest_v1(data) if magic == MAGIC_V1 else _digest(data)
+        if actual != expected:
             raise ObjectCorruptedError(key, f"checksum mismatch in {source}")
         return data
 
@@ -109,6 +133,17 @@ class LocalDirectoryStore:
             pass  # a key prefix, not an object: nothing stored under this key
         except OSError as exc:
             raise StoreError(f"could not delete object {key!r} ({target}): {exc}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        found = []
+        for path in self.path.rglob("*"):
+            name = path.relative_to(self.path).as_posix()
+            if any(part.startswith(".") for part in path.relative_to(self.path).parts):
+                continue  # temporaries of writes in progress
+            if name.startswith(prefix) and path.is_file():
+                with contextlib.suppress(OSError):
+                    found.append(ObjectInfo(name, max(path.stat().st_size - _HEADER, 0)))
+        return iter(sorted(found, key=lambda info: info.key))
 
     def remove_stale_temporaries(self, older_than: float = 3600.0) -> int:
         """Remove temporary files left by writers that died mid-``put`` (older than

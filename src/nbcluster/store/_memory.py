@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
-from ._interface import ObjectNotFoundError, validate_key
+from ._interface import ObjectInfo, ObjectNotFoundError, validate_key
 
 __all__ = ["InMemoryStore"]
 
@@ -42,3 +43,10 @@ class InMemoryStore:
         """Every stored key, sorted."""
         with self._lock:
             return sorted(self._objects)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with self._lock:
+            found = [
+                ObjectInfo(k, len(v)) for k, v in self._objects.items() if k.startswith(prefix)
+            ]
+        return iter(sorted(found, key=lambda info: info.key))

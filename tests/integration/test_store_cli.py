@@ -1,0 +1,94 @@
+"""Large values of a kernel live in the object store under the kernel's own prefix; they go when
+the kernel does; ``nbcluster store ls|du|gc`` show and clean what is there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbcluster.client import GatewayClient
+from nbcluster.store import LocalDirectoryStore
+
+from ..cluster import async_wait_for, running_cluster
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbcluster", *args, "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_kernel_objects_are_listed_kept_and_deleted_with_the_kernel(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with running_cluster(state, hosts=3, replicas=3) as c:
+        store = LocalDirectoryStore(state / "store")
+        async with GatewayClient(c.url, c.token) as gw:
+            kernel = await gw.start_kernel()
+            kid = kernel["id"]
+            async with gw.channels(kid) as channels:
+                result = await channels.execute("import os\nbig = os.urandom(3 * 2**20)", 60)
+                assert result.status == "ok", result.reply
+            prefix = f"kernels/{kid}/values/"
+            await async_wait_for(lambda: any(store.list(prefix)), 30, "the value to be stored")
+            [stored] = list(store.list(prefix))
+            assert stored.size > 3 * 2**20
+            # An object of a kernel that no longer exists (a gateway crashed before deleting).
+            store.put("kernels/ghost/values/x", b"left behind")
+
+            listing = _cli("store", "ls", "kernels/", state_dir=state)
+            assert listing.returncode == 0, listing.stderr
+            assert stored.key in listing.stdout and "kernels/ghost/values/x" in listing.stdout
+            usage = _cli("store", "du", state_dir=state)
+            assert usage.returncode == 0, usage.stderr
+            assert kid[:8] in usage.stdout and "ghost" in usage.stdout
+
+            dry = _cli("store", "gc", "--dry-run", state_dir=state)
+            assert dry.returncode == 0, dry.stderr
+            assert "would delete 1 object(s)" in dry.stdout
+            assert [i.key for i in store.list("kernels/ghost/")] == ["kernels/ghost/values/x"]
+            gc = _cli("store", "gc", state_dir=state)
+            assert gc.returncode == 0, gc.stderr
+            assert "deleted 1 object(s)" in gc.stdout
+            assert list(store.list("kernels/ghost/")) == []
+            assert [i.key for i in store.list(prefix)] == [stored.key]  # a live kernel's stay
+
+            await gw.shutdown_kernel(kid)
+            await async_wait_for(
+                lambda: not any(store.list(f"kernels/{kid}/")),
+                30,
+                "the kernel's objects to be deleted",
+            )
+
+
+def test_a_bad_store_url_is_refused_with_the_reason(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbcluster",
+            "gateway",
+            "--state-dir",
+            str(tmp_path),
+            "--store",
+            "ftp://nowhere/x",
+            "--token",
+            "t",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "unknown scheme 'ftp'" in result.stderr
+    hdfs = _cli("store", "ls", "--store", "hdfs://namenode/x", state_dir=tmp_path)
+    assert hdfs.returncode == 2 and "HDFS is not supported" in hdfs.stderr
