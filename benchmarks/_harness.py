@@ -54,6 +54,7 @@ def start_cluster(
     replicas: int = 1,
     timeout: float = 90,
     log: Path | None = None,
+    extra_args: list[str] | None = None,
 ) -> RunningCluster:
     """Run the real ``nbcluster up`` and read its URL and token from stdout. Its stderr (the
     logs of the gateway and the hosts) goes to ``log`` if given, else nowhere."""
@@ -73,6 +74,7 @@ def start_cluster(
             str(port),
             "--state-dir",
             str(state_dir),
+            *(extra_args or []),
         ],
         stdout=subprocess.PIPE,
         stderr=stderr,

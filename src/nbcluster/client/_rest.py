@@ -115,3 +115,10 @@ class GatewayClient:
             json=body,
         )
         return result
+
+    async def checkpoint_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """Have the kernel write a checkpoint of its state to the object store now."""
+        result: dict[str, Any] = await self._call(
+            "POST", f"/api/cluster/kernels/{kernel_id}/checkpoint", json={}
+        )
+        return result

@@ -205,6 +205,15 @@ def build_router() -> APIRouter:
         _kernel(gateway, kernel_id)
         return await gateway.kernels.migrate_replica(kernel_id, replica_id, body.host)
 
+    @router.post(
+        "/api/cluster/kernels/{kernel_id}/checkpoint",
+        summary="Write a checkpoint of the kernel's state to the object store now",
+    )
+    async def checkpoint_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
+        gateway = _gateway(request)
+        _kernel(gateway, kernel_id)
+        return await gateway.kernels.checkpoint_kernel(kernel_id)
+
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

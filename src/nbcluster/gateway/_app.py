@@ -27,6 +27,7 @@ from ._hosts import HostRegistry
 from ._kernel import KernelUnavailable
 from ._kernelspecs import KernelSpecRegistry
 from ._manager import (
+    CheckpointError,
     KernelManager,
     KernelRejected,
     KernelRequestError,
@@ -291,6 +292,10 @@ def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAP
     @app.exception_handler(MigrationError)
     async def _migration_failed(request: Request, exc: MigrationError) -> Any:
         return error_response(409, str(exc), "migration refused or failed")
+
+    @app.exception_handler(CheckpointError)
+    async def _checkpoint_failed(request: Request, exc: CheckpointError) -> Any:
+        return error_response(409, str(exc), "checkpoint failed")
 
     @app.exception_handler(KernelUnavailable)
     async def _unavailable(request: Request, exc: KernelUnavailable) -> Any:

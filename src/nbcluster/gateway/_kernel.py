@@ -117,6 +117,8 @@ class GatewayKernel:
         self._terms: dict[int, _Execution] = {}
         #: Where cells run (GPU binding); None: at once, on the executor.
         self.gate: ExecutionGate | None = None
+        #: A message for the user, shown in the next cell's output (the kernel was restored).
+        self.notice: str | None = None
         #: Shell requests whose closing ``idle`` has not arrived: msg id -> (header, replica).
         self.awaiting_idle: dict[str, tuple[bytes, str]] = {}
         #: Client messages that arrived while the kernel was restarting.
@@ -228,6 +230,9 @@ class GatewayKernel:
         """
         execution = _Execution(self.next_term, 1, msg, client)
         self.next_term += 1
+        if self.notice is not None:
+            self._broadcast_stream(msg.header, self.notice)
+            self.notice = None
         self.executions[msg.msg_id] = execution
         self._terms[execution.term] = execution
         # Registered now, so that a kernel that dies meanwhile answers a waiting cell too.
@@ -553,6 +558,23 @@ class GatewayKernel:
         ``restarting`` status means an automatic restart after a crash to JupyterLab."""
         self.fail_pending("KernelRestarted", "the kernel was restarted")
         self.execution_state = "restarting"
+
+    def begin_restore(self, reason: str) -> None:
+        """Every replica was lost; the manager starts new ones from the store. Open requests
+        are answered (their cells are lost), new ones are held until :meth:`end_restore`."""
+        self.fail_pending(
+            "ReplicaLost",
+            f"{reason}. Every replica of the kernel is gone; it is being restored from its "
+            "last checkpoint.",
+        )
+        self.execution_state = "restarting"
+
+    def end_restore(self, term: int, notice: str) -> None:
+        """The restored replicas are up with the state of ``term``: later cells build on it."""
+        self.last_replied_term = term
+        self.next_term = max(self.next_term, term + 1)
+        self.notice = notice
+        self.end_restart()
 
     def end_restart(self) -> None:
         """The restart finished (successfully or not): deliver or refuse held messages."""

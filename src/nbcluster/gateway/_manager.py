@@ -15,6 +15,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import zmq
@@ -52,6 +53,7 @@ from ._metrics import GatewayMetrics
 from ._state import KernelRecord, ReplicaRecord, StateStore
 
 __all__ = [
+    "CheckpointError",
     "KernelManager",
     "KernelRejected",
     "KernelRequestError",
@@ -95,6 +97,10 @@ class KernelRejected(KernelStartError):
 
 class MigrationError(RuntimeError):
     """A requested migration was refused or failed; the text says why."""
+
+
+class CheckpointError(RuntimeError):
+    """A requested checkpoint could not be written; the text says why."""
 
 
 def validate_env(env: Mapping[str, Any]) -> dict[str, str]:
@@ -255,7 +261,12 @@ class KernelManager:
             )
         return actions
 
-    async def _launch_replicas(self, kernel: GatewayKernel) -> None:
+    async def _launch_replicas(
+        self, kernel: GatewayKernel, restore: bool = False
+    ) -> list[dict[str, Any]]:
+        """Place, start and (for several replicas) form the kernel's group. With ``restore``
+        the replicas rebuild the state from the object store; returns what each says it
+        restored."""
         actions = await self._place(kernel)
         [place] = [a for a in actions if isinstance(a, PlaceReplicas)]
         life = next((a for a in actions if isinstance(a, BindGpus) and a.term is None), None)
@@ -269,18 +280,21 @@ class KernelManager:
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
+        restored: list[dict[str, Any]] = []
         if not errors and len(place.replicas) > 1:
             try:
-                await self._form_group(kernel)
+                restored = await self._form_group(kernel, restore)
             except KernelStartError as exc:
                 errors.append(exc)
         if errors:
             self.gpus.handle(KernelStopped(kernel.id))
             await self._stop_replicas(kernel)
             raise KernelStartError("; ".join(str(e) for e in errors))
+        return restored
 
-    async def _form_group(self, kernel: GatewayKernel) -> None:
-        """Have the replicas start their Raft nodes as one group and wait for a leader."""
+    async def _form_group(self, kernel: GatewayKernel, restore: bool) -> list[dict[str, Any]]:
+        """Have the replicas start their Raft nodes as one group and wait for a leader (and,
+        with ``restore``, rebuild the state from the store). Returns their replies."""
         replicas = [r for r in kernel.record.replicas if r.state == "running"]
         addresses = {}
         for r in replicas:
@@ -288,9 +302,14 @@ class KernelManager:
             if r.connection.raft_port is None:
                 raise KernelStartError(f"replica {r.replica_id} reported no Raft port")
             addresses[r.replica_id] = f"{r.connection.ip}:{r.connection.raft_port}"
-        content = {"peers": list(addresses.values()), "members": len(replicas), "timeout": 10.0}
+        content = {
+            "peers": list(addresses.values()),
+            "members": len(replicas),
+            "timeout": 10.0,
+            "restore": restore,
+        }
 
-        async def join(replica: ReplicaRecord) -> None:
+        async def join(replica: ReplicaRecord) -> dict[str, Any]:
             link = kernel.links[replica.replica_id]
             reply = await kernel.request(
                 link,
@@ -304,11 +323,13 @@ class KernelManager:
                 raise KernelStartError(
                     f"replica {replica.replica_id} could not join its group: {body.get('evalue')}"
                 )
+            return body
 
         results = await asyncio.gather(*(join(r) for r in replicas), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise KernelStartError("; ".join(str(f) or type(f).__name__ for f in failures))
+        return [r for r in results if isinstance(r, dict)]
 
     async def _launch_replica(
         self,
@@ -411,7 +432,8 @@ class KernelManager:
             )
             if reply.content_dict.get("status") != "ok":
                 raise KernelStartError(f"could not join: {reply.content_dict.get('evalue')}")
-        except (KernelStartError, KernelUnavailable, TimeoutError, IndexError) as exc:
+        except (KernelStartError, KernelUnavailable, TimeoutError, IndexError, KeyError) as exc:
+            # IndexError/KeyError: the replicas it needed died meanwhile.
             for attempt in kernel.record.replicas:
                 if attempt.replica_id not in known:
                     await self._stop_replica(kernel, attempt)
@@ -448,6 +470,9 @@ class KernelManager:
                     "kernel %s: could not replace replica %s: %s", kernel.id, dead.replica_id, why
                 )
                 self.store.save(kernel.record)
+                if not self._serving(kernel) and not kernel.is_dead:
+                    # The others died while it tried: restore the kernel from the store.
+                    self._lost_everything(kernel, f"every replica was lost ({why})")
                 return
             self.gpus.handle(ReplicaReady(kernel.id, replica_id))
             self.store.save(kernel.record)
@@ -534,6 +559,92 @@ class KernelManager:
             "from_host": migrate.from_host,
             "to_host": migrate.to_host,
             "seconds": round(seconds, 3),
+        }
+
+    @staticmethod
+    def _serving(kernel: GatewayKernel) -> bool:
+        """Whether a replica that can run cells is left (a replacement still catching up
+        cannot)."""
+        return any(r.state in ("running", "unknown") for r in kernel.record.replicas)
+
+    def _lost_everything(self, kernel: GatewayKernel, reason: str) -> None:
+        if kernel.is_dead or kernel.execution_state == "restarting":
+            return
+        if kernel.record.replica_count > 1:
+            # Its state is in the object store: new replicas rebuild it.
+            log.warning("kernel %s lost every replica (%s); restoring it", kernel.id, reason)
+            kernel.begin_restore(reason)
+            self._spawn(self._restore_kernel(kernel, reason))
+        else:
+            log.warning("kernel %s is dead: %s", kernel.id, reason)
+            kernel.mark_dead(reason)
+            self.gpus.handle(KernelStopped(kernel.id))
+
+    async def _restore_kernel(self, kernel: GatewayKernel, reason: str) -> None:
+        """Start new replicas that rebuild the kernel from the store's checkpoint and log
+        tail; messages sent meanwhile are held. Dead, with the reason, if nothing is stored."""
+        started = time.monotonic()
+        async with kernel.lifecycle_lock:
+            if self.kernels.get(kernel.id) is not kernel:
+                return
+            self.gpus.handle(KernelStopped(kernel.id))
+            for leftover in kernel.live_replicas():
+                await self._stop_replica(kernel, leftover)
+            try:
+                replies = await self._launch_replicas(kernel, restore=True)
+                restored: list[dict[str, Any]] = [
+                    r["restored"] for r in replies if r.get("restored")
+                ]
+                if not restored or len(restored) < len(replies):
+                    raise KernelStartError("the object store holds no checkpoint of it")
+                point = min(restored, key=lambda r: int(r["term"]))
+            except KernelStartError as exc:
+                await self._stop_replicas(kernel)
+                self.gpus.handle(KernelStopped(kernel.id))
+                kernel.mark_dead(f"{reason}; it could not be restored: {exc}")
+                kernel.end_restart()
+                self.store.save(kernel.record)
+                log.error("kernel %s could not be restored: %s", kernel.id, exc)
+                return
+            kernel.end_restore(int(point["term"]), _restore_notice(reason, point))
+            self.store.save(kernel.record)
+            self.metrics.restores.observe(time.monotonic() - started)
+            log.info(
+                "kernel %s restored to term %s in %.2f s",
+                kernel.id,
+                point["term"],
+                time.monotonic() - started,
+            )
+
+    async def checkpoint_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """``POST /api/cluster/kernels/{id}/checkpoint``: a replica writes the kernel's state
+        to the store now (on its control channel, so a running cell does not delay it)."""
+        kernel = self.get(kernel_id)
+        running = [r for r in kernel.record.replicas if r.state == "running"]
+        if kernel.is_dead or not running:
+            raise CheckpointError(f"kernel {kernel_id} has no running replica to checkpoint")
+        if kernel.record.replica_count < 2:
+            raise CheckpointError(
+                f"kernel {kernel_id} runs one replica: checkpoints need a replicated kernel"
+            )
+        replica = next((r for r in running if r.replica_id != kernel.executor), running[0])
+        reply = await kernel.request(
+            kernel.links[replica.replica_id],
+            "control",
+            "nbcluster_checkpoint_request",
+            {"after_term": kernel.last_replied_term},
+            120.0,
+        )
+        body = reply.content_dict
+        if body.get("status") != "ok":
+            raise CheckpointError(f"the checkpoint failed: {body.get('evalue')}")
+        return {
+            "kernel_id": kernel_id,
+            "term": body["term"],
+            "execution_count": body["execution_count"],
+            "created": datetime.fromtimestamp(float(body["created"]), UTC).isoformat(),
+            "size": body["size"],
+            "replica_id": replica.replica_id,
         }
 
     # -- stop, restart, interrupt -------------------------------------------------------------
@@ -670,7 +781,7 @@ class KernelManager:
         replica.reason = reason
         kernel.drop_link(replica.replica_id)
         stopped = ReplicaStopped(kernel.id, replica.replica_id)
-        if kernel.live_replicas():
+        if self._serving(kernel):
             # The scheduler frees the replica's GPUs once the kernel has marked its cell to
             # run again, so that the cell is re-bound first.
             kernel.on_replica_lost(
@@ -680,10 +791,7 @@ class KernelManager:
                 self._spawn(self._replace_replica(kernel, replica))
         else:
             self.gpus.handle(stopped)
-            if not kernel.is_dead:
-                log.warning("kernel %s is dead: %s", kernel.id, reason)
-                kernel.mark_dead(reason)
-                self.gpus.handle(KernelStopped(kernel.id))
+            self._lost_everything(kernel, reason)
         self.store.save(kernel.record)
 
     def on_replica_exited(self, host: str, event: ReplicaExited) -> None:
@@ -841,3 +949,19 @@ class KernelManager:
                 client.close(1001, "gateway shutting down")
             kernel.close()
         self.zmq_context.destroy(linger=0)
+
+
+def _restore_notice(reason: str, point: Mapping[str, Any]) -> str:
+    created = point.get("checkpoint_created")
+    when = (
+        f"its checkpoint of {datetime.fromtimestamp(float(created), UTC):%Y-%m-%d %H:%M:%S} UTC"
+        if created
+        else "the store's log"
+    )
+    later = int(point.get("later_cells") or 0)
+    tail = f" and {later} later cell(s)" if later else ""
+    count = point.get("execution_count")
+    return (
+        f"[nbcluster] This kernel lost all its replicas ({reason}) and was restored from "
+        f"{when}{tail}, up to cell [{count}]. Variables set by cells after that are lost.\n"
+    )

@@ -143,6 +143,12 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.5, 1, 2, 3, 5, 10, 20, 30),
         )
+        self.restores = Histogram(
+            "nbcluster_kernel_restore_seconds",
+            "Time to restore a kernel that lost every replica from the object store.",
+            registry=self.registry,
+            buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
+        )
         self.hosts_lost = Counter(
             "nbcluster_hosts_lost", "Hosts declared lost.", registry=self.registry
         )

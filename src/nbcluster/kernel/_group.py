@@ -10,10 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..store import ObjectNotFoundError
+from ._checkpoint import (
+    Checkpoint,
+    Rebuilt,
+    checkpoint_key,
+    decode_checkpoint,
+    encode_checkpoint,
+    log_key,
+    log_prefix,
+    rebuild,
+    term_of_log_key,
+)
 from ._records import Done, Mark, Proposal, encode_record
 from ._replication import ReplicaCoordinator
 
@@ -26,6 +41,11 @@ __all__ = ["ReplicaGroup"]
 log = logging.getLogger(__name__)
 
 PROPOSE_TIMEOUT = 10.0
+#: The executor writes a checkpoint after this many of its cells, or when the last one is
+#: older than ``CHECKPOINT_INTERVAL`` seconds (each cell's state change is in the store's log
+#: tail meanwhile; a checkpoint compacts it).
+CHECKPOINT_EVERY = int(os.environ.get("NBCLUSTER_CHECKPOINT_EVERY", "20"))
+CHECKPOINT_INTERVAL = float(os.environ.get("NBCLUSTER_CHECKPOINT_INTERVAL", "300"))
 
 
 class ReplicaGroup:
@@ -36,6 +56,11 @@ class ReplicaGroup:
         self.log: ReplicatedLog = None  # type: ignore[assignment]  # set by start()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned: set[str] = set()
+        self._cells_since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        # A threading lock: checkpoints are written from the main loop (after cells) and from
+        # the control thread's loop (the gateway's request).
+        self._checkpoint_lock = threading.Lock()
 
     @classmethod
     async def start(
@@ -134,10 +159,92 @@ class ReplicaGroup:
         return "<cell>"
 
     async def _propose_done(self, record: Done) -> None:
+        data = encode_record(record)
         try:
-            await self.log.propose(encode_record(record), PROPOSE_TIMEOUT)
+            await self.log.propose(data, PROPOSE_TIMEOUT)
         except Exception as exc:
             log.error("could not replicate the state of term %d: %s", record.term, exc)
+            return
+        kernel_id = self.kernel.kernel_id
+        if not kernel_id:
+            return
+        # The store keeps the log's tail too: it outlives every replica.
+        try:
+            await asyncio.to_thread(self.sync.store.put, log_key(kernel_id, record.term), data)
+        except Exception as exc:
+            log.warning("could not write term %d to the store's log: %s", record.term, exc)
+            return
+        self._cells_since_checkpoint += 1
+        due = time.monotonic() - self._last_checkpoint > CHECKPOINT_INTERVAL
+        if self._cells_since_checkpoint >= CHECKPOINT_EVERY or due:
+            try:
+                await self.write_checkpoint()
+            except Exception as exc:
+                log.warning("could not write a checkpoint: %s", exc)
+
+    async def write_checkpoint(self) -> dict[str, Any]:
+        """Write the merged state to ``kernels/K/checkpoint`` and drop the log entries it
+        covers. Called after the executor's cells (every few) and by
+        ``nbcluster_checkpoint_request`` (the gateway's checkpoint API)."""
+        kernel_id = self.kernel.kernel_id
+        if not kernel_id:
+            raise RuntimeError("this replica does not know its kernel id")
+        store = self.sync.store
+
+        def write() -> tuple[int, int, float, int]:
+            with self._checkpoint_lock:
+                coordinator = self.coordinator
+                term, count = coordinator.done_term, coordinator.done_count
+                snapshot = coordinator.snapshot()
+                created = time.time()
+                data = encode_checkpoint(snapshot, term, count, self.kernel.replica_id, created)
+                store.put(checkpoint_key(kernel_id), data)
+                self._cells_since_checkpoint = 0
+                self._last_checkpoint = time.monotonic()
+                for info in list(store.list(log_prefix(kernel_id))):
+                    covered = term_of_log_key(info.key)
+                    if covered is not None and covered <= term:
+                        store.delete(info.key)
+                return term, count, created, len(data)
+
+        term, count, created, size = await asyncio.to_thread(write)
+        log.info("checkpoint of term %d written (%d bytes)", term, size)
+        return {"term": term, "execution_count": count, "created": created, "size": size}
+
+    async def restore_from_store(self, timeout: float) -> Rebuilt | None:
+        """Rebuild this replica's state from the store's checkpoint and log tail (the kernel
+        lost every replica; the gateway starts new ones with ``restore``). Every new replica
+        does the same and reads the same objects, so they start identical."""
+        kernel_id = self.kernel.kernel_id
+        store = self.sync.store
+
+        def read() -> Rebuilt | None:
+            try:
+                checkpoint: Checkpoint | None = decode_checkpoint(
+                    store.get(checkpoint_key(kernel_id))
+                )
+            except ObjectNotFoundError:
+                checkpoint = None
+            entries = [store.get(info.key) for info in store.list(log_prefix(kernel_id))]
+            return rebuild(checkpoint, entries, self.coordinator.election.members)
+
+        rebuilt = await asyncio.to_thread(read)
+        if rebuilt is None:
+            return None
+        self.coordinator.restore(rebuilt.snapshot)
+        await self.coordinator.caught_up(rebuilt.term, timeout)
+        # New members get the restored state from a snapshot, not from an empty log.
+        compact = getattr(self.log, "compact", None)
+        if compact is not None:
+            with contextlib.suppress(Exception):
+                compact()
+        log.info(
+            "restored from the store: term %d (checkpoint %s, %d later cells)",
+            rebuilt.term,
+            "none" if rebuilt.checkpoint_created is None else "found",
+            rebuilt.applied,
+        )
+        return rebuilt
 
     def apply_state(self, payload: dict[str, Any] | None, count: int) -> None:
         """A follower applies another replica's cell (or a snapshot's full state)."""

@@ -57,6 +57,8 @@ class ReplicaKernel(IPythonKernel):
         super().__init__(**kwargs)
         self.shell_handlers["nbcluster_raft_start_request"] = self.nbcluster_raft_start_request
         self.shell_handlers["nbcluster_membership_request"] = self.nbcluster_membership_request
+        # On control: a long cell on shell must not hold a checkpoint up.
+        self.control_handlers["nbcluster_checkpoint_request"] = self.nbcluster_checkpoint_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
         runtime._mark_kernel()
@@ -80,7 +82,7 @@ class ReplicaKernel(IPythonKernel):
         """Join the kernel's replica group (the gateway forming or repairing it)."""
         content = parent.get("content", {})
 
-        async def join() -> None:
+        async def join() -> dict[str, Any]:
             from ._group import ReplicaGroup
 
             if self.replication is None:
@@ -94,9 +96,23 @@ class ReplicaKernel(IPythonKernel):
                 )
             timeout = float(content.get("timeout", 10.0))
             await self.replication.wait_for_leader(timeout)
+            if content.get("restore"):
+                # Every replica of the kernel was lost: start from what the store kept.
+                rebuilt = await self.replication.restore_from_store(timeout)
+                if rebuilt is None:
+                    return {"restored": None}
+                return {
+                    "restored": {
+                        "term": rebuilt.term,
+                        "execution_count": rebuilt.execution_count,
+                        "checkpoint_created": rebuilt.checkpoint_created,
+                        "later_cells": rebuilt.applied,
+                    }
+                }
             # Whatever committed before we joined (snapshot and tail) is applied before we
             # answer, so the gateway never picks a replica that is behind as executor.
             await self.replication.catch_up(timeout)
+            return {}
 
         await self._group_request(stream, ident, parent, "nbcluster_raft_start_reply", join)
 
@@ -104,7 +120,7 @@ class ReplicaKernel(IPythonKernel):
         """Replace members of the group's Raft log (the gateway replacing a lost replica)."""
         content = parent.get("content", {})
 
-        async def change() -> None:
+        async def change() -> dict[str, Any]:
             if self.replication is None:
                 raise RuntimeError("this replica is not in a replica group")
             await self.replication.change_members(
@@ -112,8 +128,29 @@ class ReplicaKernel(IPythonKernel):
                 [str(a) for a in content.get("add", ())],
                 float(content.get("timeout", 20.0)),
             )
+            return {}
 
         await self._group_request(stream, ident, parent, "nbcluster_membership_reply", change)
+
+    async def nbcluster_checkpoint_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Write a checkpoint of the synchronised state to the store now (the gateway's
+        ``POST /api/cluster/kernels/{id}/checkpoint``)."""
+
+        content = parent.get("content", {})
+
+        async def checkpoint() -> dict[str, Any]:
+            if self.replication is None:
+                raise RuntimeError(
+                    "this kernel is not replicated: checkpoints need a replica group"
+                )
+            # Every cell the gateway has seen answered is in it.
+            after = int(content.get("after_term", 0))
+            if not await self.replication.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
+                raise RuntimeError(f"the state of term {after} has not arrived here yet")
+            result: dict[str, Any] = await self.replication.write_checkpoint()
+            return result
+
+        await self._group_request(stream, ident, parent, "nbcluster_checkpoint_reply", checkpoint)
 
     async def _group_request(
         self,
@@ -121,14 +158,18 @@ class ReplicaKernel(IPythonKernel):
         ident: Any,
         parent: Any,
         reply_type: str,
-        action: Callable[[], Awaitable[None]],
+        action: Callable[[], Awaitable[dict[str, Any]]],
     ) -> None:
         """Run a group operation the gateway asked for and answer ok (with the log's status)
         or with the error."""
         try:
-            await action()
+            extra = await action()
             assert self.replication is not None
-            reply: dict[str, Any] = {"status": "ok", "log": self.replication.log.status()}
+            reply: dict[str, Any] = {
+                **extra,
+                "status": "ok",
+                "log": self.replication.log.status(),
+            }
         except Exception as exc:
             log.exception("%s failed", reply_type.removesuffix("_reply"))
             reply = {

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 
+from ._checkpoint import merge_payload
 from ._election import Completed, Decided, ElectionLog, Event, Failed, Ignored
 from ._records import Done, RecordError, decode_record
 from ._sync import decode_payload
@@ -77,11 +78,8 @@ class ReplicaCoordinator:
             self.rejected += 1
             log.error("term %d: rejected its state update: %s", done.term, exc)
             return None
-        for name, entry in payload["set"].items():
-            self.values[name] = entry
         # Deleted names, and names whose new value could not be copied: followers drop both.
-        for name in (*payload["del"], *payload.get("unpicklable", ())):
-            self.values.pop(name, None)
+        merge_payload(self.values, payload)
         return payload
 
     def snapshot(self) -> bytes:

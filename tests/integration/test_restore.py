@@ -1,0 +1,99 @@
+"""A kernel that loses all three replicas is restored from its checkpoint and the store's log
+tail; checkpoints can be asked for."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from nbcluster.client import GatewayClient, GatewayError
+from nbcluster.store import LocalDirectoryStore
+
+from ..cluster import async_wait_for, process_gone, running_cluster
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_kernel_that_lost_every_replica_is_restored_from_the_store(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    with running_cluster(state, hosts=3, replicas=3) as c:
+        store = LocalDirectoryStore(state / "store")
+        async with GatewayClient(c.url, c.token) as gw:
+            kernel = await gw.start_kernel()
+            kid = kernel["id"]
+            async with gw.channels(kid) as channels:
+                setup = await channels.execute(
+                    "import hashlib, os\n"
+                    "big = os.urandom(3 * 2**20)\n"
+                    "digest = hashlib.sha256(big).hexdigest()\n"
+                    "def double(v):\n    return 2 * v\n"
+                    "a = 1",
+                    60,
+                )
+                assert setup.status == "ok", setup.reply
+                checkpoint = await gw.checkpoint_kernel(kid)
+                assert checkpoint["term"] >= 1 and checkpoint["size"] > 0
+                assert [i.key for i in store.list(f"kernels/{kid}/checkpoint")] == [
+                    f"kernels/{kid}/checkpoint"
+                ]
+                # After the checkpoint: cells that only the store's log tail remembers.
+                assert (await channels.execute("a = double(21)", 60)).status == "ok"
+                assert (await channels.execute("b = 'after'", 60)).status == "ok"
+                await async_wait_for(
+                    lambda: len(list(store.list(f"kernels/{kid}/log/"))) >= 2,
+                    30,
+                    "the log tail to reach the store",
+                )
+                pids = [r["pid"] for r in c.replicas(kid) if r["state"] == "running"]
+                assert len(pids) == 3
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                await async_wait_for(
+                    lambda: all(process_gone(p) for p in pids), 10, "the replicas to die"
+                )
+
+                def restored() -> bool:
+                    running = [r for r in c.replicas(kid) if r["state"] == "running"]
+                    return (
+                        len(running) == 3
+                        and not {r["pid"] for r in running} & set(pids)
+                        and c.kernel_summary(kid)["execution_state"] == "idle"
+                    )
+
+                await async_wait_for(
+                    restored,
+                    90,
+                    "the kernel to be restored on three new replicas",
+                )
+                result = await channels.execute(
+                    "print(a, b, double(4), hashlib.sha256(big).hexdigest() == digest)", 60
+                )
+                assert result.status == "ok", (result.reply, c.logs())
+                assert result.stream_text() == "42 after 8 True\n"
+                notice = result.stream_text("stderr")
+                assert (
+                    "lost all its replicas" in notice and "restored from its checkpoint" in notice
+                )
+                assert "2 later cell(s)" in notice
+                # Only once.
+                again = await channels.execute("print(a)", 60)
+                assert again.stream_text("stderr") == "" and again.stream_text() == "42\n"
+            assert (c.metric("nbcluster_kernel_restore_seconds_count") or 0) == 1
+
+
+async def test_checkpoint_of_a_single_replica_kernel_is_refused(tmp_path: Path) -> None:
+    with running_cluster(tmp_path / "state", hosts=1, replicas=1) as c:
+        async with GatewayClient(c.url, c.token) as gw:
+            kernel = await gw.start_kernel()
+            with pytest.raises(GatewayError) as caught:
+                await gw.checkpoint_kernel(kernel["id"])
+            assert caught.value.status == 409
+            assert "replicated kernel" in str(caught.value)
+            with pytest.raises(GatewayError) as missing:
+                await gw.checkpoint_kernel("no-such-kernel")
+            assert missing.value.status == 404
