@@ -163,10 +163,10 @@ def _stderr_warnings(result: Any) -> list[str]:
 
 
 async def _kill_executor(
-    cluster: Cluster, kernel_id: str, channels: KernelChannels, term: int
+    cluster: Cluster, kernel_id: str, channels: KernelChannels, term: int, host: bool = False
 ) -> dict[str, Any]:
-    """``kill -9`` the executing replica once the state of ``term`` (the last cell run) is
-    committed; return once the gateway has declared it dead.
+    """``kill -9`` the executing replica (``host``: its whole host daemon) once the state of
+    ``term`` (the last cell run) is committed; return once the gateway has declared it dead.
 
     The executor appends a cell's state to the log after its reply, off the critical path: a
     kill in that moment loses the cell's state, by design (docs/replication.md, "Failures").
@@ -176,9 +176,12 @@ async def _kill_executor(
     async def committed() -> bool:
         return await _last_term(channels) >= term
 
-    await async_wait_for(committed, QUICK, f"the state of term {term} to be committed")
+    await async_wait_for(committed, 60, f"the state of term {term} to be committed")
     executor = _executor(cluster, kernel_id)
-    os.kill(executor["pid"], signal.SIGKILL)
+    if host:
+        cluster.kill_host(executor["host"])
+    else:
+        os.kill(executor["pid"], signal.SIGKILL)
     await async_wait_for(lambda: process_gone(executor["pid"]), 10, "the executor to die")
 
     def noticed() -> bool:
@@ -504,4 +507,47 @@ async def test_executor_dying_between_its_reply_and_idle_does_not_leave_the_cell
             result = await _run(channels, "x + 1")
             assert result.status == "ok", (result.reply, result.stream_text("stderr"))
             assert _text(result) == "2"
+        await gw.shutdown_kernel(kid)
+
+
+ARRAYS_AND_MODELS = """
+import numpy as np
+import torch
+
+rng = np.random.default_rng(7)
+arr = rng.random(25 * 2**20)  # 200 MB of float64
+arr_sum = float(arr.sum())
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+probe = torch.ones(1, 8)
+expected = model(probe).detach().clone()
+weights = {k: v.clone() for k, v in model.state_dict().items()}
+"""
+
+ARRAYS_AND_MODELS_CHECK = """
+assert arr.shape == (25 * 2**20,) and arr.dtype == np.float64
+assert float(arr.sum()) == arr_sum
+assert torch.equal(model(probe).detach(), expected)
+assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+arr[0] = 1.0  # still writable
+print("arrays ok")
+"""
+
+
+async def test_a_200_mb_array_and_a_torch_model_survive_losing_the_executors_host(
+    cluster3: Cluster,
+) -> None:
+    store = cluster3.state_dir / "store"
+    async with GatewayClient(cluster3.url, cluster3.token) as gw:
+        kid = (await gw.start_kernel())["id"]
+        async with gw.channels(kid) as channels:
+            result = await channels.execute(ARRAYS_AND_MODELS, 180)
+            assert result.status == "ok", (result.reply, result.stream_text("stderr"))
+            sizes = [p.stat().st_size for p in store.rglob("*") if p.is_file()]
+            assert max(sizes) > 200 * 2**20  # the array went to the store, not the log
+            executor = await _kill_executor(cluster3, kid, channels, 1, host=True)
+            result = await channels.execute(ARRAYS_AND_MODELS_CHECK, 180)
+            assert result.status == "ok", (result.reply, result.stream_text("stderr"))
+            assert result.stream_text() == "arrays ok\n"
+            assert _executor(cluster3, kid)["host"] != executor["host"]
         await gw.shutdown_kernel(kid)

@@ -3,6 +3,7 @@ the kernel does; ``nbcluster store ls|du|gc`` show and clean what is there."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,51 @@ def test_a_bad_store_url_is_refused_with_the_reason(tmp_path: Path) -> None:
     assert "unknown scheme 'ftp'" in result.stderr
     hdfs = _cli("store", "ls", "--store", "hdfs://namenode/x", state_dir=tmp_path)
     assert hdfs.returncode == 2 and "HDFS is not supported" in hdfs.stderr
+
+
+async def test_an_unreachable_store_warns_and_the_value_is_stored_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    from ..cluster import free_port, wait_for
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0?prefix=t/"
+    with running_cluster(
+        tmp_path / "state", hosts=3, replicas=3, gateway_args=["--store", url]
+    ) as c:
+        async with GatewayClient(c.url, c.token) as gw:
+            kid = (await gw.start_kernel())["id"]
+            async with gw.channels(kid) as channels:
+                result = await channels.execute("import os\nbig = os.urandom(2 * 2**20)", 90)
+                assert result.status == "ok", result.reply  # the cell itself completes
+                warning = result.stream_text("stderr")
+                assert "not protected yet: big" in warning
+                assert f"127.0.0.1:{port}" in warning
+                server_bin = shutil.which("redis-server")
+                assert server_bin is not None
+                server = await asyncio.create_subprocess_exec(
+                    server_bin,
+                    *("--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+                    stdout=asyncio.subprocess.DEVNULL,
+                )
+                try:
+                    import redis
+
+                    client = redis.Redis(host="127.0.0.1", port=port)
+
+                    def up() -> bool:
+                        try:
+                            return bool(client.ping())
+                        except redis.ConnectionError:
+                            return False
+
+                    wait_for(up, 20, "redis-server to start")
+                    later = await channels.execute("small = 1", 90)
+                    assert later.status == "ok" and later.stream_text("stderr") == ""
+                    stored = [k.decode() for k in client.scan_iter(match="t/obj/*")]
+                    assert any(f"kernels/{kid}/values/" in k for k in stored), stored
+                finally:
+                    server.terminate()
+                    await asyncio.wait_for(server.wait(), 10)

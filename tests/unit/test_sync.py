@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import io
 import linecache
@@ -36,6 +35,7 @@ from nbcluster.kernel._sync import (
     ApplyResult,
     StateSynchronizer,
     SyncResult,
+    _digest,
     decode_payload,
     encode_payload,
     validate_payload,
@@ -117,7 +117,7 @@ class Cluster:
 
 
 def _hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return _digest(data)
 
 
 def shipped(result: SyncResult) -> set[str]:

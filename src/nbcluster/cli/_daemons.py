@@ -83,6 +83,13 @@ def _token(value: str | None) -> str:
     help="Seconds a shut-down kernel's objects stay in the store before they are deleted.",
 )
 @click.option(
+    "--store-threshold-mb",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Values whose pickle is larger go to the object store instead of the Raft log.",
+)
+@click.option(
     "--min-hosts", default=0, show_default=True, type=click.IntRange(0), help="Auto-scaling floor."
 )
 @click.option(
@@ -125,6 +132,7 @@ def gateway_command(
     max_subscription_ratio: float,
     store_url: str | None,
     store_retention: float,
+    store_threshold_mb: float,
     min_hosts: int,
     max_hosts: int,
     scaling_buffer: int,
@@ -162,6 +170,7 @@ def gateway_command(
         store_dir=root / "store",
         store_url=store_url,
         store_retention=store_retention,
+        store_threshold=int(store_threshold_mb * 2**20),
         policy=policy,
         max_subscription_ratio=max_subscription_ratio,
         min_hosts=min_hosts,

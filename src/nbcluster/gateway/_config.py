@@ -35,6 +35,8 @@ class GatewayConfig:
     store_url: str | None = None
     #: Seconds a shut-down kernel's objects stay in the store before the gateway deletes them.
     store_retention: float = 0.0
+    #: Values whose pickle is larger than this many bytes go to the store, not the Raft log.
+    store_threshold: int = 2**20
     #: Bytes a slow websocket client may have queued before it is disconnected.
     client_queue_limit: int = 64 * 2**20
     #: Scheduling policy: ``notebookos`` (replicas share GPUs, bound per cell),

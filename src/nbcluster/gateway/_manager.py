@@ -351,6 +351,7 @@ class KernelManager:
             **kernel.record.env,
             "NBCLUSTER_RAFT_PASSWORD": kernel.record.raft_password,
             "NBCLUSTER_STORE_URL": self.config.store_url or self.config.store_dir.as_uri(),
+            "NBCLUSTER_STORE_THRESHOLD": str(self.config.store_threshold),
         }
         if devices is not None:
             visible = ",".join(map(str, devices))

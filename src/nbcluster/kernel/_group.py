@@ -83,7 +83,11 @@ class ReplicaGroup:
         store = open_store(store_url or (Path.cwd() / ".nbcluster-store").as_uri())
         # One key space per kernel, so that a kernel's objects go when it does (store gc).
         prefix = f"kernels/{kernel.kernel_id}/values/" if kernel.kernel_id else "values/"
-        sync = StateSynchronizer(shell.user_ns, set(shell.user_ns_hidden), store, key_prefix=prefix)
+        # Values pickled larger than this go to the store (gateway: --store-threshold-mb).
+        threshold = int(os.environ.get("NBCLUSTER_STORE_THRESHOLD", str(2**20)))
+        sync = StateSynchronizer(
+            shell.user_ns, set(shell.user_ns_hidden), store, threshold=threshold, key_prefix=prefix
+        )
         group: ReplicaGroup
         coordinator = ReplicaCoordinator(
             kernel.replica_id, members, loop, lambda p, n: group.apply_state(p, n)
@@ -135,6 +139,14 @@ class ReplicaGroup:
             self.kernel.send_stream_warning(
                 "[nbcluster] these variables cannot be copied to the other replicas and will "
                 f"not survive a failover: {', '.join(sorted(unpicklable))}\n"
+            )
+        failed = getattr(result, "failed", None) or {}
+        unstored = sorted(n for n, why in failed.items() if why.startswith("object store"))
+        if unstored:
+            self.kernel.send_stream_warning(
+                "[nbcluster] the object store could not take these large values, so they are "
+                f"not protected yet: {', '.join(unstored)} ({failed[unstored[0]]}). They live on "
+                "this replica only; a later cell stores them once the store is back.\n"
             )
         from ._sync import encode_payload
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import builtins
 import contextvars
-import hashlib
 import io
 import linecache
 import logging
@@ -75,6 +74,7 @@ from typing import Any, NotRequired, TypedDict, cast
 
 import cloudpickle  # type: ignore[import-untyped]
 import msgpack
+import xxhash
 
 from ..store import ObjectStore
 
@@ -347,7 +347,10 @@ def _set_namespace_function_state(func: Any, state: tuple[dict[str, Any], dict[s
 
 
 def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    # XXH3-128: a 200 MB array is hashed in ~15 ms (BLAKE2b took ~300 ms). The digest detects
+    # changed values and damaged objects; nothing here needs it to resist forgery (the Raft
+    # traffic that carries it is authenticated and encrypted).
+    return str(xxhash.xxh3_128_hexdigest(data))
 
 
 class _SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
