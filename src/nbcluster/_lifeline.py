@@ -6,6 +6,7 @@ Called at start-up by the gateway, the host daemon and every kernel replica.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -37,6 +38,15 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     # The parent may have died before prctl took effect.
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """For ``preexec_fn``: the child being started gets ``sig`` when the process (thread) that
+    started it dies. Used by host daemons for job processes, which run arbitrary commands that
+    cannot arm it themselves; it survives ``execve``. Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def _start_poller(parent_pid: int, sig: int) -> None:

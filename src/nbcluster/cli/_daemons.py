@@ -90,6 +90,17 @@ def _token(value: str | None) -> str:
     help="Values whose pickle is larger go to the object store instead of the Raft log.",
 )
 @click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    help="Keep jobs and queues in Redis (redis://host:6379/0) instead of the state directory.",
+)
+@click.option(
+    "--jobs-first",
+    is_flag=True,
+    help="Give free GPUs to queued GPU jobs even while kernel cells wait for GPUs.",
+)
+@click.option(
     "--min-hosts", default=0, show_default=True, type=click.IntRange(0), help="Auto-scaling floor."
 )
 @click.option(
@@ -133,6 +144,8 @@ def gateway_command(
     store_url: str | None,
     store_retention: float,
     store_threshold_mb: float,
+    redis_url: str | None,
+    jobs_first: bool,
     min_hosts: int,
     max_hosts: int,
     scaling_buffer: int,
@@ -171,6 +184,8 @@ def gateway_command(
         store_url=store_url,
         store_retention=store_retention,
         store_threshold=int(store_threshold_mb * 2**20),
+        redis_url=redis_url,
+        jobs_yield_to_cells=not jobs_first,
         policy=policy,
         max_subscription_ratio=max_subscription_ratio,
         min_hosts=min_hosts,

@@ -6,6 +6,7 @@ import click
 
 from .._version import __version__
 from ._daemons import gateway_command, host_command
+from ._job import job_group
 from ._status import migrate_command, status_command
 from ._store import store_group
 from ._up import up_command
@@ -25,6 +26,7 @@ cli.add_command(host_command)
 cli.add_command(status_command)
 cli.add_command(migrate_command)
 cli.add_command(store_group)
+cli.add_command(job_group)
 
 
 def main() -> None:

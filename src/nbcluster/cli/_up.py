@@ -122,6 +122,12 @@ def _partition_real_gpus(hosts: int) -> list[str | None]:
 )
 @subscription_option
 @store_option
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    help="Keep jobs and queues in Redis (redis://host:6379/0) instead of the state directory.",
+)
 @click.option("--lab", is_flag=True, help="Also start JupyterLab wired to the gateway.")
 @click.option("--lab-port", default=8888, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -143,6 +149,7 @@ def up_command(
     max_hosts: int | None,
     max_subscription_ratio: float,
     store_url: str | None,
+    redis_url: str | None,
     lab: bool,
     lab_port: int,
     log_level: str,
@@ -204,6 +211,7 @@ def up_command(
                 "--max-subscription-ratio",
                 str(max_subscription_ratio),
                 *(["--store", store_url] if store_url else []),
+                *(["--redis", redis_url] if redis_url else []),
                 *(
                     [
                         "--min-hosts",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -121,4 +122,58 @@ class GatewayClient:
         result: dict[str, Any] = await self._call(
             "POST", f"/api/cluster/kernels/{kernel_id}/checkpoint", json={}
         )
+        return result
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    async def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit a job (a ``JobSpec`` as a dict); a fast job's answer carries its result."""
+        result: dict[str, Any] = await self._call("POST", "/api/jobs", json=spec)
+        return result
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"/api/jobs/{job_id}")
+        return result
+
+    async def list_jobs(self, **filters: str) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v}
+        result: list[dict[str, Any]] = await self._call("GET", "/api/jobs", params=params)
+        return result
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/api/jobs/{job_id}/cancel", json={})
+        return result
+
+    async def job_logs(self, job_id: str, offset: int = 0) -> str:
+        response = await self._http.get(f"/api/jobs/{job_id}/logs", params={"offset": offset})
+        if response.status_code >= 400:
+            raise GatewayError(response.status_code, response.text)
+        return response.text
+
+    async def follow_job_logs(self, job_id: str) -> AsyncIterator[str]:
+        """The job's output as it comes, until the job ends."""
+        async with self._http.stream(
+            "GET", f"/api/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise GatewayError(response.status_code, response.text)
+            async for chunk in response.aiter_text():
+                yield chunk
+
+    async def upload_job_input(self, name: str, data: bytes) -> str:
+        """Put an input in the object store; returns the key to name in ``inputs``."""
+        result: dict[str, Any] = await self._call(
+            "POST", "/api/jobs/inputs", params={"name": name}, content=data
+        )
+        return str(result["key"])
+
+    async def job_output(self, job_id: str, name: str) -> bytes:
+        response = await self._http.get(f"/api/jobs/{job_id}/outputs/{name}")
+        if response.status_code >= 400:
+            raise GatewayError(response.status_code, response.text)
+        return response.content
+
+    async def job_workers(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call("GET", "/api/jobs/workers")
         return result

@@ -183,7 +183,11 @@ def build_router() -> APIRouter:
     async def host_connect(websocket: WebSocket) -> None:
         gateway = _gateway(websocket)
         await serve_host(
-            websocket, gateway.hosts, gateway.kernels, gateway.config.heartbeat_interval
+            websocket,
+            gateway.hosts,
+            gateway.kernels,
+            gateway.config.heartbeat_interval,
+            gateway.jobs,
         )
 
     @router.get("/api/cluster/hosts", summary="Hosts, their resources and replicas")

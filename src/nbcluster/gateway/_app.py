@@ -18,12 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
+from ..jobs import JobStore
 from ..scheduling import HostView, KernelView, ScalingConfig
 from ._api import ApiError, build_router, error_response
 from ._auth import TokenAuthMiddleware
 from ._autoscaler import Autoscaler
 from ._config import GatewayConfig
 from ._hosts import HostRegistry
+from ._jobs import JobError, JobManager, NoSuchJob
+from ._jobs_api import build_jobs_router
 from ._kernel import KernelUnavailable
 from ._kernelspecs import KernelSpecRegistry
 from ._manager import (
@@ -47,22 +50,40 @@ log = logging.getLogger(__name__)
 class Gateway:
     """Everything one gateway process holds. Built by :func:`create_app`."""
 
-    def __init__(self, config: GatewayConfig, store: StateStore | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        store: StateStore | None = None,
+        job_store: JobStore | None = None,
+    ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self.hosts = HostRegistry(config.host_lost_timeout)
         self.specs = KernelSpecRegistry(config.kernelspec_dirs)
         self.store = store if store is not None else FileStateStore(config.state_dir)
         self.kernels = KernelManager(config, self.hosts, self.specs, self.store, self.metrics)
+        self.jobs = JobManager(
+            job_store if job_store is not None else _job_store(config),
+            self.hosts,
+            self.kernels.gpus,
+            self.metrics,
+            config.store_url or config.store_dir.as_uri(),
+            yield_to_cells=config.jobs_yield_to_cells,
+        )
         self.metrics.watch(
             self.hosts, lambda: self.kernels.kernels.values(), self.kernels.gpus.scheduler
         )
         self._watchdog: asyncio.Task[None] | None = None
         self.autoscaler: Autoscaler | None = None
         self._scaling: asyncio.Task[None] | None = None
+        self._orphan_check: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.kernels.restore()
+        self.jobs.restore()
+        self._orphan_check = asyncio.create_task(
+            self._expire_orphan_jobs(self.config.host_lost_timeout * 2)
+        )
         self._watchdog = asyncio.create_task(self._watch_hosts())
         if self.config.max_hosts > 0:
             self.autoscaler = self._make_autoscaler()
@@ -101,12 +122,13 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        for task in (self._watchdog, self._scaling):
+        for task in (self._watchdog, self._scaling, self._orphan_check):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.kernels.close()
+        await self.jobs.close()
         if self.autoscaler is not None:
             await self.autoscaler.close()
 
@@ -116,6 +138,15 @@ class Gateway:
             await asyncio.sleep(period)
             for entry in self.hosts.find_lost(time.monotonic()):
                 self.kernels.on_host_lost(entry)
+                self.jobs.on_worker_lost(entry.name)
+
+    async def _expire_orphan_jobs(self, delay: float) -> None:
+        """Jobs restored as running whose worker never came back are run again."""
+        await asyncio.sleep(delay)
+        for live in list(self.jobs.jobs.values()):
+            job = live.job
+            if job.status == "running" and job.worker not in self.hosts.hosts:
+                self.jobs.on_worker_lost(job.worker or "?")
 
     def host_summaries(self) -> list[dict[str, Any]]:
         replicas: dict[str, list[dict[str, str]]] = {}
@@ -234,9 +265,11 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(problems)
 
 
-def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAPI:
+def create_app(
+    config: GatewayConfig, store: StateStore | None = None, job_store: JobStore | None = None
+) -> FastAPI:
     """The ASGI app of one gateway; ``app.state.gateway`` is its :class:`Gateway`."""
-    gateway = Gateway(config, store)
+    gateway = Gateway(config, store, job_store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -258,6 +291,7 @@ def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAP
     )
     app.state.gateway = gateway
     app.include_router(build_router())
+    app.include_router(build_jobs_router())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -297,6 +331,14 @@ def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAP
     async def _checkpoint_failed(request: Request, exc: CheckpointError) -> Any:
         return error_response(409, str(exc), "checkpoint failed")
 
+    @app.exception_handler(NoSuchJob)
+    async def _no_job(request: Request, exc: NoSuchJob) -> Any:
+        return error_response(404, str(exc), "job not found")
+
+    @app.exception_handler(JobError)
+    async def _job_error(request: Request, exc: JobError) -> Any:
+        return error_response(409, str(exc), "job request failed")
+
     @app.exception_handler(KernelUnavailable)
     async def _unavailable(request: Request, exc: KernelUnavailable) -> Any:
         return error_response(409, str(exc), "kernel unavailable")
@@ -304,3 +346,18 @@ def create_app(config: GatewayConfig, store: StateStore | None = None) -> FastAP
     app.add_middleware(_RequestMetricsMiddleware, metrics=gateway.metrics)
     app.add_middleware(TokenAuthMiddleware, token=config.token)
     return app
+
+
+def _job_store(config: GatewayConfig) -> JobStore:
+    """Redis when the gateway was given ``--redis``, else files under the state directory."""
+    if config.redis_url:
+        from urllib.parse import parse_qs, urlsplit
+
+        from ..jobs._redisstore import RedisJobStore
+
+        parts = urlsplit(config.redis_url)
+        prefix = parse_qs(parts.query).get("prefix", ["nbcluster/jobs/"])[-1]
+        return RedisJobStore.from_url(parts._replace(query="").geturl(), prefix=prefix)
+    from ..jobs._filestore import FileJobStore
+
+    return FileJobStore(config.state_dir / "jobs")

@@ -52,5 +52,10 @@ class GatewayConfig:
     scaling_buffer: int = 0
     #: Seconds between two auto-scaling rounds.
     scaling_interval: float = 5.0
+    #: Jobs and queues in Redis (shared by gateways, survives their restarts); None: files
+    #: under the state directory.
+    redis_url: str | None = None
+    #: GPU jobs wait while kernel cells wait for GPUs (cells first), else plain FIFO.
+    jobs_yield_to_cells: bool = True
     #: Virtual GPUs of each host the auto-scaler starts.
     scaling_gpus_per_host: int = 8

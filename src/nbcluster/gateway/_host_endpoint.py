@@ -13,6 +13,8 @@ from ..hostproto import (
     Heartbeat,
     Hello,
     HostProtocolError,
+    JobExited,
+    JobOutput,
     ReplicaExited,
     Reply,
     StopReplica,
@@ -21,6 +23,7 @@ from ..hostproto import (
     encode,
 )
 from ._hosts import HostRegistry, HostRequestError, HostSession
+from ._jobs import JobManager
 from ._manager import KernelManager
 
 __all__ = ["serve_host"]
@@ -29,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 async def serve_host(
-    websocket: WebSocket, hosts: HostRegistry, kernels: KernelManager, heartbeat_interval: float
+    websocket: WebSocket,
+    hosts: HostRegistry,
+    kernels: KernelManager,
+    heartbeat_interval: float,
+    jobs: JobManager | None = None,
 ) -> None:
     """Register the host, then process its replies and events until it disconnects."""
     await websocket.accept()
@@ -65,6 +72,8 @@ async def serve_host(
         len(hello.replicas),
     )
     orphans = kernels.on_host_hello(entry, hello.replicas)
+    if jobs is not None:
+        jobs.on_worker_hello(entry, hello.jobs)
     for orphan in orphans:
         log.info("stopping replica %s on %s: it belongs to no known kernel", orphan, hello.name)
     stopping = [asyncio.create_task(_stop_orphan(session, orphan)) for orphan in orphans]
@@ -90,6 +99,12 @@ async def serve_host(
                 session.on_reply(message)
             elif isinstance(message, ReplicaExited):
                 kernels.on_replica_exited(hello.name, message)
+            elif isinstance(message, JobOutput):
+                if jobs is not None:
+                    jobs.on_output(hello.name, message)
+            elif isinstance(message, JobExited):
+                if jobs is not None:
+                    jobs.on_exited(hello.name, message)
             elif isinstance(message, Heartbeat):
                 pass
             else:

@@ -346,12 +346,17 @@ class KernelManager:
         assert spec is not None
         replica = ReplicaRecord(replica_id=replica_id, host=host)
         kernel.record.replicas.append(replica)
+        # The job API for the kernel's %%job and %jobs magics (a wildcard address: loopback).
+        gateway_ip = "127.0.0.1" if self.config.ip in ("0.0.0.0", "::", "") else self.config.ip
+        gateway_ip = f"[{gateway_ip}]" if ":" in gateway_ip else gateway_ip
         env = {
             **spec.env,
             **kernel.record.env,
             "NBCLUSTER_RAFT_PASSWORD": kernel.record.raft_password,
             "NBCLUSTER_STORE_URL": self.config.store_url or self.config.store_dir.as_uri(),
             "NBCLUSTER_STORE_THRESHOLD": str(self.config.store_threshold),
+            "NBCLUSTER_GATEWAY_URL": f"http://{gateway_ip}:{self.config.port}",
+            "NBCLUSTER_GATEWAY_TOKEN": self.config.token,
         }
         if devices is not None:
             visible = ",".join(map(str, devices))

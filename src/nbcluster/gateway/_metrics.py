@@ -149,6 +149,30 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
         )
+        self.jobs_submitted = Counter(
+            "nbcluster_jobs_submitted",
+            "Jobs submitted, by queue and kind (fast, standard).",
+            ["queue", "kind"],
+            registry=self.registry,
+        )
+        self.jobs_finished = Counter(
+            "nbcluster_jobs_finished",
+            "Jobs that ended, by status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.jobs_requeued = Counter(
+            "nbcluster_jobs_requeued",
+            "Jobs put back in their queue (worker lost, or a failure retried).",
+            registry=self.registry,
+        )
+        self.job_start_latency = Histogram(
+            "nbcluster_job_start_seconds",
+            "Time from a job's submission to its process running on a worker.",
+            ["kind"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300),
+        )
         self.hosts_lost = Counter(
             "nbcluster_hosts_lost", "Hosts declared lost.", registry=self.registry
         )

@@ -18,13 +18,17 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from ..hostproto import (
+    CancelJob,
+    GatewayRequest,
     Heartbeat,
     Hello,
     HostProtocolError,
     HostResources,
+    JobExited,
+    JobOutput,
     ReplicaExited,
     Reply,
-    SignalReplica,
+    StartJob,
     StartReplica,
     StopReplica,
     Welcome,
@@ -32,6 +36,7 @@ from ..hostproto import (
     encode,
 )
 from ._config import HostConfig
+from ._jobs import JobRunner
 from ._processes import ReplicaStartError, ReplicaSupervisor
 from ._resources import discover_resources
 
@@ -74,6 +79,7 @@ class HostDaemon:
             default_working_dir=config.working_dir,
             on_exit=self._report_exit,
         )
+        self.jobs = JobRunner(state / "jobs", self._send_event)
         self._ws: ClientConnection | None = None
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -103,6 +109,7 @@ class HostDaemon:
         finally:
             for task in list(self._tasks):
                 task.cancel()
+            await self.jobs.stop_all()
             await self.supervisor.stop_all()
 
     async def _session(self) -> None:
@@ -127,6 +134,7 @@ class HostDaemon:
                 address=self.config.address,
                 resources=self.resources,
                 replicas=self.supervisor.reports(),
+                jobs=self.jobs.job_ids(),
             )
             await ws.send(encode(hello))
             first = await asyncio.wait_for(ws.recv(), 10)
@@ -134,6 +142,9 @@ class HostDaemon:
             self._ws = ws
             self.connected.set()
             log.info("registered with the gateway as %s", self.config.name)
+            resend = asyncio.create_task(self.jobs.resend_unreported())
+            self._tasks.add(resend)
+            resend.add_done_callback(self._tasks.discard)
             heartbeat = asyncio.create_task(self._heartbeat(welcome.heartbeat_interval))
             stopper = asyncio.create_task(self._stopping.wait())
             try:
@@ -173,11 +184,15 @@ class HostDaemon:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, request: StartReplica | StopReplica | SignalReplica) -> None:
+    async def _handle(self, request: GatewayRequest) -> None:
         try:
-            if isinstance(request, StartReplica):
+            if isinstance(request, StartJob):
+                result: dict[str, Any] = await self.jobs.start(request)
+            elif isinstance(request, CancelJob):
+                result = await self.jobs.cancel(request)
+            elif isinstance(request, StartReplica):
                 replica = await self.supervisor.start(request)
-                result: dict[str, Any] = replica.report().model_dump()
+                result = replica.report().model_dump()
             elif isinstance(request, StopReplica):
                 code = await self.supervisor.stop(request.replica_id, request.grace)
                 result = {"exit_code": code}
@@ -185,7 +200,7 @@ class HostDaemon:
                 self.supervisor.signal(request.replica_id, signal.Signals(request.signum))
                 result = {}
             reply = Reply(request_id=request.request_id, ok=True, result=result)
-        except (ReplicaStartError, LookupError, ValueError, OSError) as exc:
+        except (ReplicaStartError, LookupError, ValueError, OSError, RuntimeError) as exc:
             reply = Reply(request_id=request.request_id, ok=False, error=str(exc))
         await self._send(encode(reply))
 
@@ -196,6 +211,12 @@ class HostDaemon:
 
     async def _report_exit(self, event: ReplicaExited) -> None:
         await self._send(encode(event))
+
+    async def _send_event(self, event: JobOutput | JobExited) -> bool:
+        if self._ws is None:
+            return False
+        await self._send(encode(event))
+        return self._ws is not None
 
     async def _send(self, frame: str) -> None:
         ws = self._ws

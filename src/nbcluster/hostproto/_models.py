@@ -93,6 +93,8 @@ class Hello(_Model):
     address: str
     resources: HostResources
     replicas: list[ReplicaReport] = Field(default_factory=list)
+    #: Ids of the batch jobs it still runs.
+    jobs: list[str] = Field(default_factory=list)
 
 
 class Heartbeat(_Model):
@@ -121,7 +123,32 @@ class ReplicaExited(_Model):
     log_tail: str = ""
 
 
-HostMessage = Annotated[Hello | Heartbeat | Reply | ReplicaExited, Field(discriminator="type")]
+class JobOutput(_Model):
+    """Output a running job wrote since the last one (stdout and stderr, interleaved)."""
+
+    type: Literal["job_output"] = "job_output"
+    job_id: str
+    data: str
+
+
+class JobExited(_Model):
+    """A job's process (or container, or Kubernetes job) ended."""
+
+    type: Literal["job_exited"] = "job_exited"
+    job_id: str
+    exit_code: int | None
+    #: Why it ended other than by exiting (timed out, cancelled, could not start ...).
+    error: str = ""
+    log_tail: str = ""
+    #: Object store keys of the outputs it produced, by name.
+    outputs: dict[str, str] = Field(default_factory=dict)
+    #: A fast job's result: its output.
+    result: str | None = None
+
+
+HostMessage = Annotated[
+    Hello | Heartbeat | Reply | ReplicaExited | JobOutput | JobExited, Field(discriminator="type")
+]
 
 # gateway -> host ---------------------------------------------------------------------------
 
@@ -164,14 +191,40 @@ class SignalReplica(_Model):
     signum: int
 
 
+class StartJob(_Model):
+    """Run a batch job; answered once it started (result ``{"started": <unix time>}``)."""
+
+    type: Literal["start_job"] = "start_job"
+    request_id: str
+    job_id: str
+    #: The job's ``JobSpec`` (validated again by the host).
+    spec: dict[str, Any]
+    #: GPU devices bound to it (empty: none).
+    gpus: list[int] = Field(default_factory=list)
+    #: Where its inputs are and its outputs go.
+    store_url: str | None = None
+
+
+class CancelJob(_Model):
+    """Stop a running job (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+
+    type: Literal["cancel_job"] = "cancel_job"
+    request_id: str
+    job_id: str
+    grace: float = 5.0
+
+
+GatewayRequest = StartReplica | StopReplica | SignalReplica | StartJob | CancelJob
+
 GatewayMessage = Annotated[
-    Welcome | StartReplica | StopReplica | SignalReplica, Field(discriminator="type")
+    Welcome | StartReplica | StopReplica | SignalReplica | StartJob | CancelJob,
+    Field(discriminator="type"),
 ]
 
-_host_adapter: TypeAdapter[Hello | Heartbeat | Reply | ReplicaExited] = TypeAdapter(HostMessage)
-_gateway_adapter: TypeAdapter[Welcome | StartReplica | StopReplica | SignalReplica] = TypeAdapter(
-    GatewayMessage
-)
+HostEvent = Hello | Heartbeat | Reply | ReplicaExited | JobOutput | JobExited
+
+_host_adapter: TypeAdapter[HostEvent] = TypeAdapter(HostMessage)
+_gateway_adapter: TypeAdapter[Welcome | GatewayRequest] = TypeAdapter(GatewayMessage)
 
 
 class HostProtocolError(ValueError):
@@ -186,7 +239,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def decode_host_message(frame: str | bytes) -> Hello | Heartbeat | Reply | ReplicaExited:
+def decode_host_message(frame: str | bytes) -> HostEvent:
     """Parse a frame a host sent; raises :class:`HostProtocolError` naming what is wrong."""
     try:
         return _host_adapter.validate_json(frame)
@@ -194,9 +247,7 @@ def decode_host_message(frame: str | bytes) -> Hello | Heartbeat | Reply | Repli
         raise HostProtocolError(f"invalid host message: {_describe(exc)}") from None
 
 
-def decode_gateway_message(
-    frame: str | bytes,
-) -> Welcome | StartReplica | StopReplica | SignalReplica:
+def decode_gateway_message(frame: str | bytes) -> Welcome | GatewayRequest:
     """Parse a frame the gateway sent; raises :class:`HostProtocolError` naming what is wrong."""
     try:
         return _gateway_adapter.validate_json(frame)

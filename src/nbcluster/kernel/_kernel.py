@@ -55,6 +55,10 @@ class ReplicaKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if self.shell is not None:
+            from ._magics import JobMagics
+
+            self.shell.register_magics(JobMagics(self.shell))  # %%job and %jobs
         self.shell_handlers["nbcluster_raft_start_request"] = self.nbcluster_raft_start_request
         self.shell_handlers["nbcluster_membership_request"] = self.nbcluster_membership_request
         # On control: a long cell on shell must not hold a checkpoint up.

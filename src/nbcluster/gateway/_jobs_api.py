@@ -1,0 +1,210 @@
+"""The job REST API: submit, list, get, cancel, logs (follow), outputs, events (SSE), inputs,
+worker health and statistics. Documented in the gateway's OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from ..jobs import Job, JobSpec
+from ..store import ObjectNotFoundError, StoreError, validate_key
+from ._jobs import JobManager, NoSuchJob
+
+if TYPE_CHECKING:
+    from ._app import Gateway
+
+__all__ = ["build_jobs_router"]
+
+
+class CancelResult(BaseModel):
+    job: Job
+    message: str
+
+
+def _jobs(request: Request) -> JobManager:
+    gateway: Gateway = request.app.state.gateway
+    return gateway.jobs
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where != "body" else message)
+    return "invalid job: " + "; ".join(problems)
+
+
+def build_jobs_router() -> APIRouter:
+    from ._api import ApiError
+
+    router = APIRouter(tags=["jobs"])
+
+    @router.post(
+        "/api/jobs",
+        summary="Submit a job (standard: returns at once; fast: returns its result)",
+        response_model=Job,
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": JobSpec.model_json_schema()}},
+                "required": True,
+            }
+        },
+    )
+    async def submit(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}", "bad request") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object (a job spec)", "bad request")
+        try:
+            spec = JobSpec.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(400, _describe(exc), "bad request") from None
+        job = await _jobs(request).submit(spec)
+        status = 200 if spec.fast else 201
+        return JSONResponse(job.model_dump(mode="json"), status_code=status)
+
+    @router.get("/api/jobs", summary="List jobs", response_model=list[Job])
+    async def list_jobs(
+        request: Request,
+        status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+        queue: Literal["cpu", "gpu"] | None = None,
+        owner: str | None = None,
+    ) -> list[Job]:
+        return _jobs(request).list_jobs(status, queue, owner)
+
+    @router.get("/api/jobs/workers", summary="Workers and their health")
+    async def workers(request: Request) -> list[dict[str, Any]]:
+        return _jobs(request).workers()
+
+    @router.get("/api/jobs/stats", summary="Job and queue statistics")
+    async def stats(request: Request) -> dict[str, Any]:
+        return _jobs(request).statistics()
+
+    @router.post(
+        "/api/jobs/inputs",
+        summary="Upload an input (raw body) to the object store; use the returned key in "
+        "a job's inputs",
+    )
+    async def upload_input(request: Request, name: str = Query(...)) -> dict[str, Any]:
+        data = await request.body()
+        key = f"jobs/inputs/{secrets.token_hex(8)}/{name}"
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            raise ApiError(400, f"name: {exc}", "bad request") from None
+        gateway: Gateway = request.app.state.gateway
+        try:
+            gateway.kernels.object_store().put(key, data)
+        except StoreError as exc:
+            raise ApiError(503, f"the object store did not take it: {exc}", "store error") from None
+        return {"key": key, "size": len(data)}
+
+    @router.get("/api/jobs/{job_id}", summary="A job", response_model=Job)
+    async def get_job(request: Request, job_id: str) -> Job:
+        return _job(request, job_id)
+
+    @router.post("/api/jobs/{job_id}/cancel", summary="Cancel a job", response_model=CancelResult)
+    async def cancel(request: Request, job_id: str) -> CancelResult:
+        _job(request, job_id)
+        job, message = await _jobs(request).cancel(job_id)
+        return CancelResult(job=job, message=message)
+
+    @router.get(
+        "/api/jobs/{job_id}/logs",
+        summary="A job's output (text); with follow=true, streamed until the job ends",
+        response_class=Response,
+    )
+    async def logs(
+        request: Request, job_id: str, follow: bool = False, offset: int = Query(0, ge=0)
+    ) -> Response:
+        manager = _jobs(request)
+        _job(request, job_id)
+        if not follow:
+            return Response(manager.read_log(job_id, offset), media_type="text/plain")
+
+        async def stream() -> AsyncIterator[bytes]:
+            position = offset
+            events = manager.follow(job_id)
+            try:
+                async for event in events:
+                    chunk = manager.read_log(job_id, position)
+                    if chunk:
+                        position += len(chunk)
+                        yield chunk
+                    if event["type"] == "status" and event["status"] in (
+                        "succeeded",
+                        "failed",
+                        "cancelled",
+                    ):
+                        break
+                chunk = manager.read_log(job_id, position)
+                if chunk:
+                    yield chunk
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(stream(), media_type="text/plain")
+
+    @router.get(
+        "/api/jobs/{job_id}/events",
+        summary="Server-sent events of a job: status changes and output, until it ends",
+        response_class=Response,
+    )
+    async def events(request: Request, job_id: str) -> Response:
+        manager = _jobs(request)
+        _job(request, job_id)
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for event in manager.follow(job_id):
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @router.get("/api/jobs/{job_id}/outputs", summary="A job's outputs: name -> store key")
+    async def outputs(request: Request, job_id: str) -> dict[str, Any]:
+        job = _job(request, job_id)
+        return {"job_id": job_id, "outputs": job.output_keys, "result": job.result}
+
+    @router.get(
+        "/api/jobs/{job_id}/outputs/{name:path}",
+        summary="The bytes of one output",
+        response_class=Response,
+    )
+    async def output(request: Request, job_id: str, name: str) -> Response:
+        job = _job(request, job_id)
+        key = job.output_keys.get(name)
+        if key is None:
+            raise ApiError(
+                404,
+                f"job {job_id} has no output {name!r}; it has: "
+                f"{', '.join(sorted(job.output_keys)) or 'none'}",
+                "output not found",
+            )
+        gateway: Gateway = request.app.state.gateway
+        try:
+            data = gateway.kernels.object_store().get(key)
+        except ObjectNotFoundError:
+            raise ApiError(410, f"output {name!r} is no longer in the store", "gone") from None
+        except StoreError as exc:
+            raise ApiError(503, f"the object store failed: {exc}", "store error") from None
+        return Response(data, media_type="application/octet-stream")
+
+    def _job(request: Request, job_id: str) -> Job:
+        try:
+            return _jobs(request).get(job_id)
+        except NoSuchJob as exc:
+            raise ApiError(404, str(exc), "job not found") from None
+
+    return router

@@ -1,0 +1,39 @@
+"""Where jobs are kept: the interface, shared by the embedded file store and Redis.
+
+The gateway's job manager is the only writer: it saves a job at every state change and loads
+them all at start-up (a restarted gateway finds every standard job where it was). Log output is
+kept beside the job, appended as it arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ._model import Job
+
+__all__ = ["JobStore"]
+
+
+class JobStore(Protocol):
+    def save(self, job: Job) -> None:
+        """Create or replace the job's record (atomically: a reader sees the old or the new)."""
+        ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def load_all(self) -> list[Job]:
+        """Every stored job, oldest first (by ``created``). Unreadable records are skipped
+        with a logged error naming them."""
+        ...
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job and its log; no error if unknown."""
+        ...
+
+    def append_log(self, job_id: str, data: bytes) -> None:
+        """Append output of the job to its stored log."""
+        ...
+
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """The job's log from byte ``offset`` on (empty when there is nothing more)."""
+        ...
