@@ -97,3 +97,40 @@ async def test_checkpoint_of_a_single_replica_kernel_is_refused(tmp_path: Path) 
             with pytest.raises(GatewayError) as missing:
                 await gw.checkpoint_kernel("no-such-kernel")
             assert missing.value.status == 404
+
+
+async def test_an_idle_kernel_releases_its_replicas_and_its_next_cell_restores_it(
+    tmp_path: Path,
+) -> None:
+    with running_cluster(
+        tmp_path / "state",
+        hosts=3,
+        gpus_per_host=1,
+        replicas=3,
+        gateway_args=["--reclaim-idle-after", "1.5"],
+    ) as c:
+        async with GatewayClient(c.url, c.token) as gw:
+            kernel = await gw.start_kernel(env={"KERNEL_GPUS": "1"})
+            kid = kernel["id"]
+            async with gw.channels(kid) as channels:
+                first = await channels.execute("x = 5\ndef f():\n    return x * 2", 60)
+                assert first.status == "ok", first.reply
+                pids = {r["pid"] for r in c.replicas(kid)}
+
+                def reclaimed() -> bool:
+                    return all(r["state"] == "stopped" for r in c.replicas(kid)) and all(
+                        process_gone(p) for p in pids
+                    )
+
+                await async_wait_for(reclaimed, 60, "the idle kernel's replicas to be released")
+                hosts = c.http.get("/api/cluster/hosts").json()
+                assert [h["gpus_pending"] for h in hosts] == [0, 0, 0]  # claims released
+                assert c.kernel_summary(kid)["execution_state"] == "idle"
+                assert c.metric("nbcluster_kernels_reclaimed_total") == 1
+
+                result = await channels.execute("print(x, f())", 90)
+                assert result.status == "ok", (result.reply, c.logs())
+                assert result.stream_text() == "5 10\n"
+                assert "released while it was idle" in result.stream_text("stderr")
+                running = [r for r in c.replicas(kid) if r["state"] == "running"]
+                assert len(running) == 3 and not {r["pid"] for r in running} & pids

@@ -101,6 +101,13 @@ def _token(value: str | None) -> str:
     help="Give free GPUs to queued GPU jobs even while kernel cells wait for GPUs.",
 )
 @click.option(
+    "--reclaim-idle-after",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Replicated kernels idle this long release their replicas (state checkpointed); "
+    "their next message restores them. Default: never.",
+)
+@click.option(
     "--min-hosts", default=0, show_default=True, type=click.IntRange(0), help="Auto-scaling floor."
 )
 @click.option(
@@ -146,6 +153,7 @@ def gateway_command(
     store_threshold_mb: float,
     redis_url: str | None,
     jobs_first: bool,
+    reclaim_idle_after: float | None,
     min_hosts: int,
     max_hosts: int,
     scaling_buffer: int,
@@ -186,6 +194,7 @@ def gateway_command(
         store_threshold=int(store_threshold_mb * 2**20),
         redis_url=redis_url,
         jobs_yield_to_cells=not jobs_first,
+        reclaim_idle_after=reclaim_idle_after,
         policy=policy,
         max_subscription_ratio=max_subscription_ratio,
         min_hosts=min_hosts,

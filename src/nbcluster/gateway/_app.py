@@ -77,6 +77,7 @@ class Gateway:
         self.autoscaler: Autoscaler | None = None
         self._scaling: asyncio.Task[None] | None = None
         self._orphan_check: asyncio.Task[None] | None = None
+        self._reclaimer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.kernels.restore()
@@ -85,6 +86,8 @@ class Gateway:
             self._expire_orphan_jobs(self.config.host_lost_timeout * 2)
         )
         self._watchdog = asyncio.create_task(self._watch_hosts())
+        if self.config.reclaim_idle_after is not None:
+            self._reclaimer = asyncio.create_task(self.kernels.reclaim_idle())
         if self.config.max_hosts > 0:
             self.autoscaler = self._make_autoscaler()
             self.kernels.gpus.scale_out = self.autoscaler.request
@@ -122,7 +125,7 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        for task in (self._watchdog, self._scaling, self._orphan_check):
+        for task in (self._watchdog, self._scaling, self._orphan_check, self._reclaimer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -48,6 +48,9 @@ class GatewayConfig:
     #: Auto-scaling bounds (hosts in the cluster); ``max_hosts`` 0 turns auto-scaling off.
     min_hosts: int = 0
     max_hosts: int = 0
+    #: Replicated kernels idle this many seconds release their replicas (state checkpointed
+    #: to the store); the next message restores them. None: never.
+    reclaim_idle_after: float | None = None
     #: Spare hosts kept beyond what the committed GPUs need (NotebookOS keeps 3).
     scaling_buffer: int = 0
     #: Seconds between two auto-scaling rounds.

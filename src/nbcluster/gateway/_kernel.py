@@ -119,6 +119,8 @@ class GatewayKernel:
         self.gate: ExecutionGate | None = None
         #: A message for the user, shown in the next cell's output (the kernel was restored).
         self.notice: str | None = None
+        #: Called when a message arrives for a kernel whose replicas were reclaimed.
+        self.on_wake: Callable[[GatewayKernel], None] | None = None
         #: Shell requests whose closing ``idle`` has not arrived: msg id -> (header, replica).
         self.awaiting_idle: dict[str, tuple[bytes, str]] = {}
         #: Client messages that arrived while the kernel was restarting.
@@ -192,6 +194,11 @@ class GatewayKernel:
         """Route one decoded client message to the executing replica."""
         self.last_activity = datetime.now(UTC)
         self._on_routed(msg.channel, "in")
+        if self.record.reclaimed and self.on_wake is not None and not self.is_dead:
+            # Its replicas were released while idle: hold this and bring them back.
+            self.record.reclaimed = False
+            self.execution_state = "restarting"
+            self.on_wake(self)
         if self.execution_state == "restarting" and len(self.held) < _HOLD_LIMIT:
             # As ZMQ would queue them for a restarting local kernel: delivered once it is up.
             self.held.append((client, msg))

@@ -175,7 +175,68 @@ class KernelManager:
     def _new_kernel(self, record: KernelRecord) -> GatewayKernel:
         kernel = GatewayKernel(record, on_routed=self.metrics.routed, on_reject=self.metrics.reject)
         kernel.gate = self.gpus
+        kernel.on_wake = self._wake
         return kernel
+
+    # -- idle reclamation ---------------------------------------------------------------------
+
+    async def reclaim_idle(self) -> None:
+        """Every few seconds (started by the gateway when ``reclaim_idle_after`` is set):
+        replicated kernels idle for longer release their replicas and claims."""
+        limit = self.config.reclaim_idle_after
+        assert limit is not None
+        while True:
+            await asyncio.sleep(min(max(limit / 4, 0.2), 5.0))
+            now = datetime.now(UTC)
+            for kernel in list(self.kernels.values()):
+                idle_for = (now - kernel.last_activity).total_seconds()
+                if (
+                    idle_for > limit
+                    and kernel.record.replica_count > 1
+                    and not kernel.record.reclaimed
+                    and kernel.execution_state == "idle"
+                    and not kernel.executions
+                    and not kernel.pending
+                    and self._serving(kernel)
+                ):
+                    await self._reclaim(kernel, idle_for)
+
+    async def _reclaim(self, kernel: GatewayKernel, idle_for: float) -> None:
+        try:
+            await self.checkpoint_kernel(kernel.id)
+        except (CheckpointError, KernelUnavailable, TimeoutError) as exc:
+            log.warning("kernel %s stays placed: no checkpoint (%s)", kernel.id, exc)
+            return
+        async with kernel.lifecycle_lock:
+            if kernel.executions or kernel.pending or kernel.execution_state != "idle":
+                return  # it was used meanwhile
+            kernel.record.reclaimed = True
+            self.metrics.reclaims.inc()
+            self.gpus.handle(KernelStopped(kernel.id))
+            # Links first: the replicas' last status messages must not reach the clients, to
+            # whom the kernel stays idle.
+            for replica in kernel.live_replicas():
+                kernel.drop_link(replica.replica_id)
+            await self._stop_replicas(kernel)
+            kernel.executor = None
+            kernel.execution_state = "idle"
+            self.store.save(kernel.record)
+        log.info(
+            "kernel %s was idle for %.0f s: its replicas were released (state checkpointed)",
+            kernel.id,
+            idle_for,
+        )
+
+    def _wake(self, kernel: GatewayKernel) -> None:
+        """A message arrived for a reclaimed kernel: restore it (the message is held)."""
+        self._spawn(
+            self._restore_kernel(
+                kernel,
+                "it was idle",
+                headline="This kernel's replicas were released while it was idle; it was "
+                "restored on new ones",
+            )
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -586,7 +647,9 @@ class KernelManager:
             kernel.mark_dead(reason)
             self.gpus.handle(KernelStopped(kernel.id))
 
-    async def _restore_kernel(self, kernel: GatewayKernel, reason: str) -> None:
+    async def _restore_kernel(
+        self, kernel: GatewayKernel, reason: str, headline: str | None = None
+    ) -> None:
         """Start new replicas that rebuild the kernel from the store's checkpoint and log
         tail; messages sent meanwhile are held. Dead, with the reason, if nothing is stored."""
         started = time.monotonic()
@@ -612,7 +675,7 @@ class KernelManager:
                 self.store.save(kernel.record)
                 log.error("kernel %s could not be restored: %s", kernel.id, exc)
                 return
-            kernel.end_restore(int(point["term"]), _restore_notice(reason, point))
+            kernel.end_restore(int(point["term"]), _restore_notice(reason, point, headline))
             self.store.save(kernel.record)
             self.metrics.restores.observe(time.monotonic() - started)
             log.info(
@@ -906,6 +969,9 @@ class KernelManager:
             if record.dead_reason:
                 kernel.execution_state = "dead"
                 continue
+            if record.reclaimed:
+                kernel.execution_state = "idle"  # restored by its next message
+                continue
             # Its cells wait until a host's hello brings back one of its replicas.
             self.gpus.handle(KernelAdopted(record.id, self._request(record), record.policy))
             for replica in record.replicas:
@@ -957,7 +1023,7 @@ class KernelManager:
         self.zmq_context.destroy(linger=0)
 
 
-def _restore_notice(reason: str, point: Mapping[str, Any]) -> str:
+def _restore_notice(reason: str, point: Mapping[str, Any], headline: str | None = None) -> str:
     created = point.get("checkpoint_created")
     when = (
         f"its checkpoint of {datetime.fromtimestamp(float(created), UTC):%Y-%m-%d %H:%M:%S} UTC"
@@ -967,6 +1033,8 @@ def _restore_notice(reason: str, point: Mapping[str, Any]) -> str:
     later = int(point.get("later_cells") or 0)
     tail = f" and {later} later cell(s)" if later else ""
     count = point.get("execution_count")
+    if headline is not None:
+        return f"[nbcluster] {headline} from {when}{tail}, up to cell [{count}].\n"
     return (
         f"[nbcluster] This kernel lost all its replicas ({reason}) and was restored from "
         f"{when}{tail}, up to cell [{count}]. Variables set by cells after that are lost.\n"

@@ -173,6 +173,11 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300),
         )
+        self.reclaims = Counter(
+            "nbcluster_kernels_reclaimed",
+            "Idle kernels whose replicas were released (idle reclamation).",
+            registry=self.registry,
+        )
         self.hosts_lost = Counter(
             "nbcluster_hosts_lost", "Hosts declared lost.", registry=self.registry
         )

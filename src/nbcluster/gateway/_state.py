@@ -50,6 +50,8 @@ class KernelRecord(BaseModel):
     request: dict[str, float] = Field(default_factory=dict)
     replica_count: int = 1
     reserved_devices: list[int] | None = None
+    #: Idle reclamation released every replica (state in the store); the next message wakes it.
+    reclaimed: bool = False
 
 
 class StateStore(Protocol):
