@@ -27,11 +27,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+# httpx is imported where the magics use it: every replica loads this module, and httpx
+# costs ~6 MB of memory in each, for kernels that may never submit a job.
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["JobError", "JobMagics", "parse_job_options"]
 
@@ -201,6 +205,8 @@ class JobMagics(Magics):
 
     def _client(self) -> httpx.Client:
         """A client for the gateway that started this kernel; a :class:`UsageError` if none."""
+        import httpx
+
         url = os.environ.get("NBCLUSTER_GATEWAY_URL", "")
         token = os.environ.get("NBCLUSTER_GATEWAY_TOKEN", "")
         missing = [
@@ -227,6 +233,8 @@ class JobMagics(Magics):
 
     @staticmethod
     def _check(response: httpx.Response, what: str) -> None:
+        import httpx
+
         if response.status_code < 400:
             return
         message: str | None = None
@@ -245,6 +253,8 @@ class JobMagics(Magics):
         )
 
     def _call(self, client: httpx.Client, method: str, path: str, what: str, **kw: Any) -> Any:
+        import httpx
+
         try:
             response = client.request(method, path, **kw)
         except httpx.TransportError as exc:
@@ -292,6 +302,8 @@ class JobMagics(Magics):
     def _stream(self, client: httpx.Client, job_id: str) -> dict[str, Any]:
         """Print the job's output as it comes until the job ends; returns its final record.
         A broken stream (the gateway restarting) is resumed where it stopped."""
+        import httpx
+
         offset = 0
         broken_since: float | None = None
         while True:
@@ -382,6 +394,8 @@ class JobMagics(Magics):
     def _download(self, client: httpx.Client, job_id: str, name: str) -> Path:
         """Write output ``name`` of the job under the current directory (a temporary file
         first, so that a failed download leaves no half file)."""
+        import httpx
+
         cwd = Path.cwd().resolve()
         target = (cwd / name).resolve()
         if not target.is_relative_to(cwd):
