@@ -247,3 +247,31 @@ async def test_jobs_in_redis_survive_a_gateway_restart(tmp_path: Path) -> None:
     finally:
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
+
+
+async def test_server_sent_events_carry_status_and_output(tmp_path: Path) -> None:
+    import httpx
+
+    with running_cluster(tmp_path / "state", hosts=1) as c:
+        async with GatewayClient(c.url, c.token, timeout=60) as gw:
+            job = await gw.submit_job(
+                {"source": "import time\ntime.sleep(0.5)\nprint('from the job')"}
+            )
+            events: list[tuple[str, dict[str, Any]]] = []
+            headers = {"Authorization": f"token {c.token}"}
+            async with (
+                httpx.AsyncClient(base_url=c.url, headers=headers, timeout=60) as http,
+                http.stream("GET", f"/api/jobs/{job['id']}/events") as response,
+            ):
+                assert response.headers["content-type"].startswith("text/event-stream")
+                kind = ""
+                async for line in response.aiter_lines():
+                    if line.startswith("event: "):
+                        kind = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        events.append((kind, json.loads(line.removeprefix("data: "))))
+            statuses = [e["status"] for k, e in events if k == "status"]
+            assert statuses[-1] == "succeeded"
+            assert "running" in statuses or statuses[0] == "running"
+            output = "".join(e["data"] for k, e in events if k == "log")
+            assert output == "from the job\n"

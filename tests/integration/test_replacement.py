@@ -12,7 +12,7 @@ import pytest
 
 from nbcluster.client import GatewayClient
 
-from ..cluster import Cluster, process_gone, running_cluster, wait_for
+from ..cluster import Cluster, async_wait_for, process_gone, running_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,16 @@ async def test_three_executors_killed_in_turn_and_the_state_lives_on(cluster4: C
                 result = await channels.execute("step(); print(history)")
                 assert result.status == "ok", result.reply
                 assert result.stream_text() == f"{list(range(round_ + 1))}\n"
+                # The executor appends a cell's state to the log after its reply: a kill in
+                # that moment loses the cell, by design (docs/replication.md). Kill it once the
+                # state of this cell (term round_ + 1) is committed.
+                term = round_ + 1
+
+                async def committed(term: int = term) -> bool:
+                    reply = await channels.request("shell", "kernel_info_request", {}, 15)
+                    return int(reply["content"]["nbcluster"]["last_term"]) >= term
+
+                await async_wait_for(committed, 15, f"the state of term {term} to be committed")
                 summary = cluster4.kernel_summary(kid)
                 executor = next(
                     r for r in _running(cluster4, kid) if r["replica_id"] == summary["executor"]
