@@ -29,17 +29,15 @@ output twice.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar, cast
 
 import redis
 from pydantic import ValidationError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from .._redis import TRANSIENT_ERRORS, connect, describe
+from ..store._retry import retrying
 from ._filestore import LOG_LIMIT, JobStoreError, truncated_notice, validate_job_id
 from ._model import Job
 
@@ -49,12 +47,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Errors after which the same command may well succeed: retried with backoff.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.BusyLoadingError,
-)
 #: Keys per MGET in ``load_all``.
 _KEYS_PER_COMMAND = 500
 
@@ -69,17 +61,6 @@ local room = limit - size
 if #data <= room then return redis.call('APPEND', KEYS[1], data) end
 return redis.call('APPEND', KEYS[1], string.sub(data, 1, room) .. ARGV[3])
 """
-
-
-def _describe(client: redis.Redis) -> str:
-    """Where the server is, as a URL without credentials."""
-    kwargs = client.connection_pool.connection_kwargs
-    db = kwargs.get("db", 0)
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}?db={db}"
-    connection_class = client.connection_pool.connection_class
-    scheme = "rediss" if issubclass(connection_class, redis.SSLConnection) else "redis"
-    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
 
 class RedisJobStore:
@@ -113,7 +94,7 @@ class RedisJobStore:
         self._attempts = attempts
         self._first_delay = first_delay
         self._index = f"{prefix}index"
-        self._where = _describe(client)
+        self._where = describe(client)
         self._notice = truncated_notice(log_limit)
         self._append = client.register_script(_APPEND_CAPPED)
 
@@ -125,15 +106,7 @@ class RedisJobStore:
         ``unix://``): what the gateway builds from its configuration. The client gives up on a
         silent server after 30 s (10 s to connect) and leaves retries to this class, so that a
         dead server is reported after a bounded time."""
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=30.0,
-            socket_connect_timeout=10.0,
-            socket_keepalive=True,
-            health_check_interval=30,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return cls(client, prefix=prefix, log_limit=log_limit)
+        return cls(connect(url), prefix=prefix, log_limit=log_limit)
 
     def close(self) -> None:
         """Close the client's connections (the gateway calls it on shutdown)."""
@@ -151,23 +124,20 @@ class RedisJobStore:
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, retried on transient errors; :class:`JobStoreError` naming ``what`` and
         the server when they persist or on any other Redis error."""
-        delay = self._first_delay
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return call()
-            except _TRANSIENT as exc:
-                if attempt == self._attempts:
-                    raise JobStoreError(
-                        f"{what} at {self._where} failed after {attempt} attempt"
-                        f"{'s' if attempt > 1 else ''}: {type(exc).__name__}: {exc}"
-                    ) from exc
-            except redis.RedisError as exc:
-                raise JobStoreError(
-                    f"{what} at {self._where} failed: {type(exc).__name__}: {exc}"
-                ) from exc
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
+        where = f"{what} at {self._where}"
+        try:
+            return retrying(
+                where,
+                call,
+                TRANSIENT_ERRORS,
+                self._attempts,
+                self._first_delay,
+                error=JobStoreError,
+            )
+        except JobStoreError:
+            raise
+        except redis.RedisError as exc:
+            raise JobStoreError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
 
     def _transaction(self, fill: Callable[[Any], None]) -> list[Any]:
         pipe = self._client.pipeline(transaction=True)

@@ -31,9 +31,8 @@ from typing import Any, TypeVar, cast
 
 import redis
 import xxhash
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from .._redis import TRANSIENT_ERRORS, connect, describe
 from ._interface import (
     ObjectCorruptedError,
     ObjectInfo,
@@ -49,12 +48,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Errors after which the same command may well succeed: retried with backoff.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.BusyLoadingError,
-)
 #: Manifest format written by this module.
 _FORMAT = 1
 #: At most this many chunk bytes go to (or come from) the server in one pipeline.
@@ -159,7 +152,7 @@ class RedisStore:
         self.chunk_size = chunk_size
         self._objects = f"{prefix}obj/"
         self._chunks = f"{prefix}chunk/"
-        self._where = self._describe(client)
+        self._where = describe(client)
 
     @classmethod
     def from_url(
@@ -171,29 +164,10 @@ class RedisStore:
         """A store with a client of its own for ``url`` (what :func:`open_store` calls). The
         client gives up on a silent server after 30 s (10 s to connect) and leaves retries to
         this class, so that a dead server is reported after a bounded time."""
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=30.0,
-            socket_connect_timeout=10.0,
-            socket_keepalive=True,
-            health_check_interval=30,
-            # Objects arrive in chunks of megabytes: read the socket in big pieces (about 20 %
-            # faster than redis-py's 64 KB default for a 100 MB get).
-            socket_read_size=2**20,
-            retry=Retry(NoBackoff(), 0),
-        )
+        # Objects arrive in chunks of megabytes: read the socket in big pieces (about 20 %
+        # faster than redis-py's 64 KB default for a 100 MB get).
+        client = connect(url, socket_read_size=2**20)
         return cls(client, prefix=prefix, chunk_size=chunk_size)
-
-    @staticmethod
-    def _describe(client: redis.Redis) -> str:
-        """Where the server is, as a URL without credentials."""
-        kwargs = client.connection_pool.connection_kwargs
-        db = kwargs.get("db", 0)
-        if kwargs.get("path"):
-            return f"unix://{kwargs['path']}?db={db}"
-        connection_class = client.connection_pool.connection_class
-        scheme = "rediss" if issubclass(connection_class, redis.SSLConnection) else "redis"
-        return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self.prefix!r})"
@@ -214,7 +188,7 @@ class RedisStore:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
-        return retrying(what, call, _TRANSIENT)
+        return retrying(what, call, TRANSIENT_ERRORS)
 
     def _failed(self, doing: str, exc: redis.RedisError) -> StoreError:
         return StoreError(f"{doing} at {self._where} failed: {type(exc).__name__}: {exc}")

@@ -26,11 +26,13 @@ def retrying(
     transient: tuple[type[BaseException], ...],
     attempts: int = 4,
     first_delay: float = 0.05,
+    error: type[Exception] = StoreError,
 ) -> T:
     """Return ``call()``, calling it again (up to ``attempts`` calls in all) while it raises one
     of ``transient``, sleeping ``first_delay``, then twice that, ... (with jitter) in between.
 
-    When the attempts run out, raise :class:`StoreError` ``"{what} failed after N attempts:
+    When the attempts run out, raise ``error`` (:class:`StoreError` unless the caller keeps
+    other things, as the job store does) ``"{what} failed after N attempts:
     {last error}"`` chained to the last error, so ``what`` should say what was done where, e.g.
     ``"reading object 'k' from redis://host:6379/0"``.
     """
@@ -42,7 +44,7 @@ def retrying(
             return call()
         except transient as exc:
             if attempt == attempts:
-                raise StoreError(
+                raise error(
                     f"{what} failed after {attempts} attempt{'s' if attempts > 1 else ''}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
