@@ -161,7 +161,7 @@ class Autoscaler:
             for name in decision.hosts:
                 if not self.provider.owns(name):
                     continue
-                view = self.gpus.scheduler.hosts.get(name)
+                view = self.gpus.scheduler.host(name)
                 if view is None or view.replicas or view.bound:
                     continue
                 # Out of the scheduler first, so that nothing is placed there meanwhile.

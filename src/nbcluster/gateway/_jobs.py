@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
-from ..jobs import TERMINAL, Job, JobSpec, JobStore, WorkerCapacity, assign_jobs
+from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs
 from ..scheduling import KernelStopped, ReplicaAdopted, Resources
 from ._gpus import GpuScheduling
 from ._hosts import HostEntry, HostRegistry, HostRequestError
@@ -78,8 +78,6 @@ class JobManager:
         self.yield_to_cells = yield_to_cells
         self.jobs: dict[str, _Live] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        #: When each worker's running jobs were last confirmed by it (hello or event).
-        self.stats: Counter[str] = Counter()
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -257,10 +255,7 @@ class JobManager:
         capacities = []
         for host in self.hosts.connected():
             view = views.get(host.name)
-            free: list[int] = []
-            if view is not None and not view.draining:
-                bound = {d for _, devices in view.bound for d in devices}
-                free = [d for d in view.gpu_devices if d not in bound]
+            free = view.free_devices if view is not None and not view.draining else []
             capacities.append(
                 WorkerCapacity(
                     host.name,
@@ -278,7 +273,7 @@ class JobManager:
                 kernel_id, "job", worker, Resources(gpus=len(devices)), "reservation", devices
             )
         )
-        view = self.gpus.scheduler.kernels.get(kernel_id)
+        view = self.gpus.scheduler.kernel(kernel_id)
         if view is None or view.binding is None or view.binding.device_indices != devices:
             self.gpus.handle(KernelStopped(kernel_id))
             return False
@@ -432,7 +427,3 @@ class JobManager:
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL

@@ -74,8 +74,8 @@ class _Execution:
     client: ClientSink
     replica: str | None = None
     devices: tuple[int, ...] | None = None
-    #: When a wait for GPUs was announced to the user (monotonic), if one was.
-    waiting_since: float | None = None
+    #: Whether the user was told it waits for GPUs (the gate times the wait).
+    announced: bool = False
 
 
 class _Waiter:
@@ -299,34 +299,30 @@ class GatewayKernel:
         if execution is None or execution.replica is not None:
             return
         header = execution.msg.header
-        if execution.waiting_since is None:
-            execution.waiting_since = time.monotonic()
+        if not execution.announced:
+            execution.announced = True
             busy = new_message("iopub", "status", {"execution_state": "busy"}, parent=header)
             for client in tuple(self.clients):
                 client.send(busy)
         self._broadcast_stream(header, text)
 
-    def cell_started_after_wait(self, term: int, text: str) -> float | None:
+    def cell_started_after_wait(self, term: int, text: str) -> None:
         """Called by the gate when a cell that announced a wait got its GPUs: says so in the
-        cell and returns how long it waited (None if it never announced a wait)."""
+        cell."""
         execution = self._terms.get(term)
-        if execution is None or execution.waiting_since is None:
-            return None
-        self._broadcast_stream(execution.msg.header, text)
-        return time.monotonic() - execution.waiting_since
+        if execution is not None and execution.announced:
+            self._broadcast_stream(execution.msg.header, text)
 
     def _broadcast_stream(self, parent: bytes, text: str) -> None:
         stream = new_message("iopub", "stream", {"name": "stderr", "text": text}, parent=parent)
         for client in tuple(self.clients):
             client.send(stream)
 
-    def cancel_waiting(self, term: int, ename: str, reason: str) -> float | None:
-        """Answer a waiting cell with an error instead of running it (interrupted, aborted).
-
-        Returns how long it had waited visibly, or None (it was not waiting, or silently)."""
+    def cancel_waiting(self, term: int, ename: str, reason: str) -> None:
+        """Answer a waiting cell with an error instead of running it (interrupted, aborted)."""
         execution = self._terms.get(term)
         if execution is None or execution.replica is not None:
-            return None
+            return
         self.pending.route(execution.msg.msg_id, "execute_reply")
         self._forget_execution(execution)
         if execution.client in self.clients:
@@ -334,9 +330,6 @@ class GatewayKernel:
                 "shell", "execute_request", execution.msg.header, ename, reason
             ):
                 execution.client.send(reply)
-        if execution.waiting_since is None:
-            return None
-        return time.monotonic() - execution.waiting_since
 
     def _forget_execution(self, execution: _Execution) -> None:
         self.executions.pop(execution.msg.msg_id, None)

@@ -167,17 +167,28 @@ class Scheduler:
 
     @property
     def kernels(self) -> Mapping[str, KernelView]:
-        return {
-            k.kernel_id: KernelView(
-                k.kernel_id,
-                k.request,
-                k.policy.name,
-                tuple(k.replicas.items()),
-                k.binding,
-                tuple(k.waiting),
-            )
-            for k in self._kernels.values()
-        }
+        return {k.kernel_id: self._kernel_view(k) for k in self._kernels.values()}
+
+    def kernel(self, kernel_id: str) -> KernelView | None:
+        """One kernel's view (``kernels`` builds every one)."""
+        k = self._kernels.get(kernel_id)
+        return None if k is None else self._kernel_view(k)
+
+    def host(self, name: str) -> HostView | None:
+        """One host's view (``hosts`` builds every one)."""
+        h = self._hosts.get(name)
+        return None if h is None else self._host_view(h)
+
+    @staticmethod
+    def _kernel_view(k: _Kernel) -> KernelView:
+        return KernelView(
+            k.kernel_id,
+            k.request,
+            k.policy.name,
+            tuple(k.replicas.items()),
+            k.binding,
+            tuple(k.waiting),
+        )
 
     @property
     def waiting(self) -> tuple[tuple[str, int], ...]:
@@ -383,11 +394,7 @@ class Scheduler:
         self._add_replica(kernel, event.replica_id, host)
         devices = event.reserved_devices
         if devices and kernel.binding is None and set(devices) <= host.free:
-            self._unindex_free(host)
-            host.free.difference_update(devices)
-            host.bound[kernel.kernel_id] = tuple(sorted(devices))
-            self._index_free(host)
-            kernel.binding = Binding(None, event.replica_id, host.name, tuple(sorted(devices)))
+            self._bind(kernel, None, event.replica_id, host, tuple(sorted(devices)))
         return self._retry_waiting()
 
     def _migration_requested(self, event: MigrationRequested) -> list[Action]:
@@ -569,8 +576,17 @@ class Scheduler:
         migrate = self._move(kernel, replica_id, source, target)
         return [migrate, self._bind(kernel, term, migrate.new_replica_id, target)]
 
-    def _bind(self, kernel: _Kernel, term: int | None, replica_id: str, host: _Host) -> BindGpus:
-        devices = tuple(sorted(host.free)[: kernel.request.gpus])
+    def _bind(
+        self,
+        kernel: _Kernel,
+        term: int | None,
+        replica_id: str,
+        host: _Host,
+        devices: tuple[int, ...] | None = None,
+    ) -> BindGpus:
+        """Commit ``devices`` (default: the lowest free ones the request needs) on ``host``."""
+        if devices is None:
+            devices = tuple(sorted(host.free)[: kernel.request.gpus])
         if devices:
             self._unindex_free(host)
             host.free.difference_update(devices)

@@ -44,6 +44,12 @@ class HostView:
     def idle_gpus(self) -> int:
         return len(self.gpu_devices) - self.committed_gpus
 
+    @property
+    def free_devices(self) -> list[int]:
+        """The device indices no replica or job holds, in order."""
+        bound = {d for _, devices in self.bound for d in devices}
+        return [d for d in self.gpu_devices if d not in bound]
+
 
 @dataclass(frozen=True, slots=True)
 class KernelView:
