@@ -100,6 +100,20 @@ def _check_offset(offset: int) -> None:
         raise ValueError(f"offset must be 0 or more, got {offset}")
 
 
+def parse_job_record(raw: bytes, job_id: str, where: str) -> Job:
+    """The job in a stored record (both stores call it); :class:`JobStoreError` naming
+    ``where`` (a file, or a key and its server) if it is unreadable or holds another job."""
+    try:
+        job = Job.model_validate_json(raw)
+    except ValidationError as exc:
+        raise JobStoreError(
+            f"unreadable job record {where}: {exc.error_count()} error(s): {exc.errors()[0]['msg']}"
+        ) from None
+    if job.id != job_id:
+        raise JobStoreError(f"job record {where} holds job {job.id!r}, not {job_id!r}")
+    return job
+
+
 class FileJobStore:
     """:class:`~nbcluster.jobs._store.JobStore` in a local directory (see the module docstring
     for the layout). Meant for one writer (the gateway's job manager); any number of readers,
@@ -154,18 +168,6 @@ class FileJobStore:
         finally:
             os.close(fd)
 
-    def _parse(self, path: Path, raw: bytes, job_id: str) -> Job:
-        try:
-            job = Job.model_validate_json(raw)
-        except ValidationError as exc:
-            raise JobStoreError(
-                f"unreadable job record {path}: {exc.error_count()} error(s): "
-                f"{exc.errors()[0]['msg']}"
-            ) from None
-        if job.id != job_id:
-            raise JobStoreError(f"job record {path} holds job {job.id!r}, not {job_id!r}")
-        return job
-
     def get(self, job_id: str) -> Job | None:
         """The job, or None if unknown. :class:`JobStoreError` naming the file if its record is
         unreadable; :class:`ValueError` for an invalid id."""
@@ -174,7 +176,7 @@ class FileJobStore:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        return self._parse(path, raw, job_id)
+        return parse_job_record(raw, job_id, str(path))
 
     def load_all(self) -> list[Job]:
         """Every job, oldest first (by ``created``, then id): what the job manager calls at
@@ -194,7 +196,7 @@ class FileJobStore:
                 log.error("skipping job record %s: not a valid job id", path)
                 continue
             try:
-                jobs.append(self._parse(path, path.read_bytes(), job_id))
+                jobs.append(parse_job_record(path.read_bytes(), job_id, str(path)))
             except (OSError, JobStoreError) as exc:
                 log.error("skipping job record %s: %s", path, exc)
         jobs.sort(key=lambda job: (job.created, job.id))

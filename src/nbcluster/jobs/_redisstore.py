@@ -34,11 +34,16 @@ from functools import partial
 from typing import Any, TypeVar, cast
 
 import redis
-from pydantic import ValidationError
 
 from .._redis import TRANSIENT_ERRORS, connect, describe
 from ..store._retry import retrying
-from ._filestore import LOG_LIMIT, JobStoreError, truncated_notice, validate_job_id
+from ._filestore import (
+    LOG_LIMIT,
+    JobStoreError,
+    parse_job_record,
+    truncated_notice,
+    validate_job_id,
+)
 from ._model import Job
 
 __all__ = ["RedisJobStore"]
@@ -145,20 +150,6 @@ class RedisJobStore:
         results: list[Any] = pipe.execute()
         return results
 
-    def _parse(self, key: str, raw: bytes, job_id: str) -> Job:
-        try:
-            job = Job.model_validate_json(raw)
-        except ValidationError as exc:
-            raise JobStoreError(
-                f"unreadable job record {key!r} at {self._where}: {exc.error_count()} "
-                f"error(s): {exc.errors()[0]['msg']}"
-            ) from None
-        if job.id != job_id:
-            raise JobStoreError(
-                f"job record {key!r} at {self._where} holds job {job.id!r}, not {job_id!r}"
-            )
-        return job
-
     def save(self, job: Job) -> None:
         """Create or replace ``job``'s record and its place in the index, in one transaction:
         the job manager calls it at every state change."""
@@ -178,7 +169,7 @@ class RedisJobStore:
         raw = self._retry(
             f"reading job {job_id}", lambda: cast("bytes | None", self._client.get(key))
         )
-        return None if raw is None else self._parse(key, raw, job_id)
+        return None if raw is None else parse_job_record(raw, job_id, f"{key!r} at {self._where}")
 
     def load_all(self) -> list[Job]:
         """Every job in the index, oldest first (by ``created``, then id): what the job manager
@@ -209,7 +200,7 @@ class RedisJobStore:
                     log.error("skipping job %s: in %s but %s is missing", job_id, self._index, key)
                     continue
                 try:
-                    jobs.append(self._parse(key, raw, job_id))
+                    jobs.append(parse_job_record(raw, job_id, f"{key!r} at {self._where}"))
                 except JobStoreError as exc:
                     log.error("skipping job record %s: %s", key, exc)
         jobs.sort(key=lambda job: (job.created, job.id))
