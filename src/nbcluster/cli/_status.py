@@ -11,6 +11,7 @@ from typing import Any
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ._common import default_state_dir, read_runtime
@@ -37,6 +38,31 @@ def _gpus(host: dict[str, Any]) -> str:
         return "0"
     kind = "virtual" if all(g["virtual"] for g in gpus) else gpus[0]["name"]
     return f"{len(gpus)} ({kind})"
+
+
+def _replica_count(kernel: dict[str, Any]) -> str:
+    """``running/wanted``, marked when the kernel runs with fewer replicas than configured."""
+    wanted = kernel.get("replicas_wanted")
+    if wanted is None:  # an older gateway
+        return "-"
+    count = f"{kernel.get('replicas_running', 0)}/{wanted}"
+    return f"[yellow]{count} degraded[/yellow]" if kernel.get("degraded") else count
+
+
+def _repair_text(kernel: dict[str, Any]) -> str:
+    """What is done about a degraded kernel, in one line."""
+    running, wanted = kernel.get("replicas_running"), kernel.get("replicas_wanted")
+    text = f"runs on {running} of {wanted} replicas"
+    repair = kernel.get("repair") or {}
+    if repair.get("attempting"):
+        text += "; a replacement is starting"
+    if repair.get("failed_attempts"):
+        text += f"; {repair['failed_attempts']} replacement attempt(s) failed"
+        if repair.get("last_error"):
+            text += f" (last: {repair['last_error']})"
+    if repair.get("retry_at"):
+        text += f"; next attempt at {repair['retry_at']}"
+    return text
 
 
 @click.command("status")
@@ -84,7 +110,15 @@ def status_command(
         )
     console.print(host_table)
     kernel_table = Table(title="Kernels")
-    for column in ("kernel", "spec", "state", "connections", "replicas (host: state, *executor)"):
+    kernel_columns = (
+        "kernel",
+        "spec",
+        "state",
+        "connections",
+        "running",
+        "replicas (host: state, *executor)",
+    )
+    for column in kernel_columns:
         kernel_table.add_column(column)
     for k in kernels:
         # Live replicas first; the executor is starred.
@@ -94,9 +128,19 @@ def status_command(
             for r in shown
         )
         kernel_table.add_row(
-            k["id"], k["name"], k["execution_state"], str(k["connections"]), replicas
+            k["id"],
+            k["name"],
+            k["execution_state"],
+            str(k["connections"]),
+            _replica_count(k),
+            replicas,
         )
     console.print(kernel_table)
+    for k in kernels:
+        if k.get("degraded"):
+            # Escaped: a failure's reason may contain brackets that rich would take as markup.
+            text = escape(f"kernel {k['id']}: {_repair_text(k)}")
+            console.print(f"[yellow]{text}[/yellow]", highlight=False)
 
 
 @click.command("migrate")

@@ -198,6 +198,14 @@ def build_router() -> APIRouter:
     async def cluster_kernels(request: Request) -> list[dict[str, Any]]:
         return _gateway(request).kernel_summaries()
 
+    @router.get(
+        "/api/cluster/kernels/{kernel_id}",
+        summary="One kernel: where its replicas run, and whether it runs degraded",
+    )
+    async def cluster_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
+        gateway = _gateway(request)
+        return gateway.kernel_summary(_kernel(gateway, kernel_id))
+
     @router.post(
         "/api/cluster/kernels/{kernel_id}/replicas/{replica_id}/migrate",
         summary="Move a replica to another host (it catches up through Raft, then the old "

@@ -27,7 +27,7 @@ from ._config import GatewayConfig
 from ._hosts import HostRegistry
 from ._jobs import JobError, JobManager, NoSuchJob
 from ._jobs_api import build_jobs_router
-from ._kernel import KernelUnavailable
+from ._kernel import GatewayKernel, KernelUnavailable
 from ._kernelspecs import KernelSpecRegistry
 from ._manager import (
     CheckpointError,
@@ -176,28 +176,34 @@ class Gateway:
         ]
 
     def kernel_summaries(self) -> list[dict[str, Any]]:
-        views = self.kernels.gpus.scheduler.kernels
-        return [
-            {
-                **_scheduling_state(k.record.policy, views.get(k.id)),
-                **k.model(),
-                "created": k.record.created.isoformat(),
-                "executor": k.executor,
-                "execution_count": k.execution_count,
-                "dead_reason": k.record.dead_reason,
-                "replicas": [
-                    {
-                        "replica_id": r.replica_id,
-                        "host": r.host,
-                        "state": r.state,
-                        "pid": r.pid,
-                        "reason": r.reason,
-                    }
-                    for r in k.record.replicas
-                ],
-            }
-            for k in self.kernels.kernels.values()
-        ]
+        return [self.kernel_summary(k) for k in self.kernels.kernels.values()]
+
+    def kernel_summary(self, k: GatewayKernel) -> dict[str, Any]:
+        """One kernel for the cluster API: where its replicas run, and whether it runs with
+        fewer than configured (``degraded``; ``repair`` says what is done about it)."""
+        view = self.kernels.gpus.scheduler.kernels.get(k.id)
+        return {
+            **_scheduling_state(k.record.policy, view),
+            **k.model(),
+            "created": k.record.created.isoformat(),
+            "executor": k.executor,
+            "execution_count": k.execution_count,
+            "dead_reason": k.record.dead_reason,
+            "replicas_wanted": k.record.replica_count,
+            "replicas_running": k.serving_replicas,
+            "degraded": k.degraded,
+            "repair": None if k.repair is None else k.repair.summary(),
+            "replicas": [
+                {
+                    "replica_id": r.replica_id,
+                    "host": r.host,
+                    "state": r.state,
+                    "pid": r.pid,
+                    "reason": r.reason,
+                }
+                for r in k.record.replicas
+            ],
+        }
 
 
 def _gpu_state(view: HostView | None) -> dict[str, Any]:

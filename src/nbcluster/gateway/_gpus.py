@@ -26,7 +26,10 @@ from ..scheduling import (
     ExecutionFinished,
     ExecutionRequested,
     Migrate,
+    PlaceReplicas,
     ReleaseGpus,
+    ReplicaRequested,
+    ReplicaStopped,
     Resources,
     ScaleOut,
     Scheduler,
@@ -101,6 +104,30 @@ class GpuScheduling:
         actions = self.scheduler.handle(event)
         self._carry_out(actions)
         return actions
+
+    def place_replica(self, kernel_id: str, holding: str | None = None) -> tuple[str, str] | None:
+        """Place one more replica of a kernel (the gateway restoring its replica count):
+        ``(replica_id, host)``, or None when no host has room (an auto-scaler is asked).
+
+        ``holding``: the replica of the kernel's last failed attempt, whose placement was kept
+        so that the scheduler, which never puts two replicas of a kernel on one host, picks
+        another host now. It is released here: after the new placement, or before placing
+        again when no other host has room (then the same host is tried again).
+        """
+        actions = self.scheduler.handle(ReplicaRequested(kernel_id))
+        if holding is not None:
+            released = self.scheduler.handle(ReplicaStopped(kernel_id, holding, rerun=False))
+            if not any(isinstance(a, PlaceReplicas) for a in actions):
+                # Only the host that failed has room: it is tried again. The scale-out the
+                # first request asked for is dropped (nothing was carried out yet).
+                actions = self.scheduler.handle(ReplicaRequested(kernel_id))
+            actions = released + actions
+        self._carry_out(actions)
+        place = next((a for a in actions if isinstance(a, PlaceReplicas)), None)
+        if place is None:
+            return None
+        [(replica_id, host)] = place.replicas
+        return replica_id, host
 
     def execution_requested(self, kernel: GatewayKernel, term: int, preferred: str | None) -> None:
         self.handle(ExecutionRequested(kernel.id, term, preferred))

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..protocol import Message, Signer, dumps, new_message
+from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
 from ._routing import PendingRequests
 from ._state import KernelRecord, ReplicaRecord
@@ -76,6 +77,8 @@ class _Execution:
     devices: tuple[int, ...] | None = None
     #: Whether the user was told it waits for GPUs (the gate times the wait).
     announced: bool = False
+    #: Why the replica that last ran it is gone (it runs again elsewhere).
+    lost_reason: str = ""
 
 
 class _Waiter:
@@ -126,6 +129,8 @@ class GatewayKernel:
         #: Client messages that arrived while the kernel was restarting.
         self.held: list[tuple[ClientSink, Message]] = []
         self.lifecycle_lock = asyncio.Lock()
+        #: Progress of the manager's repair loop while the kernel lacks a replica.
+        self.repair: RepairStatus | None = None
         self._on_routed = on_routed or (lambda channel, direction: None)
         self._on_reject = on_reject or (lambda source, reason: None)
 
@@ -142,6 +147,21 @@ class GatewayKernel:
 
     def live_replicas(self) -> list[ReplicaRecord]:
         return [r for r in self.record.replicas if r.state in ("running", "unknown", "starting")]
+
+    @property
+    def serving_replicas(self) -> int:
+        """Replicas that can run cells (a replacement still catching up cannot)."""
+        return sum(1 for r in self.record.replicas if r.state in ("running", "unknown"))
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the kernel runs with fewer replicas than configured (see ``_repair``)."""
+        return is_degraded(
+            self.execution_state,
+            self.record.replica_count,
+            self.serving_replicas,
+            self.record.reclaimed,
+        )
 
     # -- links --------------------------------------------------------------------------------
 
@@ -359,6 +379,7 @@ class GatewayKernel:
             if execution.replica == replica and target is not None:
                 execution.attempt += 1
                 execution.replica = None
+                execution.lost_reason = reason
                 log.info(
                     "kernel %s: term %d runs again (attempt %d): %s",
                     self.id,
@@ -460,9 +481,14 @@ class GatewayKernel:
 
     def _execution_replied(self, execution: _Execution, reply: Message) -> None:
         self._forget_execution(execution)
-        self.last_replied_term = max(self.last_replied_term, execution.term)
         content = reply.content_dict
-        if execution.attempt > 1 and content.get("ename") == "ExecutionYieldError":
+        lost = execution.attempt > 1 and content.get("ename") == "ExecutionYieldError"
+        if not lost:
+            # The next cell's executor waits for this term's state. A cell cut off with its
+            # replica has none coming: waiting for it would hold the next cell for the
+            # catch-up timeout and then warn for nothing.
+            self.last_replied_term = max(self.last_replied_term, execution.term)
+        if lost:
             # The lost replica had won this term: the cell may have run partly there.
             self._answer_lost_execution(execution, reply)
         elif execution.client in self.clients:
@@ -483,17 +509,29 @@ class GatewayKernel:
     def _answer_lost_execution(self, execution: _Execution, yielded: Message) -> None:
         if execution.client not in self.clients:
             return
-        lost = self.record.replicas
-        reason = next(
-            (r.reason for r in lost if r.state == "dead" and r.reason), "its replica was lost"
-        )
+        # The reason of the loss that sent it elsewhere (not of an older dead replica's).
+        reason = execution.lost_reason or "its replica was lost"
+        content = yielded.content_dict
+        count = content.get("execution_count")
+        if content.get("completed"):
+            # It ran to the end and its state reached the others; only its answer was lost.
+            what = (
+                "The cell had run to the end there and its variables were kept, but its "
+                "outputs were lost; the kernel continues on its other replicas."
+            )
+        else:
+            what = (
+                "The cell had started there and its effects are lost; the kernel continues "
+                "on its other replicas with the state of the cells before it."
+            )
         for reply in error_replies(
             "shell",
             "execute_request",
             execution.msg.header,
             "ReplicaLost",
-            f"{reason}. The cell had started there and its effects are lost; the kernel "
-            "continues on its other replicas with the state of the cells before it.",
+            f"{reason}. {what}",
+            # The count the cell had, as an interrupted cell's reply on a local kernel.
+            execution_count=count if isinstance(count, int) and count > 0 else None,
         ):
             execution.client.send(reply)
 
@@ -649,11 +687,17 @@ class GatewayKernel:
 
 
 def error_replies(
-    channel: str, msg_type: str, request_header: bytes, ename: str, evalue: str
+    channel: str,
+    msg_type: str,
+    request_header: bytes,
+    ename: str,
+    evalue: str,
+    execution_count: int | None = None,
 ) -> list[Message]:
     """What a client gets instead of the kernel's answer to a request (given by its channel,
     type and raw header). An execute request also gets an IOPub ``error`` so that the message
-    shows in the cell. The closing ``idle`` status (parented to the request) completes the
+    shows in the cell, and its reply the cell's ``execution_count`` when one is known (a cell
+    cut off while it ran had one). The closing ``idle`` status (parented to the request) completes the
     request in clients that wait for it, as JupyterLab and nbclient do; a kernel-wide ``dead``
     status, if any, follows it.
     """
@@ -666,7 +710,7 @@ def error_replies(
     }
     messages = []
     if msg_type == "execute_request":
-        content["execution_count"] = None
+        content["execution_count"] = execution_count
         messages.append(
             new_message(
                 "iopub",

@@ -15,7 +15,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import zmq
@@ -36,7 +36,6 @@ from ..scheduling import (
     RejectKernel,
     ReplicaAdopted,
     ReplicaReady,
-    ReplicaRequested,
     ReplicaStopped,
     Resources,
     ScaleOut,
@@ -50,6 +49,8 @@ from ._hosts import HostEntry, HostRegistry, HostRequestError
 from ._kernel import GatewayKernel, KernelUnavailable
 from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpecRegistry
 from ._metrics import GatewayMetrics
+from ._repair import RepairStatus, RetryPolicy, plan_membership
+from ._replica import ReplicaLink
 from ._state import KernelRecord, ReplicaRecord, StateStore
 
 __all__ = [
@@ -153,6 +154,11 @@ class KernelManager:
         self.kernels: dict[str, GatewayKernel] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._background: set[asyncio.Task[Any]] = set()
+        #: Backoff and per-attempt bound of replacements; one repair loop per kernel.
+        self.repair_policy = RetryPolicy()
+        self._repairs: dict[str, asyncio.Task[None]] = {}
+        #: Set (and replaced) when a host registers: repair loops waiting out a backoff wake.
+        self._host_arrived = asyncio.Event()
         self._object_store: ObjectStore | None = None
         policy_named(config.policy)  # a bad name fails at start-up, not at the first kernel
         self.gpus = GpuScheduling(
@@ -458,100 +464,237 @@ class KernelManager:
         return f"{replica.connection.ip}:{replica.connection.raft_port}"
 
     async def _swap_in(
-        self, kernel: GatewayKernel, host: str, replica_id: str, out: ReplicaRecord
-    ) -> tuple[ReplicaRecord | None, str, bool]:
-        """Start ``replica_id`` on ``host`` and swap it for ``out`` in the Raft group (remove,
-        then add: one change at a time); it catches up from the log or a snapshot.
+        self, kernel: GatewayKernel, host: str, replica_id: str, timeout: float
+    ) -> tuple[ReplicaRecord | None, str]:
+        """Start ``replica_id`` on ``host`` and make it a member of the kernel's Raft group in
+        place of the members that no longer run; it catches up from the log or a snapshot.
 
-        Returns the new replica (None on failure), why it failed, and whether ``out`` left
-        the group (the membership change went through even if joining failed)."""
-        running = [
-            r
-            for r in kernel.record.replicas
-            if r.state == "running" and r.replica_id != out.replica_id
-        ]
+        Within ``timeout`` seconds, or the attempt is abandoned. On failure the new replica is
+        stopped (the membership is left as it is: the next attempt reads and reconciles it).
+        Returns the new replica (None on failure) and why it failed."""
         known = {r.replica_id for r in kernel.record.replicas}
-        out_removed = False
+        deadline = asyncio.timeout(timeout)
         try:
-            new = await self._launch_replica(kernel, host, replica_id, joining=True)
-            # A standby replica does the membership change: the executor may be busy.
-            helper = next((r for r in running if r.replica_id != kernel.executor), running[0])
-            new_address = self._raft_address(new)
+            async with deadline:
+                new = await self._join_new_replica(kernel, host, replica_id)
+        except Exception as exc:
+            # Whatever went wrong (KeyError: a replica it needed died and its link is gone),
+            # the half-started replica must not stay behind.
+            if deadline.expired():
+                why = f"it did not join within {timeout:g} s"
+            else:
+                why = str(exc) or type(exc).__name__
+            if not isinstance(exc, (KernelStartError, KernelUnavailable, TimeoutError)):
+                log.exception("kernel %s: replica %s failed to join", kernel.id, replica_id)
+            for attempt in kernel.record.replicas:
+                if attempt.replica_id not in known:
+                    # Stopped before any later membership change removes it (pysyncobj's
+                    # procedure: stop a member, then remove it).
+                    await self._stop_replica(kernel, attempt)
+                    attempt.state, attempt.reason = "dead", f"did not join: {why}"
+            return None, why
+        new.state = "running"
+        return new, ""
+
+    async def _join_new_replica(
+        self, kernel: GatewayKernel, host: str, replica_id: str
+    ) -> ReplicaRecord:
+        running = [r for r in kernel.record.replicas if r.state == "running"]
+        if not running:
+            raise KernelStartError("no running replica is left to add it to")
+        # Replicas a restarted gateway has not confirmed yet stay members: they are presumed
+        # alive until their host says otherwise.
+        live = [r for r in kernel.record.replicas if r.state in ("running", "unknown")]
+        new = await self._launch_replica(kernel, host, replica_id, joining=True)
+        # A standby replica does the membership change: the executor may be busy.
+        helper = next((r for r in running if r.replica_id != kernel.executor), running[0])
+        helper_link = kernel.links[helper.replica_id]
+        new_address = self._raft_address(new)
+        keep = [self._raft_address(r) for r in live]
+        # The membership as it is, not as the last attempt left it in our view: a change
+        # that timed out may still have committed, one that seemed to succeed may not have.
+        plan = plan_membership(await self._raft_members(kernel, helper_link), keep, new_address)
+        if plan.missing:
+            log.warning(
+                "kernel %s: running replicas missing from the Raft membership: %s",
+                kernel.id,
+                ", ".join(plan.missing),
+            )
+        if not plan.empty:
             reply = await kernel.request(
-                kernel.links[helper.replica_id],
+                helper_link,
                 "shell",
                 "nbcluster_membership_request",
-                {"remove": [self._raft_address(out)], "add": [new_address], "timeout": 20.0},
+                {"remove": list(plan.remove), "add": list(plan.add), "timeout": 20.0},
                 30.0,
             )
             if reply.content_dict.get("status") != "ok":
                 raise KernelStartError(
                     f"membership change failed: {reply.content_dict.get('evalue')}"
                 )
-            out_removed = True
-            peers = [self._raft_address(r) for r in running] + [new_address]
-            reply = await kernel.request(
-                kernel.links[new.replica_id],
-                "shell",
-                "nbcluster_raft_start_request",
-                {"address": new_address, "peers": peers, "members": len(peers), "timeout": 20.0},
-                30.0,
+        peers = [*keep, new_address]
+        reply = await kernel.request(
+            kernel.links[new.replica_id],
+            "shell",
+            "nbcluster_raft_start_request",
+            {"address": new_address, "peers": peers, "members": len(peers), "timeout": 20.0},
+            30.0,
+        )
+        body = reply.content_dict
+        if body.get("status") != "ok":
+            raise KernelStartError(f"could not join: {body.get('evalue')}")
+        # A new member replays the log's earlier membership changes on top of the membership
+        # it was started with, and pysyncobj undoes them when the leader re-sends a range the
+        # member already has: its view of the group can end up wrong (live members dropped,
+        # dead ones back; see docs/replication.md, "Failures"). Such a member is not kept.
+        joined = set((body.get("log") or {}).get("members") or ())
+        if joined != set(peers):
+            raise KernelStartError(
+                f"it joined with a wrong view of the group: {sorted(joined)}, expected "
+                f"{sorted(peers)}"
             )
-            if reply.content_dict.get("status") != "ok":
-                raise KernelStartError(f"could not join: {reply.content_dict.get('evalue')}")
-        except (KernelStartError, KernelUnavailable, TimeoutError, IndexError, KeyError) as exc:
-            # IndexError/KeyError: the replicas it needed died meanwhile.
-            for attempt in kernel.record.replicas:
-                if attempt.replica_id not in known:
-                    await self._stop_replica(kernel, attempt)
-                    attempt.state, attempt.reason = "dead", f"did not join: {exc}"
-            return None, str(exc) or type(exc).__name__, out_removed
-        new.state = "running"
-        return new, "", True
+        return new
 
-    async def _replace_replica(self, kernel: GatewayKernel, dead: ReplicaRecord) -> None:
-        """Bring a replicated kernel back to full strength after it lost ``dead``: start a new
-        replica on another host, chosen by the scheduler, and swap it in. Runs in the
-        background; the kernel keeps serving meanwhile."""
-        async with kernel.lifecycle_lock:
-            running = [r for r in kernel.record.replicas if r.state == "running"]
-            if self.kernels.get(kernel.id) is not kernel or kernel.is_dead or not running:
-                return
-            if len(running) >= kernel.record.replica_count:
-                return
-            actions = self.gpus.handle(ReplicaRequested(kernel.id))
-            place = next((a for a in actions if isinstance(a, PlaceReplicas)), None)
-            if place is None:
+    @staticmethod
+    async def _raft_members(kernel: GatewayKernel, link: ReplicaLink) -> list[str]:
+        """The Raft membership as a live member sees it (changes appended to its log count,
+        committed or not: the next change builds on them)."""
+        # An empty change: the member answers with its log's status.
+        reply = await kernel.request(
+            link,
+            "shell",
+            "nbcluster_membership_request",
+            {"remove": [], "add": [], "timeout": 5.0},
+            15.0,
+        )
+        body = reply.content_dict
+        members = (body.get("log") or {}).get("members")
+        if body.get("status") != "ok" or not isinstance(members, list):
+            raise KernelStartError(
+                f"replica {link.replica_id} did not report its group's membership: "
+                f"{body.get('evalue') or body}"
+            )
+        return [str(m) for m in members]
+
+    # -- repair: back to the configured number of replicas ------------------------------------
+
+    def _ensure_repair(self, kernel: GatewayKernel) -> None:
+        """Start the kernel's repair loop unless it runs already: one per kernel, so that
+        attempts never overlap (each also holds the kernel's lifecycle lock)."""
+        if kernel.record.replica_count <= 1:
+            return
+        task = self._repairs.get(kernel.id)
+        if task is not None and not task.done():
+            return
+        task = asyncio.create_task(self._repair(kernel))
+        self._repairs[kernel.id] = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _wake_repairs(self) -> None:
+        """A host registered: repair loops waiting out a backoff try again now."""
+        self._host_arrived.set()
+        self._host_arrived = asyncio.Event()
+
+    def _needs_replica(self, kernel: GatewayKernel) -> bool:
+        """Whether the kernel should get another replica now. Not once it is gone, dead,
+        being restarted or restored (which start every replica anew), or reclaimed; nor
+        while no replica is confirmed running (with none left it is restored from the store
+        instead)."""
+        return (
+            self.kernels.get(kernel.id) is kernel
+            and not kernel.is_dead
+            and kernel.execution_state != "restarting"
+            and not kernel.record.reclaimed
+            # A confirmed replica to change the membership through (after a gateway restart,
+            # the host hello that confirms one starts the repair).
+            and any(r.state == "running" for r in kernel.record.replicas)
+            and len(kernel.live_replicas()) < kernel.record.replica_count
+        )
+
+    async def _repair(self, kernel: GatewayKernel) -> None:
+        """Replace lost replicas until the kernel has its configured number again, retrying
+        failed attempts with backoff (``repair_policy``) on another host when there is one.
+        Runs in the background; the kernel keeps serving meanwhile."""
+        policy = self.repair_policy
+        status = kernel.repair = RepairStatus()
+        #: The scheduler's placement of the last failed attempt, kept until the next attempt
+        #: is placed, so that the scheduler avoids that host if it can (``place_replica``).
+        held: str | None = None
+        try:
+            while True:
+                wake = self._host_arrived
+                async with kernel.lifecycle_lock:
+                    if not self._needs_replica(kernel):
+                        return
+                    status.attempting, status.retry_at = True, None
+                    try:
+                        why, held = await self._replace_once(kernel, held, policy.attempt_timeout)
+                    except Exception as exc:
+                        # A bug must not end the loop and leave the kernel degraded for good.
+                        log.exception("kernel %s: replacement attempt failed", kernel.id)
+                        why = f"{type(exc).__name__}: {exc}"
+                    finally:
+                        status.attempting = False
+                if why is None:
+                    status.failed_attempts, status.last_error = 0, ""
+                    continue  # another one may be missing
+                status.failed_attempts += 1
+                # The API shows its start (a replica's log tail can follow the reason).
+                status.last_error = why if len(why) <= 500 else why[:499] + "…"
+                self.metrics.replacement_failures.inc()
+                delay = policy.delay(status.failed_attempts)
+                status.retry_at = datetime.now(UTC) + timedelta(seconds=delay)
                 log.warning(
-                    "kernel %s runs degraded on %d replicas: no host has room for another",
+                    "kernel %s runs degraded on %d of %d replicas: replacement attempt %d "
+                    "failed (%s); retrying in %.1f s",
                     kernel.id,
-                    len(running),
+                    kernel.serving_replicas,
+                    kernel.record.replica_count,
+                    status.failed_attempts,
+                    why,
+                    delay,
                 )
-                return
-            [(replica_id, host)] = place.replicas
-            started = time.monotonic()
-            new, why, _ = await self._swap_in(kernel, host, replica_id, dead)
-            if new is None:
-                self.gpus.handle(ReplicaStopped(kernel.id, replica_id))
-                log.error(
-                    "kernel %s: could not replace replica %s: %s", kernel.id, dead.replica_id, why
-                )
-                self.store.save(kernel.record)
                 if not self._serving(kernel) and not kernel.is_dead:
                     # The others died while it tried: restore the kernel from the store.
                     self._lost_everything(kernel, f"every replica was lost ({why})")
-                return
-            self.gpus.handle(ReplicaReady(kernel.id, replica_id))
-            self.store.save(kernel.record)
-            self.metrics.replacements.observe(time.monotonic() - started)
-            log.info(
-                "kernel %s: replica %s on %s replaced %s in %.2f s",
-                kernel.id,
-                new.replica_id,
-                host,
-                dead.replica_id,
-                time.monotonic() - started,
-            )
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), delay)
+        finally:
+            if held is not None:
+                self.gpus.handle(ReplicaStopped(kernel.id, held, rerun=False))
+            if kernel.repair is status:
+                kernel.repair = None
+            if self._repairs.get(kernel.id) is asyncio.current_task():
+                del self._repairs[kernel.id]
+
+    async def _replace_once(
+        self, kernel: GatewayKernel, held: str | None, timeout: float
+    ) -> tuple[str | None, str | None]:
+        """One replacement attempt (the caller holds the lifecycle lock). Returns why it
+        failed (None: it succeeded) and the failed attempt's placement, still held."""
+        placed = self.gpus.place_replica(kernel.id, held)
+        if placed is None:
+            return "no host has room for another replica", None
+        replica_id, host = placed
+        started = time.monotonic()
+        new, why = await self._swap_in(kernel, host, replica_id, timeout)
+        self.store.save(kernel.record)
+        if new is None:
+            return f"replica {replica_id} on {host}: {why}", replica_id
+        self.gpus.handle(ReplicaReady(kernel.id, replica_id))
+        self.metrics.replacements.observe(time.monotonic() - started)
+        log.info(
+            "kernel %s: replica %s on %s joined in %.2f s (%d of %d replicas running)",
+            kernel.id,
+            new.replica_id,
+            host,
+            time.monotonic() - started,
+            kernel.serving_replicas,
+            kernel.record.replica_count,
+        )
+        return None, None
 
     async def _migrate(self, migrate: Migrate) -> bool:
         """Carry out a scheduler ``Migrate``: the new replica joins, the old one retires.
@@ -571,7 +714,9 @@ class KernelManager:
             # the old one may be the leader. The group commits on 2 of 3 meanwhile.
             await self._stop_replica(kernel, old)
             old.reason = f"migrating to {migrate.to_host}"
-            new, why, _ = await self._swap_in(kernel, migrate.to_host, migrate.new_replica_id, old)
+            new, why = await self._swap_in(
+                kernel, migrate.to_host, migrate.new_replica_id, self.repair_policy.attempt_timeout
+            )
             if new is None:
                 log.error(
                     "kernel %s: migration of replica %s to %s failed: %s",
@@ -856,8 +1001,7 @@ class KernelManager:
             kernel.on_replica_lost(
                 replica.replica_id, reason, release=lambda: self.gpus.handle(stopped)
             )
-            if kernel.record.replica_count > 1:
-                self._spawn(self._replace_replica(kernel, replica))
+            self._ensure_repair(kernel)
         else:
             self.gpus.handle(stopped)
             self._lost_everything(kernel, reason)
@@ -957,6 +1101,12 @@ class KernelManager:
                             tuple(reserved) if reserved is not None else None,
                         )
                     )
+        # A new host may take the replica that a kernel lacks (also a kernel that a restarted
+        # gateway found short of replicas).
+        for kernel in list(self.kernels.values()):
+            if self._needs_replica(kernel):
+                self._ensure_repair(kernel)
+        self._wake_repairs()
         return list(reported)
 
     # -- gateway restart ----------------------------------------------------------------------

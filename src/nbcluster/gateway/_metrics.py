@@ -50,6 +50,13 @@ class _ClusterCollector(Collector):
         for kernel_state, n in Tally(k.execution_state for k in kernels).items():
             k_family.add_metric([kernel_state], n)
         yield k_family
+        degraded = GaugeMetricFamily(
+            "nbcluster_kernels_degraded",
+            "Replicated kernels running with fewer replicas than configured (a replacement is "
+            "being started, retried or waits for a host).",
+        )
+        degraded.add_metric([], sum(1 for k in kernels if k.degraded))
+        yield degraded
         r_family = GaugeMetricFamily(
             "nbcluster_replicas", "Kernel replicas by state.", labels=["state"]
         )
@@ -142,6 +149,11 @@ class GatewayMetrics:
             "Time to start a replacement replica and have it join its group and catch up.",
             registry=self.registry,
             buckets=(0.5, 1, 2, 3, 5, 10, 20, 30),
+        )
+        self.replacement_failures = Counter(
+            "nbcluster_replica_replacement_failures",
+            "Replacement attempts that failed (each is retried with backoff).",
+            registry=self.registry,
         )
         self.restores = Histogram(
             "nbcluster_kernel_restore_seconds",
