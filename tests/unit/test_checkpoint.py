@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+import xxhash
 
 from nbcluster.kernel._checkpoint import (
     checkpoint_key,
@@ -20,15 +21,18 @@ from nbcluster.kernel._sync import encode_payload
 def _done(term: int, count: int, set_: dict[str, bytes], delete: tuple[str, ...] = ()) -> bytes:
     payload = {
         "count": count,
-        "set": {n: {"h": "0" * 32, "v": v} for n, v in set_.items()},
+        "set": [
+            {"slots": [n], "h": xxhash.xxh3_128_hexdigest(n.encode() + v), "v": v}
+            for n, v in set_.items()
+        ],
         "del": list(delete),
     }
     return encode_record(Done(term, "r1", "ok", count, encode_payload(payload)))
 
 
 def _values(snapshot: bytes) -> dict[str, bytes]:
-    state = msgpack.unpackb(snapshot, raw=False)
-    return {name: entry["v"] for name, entry in state["values"].items()}
+    state = msgpack.unpackb(snapshot, raw=False)["state"]
+    return {slot: entry["v"] for entry in state["set"] for slot in entry["live"]}
 
 
 def test_keys() -> None:

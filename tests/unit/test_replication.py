@@ -112,3 +112,25 @@ async def test_a_cell_that_changes_nothing_still_moves_the_followers_count() -> 
     assert await _run_cell(replicas[0], logs[0], 2, "x + 1") == "r1"
     assert await replicas[1].coordinator.caught_up(2, 5)
     assert replicas[1].counts == [1, 2]
+
+
+async def test_the_names_of_a_cell_whose_state_never_arrives_are_known_to_the_others() -> None:
+    from nbcluster.kernel._records import decode_record
+    from nbcluster.kernel._touched import bound_names
+
+    loop = asyncio.get_running_loop()
+    replicas = [Replica(r, loop) for r in ("r1", "r2", "r3")]
+    _, logs = InMemoryLogGroup.create(
+        [r.coordinator for r in replicas], addresses=["r1", "r2", "r3"]
+    )
+    code = "import json\ntotal = 0\nfor i in range(3):\n    total += i\ndef f():\n    global g\n"
+    binds = tuple(bound_names(code))
+    assert binds == ("f", "g", "i", "json", "total")
+    lead = Proposal("lead", 1, 1, "r1", "m1", binds)
+    assert decode_record(encode_record(lead)) == lead
+    await logs[0].propose(encode_record(lead), 5)
+    # r1 "ran" the cell and died before its done record: r2 never gets the state
+    assert await replicas[1].coordinator.decision(1, 1, 5) == "r1"
+    assert not await replicas[1].coordinator.caught_up(1, 0.05)
+    assert replicas[1].coordinator.bound_by(1) == binds
+    assert replicas[1].coordinator.bound_by(2) == ()

@@ -16,15 +16,14 @@ A kernel that lost every replica is rebuilt from the checkpoint and the log entr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
 
 from ._election import ElectionLog
+from ._payload import MergedState, decode_payload
 from ._records import Done, RecordError, decode_record
-from ._sync import decode_payload
 
 __all__ = [
     "Checkpoint",
@@ -34,12 +33,12 @@ __all__ = [
     "encode_checkpoint",
     "log_key",
     "log_prefix",
-    "merge_payload",
     "rebuild",
     "term_of_log_key",
 ]
 
-_FORMAT = 1
+#: 2: the state is a ``MergedState`` of components (identity-preserving synchronisation).
+_FORMAT = 2
 
 
 def checkpoint_key(kernel_id: str) -> str:
@@ -95,7 +94,11 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
     except Exception as exc:
         raise ValueError(f"checkpoint is not msgpack: {exc}") from None
     if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
-        raise ValueError("checkpoint has an unknown format")
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise ValueError(
+            f"checkpoint has format {found!r}; this nbcluster reads format {_FORMAT} "
+            "(a checkpoint written by an older nbcluster cannot be restored)"
+        )
     try:
         checkpoint = Checkpoint(
             int(raw["term"]),
@@ -107,14 +110,6 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint is missing or has a bad field: {exc}") from None
     return checkpoint
-
-
-def merge_payload(values: dict[str, Any], payload: Mapping[str, Any]) -> None:
-    """Fold one cell's state change into the merged values (set, deleted, no longer copyable)."""
-    for name, entry in payload["set"].items():
-        values[name] = entry
-    for name in (*payload["del"], *payload.get("unpicklable", ())):
-        values.pop(name, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +132,14 @@ def rebuild(
 ) -> Rebuilt | None:
     """The merged state of ``checkpoint`` then every ``Done`` in ``log_entries`` with a later
     term, in term order. None when there is nothing to rebuild from."""
-    values: dict[str, Any] = {}
+    state = MergedState()
     election = ElectionLog(members)
     if checkpoint is not None:
-        state = msgpack.unpackb(checkpoint.snapshot, raw=False)
-        election = ElectionLog.restore(state["election"])
+        stored = msgpack.unpackb(checkpoint.snapshot, raw=False)
+        election = ElectionLog.restore(stored["election"])
         election.members = members
-        values = dict(state["values"])
-        # A checkpoint's snapshot may predate its own term's bookkeeping: trust the header.
+        state = MergedState.from_primitive(stored["state"])
+        # A checkpoint snapshot may predate its own term's bookkeeping: trust the header.
         election.last_done_term = max(election.last_done_term, checkpoint.term)
         election.last_done_count = checkpoint.execution_count
     dones: list[Done] = []
@@ -165,7 +160,7 @@ def rebuild(
             continue
         if done.sync:
             try:
-                merge_payload(values, decode_payload(done.sync))
+                state.merge(decode_payload(done.sync))
             except ValueError:
                 skipped += 1
                 continue
@@ -175,7 +170,7 @@ def rebuild(
     if checkpoint is None and applied == 0:
         return None
     snapshot: bytes = msgpack.packb(
-        {"election": election.snapshot(), "values": values}, use_bin_type=True
+        {"election": election.snapshot(), "state": state.to_primitive()}, use_bin_type=True
     )
     return Rebuilt(
         snapshot,

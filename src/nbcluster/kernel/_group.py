@@ -35,6 +35,7 @@ from ._replication import ReplicaCoordinator
 if TYPE_CHECKING:
     from ..consensus import ReplicatedLog
     from ._kernel import ReplicaKernel
+    from ._sync import SyncResult
 
 __all__ = ["ReplicaGroup"]
 
@@ -56,6 +57,7 @@ class ReplicaGroup:
         self.log: ReplicatedLog = None  # type: ignore[assignment]  # set by start()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned: set[str] = set()
+        self._warned_widgets = False
         self._cells_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         # A threading lock: checkpoints are written from the main loop (after cells) and from
@@ -86,7 +88,12 @@ class ReplicaGroup:
         # Values pickled larger than this go to the store (gateway: --store-threshold-mb).
         threshold = int(os.environ.get("NBCLUSTER_STORE_THRESHOLD", str(2**20)))
         sync = StateSynchronizer(
-            shell.user_ns, set(shell.user_ns_hidden), store, threshold=threshold, key_prefix=prefix
+            shell.user_ns,
+            shell.user_ns_hidden,  # by reference: IPython adds to it as it runs
+            store,
+            threshold=threshold,
+            key_prefix=prefix,
+            shell=shell,
         )
         group: ReplicaGroup
         coordinator = ReplicaCoordinator(
@@ -126,20 +133,18 @@ class ReplicaGroup:
     def finish(self, term: int, status: str, execution_count: int, code: str) -> None:
         """After the executor replied: capture the cell's effect now (before the next cell can
         change it) and append it to the log in the background."""
-        filename = self._cell_filename(code, execution_count)
+        transformed = self._transformed(code)
+        filename = self._cell_filename(code, transformed, execution_count)
         try:
-            result = self.sync.capture(execution_count, code, filename)
+            result = self.sync.capture(
+                execution_count, transformed, filename, raw=code, ran=status == "ok"
+            )
         except Exception:
             log.exception("could not capture the state of term %d", term)
             result = None
         payload = getattr(result, "payload", None)
-        unpicklable = [n for n in getattr(result, "unpicklable_new", ()) if n not in self._warned]
-        if unpicklable:
-            self._warned.update(unpicklable)
-            self.kernel.send_stream_warning(
-                "[nbcluster] these variables cannot be copied to the other replicas and will "
-                f"not survive a failover: {', '.join(sorted(unpicklable))}\n"
-            )
+        if result is not None:
+            self._warn_about(result)
         failed = getattr(result, "failed", None) or {}
         unstored = sorted(n for n, why in failed.items() if why.startswith("object store"))
         if unstored:
@@ -161,13 +166,71 @@ class ReplicaGroup:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _cell_filename(self, code: str, execution_count: int) -> str:
+    def _warn_about(self, result: SyncResult) -> None:
+        """Tell the user, once per name, what will not survive a failover and why; and where
+        the cell's package installs run."""
+        unpicklable = [n for n in result.unpicklable_new if n not in self._warned]
+        widgets = [n for n in unpicklable if self._is_widget(n)]
+        others = [n for n in unpicklable if n not in widgets]
+        if others:
+            self._warned.update(others)
+            self.kernel.send_stream_warning(
+                "[nbcluster] these variables cannot be copied to the other replicas and will "
+                f"not survive a failover: {', '.join(sorted(others))}\n"
+            )
+        if widgets:
+            self._warned.update(widgets)
+            if not self._warned_widgets:
+                self._warned_widgets = True
+                self.kernel.send_stream_warning(
+                    "[nbcluster] widgets live in the replica that runs the cell: after a "
+                    "failover, existing widgets stop responding (run their cells again). "
+                    "Told once per kernel.\n"
+                )
+        lossy = {n: why for n, why in result.lossy.items() if f"lossy:{n}" not in self._warned}
+        for name, why in sorted(lossy.items()):
+            self._warned.add(f"lossy:{name}")
+            self.kernel.send_stream_warning(
+                f"[nbcluster] {name} is copied to the other replicas without {why}\n"
+                if why.startswith("a traceback")
+                else f"[nbcluster] {name}: {why}\n"
+            )
+        commands = result.environment.commands
+        if commands:
+            others_count = max(self.coordinator.election.members - 1, 0)
+            listing = "; ".join(c.describe() for c in commands)
+            self.kernel.send_stream_warning(
+                f"[nbcluster] {listing}: ran on this replica's host; the {others_count} other "
+                "replicas run it as they apply this cell, and replicas that join later too.\n"
+            )
+        problems = [p for p in result.environment.problems if f"env:{p}" not in self._warned]
+        for problem in problems:
+            self._warned.add(f"env:{problem}")
+            self.kernel.send_stream_warning(
+                f"[nbcluster] not copied to the other replicas: {problem}\n"
+            )
+
+    def _is_widget(self, name: str) -> bool:
+        value = self.sync.namespace.get(name)
+        module = type(value).__module__ or ""
+        return module.startswith(("ipywidgets", "bqplot", "ipyleaflet", "plotly.graph_objs"))
+
+    def _transformed(self, code: str) -> str:
+        """The cell as IPython compiles it (magics as calls), for the state analysis."""
+        shell = self.kernel.shell
+        if shell is None:
+            return code
+        with contextlib.suppress(Exception):
+            return str(shell.transform_cell(code))
+        return code
+
+    def _cell_filename(self, code: str, transformed: str, execution_count: int) -> str:
         compiler = getattr(self.kernel.shell, "compile", None)
         get_name = getattr(compiler, "get_code_name", None)
         if get_name is None:
             return "<cell>"
         with contextlib.suppress(Exception):
-            return str(get_name(code, code, execution_count))
+            return str(get_name(code, transformed, execution_count))
         return "<cell>"
 
     async def _propose_done(self, record: Done) -> None:

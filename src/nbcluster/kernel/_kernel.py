@@ -221,28 +221,91 @@ class ReplicaKernel(IPythonKernel):
         term = int(term_meta["term"])
         attempt = int(term_meta.get("attempt", 1))
         msg_id = parent["header"]["msg_id"]
+        proposal = Proposal(
+            "lead", term, attempt, self.replica_id, msg_id, tuple(self._bound_names(code))
+        )
+        coordinator = group.coordinator
+
+        def earlier_winner() -> str | None:
+            """The replica that won an earlier attempt of this term, if one did."""
+            return next(
+                (
+                    w
+                    for (t, a), w in coordinator.decisions.items()
+                    if t == term and a < attempt and w
+                ),
+                None,
+            )
+
+        decided_earlier = False
         try:
-            winner = await group.elect(Proposal("lead", term, attempt, self.replica_id, msg_id))
+            if attempt > 1:
+                # The gateway sends a cell again under a new attempt when the replica it sent
+                # it to was lost. If that replica had won the term (the cell had started
+                # there), the election ignores later attempts' leads: no decision for this
+                # attempt ever comes, and waiting for one ended in ReplicaGroupUnavailable
+                # after the proposal timeout. Once our lead has committed, every record
+                # before it is applied here, so an earlier winner is known by then.
+                from ._records import encode_record
+
+                await group.log.propose(encode_record(proposal), PROPOSE_TIMEOUT)
+                winner = earlier_winner()
+                decided_earlier = winner is not None
+                if winner is None:
+                    winner = await coordinator.decision(term, attempt, PROPOSE_TIMEOUT)
+            else:
+                winner = await group.elect(proposal)
         except (TimeoutError, RuntimeError) as exc:
             return self._error_reply(
                 "ReplicaGroupUnavailable", f"the replicas could not agree on this cell: {exc}"
             )
-        if winner != self.replica_id:
-            if not silent:
-                self.execution_count -= 1  # ipykernel counted the request; nothing ran here
-            return self._yield_reply(term, winner)
+        if decided_earlier or winner != self.replica_id:
+            # (An earlier attempt won by this very replica ran or runs here already.)
+            # IPythonKernel's execution_count is the shell's: nothing ran here, so the shell
+            # did not count this request. A cell cut off on the replica that won the term
+            # (its state never arrives: the term did not complete) was counted there, as a
+            # local kernel counts an interrupted cell; this replica runs the next cells, so
+            # it counts it too.
+            completed = coordinator.done_term >= term
+            if decided_earlier and not completed and store_history and not silent and self.shell:
+                self.shell.execution_count += 1
+            # ``completed``: the winner's state of this cell arrived (it ran to the end).
+            return self._yield_reply(term, winner) | {"completed": completed}
         after = int(term_meta.get("after_term", term - 1))
         if not await group.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
+            names = group.coordinator.bound_by(after)
+            lost = (
+                f" It set {', '.join(names)}: these keep their values from before that cell "
+                "(or are not defined). Run that cell again."
+                if names
+                else ""
+            )
             self.send_stream_warning(
                 f"[nbcluster] the state of an earlier cell (term {after}) has not arrived from "
-                "the replica that ran it; running with the state this replica has.\n"
+                "the replica that ran it (it was probably lost with that replica); running "
+                f"with the state this replica has.{lost}\n"
             )
+        # Interpreter state from the replicas that ran the previous cells (decimal context,
+        # print options ...) must be restored in the context this cell runs in.
+        for problem in group.sync.environment.restore_pending():
+            self.send_stream_warning(f"[nbcluster] could not restore {problem}\n")
         reply = await self._run(
             code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
         )
         self._finish_after_reply = (term, str(reply.get("status", "ok")), code)
         reply.setdefault("nbcluster", {})
         return reply
+
+    def _bound_names(self, code: str) -> list[str]:
+        """The globals a cell binds, for its lead record (see ``_records``)."""
+        from ._touched import bound_names
+
+        shell = self.shell
+        try:
+            source = shell.transform_cell(code) if shell is not None else code
+        except Exception:
+            source = code
+        return bound_names(source)
 
     async def _run(
         self,

@@ -1,7 +1,9 @@
 """Records of a kernel's replicated log, and their encoding (msgpack maps of primitives).
 
 * ``lead`` / ``yield``: a replica's proposal for one execution: it was asked to execute
-  (lead) or to stand by (yield) for ``term`` (the gateway's execution index) and ``attempt``.
+  (lead) or to stand by (yield) for ``term`` (the gateway's execution index) and ``attempt``;
+  a lead lists the globals the cell binds (``binds``), so that the other replicas can name
+  them if the cell's state is lost with its executor.
 * ``done``: the executor finished ``term``; carries the cell's state update (see ``_sync``).
 * ``mark``: a no-op a replica appends to learn that it has applied everything before it
   (a replica joining its group does this before it may execute).
@@ -20,6 +22,10 @@ import msgpack
 __all__ = ["Done", "Mark", "Proposal", "Record", "RecordError", "decode_record", "encode_record"]
 
 
+#: At most this many bound names travel with a lead (the message to the user stays short).
+_MAX_BINDS = 64
+
+
 class RecordError(ValueError):
     """A log record could not be decoded; the text names what is wrong."""
 
@@ -31,6 +37,8 @@ class Proposal:
     attempt: int
     replica: str
     msg_id: str
+    #: The globals the cell binds (a lead's): named to the user if its state is lost.
+    binds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,8 @@ def encode_record(record: Record) -> bytes:
             "replica": record.replica,
             "msg": record.msg_id,
         }
+        if record.binds:
+            data["binds"] = list(record.binds)
     else:
         data = {
             "k": "done",
@@ -97,7 +107,17 @@ def decode_record(raw: bytes) -> Record:
         attempt = _field(data, "attempt", int)
         if term < 1 or attempt < 1:
             raise RecordError("record term and attempt must be >= 1")
-        return Proposal(kind, term, attempt, _field(data, "replica", str), _field(data, "msg", str))
+        binds = data.get("binds", [])
+        if not isinstance(binds, list) or not all(isinstance(b, str) for b in binds):
+            raise RecordError("record field 'binds' must be a list of str")
+        return Proposal(
+            kind,
+            term,
+            attempt,
+            _field(data, "replica", str),
+            _field(data, "msg", str),
+            tuple(binds[:_MAX_BINDS]),
+        )
     if kind == "mark":
         return Mark(_field(data, "replica", str), _field(data, "nonce", str))
     if kind == "done":

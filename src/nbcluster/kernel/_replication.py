@@ -17,10 +17,9 @@ from typing import Any
 
 import msgpack
 
-from ._checkpoint import merge_payload
 from ._election import Completed, Decided, ElectionLog, Event, Failed, Ignored
-from ._records import Done, RecordError, decode_record
-from ._sync import decode_payload
+from ._payload import MergedState, decode_payload
+from ._records import Done, Proposal, RecordError, decode_record
 
 __all__ = ["ReplicaCoordinator"]
 
@@ -43,10 +42,12 @@ class ReplicaCoordinator:
         self._on_state = on_state
         self._lock = threading.Lock()
         self.election = ElectionLog(members)
-        #: name -> latest sync entry (the merged effect of every completed cell)
-        self.values: dict[str, dict[str, Any]] = {}
+        #: the merged effect of every completed cell (what a snapshot restores)
+        self.state = MergedState()
         self.applied_index = 0
         self.rejected = 0
+        #: (term, attempt, replica) -> the names a lead said its cell binds (recent terms)
+        self._binds: dict[tuple[int, int, str], tuple[str, ...]] = {}
         # loop-side view, updated from events in log order
         self.decisions: dict[tuple[int, int], str | None] = {}
         self.done_term = 0
@@ -64,6 +65,11 @@ class ReplicaCoordinator:
                 self.rejected += 1
                 log.error("rejected log record %d: %s", index, exc)
                 return
+            if isinstance(record, Proposal) and record.kind == "lead" and record.binds:
+                self._binds[(record.term, record.attempt, record.replica)] = record.binds
+                if len(self._binds) > 64:  # only the last cells can be lost in flight
+                    for key in sorted(self._binds)[:-32]:
+                        del self._binds[key]
             events = self.election.apply(record)
             payload: dict[str, Any] | None = None
             for event in events:
@@ -78,29 +84,23 @@ class ReplicaCoordinator:
             self.rejected += 1
             log.error("term %d: rejected its state update: %s", done.term, exc)
             return None
-        # Deleted names, and names whose new value could not be copied: followers drop both.
-        merge_payload(self.values, payload)
+        self.state.merge(payload)
         return payload
 
     def snapshot(self) -> bytes:
         with self._lock:
             data: bytes = msgpack.packb(
-                {"election": self.election.snapshot(), "values": self.values},
+                {"election": self.election.snapshot(), "state": self.state.to_primitive()},
                 use_bin_type=True,
             )
             return data
 
     def restore(self, data: bytes) -> None:
         with self._lock:
-            state = msgpack.unpackb(data, raw=False)
-            self.election = ElectionLog.restore(state["election"])
-            self.values = dict(state["values"])
-            full_state = {
-                "count": self.election.last_done_count,
-                "set": dict(self.values),
-                "del": [],
-                "full": True,
-            }
+            snapshot = msgpack.unpackb(data, raw=False)
+            self.election = ElectionLog.restore(snapshot["election"])
+            self.state = MergedState.from_primitive(snapshot["state"])
+            full_state: dict[str, Any] = dict(self.state.to_payload(self.election.last_done_count))
             done_term = self.election.last_done_term
         self._loop.call_soon_threadsafe(self._deliver_restore, done_term, full_state)
 
@@ -152,6 +152,16 @@ class ReplicaCoordinator:
         if key not in self.decisions:
             return None
         return self.decisions[key]
+
+    def bound_by(self, term: int) -> tuple[str, ...]:
+        """The names the winning lead of ``term`` said its cell binds (empty if unknown)."""
+        with self._lock:
+            for (t, attempt), winner in self.decisions.items():
+                if t == term and winner is not None:
+                    names = self._binds.get((t, attempt, winner))
+                    if names:
+                        return names
+        return ()
 
     async def caught_up(self, term: int, timeout: float) -> bool:
         """Wait until the state of every cell up to ``term`` has been applied here."""

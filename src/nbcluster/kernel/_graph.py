@@ -1,0 +1,256 @@
+"""Which objects a notebook value reaches: the identity side of state synchronisation.
+
+Two names that reach one mutable object (``b = a``, a view and its array, an optimizer and
+the model's parameters, a bound method and its instance, two closures sharing a cell) must
+travel in one pickle, so that the object is still shared on the other replicas. Called by
+:class:`~._sync.StateSynchronizer` for the names a cell may have changed.
+
+The walk follows what a pickle of the value would contain, and stops where identity is kept
+by other means or does not matter:
+
+* immutable atoms (numbers, strings, bytes, None): sharing them changes nothing;
+* modules, classes and code: pickled by reference, or by value with cloudpickle's class
+  tracking, which keeps one class per replica across pickles;
+* module dictionaries and the user namespace (the globals of notebook functions: those travel
+  under their own names).
+
+While walking it also collects the global names that reached code may read or write (the
+functions reached and the methods of notebook classes of the instances reached), so that the
+caller can widen the set of names a cell may have touched.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import inspect
+import sys
+import types
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ATOMIC_TYPES", "Reach", "code_names", "connected_components", "reach"]
+
+#: Values whose identity does not matter: shared or not, they behave the same.
+ATOMIC_TYPES: frozenset[type] = frozenset(
+    {
+        int,
+        float,
+        complex,
+        bool,
+        str,
+        bytes,
+        range,
+        type(None),
+        type(Ellipsis),
+        type(NotImplemented),
+    }
+)
+
+#: Never walked into: pickled by reference or by name, so their identity survives anyway
+#: (modules, classes, enum members), or immutable (code).
+_OPAQUE_TYPES: tuple[type, ...] = (
+    types.ModuleType,
+    type,
+    types.CodeType,
+    types.FrameType,
+    enum.Enum,
+)
+
+#: Stop walking after this many objects: the value is then treated as sharing with everything
+#: (its component is the whole namespace), which is correct, only slower.
+WALK_LIMIT = 2_000_000
+
+
+@dataclass(slots=True)
+class Reach:
+    """What one walk found."""
+
+    #: ids of the non-atomic objects reached (the root included).
+    ids: set[int] = field(default_factory=set)
+    #: global names read or written by code reached (functions, methods of notebook classes).
+    names: set[str] = field(default_factory=set)
+    #: the walk hit ``WALK_LIMIT``.
+    truncated: bool = False
+    #: the value holds the user namespace itself (``g = globals()``): it cannot be copied.
+    holds_namespace: bool = False
+
+
+_code_names_cache: dict[int, tuple[types.CodeType, frozenset[str]]] = {}
+
+
+def code_names(code: types.CodeType) -> frozenset[str]:
+    """Every name a code object and the code nested in it may load or store as a global or
+    attribute (``co_names``: a superset of the globals it touches)."""
+    cached = _code_names_cache.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1]
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    result = frozenset(names)
+    if len(_code_names_cache) > 4096:
+        _code_names_cache.clear()
+    _code_names_cache[id(code)] = (code, result)
+    return result
+
+
+def _class_names(cls: type) -> set[str]:
+    """Names used by the methods of a notebook class and of its notebook bases."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if getattr(klass, "__module__", None) != "__main__":
+            continue
+        for member in list(vars(klass).values()):
+            func = getattr(member, "__func__", member)  # staticmethod, classmethod
+            func = getattr(func, "fget", func)  # property
+            code = getattr(func, "__code__", None)
+            if isinstance(code, types.CodeType):
+                names |= code_names(code)
+    return names
+
+
+def _module_dict_ids() -> set[int]:
+    ids = set()
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if namespace is not None:
+            ids.add(id(namespace))
+    return ids
+
+
+class _Walker:
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.skip_ids = _module_dict_ids()
+        self.namespace_id = id(namespace)
+        self.skip_ids.add(self.namespace_id)
+        self.numpy = sys.modules.get("numpy")
+        self.seen_classes: set[int] = set()
+        self.opaque = _OPAQUE_TYPES
+        if self.numpy is not None:  # dtypes are singletons shared by every array
+            self.opaque = (*_OPAQUE_TYPES, self.numpy.dtype)
+
+    def note_class(self, cls: type, found: Reach) -> None:
+        """A notebook class reached: the names its methods use may be touched."""
+        if id(cls) not in self.seen_classes and getattr(cls, "__module__", None) == "__main__":
+            self.seen_classes.add(id(cls))
+            found.names |= _class_names(cls)
+
+    def children(self, obj: Any, found: Reach) -> Iterable[Any]:
+        kind = type(obj)
+        if kind is types.FunctionType:
+            found.names |= code_names(obj.__code__)
+            parts: list[Any] = [obj.__defaults__, obj.__kwdefaults__, obj.__dict__]
+            if obj.__closure__:
+                parts.extend(obj.__closure__)
+            return parts
+        if kind is types.MethodType:
+            return (obj.__self__, obj.__func__)
+        if kind is types.BuiltinMethodType:
+            owner = obj.__self__
+            return () if isinstance(owner, types.ModuleType) else (owner,)
+        if kind is types.GeneratorType:
+            # What its pickle holds: the arguments of a generator not started (``_pickling``);
+            # nothing of one in progress (it cannot be copied).
+            if inspect.getgeneratorstate(obj) != inspect.GEN_CREATED:
+                return ()
+            return list(obj.gi_frame.f_locals.values())
+        if kind in (types.CoroutineType, types.AsyncGeneratorType):
+            return ()
+        if kind is weakref.ReferenceType:
+            referent = obj()  # its pickle rebuilds it from the referent: share it
+            return () if referent is None else (referent,)
+        if kind is types.CellType:
+            try:
+                return (obj.cell_contents,)
+            except ValueError:
+                return ()
+        if self.numpy is not None and isinstance(obj, self.numpy.ndarray):
+            base = obj.base
+            return (base,) if base is not None else ()
+        self.note_class(kind, found)
+        referents = gc.get_referents(obj)
+        if len(referents) > 64 and set(map(type, referents)) <= ATOMIC_TYPES:
+            return ()  # a big container of numbers or strings: nothing to share
+        return referents
+
+    def walk(self, root: Any, found: Reach) -> None:
+        if type(root) in ATOMIC_TYPES:
+            return
+        if isinstance(root, self.opaque):
+            if isinstance(root, type):
+                self.note_class(root, found)
+            return
+        stack = [root]
+        ids = found.ids
+        skip = self.skip_ids
+        opaque = self.opaque
+        while stack:
+            obj = stack.pop()
+            ident = id(obj)
+            if ident in ids or ident in skip:
+                if ident == self.namespace_id:
+                    found.holds_namespace = True
+                continue
+            ids.add(ident)
+            if len(ids) > WALK_LIMIT:
+                found.truncated = True
+                return
+            for child in self.children(obj, found):
+                if type(child) in ATOMIC_TYPES or isinstance(child, opaque):
+                    if isinstance(child, type):
+                        self.note_class(child, found)
+                    continue
+                stack.append(child)
+
+
+def reach(values: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Reach]:
+    """Walk each value on its own: slot -> what it reaches."""
+    walker = _Walker(namespace)
+    result: dict[str, Reach] = {}
+    for slot, value in values.items():
+        found = Reach()
+        walker.walk(value, found)
+        result[slot] = found
+    return result
+
+
+class _UnionFind:
+    def __init__(self, items: Iterable[str]) -> None:
+        self.parent = {item: item for item in items}
+
+    def find(self, item: str) -> str:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def groups(self) -> list[list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for item in self.parent:
+            grouped.setdefault(self.find(item), []).append(item)
+        return [sorted(g) for g in sorted(grouped.values(), key=min)]
+
+
+def connected_components(reached: Mapping[str, frozenset[int]]) -> list[list[str]]:
+    """Group slots that reach a common object (sorted slots, groups by their first slot)."""
+    groups = _UnionFind(reached)
+    first: dict[int, str] = {}
+    for slot in sorted(reached):
+        for ident in reached[slot]:
+            other = first.setdefault(ident, slot)
+            if other != slot:
+                groups.union(other, slot)
+    return groups.groups()

@@ -1,0 +1,497 @@
+"""How notebook values are pickled between a kernel's replicas: cloudpickle, plus reducers for
+the Python that notebooks actually hold.
+
+Called by :class:`~._sync.StateSynchronizer` (``dumps`` on the executor, ``loads`` on the
+others). One pickle holds a whole *component* (several names that share objects), so pickle's
+memo keeps their identities; the reducers here make values arrive that plain cloudpickle
+loses or refuses:
+
+* code objects keep their ``co_filename`` (cloudpickle >= 3.1.3 writes ``<dynamic-code>``), so
+  tracebacks and ``inspect.getsource`` work after a failover;
+* ``functools.lru_cache``/``cache`` wrappers, ``cached_property``, ``singledispatch``
+  functions and ``typing.NewType`` defined in the notebook are rebuilt from their parts
+  (caches start empty on the new executor);
+* modules import the submodules the executor had (``import xml.dom.minidom`` binds ``xml``);
+* NumPy views stay views of their base array when both travel in one pickle;
+* a traceback is replaced by ``None`` and reported (``Pickled.lossy``): the exception arrives;
+* files open for reading are reopened at the same position (others are refused: cloudpickle
+  would read and ship their contents); locks that are not held arrive as new locks;
+  ``re.Match`` objects are matched again; weak references keep pointing at their referent
+  (``_graph`` puts the referent in the same pickle); a generator that has not started is
+  rebuilt by calling its code again with the same arguments (ElasticNotebook's recomputation,
+  where it is exact); a ``ContextVar`` arrives with the executor's value as its default.
+
+Very deep structures (a linked list 5,000 long) exceed the interpreter's recursion limit;
+``dumps``/``loads`` then retry on a thread with a large stack and a raised limit.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import inspect
+import io
+import marshal
+import os
+import pickle
+import re
+import sys
+import threading
+import types
+import typing
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import cloudpickle  # type: ignore[import-untyped]
+
+__all__ = ["PICKLE_PROTOCOL", "Pickled", "SyncPickler", "dumps", "loads"]
+
+PICKLE_PROTOCOL = 5
+
+#: Stack and recursion limit for the retry of a pickle too deep for the main thread.
+_DEEP_STACK_BYTES = 512 * 1024 * 1024
+_DEEP_RECURSION_LIMIT = 200_000
+
+#: The namespace that notebook functions unpickled by ``loads`` are bound to.
+_TARGET_NAMESPACE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "nbcluster_sync_target_namespace", default=None
+)
+
+#: Real files: cloudpickle would read a file opened for reading in full and ship a StringIO
+#: of its contents, at every capture. Files open for reading are reopened instead.
+_FILE_TYPES = (
+    io.FileIO,
+    io.BufferedReader,
+    io.BufferedWriter,
+    io.BufferedRandom,
+    io.BufferedRWPair,
+    io.TextIOWrapper,
+)
+
+
+_NO_VALUE: Any = object()
+_LOCK_TYPE = type(threading.Lock())
+_RLOCK_TYPE = type(threading.RLock())
+
+
+def _is_held(lock: Any) -> bool:
+    if type(lock) is _RLOCK_TYPE:
+        return "unlocked" not in repr(lock)  # RLock has no locked() before Python 3.14
+    return bool(lock.locked())
+
+
+@dataclass(frozen=True, slots=True)
+class Pickled:
+    """The bytes of one pickle and what did not survive in them (human-readable notes)."""
+
+    data: bytes
+    lossy: tuple[str, ...] = ()
+
+
+# -- rebuilders (run on the replica that loads) ---------------------------------------------
+
+
+def _load_code(data: bytes) -> types.CodeType:
+    code = marshal.loads(data)
+    if not isinstance(code, types.CodeType):
+        raise pickle.UnpicklingError("a code entry did not hold a code object")
+    return code
+
+
+def _make_namespace_function(code: types.CodeType, closure: tuple[Any, ...] | None) -> Any:
+    """A notebook function, bound to the namespace being loaded into."""
+    import builtins
+
+    namespace = _TARGET_NAMESPACE.get()
+    if namespace is None:  # loaded outside a synchroniser: a namespace of its own
+        namespace = {"__builtins__": builtins}
+    return types.FunctionType(code, namespace, None, None, closure)
+
+
+def _set_namespace_function_state(func: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """cloudpickle's ``_function_setstate`` minus its ``__builtins__`` write into the (shared)
+    globals."""
+    attributes, slots = state
+    func.__dict__.update(attributes)
+    slots = dict(slots)
+    carried = slots.pop("__globals__", {})
+    closure = slots.pop("__closure__", None)
+    slots.pop("_cloudpickle_submodules", None)  # only kept the submodules imported
+    func.__globals__.update(carried)
+    if closure is not None:
+        for i, cell in enumerate(closure):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # empty cell
+                continue
+            func.__closure__[i].cell_contents = value
+    for name, value in slots.items():
+        setattr(func, name, value)
+
+
+def _rebuild_lru_cache(wrapped: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(wrapped)
+
+
+def _rebuild_cached_property(func: Callable[..., Any], name: str | None, doc: str | None) -> Any:
+    prop = functools.cached_property(func)
+    prop.attrname = name
+    prop.__doc__ = doc
+    return prop
+
+
+def _rebuild_singledispatch(
+    default: Callable[..., Any],
+    registry: list[tuple[type, Callable[..., Any]]],
+    extra: dict[str, Any],
+) -> Any:
+    dispatcher = functools.singledispatch(default)
+    for cls, implementation in registry:
+        dispatcher.register(cls, implementation)
+    for key, value in extra.items():
+        setattr(dispatcher, key, value)
+    return dispatcher
+
+
+def _import_module(name: str, submodules: list[str]) -> types.ModuleType:
+    module = importlib.import_module(name)
+    for sub in submodules:
+        if sub not in sys.modules:
+            try:
+                importlib.import_module(sub)
+            except ImportError:  # not installed here: the module itself still arrives
+                continue
+    return module
+
+
+def _no_traceback() -> None:
+    return None
+
+
+def _new_lock(reentrant: bool) -> Any:
+    return threading.RLock() if reentrant else threading.Lock()
+
+
+def _rematch(pattern: re.Pattern[Any], string: Any, start: int, endpos: int) -> Any:
+    # The engine is deterministic at a given start: matching there again gives the same match
+    # (lookbehinds still see the text before ``start``).
+    return pattern.match(string, start, endpos)
+
+
+def _restart_generator(
+    code: types.CodeType,
+    positional: tuple[Any, ...],
+    keywords: dict[str, Any],
+    closure: tuple[Any, ...] | None,
+) -> Any:
+    """A generator that had not started: call its code again with the same arguments."""
+    namespace = _TARGET_NAMESPACE.get()
+    if namespace is None:
+        import builtins
+
+        namespace = {"__builtins__": builtins}
+    cells = tuple(types.CellType(v) for v in closure) if closure is not None else None
+    return types.FunctionType(code, namespace, None, None, cells)(*positional, **keywords)
+
+
+def _new_context_var(name: str, default: Any, has_default: bool) -> Any:
+    if has_default:
+        return contextvars.ContextVar(name, default=default)
+    return contextvars.ContextVar(name)
+
+
+def _reopen(path: str, mode: str, encoding: str | None, position: int) -> Any:
+    file = open(path, mode, encoding=encoding)  # noqa: SIM115  # the value is the open file
+    file.seek(position)
+    return file
+
+
+def _rebuild_view(root: Any, shape: tuple[int, ...], dtype: Any, offset: int, strides: Any) -> Any:
+    import numpy
+
+    return numpy.ndarray(shape, dtype, buffer=root, offset=offset, strides=strides)
+
+
+# -- the pickler ----------------------------------------------------------------------------
+
+
+def _is_notebook_object(obj: Any, namespace: dict[str, Any] | None) -> bool:
+    """Defined in the notebook (``__main__``), hence not importable by name elsewhere."""
+    module = getattr(obj, "__module__", None)
+    if module == "__main__":
+        return True
+    wrapped = getattr(obj, "__wrapped__", None)
+    return getattr(wrapped, "__globals__", None) is namespace and namespace is not None
+
+
+def _numpy_view_root(obj: Any) -> Any | None:
+    """The array that owns a NumPy view's memory, or None if ``obj`` is not such a view."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or type(obj) is not numpy.ndarray:
+        return None
+    base = obj.base
+    if not isinstance(base, numpy.ndarray):
+        return None
+    root = base
+    while isinstance(root.base, numpy.ndarray):
+        root = root.base
+    return root
+
+
+class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
+    """cloudpickle with the reducers described in this module's docstring. ``namespace`` is
+    the user namespace: functions whose globals it is are rebuilt bound to the loader's
+    namespace; ``travels`` says which of their globals are pickled with them (the others
+    travel under their own names)."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        namespace: dict[str, Any] | None,
+        travels: Callable[[str], bool],
+    ) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self._namespace = namespace
+        self._travels = travels
+        self.lossy: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, _FILE_TYPES):
+            return self._file_reduce(obj)
+        if obj is self._namespace and obj is not None:
+            raise pickle.PicklingError("cannot synchronise the namespace itself")
+        kind = type(obj)
+        if kind is types.CodeType:
+            # marshal version 2: no back-references, so equal code gives equal bytes.
+            return _load_code, (marshal.dumps(obj, 2),)
+        if kind is types.ModuleType:
+            return self._module_reduce(obj)
+        if kind is types.TracebackType:
+            self.lossy.append("a traceback (the exception arrives without it)")
+            return _no_traceback, ()
+        if isinstance(obj, BaseException) and obj.__traceback__ is not None:
+            # Exceptions pickle without their traceback: say so instead of losing it quietly.
+            self.lossy.append("a traceback (the exception arrives without it)")
+        if kind is _LOCK_TYPE or kind is _RLOCK_TYPE:
+            if _is_held(obj):
+                raise pickle.PicklingError("cannot synchronise a lock that is held")
+            return _new_lock, (kind is _RLOCK_TYPE,)
+        if kind is types.GeneratorType:
+            return self._generator_reduce(obj)
+        if kind is contextvars.ContextVar:
+            # The value set in the executor's context becomes the default, as a cell sees it.
+            current = obj.get(_NO_VALUE)
+            has_default = current is not _NO_VALUE
+            return _new_context_var, (obj.name, current if has_default else None, has_default)
+        if kind is re.Match:
+            return _rematch, (obj.re, obj.string, obj.start(), obj.endpos)
+        if kind is weakref.ReferenceType:
+            referent = obj()
+            if referent is None:
+                raise pickle.PicklingError("cannot synchronise a dead weak reference")
+            return weakref.ref, (referent,)
+        reduced = self._notebook_reduce(obj)
+        if reduced is not None:
+            return reduced
+        root = _numpy_view_root(obj)
+        if root is not None:
+            offset = obj.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+            return _rebuild_view, (root, obj.shape, obj.dtype, offset, obj.strides)
+        reduced = super().reducer_override(obj)
+        if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) == 6:
+            reduced = self._without_slotnames(reduced)
+        return reduced
+
+    def _generator_reduce(self, gen: Any) -> Any:
+        """A generator that has not started yet (``g = (x * x for x in data)``, ``g = f(3)``)
+        is rebuilt by calling its code again with the arguments its frame holds; one in
+        progress cannot be copied (CPython cannot rebuild a suspended frame)."""
+        if inspect.getgeneratorstate(gen) != inspect.GEN_CREATED:
+            raise pickle.PicklingError("a generator in progress cannot be copied")
+        frame, code = gen.gi_frame, gen.gi_code
+        if frame.f_globals is not self._namespace:
+            raise pickle.PicklingError("a generator of an installed module cannot be copied")
+        values = frame.f_locals
+        count = code.co_argcount + code.co_kwonlyargcount
+        names = code.co_varnames[:count]
+        positional = [values[n] for n in names[: code.co_argcount]]
+        keywords = {n: values[n] for n in names[code.co_argcount :]}
+        if code.co_flags & inspect.CO_VARARGS:
+            positional.extend(values[code.co_varnames[count]])
+            count += 1
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            keywords.update(values[code.co_varnames[count]])
+        closure = tuple(values[n] for n in code.co_freevars) if code.co_freevars else None
+        if any(n.startswith(".") for n in keywords):  # ``.0`` only ever comes positionally
+            raise pickle.PicklingError("cannot rebuild this generator's arguments")
+        return _restart_generator, (code, tuple(positional), keywords, closure)
+
+    @staticmethod
+    def _file_reduce(file: Any) -> Any:
+        """A file open for reading is opened again at the same position where it is loaded
+        (the same path must exist there: the working directory follows the executor); other
+        files are refused (reopening for writing could truncate or interleave)."""
+        mode = getattr(file, "mode", "")
+        name = getattr(file, "name", None)
+        if not isinstance(name, str) or not isinstance(mode, str) or set(mode) - set("rbt"):
+            raise pickle.PicklingError(
+                f"cannot synchronise a file open for writing ({type(file).__name__})"
+            )
+        if file.closed:
+            raise pickle.PicklingError("cannot synchronise a closed file")
+        encoding = getattr(file, "encoding", None) if "b" not in mode else None
+        return _reopen, (os.path.abspath(name), mode, encoding, file.tell())
+
+    def _notebook_reduce(self, obj: Any) -> Any | None:
+        """Reducers for decorated callables and typing objects defined in the notebook."""
+        namespace = self._namespace
+        if isinstance(obj, functools._lru_cache_wrapper):
+            if not _is_notebook_object(obj, namespace):
+                return None
+            params = obj.cache_parameters()
+            return _rebuild_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"])
+        if isinstance(obj, functools.cached_property):
+            return _rebuild_cached_property, (obj.func, obj.attrname, obj.__doc__)
+        if isinstance(obj, typing.NewType) and obj.__module__ == "__main__":
+            return typing.NewType, (obj.__name__, obj.__supertype__)
+        if (
+            isinstance(obj, types.FunctionType)
+            and hasattr(obj, "registry")
+            and hasattr(obj, "dispatch")
+            and _is_notebook_object(obj, namespace)
+        ):
+            registry = obj.registry
+            known = {"registry", "dispatch", "register", "_clear_cache", "__wrapped__"}
+            extra = {
+                k: v for k, v in vars(obj).items() if k not in known and not k.startswith("__")
+            }
+            items = [(cls, fn) for cls, fn in registry.items() if cls is not object]
+            return _rebuild_singledispatch, (registry[object], items, extra)
+        return None
+
+    def _module_reduce(self, module: types.ModuleType) -> Any:
+        name = module.__name__
+        if sys.modules.get(name) is not module:
+            return super().reducer_override(module)  # a dynamic module: by value
+        prefix = name + "."
+        submodules = sorted(
+            sub
+            for sub, loaded in list(sys.modules.items())
+            if sub.startswith(prefix) and loaded is not None
+        )
+        return _import_module, (name, submodules)
+
+    @staticmethod
+    def _without_slotnames(reduced: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Leave out ``__slotnames__`` of a class pickled by value: a cache that ``copyreg``
+        adds the first time an instance is pickled, which would make the class look changed."""
+        state = reduced[2]
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and isinstance(state[0], dict)
+            and "__slotnames__" in state[0]
+        ):
+            attributes = {k: v for k, v in state[0].items() if k != "__slotnames__"}
+            return (*reduced[:2], (attributes, state[1]), *reduced[3:])
+        return reduced
+
+    def _dynamic_function_reduce(self, func: Any) -> Any:
+        reduced = super()._dynamic_function_reduce(func)
+        if self._namespace is None or func.__globals__ is not self._namespace:
+            return reduced
+        try:
+            newargs, state = reduced[1], reduced[2]
+            code, closure = newargs[0], newargs[4]
+            attributes, slots = state
+            carried = slots["__globals__"]
+        except (IndexError, KeyError, TypeError, ValueError):  # cloudpickle changed
+            raise pickle.PicklingError(
+                "unexpected cloudpickle function reduction (cloudpickle version not supported)"
+            ) from None
+        keep = self._travels
+        slots = {**slots, "__globals__": {k: v for k, v in carried.items() if keep(k)}}
+        return (
+            _make_namespace_function,
+            (code, closure),
+            (attributes, slots),
+            None,
+            None,
+            _set_namespace_function_state,
+        )
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _on_deep_stack(work: Callable[[], _T]) -> _T:
+    """Run ``work`` on a thread with a large stack and a raised recursion limit (for values
+    too deep for the main thread's). The caller waits; nothing else runs cells meanwhile."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    previous_stack = threading.stack_size()
+    previous_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous_limit, _DEEP_RECURSION_LIMIT))
+    try:
+        threading.stack_size(_DEEP_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=run, name="nbcluster-deep-pickle", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous_stack)
+        thread.join()
+    finally:
+        sys.setrecursionlimit(previous_limit)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def dumps(
+    value: object, namespace: dict[str, Any] | None, travels: Callable[[str], bool]
+) -> Pickled:
+    """Pickle ``value`` for the other replicas (raises what pickling raises)."""
+
+    def work() -> Pickled:
+        buffer = io.BytesIO()
+        pickler = SyncPickler(buffer, namespace, travels)
+        pickler.dump(value)
+        return Pickled(buffer.getvalue(), tuple(dict.fromkeys(pickler.lossy)))
+
+    try:
+        return work()
+    except RecursionError:
+        return _on_deep_stack(work)
+    except pickle.PicklingError as exc:
+        # cloudpickle turns a RecursionError into a PicklingError ("excessively deep").
+        if not isinstance(exc.__cause__, RecursionError):
+            raise
+        return _on_deep_stack(work)
+
+
+def loads(data: bytes, namespace: dict[str, Any] | None) -> Any:
+    """Unpickle bytes written by ``dumps``, binding notebook functions to ``namespace``."""
+
+    def work() -> Any:
+        token = _TARGET_NAMESPACE.set(namespace)
+        try:
+            return cloudpickle.loads(data)
+        finally:
+            _TARGET_NAMESPACE.reset(token)
+
+    try:
+        return work()
+    except RecursionError:
+        return _on_deep_stack(work)
