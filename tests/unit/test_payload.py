@@ -47,7 +47,7 @@ MALFORMED = [
     (msgpack.packb(_payload(set=[1])), "set[0] must be a map"),
     (msgpack.packb(_payload(set=[_entry("x", h="ABC")])), "'h' must be 32 lowercase hex"),
     (msgpack.packb(_payload(set=[_entry()])), "slots is empty"),
-    (msgpack.packb(_payload(set=[_entry("x y")])), "is not a name, Out[N] or @module"),
+    (msgpack.packb(_payload(set=[_entry("x y")])), "is not a name, Out[N], @module:attribute"),
     (msgpack.packb(_payload(set=[_entry("x", ptr="k", size=1)])), "must have slots, h and v"),
     (msgpack.packb(_payload(set=[_entry("x", live=["y"])])), "live names slots"),
     (msgpack.packb(_payload(set=[_entry("x"), _entry("x")])), "an earlier entry ships too"),
@@ -71,13 +71,15 @@ def test_malformed_payloads_are_rejected_naming_the_problem(data: bytes, problem
 
 def test_slots_of_every_kind_and_a_round_trip() -> None:
     payload = _payload(
-        set=[_entry("x", "Out[3]", "@json:flag", "@pandas:DataFrame.nice", h=H)],
+        set=[
+            _entry("x", "Out[3]", "@json:flag", "@pandas:DataFrame.nice", "%line:shout", "!event:x")
+        ],
         inputs=[[3, "x"]],
         interp={"cwd": b"\x01"},
         files=[{"path": "pkg/mod.py", "h": H, "v": b"A = 1\n"}],
     )
     checked = decode_payload(encode_payload(payload))
-    assert checked["set"][0]["slots"] == ["x", "Out[3]", "@json:flag", "@pandas:DataFrame.nice"]
+    assert checked["set"][0]["slots"][:4] == ["x", "Out[3]", "@json:flag", "@pandas:DataFrame.nice"]
     assert checked["inputs"] == [[3, "x"]] and checked["files"][0]["path"] == "pkg/mod.py"
     minimal = validate_payload({"count": 0, "set": [], "del": []})
     assert minimal["interp"] == {} and minimal["packages"] == [] and "full" not in minimal
@@ -90,7 +92,8 @@ def _digest(i: int) -> str:
 def test_merged_state_keeps_only_the_live_slots_of_each_entry() -> None:
     state = MergedState()
     state.merge(validate_payload(_payload(set=[_entry("a", "b", h=_digest(1))])))
-    state.merge(validate_payload(_payload(set=[_entry("b", h=_digest(2))], inputs=[[1, "b"]])))
+    inputs = [[1, "%time b", "get_ipython().run_line_magic('time', 'b')"]]
+    state.merge(validate_payload(_payload(set=[_entry("b", h=_digest(2))], inputs=inputs)))
     state.merge(validate_payload(_payload(set=[], **{"del": ["a"]})))
     # the first entry only held a and b; b was replaced, a deleted: it is gone
     assert list(state.entries) == [_digest(2)]
@@ -98,7 +101,7 @@ def test_merged_state_keeps_only_the_live_slots_of_each_entry() -> None:
     assert full["full"] is True and full["count"] == 5
     assert [e["live"] for e in full["set"]] == [["b"]]
     again = MergedState.from_primitive(state.to_primitive())
-    assert again.owner == state.owner and again.inputs == {1: "b"}
+    assert again.owner == state.owner and again.inputs == {1: inputs[0]}
 
 
 @fast

@@ -213,7 +213,7 @@ def test_machinery_and_history_names_are_not_synchronised(cluster: Cluster) -> N
         "In = ['']\nOut = {}\n_ = 1\n__ = 2\n_i1 = 'x'\n_5 = 5\n_oh = {}\n"
         "get_ipython = lambda: None\nexit = quit = None\nvisible = 1\n_private = 2\n"
     )
-    assert shipped(result) == {"visible", "_private"}
+    assert shipped(result) == {"visible", "_private", "_", "__"}  # _ and __: user-bound
     assert cluster.follower.ns["_private"] == 2
     assert cluster.executor.sync.is_synced("visible")
     assert not cluster.executor.sync.is_synced("__builtins__")
@@ -786,7 +786,7 @@ def test_real_ipython_shells(shells: tuple[Any, Any]) -> None:
         if result.payload is None:
             continue
         names = shipped(result)
-        assert not names & {"In", "Out", "_", "_i1", "_1", "get_ipython", "exit", "quit"}
+        assert not names & {"In", "Out", "_i1", "_1", "get_ipython", "exit", "quit"}
         # the follower is another process: it has none of the executor's cells cached
         linecache.cache.pop(filename, None)
         applied = fol.apply(decode_payload(encode_payload(result.payload)))

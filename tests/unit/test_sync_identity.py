@@ -38,8 +38,8 @@ def test_aliases_views_bound_methods_closures_and_sentinels_keep_their_identity(
     ns = after_failover(
         cluster,
         "a = [1]\nb = a\nSENTINEL = object()\nx = SENTINEL\nitems = []\nadd = items.append\n",
-        "def make():\n    count = [0]\n    def inc():\n        count[0] += 1\n"
-        "        return count[0]\n    def get():\n        return count[0]\n    return inc, get\n"
+        "def make():\n    count = 0\n    def inc():\n        nonlocal count\n        count += 1\n"
+        "        return count\n    def get():\n        return count\n    return inc, get\n"
         "inc, get = make()\n",
         "a.append(2)\n",
     )
@@ -322,3 +322,95 @@ def test_generators_not_started_are_rebuilt_and_context_vars_keep_their_value(
         assert list(ns["evens"]) == [0, 2, 4]
     assert ns["var"].get() == 7
     assert "started" not in ns
+
+
+def test_pickling_does_not_change_what_the_notebook_sees() -> None:
+    """Capturing a cell must not be observable: matplotlib's callback ids keep their sequence."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    from nbcluster.kernel._pickling import dumps
+
+    fig, ax = pyplot.subplots()
+    try:
+        first = fig.canvas.mpl_connect("draw_event", lambda event: None)
+        for _ in range(3):
+            dumps((fig, ax), None, lambda name: False)
+        assert fig.canvas.mpl_connect("draw_event", lambda event: None) == first + 1
+    finally:
+        pyplot.close(fig)
+
+
+def test_raft_timeouts_do_not_draw_from_the_notebooks_random_generator() -> None:
+    import pysyncobj.syncobj
+
+    from nbcluster.consensus import private_random_for_pysyncobj
+
+    private_random_for_pysyncobj()
+    state = random.getstate()
+    try:
+        random.seed(42)
+        expected = random.Random(42).random()
+        pysyncobj.syncobj.random.random()  # what an election timeout draws
+        assert random.random() == expected
+    finally:
+        random.setstate(state)
+
+
+def test_the_notebooks_magics_event_callbacks_and_settings_follow(shells: tuple[Any, Any]) -> None:
+    from nbcluster.kernel._sync import StateSynchronizer, decode_payload, encode_payload
+
+    executor, follower = shells
+    store = InMemoryStore()
+    exe = StateSynchronizer(executor.user_ns, executor.user_ns_hidden, store, shell=executor)
+    fol = StateSynchronizer(follower.user_ns, follower.user_ns_hidden, store, shell=follower)
+    cells = [
+        "from IPython.core.magic import register_line_magic\n"
+        "@register_line_magic\ndef shout(line):\n    return line.upper()\n"
+        "ran = []\ndef count_cells(result):\n    ran.append(1)\n"
+        "get_ipython().events.register('post_run_cell', count_cells)\n",
+        "%xmode Minimal\n",
+        "import warnings\nwarnings.filterwarnings('error', message='strict')\n",
+    ]
+    import warnings
+
+    saved_filters = list(warnings.filters)
+    try:
+        for source in cells:
+            count = executor.execution_count
+            executor.run_cell(source, store_history=True)
+            transformed = executor.transform_cell(source)
+            result = exe.capture(count, transformed, f"<cell-{count}>", raw=source)
+            assert result.payload is not None
+            fol.apply(decode_payload(encode_payload(result.payload)))
+        assert fol.environment.restore_pending() == []
+        assert follower.run_line_magic("shout", "hi") == "HI"
+        follower.run_cell("1 + 1", store_history=True)
+        assert follower.user_ns["ran"] == [1, 1, 1, 1]  # 3 on the executor, 1 here
+        assert follower.InteractiveTB.mode == "Minimal"
+        with pytest.raises(UserWarning):
+            warnings.warn("strict")
+    finally:
+        warnings.filters[:] = saved_filters
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def test_torch_views_and_gradients_and_pandas_copy_on_write() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("pandas")
+    cluster = Cluster()
+    ns = after_failover(
+        cluster,
+        "import torch, pandas as pd\ntorch.manual_seed(0)\nX = torch.randn(4, 3)\n"
+        "flat = X.view(-1)\nmodel = torch.nn.Linear(3, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)\n"
+        "model(X).sum().backward()\nopt.step()\n"
+        "df = pd.DataFrame({'v': [1, 2, 3]})\ncol = df['v']\n",
+    )
+    ns["flat"][0] = 100.0
+    assert ns["X"][0, 0].item() == 100.0  # still a view
+    assert ns["model"].weight.grad is not None  # torch's own pickling drops it
+    assert ns["opt"].param_groups[0]["params"][0] is ns["model"].weight
+    ns["df"].loc[0, "v"] = 100
+    assert ns["col"][0] == 1  # copy on write, as in the local kernel

@@ -3,6 +3,7 @@
 from ._interface import LogError, LogStateMachine, ReplicatedLog
 from ._memory import InMemoryLog, InMemoryLogGroup
 from ._pysyncobj import PySyncObjLog
+from ._randomness import private_random_for_pysyncobj
 
 __all__ = [
     "InMemoryLog",
@@ -11,4 +12,5 @@ __all__ = [
     "LogStateMachine",
     "PySyncObjLog",
     "ReplicatedLog",
+    "private_random_for_pysyncobj",
 ]

@@ -31,7 +31,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ATOMIC_TYPES", "Reach", "code_names", "connected_components", "reach"]
+__all__ = [
+    "ATOMIC_TYPES",
+    "Reach",
+    "code_names",
+    "connected_components",
+    "reach",
+    "shared_arrays",
+]
 
 #: Values whose identity does not matter: shared or not, they behave the same.
 ATOMIC_TYPES: frozenset[type] = frozenset(
@@ -124,12 +131,33 @@ def _module_dict_ids() -> set[int]:
     return ids
 
 
+class _StorageToken:
+    """Stands for one torch storage in the walk (see ``_storage_token``)."""
+
+
+#: (address, device, size) of a torch storage -> its token. Tokens live as long as the process
+#: (ids in the identity index must not be reused); the table is cleared when it grows large,
+#: which at worst makes two slots look shared once more (correct, only slower).
+_STORAGE_TOKENS: dict[tuple[Any, ...], _StorageToken] = {}
+
+
+def _storage_token(storage: Any) -> _StorageToken:
+    key = (storage.data_ptr(), str(storage.device), storage.nbytes())
+    token = _STORAGE_TOKENS.get(key)
+    if token is None:
+        if len(_STORAGE_TOKENS) > 100_000:
+            _STORAGE_TOKENS.clear()
+        token = _STORAGE_TOKENS[key] = _StorageToken()
+    return token
+
+
 class _Walker:
     def __init__(self, namespace: dict[str, Any]) -> None:
         self.skip_ids = _module_dict_ids()
         self.namespace_id = id(namespace)
         self.skip_ids.add(self.namespace_id)
         self.numpy = sys.modules.get("numpy")
+        self.torch = sys.modules.get("torch")
         self.seen_classes: set[int] = set()
         self.opaque = _OPAQUE_TYPES
         if self.numpy is not None:  # dtypes are singletons shared by every array
@@ -173,6 +201,15 @@ class _Walker:
         if self.numpy is not None and isinstance(obj, self.numpy.ndarray):
             base = obj.base
             return (base,) if base is not None else ()
+        if self.torch is not None and isinstance(obj, self.torch.Tensor):
+            # Tensors sharing memory (views) share nothing a Python walk can see: a token per
+            # storage stands for it.
+            referents = gc.get_referents(obj)
+            try:
+                referents.append(_storage_token(obj.untyped_storage()))
+            except (RuntimeError, NotImplementedError):  # sparse, meta ...
+                pass
+            return referents
         self.note_class(kind, found)
         referents = gc.get_referents(obj)
         if len(referents) > 64 and set(map(type, referents)) <= ATOMIC_TYPES:
@@ -207,6 +244,37 @@ class _Walker:
                         self.note_class(child, found)
                     continue
                 stack.append(child)
+
+
+#: Libraries whose objects copy on write (pandas): the arrays inside them are logically
+#: independent even where they share memory, so they must not become views of each other.
+_COPY_ON_WRITE = ("pandas.",)
+
+
+def shared_arrays(values: Iterable[Any], namespace: dict[str, Any]) -> set[int]:
+    """ids of the NumPy arrays reachable from ``values`` other than through copy-on-write
+    containers: those whose sharing of memory with another array is the user's (``v =
+    a[2:5]``), for ``_pickling`` to keep as views."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return set()
+    walker = _Walker(namespace)
+    arrays: set[int] = set()
+    seen: set[int] = set()
+    stack = [v for v in values if type(v) not in ATOMIC_TYPES]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or id(obj) in walker.skip_ids or isinstance(obj, walker.opaque):
+            continue
+        seen.add(id(obj))
+        if len(seen) > WALK_LIMIT:
+            break
+        if isinstance(obj, numpy.ndarray):
+            arrays.add(id(obj))
+        if (type(obj).__module__ or "").startswith(_COPY_ON_WRITE):
+            continue
+        stack.extend(c for c in walker.children(obj, Reach()) if type(c) not in ATOMIC_TYPES)
+    return arrays
 
 
 def reach(values: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Reach]:

@@ -75,7 +75,7 @@ class ReplicaGroup:
         password: str,
         store_url: str | None,
     ) -> ReplicaGroup:
-        from ..consensus import PySyncObjLog
+        from ..consensus import PySyncObjLog, private_random_for_pysyncobj
         from ..store import open_store
         from ._sync import StateSynchronizer
 
@@ -100,6 +100,7 @@ class ReplicaGroup:
             kernel.replica_id, members, loop, lambda p, n: group.apply_state(p, n)
         )
         group = cls(kernel, coordinator, sync)
+        private_random_for_pysyncobj()  # the notebook's random.seed() is the notebook's own
         group.log = PySyncObjLog(address, [p for p in peers if p != address], password, coordinator)
         return group
 
@@ -192,7 +193,7 @@ class ReplicaGroup:
             self._warned.add(f"lossy:{name}")
             self.kernel.send_stream_warning(
                 f"[nbcluster] {name} is copied to the other replicas without {why}\n"
-                if why.startswith("a traceback")
+                if why.startswith(("a traceback", "its cache"))
                 else f"[nbcluster] {name}: {why}\n"
             )
         commands = result.environment.commands

@@ -70,6 +70,7 @@ from ._interpreter_probes import (
     _TorchRandomState,
     environ_excluded,
 )
+from ._interpreter_runtime import _NumpyErrState, _PandasOptions, _TracebackMode, _WarningsFilters
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -105,6 +106,10 @@ DEFAULT_PROBES: Final[tuple[InterpreterProbe, ...]] = (
     _IPythonConfig(),
     _IPythonPrecision(),
     _NumpyPrintOptions(),
+    _WarningsFilters(),
+    _NumpyErrState(),
+    _PandasOptions(),
+    _TracebackMode(),
 )
 """Every probe, in restore order."""
 

@@ -76,6 +76,8 @@ def _resolve(module_name: str, path: tuple[str, ...]) -> Any:
 def _importable_owner(value: Any) -> tuple[str, tuple[str, ...]] | None:
     """(module, qualified path) for a module, or a class/function importable by name."""
     if isinstance(value, types.ModuleType):
+        if getattr(value, "__spec__", None) is None and getattr(value, "__file__", None) is None:
+            return None  # made in the notebook: it travels by value, attributes and all
         return value.__name__, ()
     module = getattr(value, "__module__", None)
     qualname = getattr(value, "__qualname__", None)

@@ -14,7 +14,7 @@ and by :func:`~._checkpoint.rebuild` (checkpoints). Everything is msgpack primit
         "del": ["old"],                    # slots deleted since the last update
         "unpicklable": ["f"],              # slots that could not be copied: others drop them
         "source": "...", "filename": "...", # the cell, for linecache on the others
-        "inputs": [[7, "x = 1"]],           # IPython history: the raw input of each cell
+        "inputs": [[7, "x = 1", "x = 1"]],  # IPython history: raw and transformed input
         "interp": {"cwd": b"..."},          # interpreter state that changed (``_interpreter``)
         "packages": [...],                  # package installs to replay (``_packages``)
         "files": [{"path": "mod.py", "h": "...", "v": b"..."}],  # user modules' sources
@@ -23,7 +23,8 @@ and by :func:`~._checkpoint.rebuild` (checkpoints). Everything is msgpack primit
 
 A *slot* is where a value lives: a user global (``x``, ``_private``), an IPython output
 (``Out[3]``, which also sets ``_3``, ``_``, ``__`` and ``___``), or an attribute of a module
-(``@json:my_flag``, ``@pandas:DataFrame.plot_nice``). In a full payload an entry may carry
+(``@json:my_flag``, ``@pandas:DataFrame.plot_nice``), a magic the notebook defined
+(``%line:shout``) or its callbacks for a shell event (``!event:post_run_cell``). In a full payload an entry may carry
 ``live``: the slots of its pickle still current (the others were overwritten by later
 entries).
 """
@@ -50,6 +51,7 @@ __all__ = [
 _HEX128 = re.compile(r"[0-9a-f]{32}")
 _OUTPUT_SLOT = re.compile(r"Out\[(\d{1,18})\]")
 _MODULE_SLOT = re.compile(r"@([A-Za-z_][\w.]*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+_SHELL_SLOT = re.compile(r"%(line|cell):([A-Za-z_]\w*)|!event:([A-Za-z_]\w*)")
 _MAX_COUNT = 2**63 - 1
 
 
@@ -97,9 +99,17 @@ def validate_slot(slot: object, where: str) -> str:
     """A slot name (see the module docstring), or ``ValueError`` naming the problem."""
     if not isinstance(slot, str) or not slot:
         raise _fail(f"{where} must be a non-empty str, got {slot!r:.80}")
-    if slot.isidentifier() or _OUTPUT_SLOT.fullmatch(slot) or _MODULE_SLOT.fullmatch(slot):
+    if (
+        slot.isidentifier()
+        or _OUTPUT_SLOT.fullmatch(slot)
+        or _MODULE_SLOT.fullmatch(slot)
+        or _SHELL_SLOT.fullmatch(slot)
+    ):
         return slot
-    raise _fail(f"{where}: {slot!r:.80} is not a name, Out[N] or @module:attribute")
+    raise _fail(
+        f"{where}: {slot!r:.80} is not a name, Out[N], @module:attribute, %kind:magic "
+        "or !event:name"
+    )
 
 
 def output_number(slot: str) -> int | None:
@@ -191,14 +201,16 @@ def _inputs(raw: object) -> list[list[Any]]:
     for i, item in enumerate(raw):
         if (
             not isinstance(item, list | tuple)
-            or len(item) != 2
+            or len(item) not in (2, 3)
             or not isinstance(item[0], int)
             or isinstance(item[0], bool)
             or not 0 < item[0] <= _MAX_COUNT
-            or not isinstance(item[1], str)
+            or not all(isinstance(text, str) for text in item[1:])
         ):
-            raise _fail(f"inputs[{i}] must be [execution count >= 1, source str]")
-        inputs.append([item[0], item[1]])
+            raise _fail(
+                f"inputs[{i}] must be [execution count >= 1, raw source, transformed source]"
+            )
+        inputs.append(list(item))
     return inputs
 
 
@@ -307,7 +319,7 @@ class MergedState:
         self.owner: dict[str, str] = {}  # slot -> digest of the entry holding it
         self.interp: dict[str, bytes] = {}
         self.packages: list[Any] = []
-        self.inputs: dict[int, str] = {}
+        self.inputs: dict[int, list[Any]] = {}  # count -> [count, raw, transformed]
         self.files: dict[str, FileEntry] = {}
         self.unpicklable: set[str] = set()
 
@@ -346,8 +358,8 @@ class MergedState:
                 self.owner[slot] = entry["h"]
         self.interp.update(payload.get("interp", {}))
         self.packages.extend(payload.get("packages", ()))
-        for count, source in payload.get("inputs", ()):
-            self.inputs[int(count)] = str(source)
+        for record in payload.get("inputs", ()):
+            self.inputs[int(record[0])] = list(record)
         for file in payload.get("files", ()):
             self.files[file["path"]] = file
 
@@ -360,7 +372,7 @@ class MergedState:
             "unpicklable": sorted(self.unpicklable),
             "source": "",
             "filename": "",
-            "inputs": [[n, s] for n, s in sorted(self.inputs.items())],
+            "inputs": [record for _, record in sorted(self.inputs.items())],
             "interp": dict(self.interp),
             "packages": list(self.packages),
             "files": list(self.files.values()),

@@ -12,7 +12,9 @@ loses or refuses:
   functions and ``typing.NewType`` defined in the notebook are rebuilt from their parts
   (caches start empty on the new executor);
 * modules import the submodules the executor had (``import xml.dom.minidom`` binds ``xml``);
-* NumPy views stay views of their base array when both travel in one pickle;
+* NumPy views stay views of their base array when both travel in one pickle (not inside
+  pandas objects, which copy on write); torch tensors sharing a storage share it again, and
+  parameters keep their ``.grad``;
 * a traceback is replaced by ``None`` and reported (``Pickled.lossy``): the exception arrives;
 * files open for reading are reopened at the same position (others are refused: cloudpickle
   would read and ship their contents); locks that are not held arrive as new locks;
@@ -27,11 +29,13 @@ Very deep structures (a linked list 5,000 long) exceed the interpreter's recursi
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib
 import inspect
 import io
+import itertools
 import marshal
 import os
 import pickle
@@ -41,11 +45,12 @@ import threading
 import types
 import typing
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cloudpickle  # type: ignore[import-untyped]
+import cloudpickle.cloudpickle as cloudpickle_impl  # type: ignore[import-untyped]
 
 __all__ = ["PICKLE_PROTOCOL", "Pickled", "SyncPickler", "dumps", "loads"]
 
@@ -113,23 +118,80 @@ def _make_namespace_function(code: types.CodeType, closure: tuple[Any, ...] | No
 
 def _set_namespace_function_state(func: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
     """cloudpickle's ``_function_setstate`` minus its ``__builtins__`` write into the (shared)
-    globals."""
+    globals, and minus its copy of the closure's values: the function was built with the
+    original cells themselves (shared with the other closures of the same scope)."""
     attributes, slots = state
     func.__dict__.update(attributes)
     slots = dict(slots)
     carried = slots.pop("__globals__", {})
-    closure = slots.pop("__closure__", None)
+    slots.pop("__closure__", None)
     slots.pop("_cloudpickle_submodules", None)  # only kept the submodules imported
     func.__globals__.update(carried)
-    if closure is not None:
-        for i, cell in enumerate(closure):
-            try:
-                value = cell.cell_contents
-            except ValueError:  # empty cell
-                continue
-            func.__closure__[i].cell_contents = value
     for name, value in slots.items():
         setattr(func, name, value)
+
+
+@contextlib.contextmanager
+def _quiet_init_subclass(bases: tuple[type, ...]) -> Iterator[None]:
+    """Notebook classes' ``__init_subclass__`` hooks do nothing meanwhile: rebuilding a
+    subclass must not run them again (a registry would list it twice); what they did on the
+    executor arrives with the objects they changed."""
+    saved: list[tuple[type, Any]] = []
+    for base in {klass for b in bases for klass in getattr(b, "__mro__", ())}:
+        hook = base.__dict__.get("__init_subclass__")
+        if hook is not None and base.__module__ == "__main__":
+            saved.append((base, hook))
+            setattr(base, "__init_subclass__", classmethod(_ignore_subclass))  # noqa: B010
+    try:
+        yield
+    finally:
+        for base, hook in saved:
+            setattr(base, "__init_subclass__", hook)  # noqa: B010  # a dunder on a class
+
+
+def _ignore_subclass(cls: type, /, **kwargs: Any) -> None:
+    return None
+
+
+def _make_class_once(
+    type_constructor: Any,
+    name: str,
+    bases: tuple[type, ...],
+    type_kwargs: dict[str, Any],
+    class_tracker_id: Any,
+    extra: Any,
+) -> Any:
+    """cloudpickle's ``_make_skeleton_class``, except that a class this replica already has
+    is returned without building a skeleton first (building one runs the bases'
+    ``__init_subclass__`` and the metaclass again), and that hooks stay quiet while one is
+    built."""
+    if class_tracker_id is not None:
+        with cloudpickle_impl._DYNAMIC_CLASS_TRACKER_LOCK:
+            known = cloudpickle_impl._DYNAMIC_CLASS_TRACKER_BY_ID.get(class_tracker_id)
+        if known is not None:
+            return known
+    kwargs = {sys.intern(k): v for k, v in type_kwargs.items()}
+    with _quiet_init_subclass(bases):
+        skeleton = types.new_class(
+            name, bases, {"metaclass": type_constructor}, lambda ns: ns.update(kwargs)
+        )
+    return cloudpickle_impl._lookup_class_or_track(class_tracker_id, skeleton)
+
+
+def _empty_cell() -> Any:
+    return types.CellType()
+
+
+def _fill_cell(cell: Any, value: Any) -> None:
+    if value is not _EMPTY:
+        cell.cell_contents = value
+
+
+class _Empty:
+    """Marks a cell with no value (pickled by reference: one object everywhere)."""
+
+
+_EMPTY = _Empty()
 
 
 def _rebuild_lru_cache(wrapped: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
@@ -167,6 +229,32 @@ def _import_module(name: str, submodules: list[str]) -> types.ModuleType:
     return module
 
 
+def _is_dynamic(module: types.ModuleType) -> bool:
+    """Made at run time, not imported from anywhere."""
+    return (
+        getattr(module, "__spec__", None) is None
+        and getattr(module, "__file__", None) is None
+        and module.__name__ not in sys.builtin_module_names
+    )
+
+
+def _new_module(name: str, registered: bool) -> types.ModuleType:
+    existing = sys.modules.get(name)
+    if registered and isinstance(existing, types.ModuleType) and _is_dynamic(existing):
+        return existing  # the same module object for every name that holds it
+    module = types.ModuleType(name)
+    if registered:
+        sys.modules[name] = module
+    return module
+
+
+def _fill_module(module: types.ModuleType, state: dict[str, Any]) -> None:
+    import builtins
+
+    module.__dict__.update(state)
+    module.__dict__["__builtins__"] = builtins.__dict__
+
+
 def _no_traceback() -> None:
     return None
 
@@ -201,6 +289,35 @@ def _new_context_var(name: str, default: Any, has_default: bool) -> Any:
     if has_default:
         return contextvars.ContextVar(name, default=default)
     return contextvars.ContextVar(name)
+
+
+def _rebuild_tensor(
+    holder: Any,
+    dtype: Any,
+    offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    grad: Any,
+    parameter: bool,
+) -> Any:
+    import torch
+
+    tensor = torch.empty(0, dtype=dtype, device=holder.device)
+    tensor.set_(holder.untyped_storage(), offset, size, stride)
+    if parameter:
+        tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    elif requires_grad:
+        tensor.requires_grad_(True)
+    if grad is not None:
+        tensor.grad = grad
+    return tensor
+
+
+def _rebuild_from_state(cls: Any, state: Any) -> Any:
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
 
 
 def _reopen(path: str, mode: str, encoding: str | None, position: int) -> Any:
@@ -252,10 +369,15 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         file: io.BytesIO,
         namespace: dict[str, Any] | None,
         travels: Callable[[str], bool],
+        views: Container[int] = (),
     ) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self._namespace = namespace
         self._travels = travels
+        #: ids of the NumPy arrays that may be pickled as views of their base (``_graph``)
+        self._views = views
+        #: torch storages already seen: key -> a uint8 tensor over the whole storage
+        self._storages: dict[tuple[Any, ...], Any] = {}
         self.lossy: list[str] = []
 
     def reducer_override(self, obj: Any) -> Any:
@@ -264,6 +386,14 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         if obj is self._namespace and obj is not None:
             raise pickle.PicklingError("cannot synchronise the namespace itself")
         kind = type(obj)
+        if kind is types.CellType:
+            # An empty cell first (memoised, so closures sharing it share it after loading,
+            # and a function in its own cell is no cycle), then its value.
+            try:
+                value = obj.cell_contents
+            except ValueError:
+                value = _EMPTY
+            return _empty_cell, (), value, None, None, _fill_cell
         if kind is types.CodeType:
             # marshal version 2: no back-references, so equal code gives equal bytes.
             return _load_code, (marshal.dumps(obj, 2),)
@@ -293,17 +423,70 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             if referent is None:
                 raise pickle.PicklingError("cannot synchronise a dead weak reference")
             return weakref.ref, (referent,)
+        if kind.__name__ == "CallbackRegistry" and kind.__module__ == "matplotlib.cbook":
+            # Its __getstate__ draws the next callback id: pickling must not change the
+            # value (the next mpl_connect would return another id than in a local kernel).
+            state = obj.__getstate__()
+            obj._cid_gen = itertools.count(state["_cid_gen"])
+            return _rebuild_from_state, (kind, state)
         reduced = self._notebook_reduce(obj)
         if reduced is not None:
             return reduced
-        root = _numpy_view_root(obj)
+        torch = sys.modules.get("torch")
+        if torch is not None and (kind is torch.Tensor or kind is torch.nn.Parameter):
+            reduced = self._tensor_reduce(obj, torch)
+            if reduced is not None:
+                return reduced
+        root = _numpy_view_root(obj) if id(obj) in self._views else None
         if root is not None:
             offset = obj.__array_interface__["data"][0] - root.__array_interface__["data"][0]
             return _rebuild_view, (root, obj.shape, obj.dtype, offset, obj.strides)
         reduced = super().reducer_override(obj)
         if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) == 6:
-            reduced = self._without_slotnames(reduced)
+            reduced = self._class_reduce(obj, self._without_slotnames(reduced))
         return reduced
+
+    @staticmethod
+    def _class_reduce(cls: type, reduced: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A notebook class by value, rebuilt by ``_make_class_once``: with its ``__slots__``
+        (cloudpickle gives the skeleton none, so instances would get a ``__dict__`` and lose
+        the slots' values) and its ``__qualname__`` (``Outer.Inner``, ``f.<locals>.C``)."""
+        if reduced[0] is not cloudpickle_impl._make_skeleton_class:
+            return reduced  # enums and others: cloudpickle's own way
+        newargs = list(reduced[1])
+        type_kwargs = dict(newargs[3])
+        if "__slots__" in cls.__dict__:
+            type_kwargs["__slots__"] = cls.__dict__["__slots__"]
+        type_kwargs["__qualname__"] = cls.__qualname__
+        newargs[3] = type_kwargs
+        return (_make_class_once, tuple(newargs), *reduced[2:])
+
+    def _tensor_reduce(self, tensor: Any, torch: Any) -> Any | None:
+        """A torch tensor (or parameter) as a window on its storage, the storage pickled once
+        per pickle: views (``flat = x.view(-1)``) stay views, and ``.grad`` arrives (torch's
+        own pickling drops it, so an optimizer's next step would differ)."""
+        if any(tensor is h for h in self._storages.values()):
+            return None  # a storage holder itself: torch's own way
+        if tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_meta:
+            return None
+        if tensor.__dict__ or (tensor.requires_grad and not tensor.is_leaf):
+            return None  # attributes, or a graph node: torch's own way
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), str(storage.device), storage.nbytes())
+        holder = self._storages.get(key)
+        if holder is None:
+            holder = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            self._storages[key] = holder
+        return _rebuild_tensor, (
+            holder,
+            tensor.dtype,
+            tensor.storage_offset(),
+            tuple(tensor.size()),
+            tuple(tensor.stride()),
+            tensor.requires_grad,
+            tensor.grad,
+            type(tensor) is torch.nn.Parameter,
+        )
 
     def _generator_reduce(self, gen: Any) -> Any:
         """A generator that has not started yet (``g = (x * x for x in data)``, ``g = f(3)``)
@@ -351,6 +534,11 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         if isinstance(obj, functools._lru_cache_wrapper):
             if not _is_notebook_object(obj, namespace):
                 return None
+            if obj.cache_info().currsize:
+                self.lossy.append(
+                    "its cache (it starts empty on the other replicas; results are recomputed "
+                    "and cache_info() counts anew)"
+                )
             params = obj.cache_parameters()
             return _rebuild_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"])
         if isinstance(obj, functools.cached_property):
@@ -374,8 +562,14 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
 
     def _module_reduce(self, module: types.ModuleType) -> Any:
         name = module.__name__
-        if sys.modules.get(name) is not module:
-            return super().reducer_override(module)  # a dynamic module: by value
+        if module.__dict__ is self._namespace:
+            raise pickle.PicklingError("cannot synchronise the notebook's own module")
+        registered = sys.modules.get(name) is module
+        if not registered or _is_dynamic(module):
+            # Made in the notebook (types.ModuleType, maybe put in sys.modules): by value,
+            # registered again where it is loaded so that ``import name`` finds it there too.
+            state = {k: v for k, v in module.__dict__.items() if k != "__builtins__"}
+            return _new_module, (name, registered), state, None, None, _fill_module
         prefix = name + "."
         submodules = sorted(
             sub
@@ -414,6 +608,8 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             ) from None
         keep = self._travels
         slots = {**slots, "__globals__": {k: v for k, v in carried.items() if keep(k)}}
+        if closure is not None:
+            closure = func.__closure__  # the cells themselves: see _set_namespace_function_state
         return (
             _make_namespace_function,
             (code, closure),
@@ -460,13 +656,17 @@ def _on_deep_stack(work: Callable[[], _T]) -> _T:
 
 
 def dumps(
-    value: object, namespace: dict[str, Any] | None, travels: Callable[[str], bool]
+    value: object,
+    namespace: dict[str, Any] | None,
+    travels: Callable[[str], bool],
+    views: Container[int] = (),
 ) -> Pickled:
-    """Pickle ``value`` for the other replicas (raises what pickling raises)."""
+    """Pickle ``value`` for the other replicas (raises what pickling raises). ``views``: the
+    NumPy arrays that stay views of their base (``_graph.shared_arrays``)."""
 
     def work() -> Pickled:
         buffer = io.BytesIO()
-        pickler = SyncPickler(buffer, namespace, travels)
+        pickler = SyncPickler(buffer, namespace, travels, views)
         pickler.dump(value)
         return Pickled(buffer.getvalue(), tuple(dict.fromkeys(pickler.lossy)))
 

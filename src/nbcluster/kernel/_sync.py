@@ -42,7 +42,7 @@ import xxhash
 
 from ..store import ObjectStore
 from ._environment import ReplicaEnvironment
-from ._graph import connected_components, reach
+from ._graph import connected_components, reach, shared_arrays
 from ._history import History
 from ._modules import ModuleSlots
 from ._payload import (
@@ -79,7 +79,15 @@ DEFAULT_INLINE_BUDGET = 8 * 1024 * 1024
 _MISSING: Any = object()
 
 #: IPython's history names: rebuilt from ``Out[N]`` and the inputs, never shipped themselves.
-_HISTORY_NAME = re.compile(r"_{1,3}|_i{1,3}|_i\d+|_\d+|_i00|_ih|_oh|_dh")
+#: (``_``, ``__``, ``___`` are slots: a user may bind ``_`` himself, as singledispatch code does.)
+_HISTORY_NAME = re.compile(r"_i{1,3}|_i\d+|_\d+|_i00|_ih|_oh|_dh")
+
+
+_UNDERSCORES = frozenset({"_", "__", "___"})
+
+
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
 def _digest(data: bytes) -> str:
@@ -147,21 +155,18 @@ class StateSynchronizer:
 
     def is_synced(self, name: object) -> bool:
         """Whether a namespace entry is synchronised as a slot of its own."""
+        if not isinstance(name, str):
+            return False
+        if name in _UNDERSCORES:  # IPython hides them, but they are the executor's values
+            return True
         return (
-            isinstance(name, str)
-            and name not in self.hidden
-            and not (name.startswith("__") and name.endswith("__"))
-            and not _HISTORY_NAME.fullmatch(name)
+            name not in self.hidden and not _is_dunder(name) and not _HISTORY_NAME.fullmatch(name)
         )
 
     def travels_with_function(self, name: str) -> bool:
         """Whether a global used by a notebook function is pickled along with it: those not
         synchronised by name, except IPython machinery and dunders."""
-        return (
-            not self.is_synced(name)
-            and name not in self.hidden
-            and not (name.startswith("__") and name.endswith("__"))
-        )
+        return not self.is_synced(name) and name not in self.hidden and not _is_dunder(name)
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -177,6 +182,7 @@ class StateSynchronizer:
     def _current(self) -> dict[str, object]:
         slots = {k: v for k, v in list(self.namespace.items()) if self.is_synced(k)}
         slots.update(self.history.output_slots())
+        slots.update(self.history.shell_slots())
         slots.update(self.modules.read())
         return slots
 
@@ -218,6 +224,9 @@ class StateSynchronizer:
             dirty = changed | (effects.names & current.keys()) | new_modules
             dirty |= self.modules.touched_by(dirty, current)
             dirty |= self._unpicklable & current.keys()  # retry: it may be picklable now
+            # The shell runs the notebook's event callbacks around every cell: their code
+            # counts as the cell's (the walk adds the globals they name).
+            dirty |= {s for s in current if s.startswith("!event:")}
         reached = self._widen(dirty, current, effects.names is None)
 
         components = connected_components(reached)
@@ -375,11 +384,13 @@ class StateSynchronizer:
             slots = [s for s in slots if s not in holding]
             if not slots:
                 return []
+        values = tuple(current[s] for s in slots)
         try:
             pickled = dumps(
-                (tuple(slots), tuple(current[s] for s in slots)),
+                (tuple(slots), values),
                 self.namespace,
                 self.travels_with_function,
+                shared_arrays(values, self.namespace),
             )
             return [(slots, pickled.data, "; ".join(pickled.lossy))]
         except Exception as exc:
@@ -419,7 +430,7 @@ class StateSynchronizer:
         """
         started = time.perf_counter()
         checked = validate_payload(payload)
-        self.history.register_source(checked["filename"], checked["source"])
+        self.history.register_source(checked["filename"], checked["source"], checked["count"])
         # The working directory and sys.path first: files and values may depend on them.
         self.environment.apply(checked["interp"], checked["packages"])
         self.modules.write_files(checked["files"])
@@ -429,7 +440,7 @@ class StateSynchronizer:
         loaded: list[str] = []
 
         def allowed(slot: str) -> bool:
-            if output_number(slot) is None and slot[0] != "@" and not self.is_synced(slot):
+            if output_number(slot) is None and slot[0] not in "@%!" and not self.is_synced(slot):
                 failed[slot] = "not a synchronised name (IPython machinery)"
                 log.warning("sync payload %d: ignored %r", checked["count"], slot)
                 return False
@@ -522,11 +533,13 @@ class StateSynchronizer:
         capture here after a failover does not ship them again. Inline entries only: large
         values (arrays) pickle the same everywhere and are costly to pickle again."""
         slots = entry["slots"]
+        loaded = tuple(values[s] for s in slots)
         try:
             pickled = dumps(
-                (tuple(slots), tuple(values[s] for s in slots)),
+                (tuple(slots), loaded),
                 self.namespace,
                 self.travels_with_function,
+                shared_arrays(loaded, self.namespace),
             )
         except Exception:
             return
@@ -538,6 +551,8 @@ class StateSynchronizer:
         number = output_number(slot)
         if number is not None:
             self.history.set_output(number, value)
+        elif slot[0] in "%!":
+            self.history.assign_shell_slot(slot, value)
         elif slot[0] == "@":
             self.modules.assign(slot, value)
         else:
@@ -547,6 +562,8 @@ class StateSynchronizer:
         number = output_number(slot)
         if number is not None:
             return self.history.remove_output(number)
+        if slot[0] in "%!":
+            return self.history.remove_shell_slot(slot)
         if slot[0] == "@":
             return self.modules.remove(slot)
         return self.namespace.pop(slot, _MISSING) is not _MISSING

@@ -19,6 +19,11 @@ __all__ = ["retrying"]
 
 T = TypeVar("T")
 
+#: Jitter comes from a generator of our own: the stores run inside kernel replicas, where the
+#: ``random`` module's global generator is the user's (``random.seed(0)`` must give the same
+#: sequence as in a local kernel).
+_jitter = random.Random()
+
 
 def retrying(
     what: str,
@@ -48,6 +53,6 @@ def retrying(
                     f"{what} failed after {attempts} attempt{'s' if attempts > 1 else ''}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-        time.sleep(delay * random.uniform(0.5, 1.0))
+        time.sleep(delay * _jitter.uniform(0.5, 1.0))
         delay *= 2
     raise AssertionError("unreachable")  # pragma: no cover
