@@ -414,3 +414,23 @@ def test_torch_views_and_gradients_and_pandas_copy_on_write() -> None:
     assert ns["opt"].param_groups[0]["params"][0] is ns["model"].weight
     ns["df"].loc[0, "v"] = 100
     assert ns["col"][0] == 1  # copy on write, as in the local kernel
+
+
+def test_underscores_stay_the_outputs_they_are(shells: tuple[Any, Any]) -> None:
+    from nbcluster.kernel._sync import StateSynchronizer
+
+    executor, follower = shells
+    store = InMemoryStore()
+    exe = StateSynchronizer(executor.user_ns, executor.user_ns_hidden, store, shell=executor)
+    fol = StateSynchronizer(follower.user_ns, follower.user_ns_hidden, store, shell=follower)
+    for source in ["1 / 3\n", "2 / 3\n", "x = 1\n"]:
+        count = executor.execution_count
+        executor.run_cell(source, store_history=True)
+        payload = exe.capture(count, executor.transform_cell(source), f"<c{count}>").payload
+        assert payload is not None
+        fol.apply(payload)
+    ns = follower.user_ns
+    assert ns["_"] is ns["Out"][2] and ns["__"] is ns["Out"][1]  # floats: one object each
+    follower.execution_count = executor.execution_count
+    follower.run_cell("5 / 7\n", store_history=True)
+    assert ns["_"] == 5 / 7 and ns["__"] == 2 / 3  # IPython still updates them

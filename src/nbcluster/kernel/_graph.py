@@ -21,6 +21,7 @@ caller can widen the set of names a cell may have touched.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import gc
 import inspect
@@ -205,10 +206,8 @@ class _Walker:
             # Tensors sharing memory (views) share nothing a Python walk can see: a token per
             # storage stands for it.
             referents = gc.get_referents(obj)
-            try:
+            with contextlib.suppress(RuntimeError, NotImplementedError):  # sparse, meta ...
                 referents.append(_storage_token(obj.untyped_storage()))
-            except (RuntimeError, NotImplementedError):  # sparse, meta ...
-                pass
             return referents
         self.note_class(kind, found)
         referents = gc.get_referents(obj)

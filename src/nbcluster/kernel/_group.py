@@ -193,7 +193,7 @@ class ReplicaGroup:
             self._warned.add(f"lossy:{name}")
             self.kernel.send_stream_warning(
                 f"[nbcluster] {name} is copied to the other replicas without {why}\n"
-                if why.startswith(("a traceback", "its cache"))
+                if why.startswith(("a traceback", "its cache", "its autograd"))
                 else f"[nbcluster] {name}: {why}\n"
             )
         commands = result.environment.commands

@@ -70,7 +70,13 @@ from ._interpreter_probes import (
     _TorchRandomState,
     environ_excluded,
 )
-from ._interpreter_runtime import _NumpyErrState, _PandasOptions, _TracebackMode, _WarningsFilters
+from ._interpreter_runtime import (
+    _Matplotlib,
+    _NumpyErrState,
+    _PandasOptions,
+    _TracebackMode,
+    _WarningsFilters,
+)
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -110,6 +116,7 @@ DEFAULT_PROBES: Final[tuple[InterpreterProbe, ...]] = (
     _NumpyErrState(),
     _PandasOptions(),
     _TracebackMode(),
+    _Matplotlib(),
 )
 """Every probe, in restore order."""
 

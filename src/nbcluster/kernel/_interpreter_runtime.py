@@ -177,3 +177,53 @@ class _TracebackMode:
             raise InterpreterRestoreError("no IPython shell here to set %xmode on")
         if tb.mode != mode:
             tb.set_mode(mode=mode)
+
+
+class _Matplotlib:
+    """matplotlib's backend (``matplotlib.use``) and the ``rcParams`` that differ from the
+    defaults (``plt.rcParams[...] = ...``, ``plt.style.use``)."""
+
+    name = "matplotlib"
+
+    def capture(self, shell: Any) -> object:
+        matplotlib = _loaded("matplotlib")
+        if matplotlib is None:
+            return NOT_APPLICABLE
+        params = matplotlib.rcParams
+        defaults = matplotlib.rcParamsDefault
+        changed: dict[str, object] = {}
+        problems = []
+        for key, value in dict.items(params):
+            if key == "backend" or value == dict.get(defaults, key):
+                continue
+            ok, plain = _plain(value)
+            if ok:
+                changed[key] = plain
+            else:
+                problems.append(f"matplotlib rcParams[{key!r}] = {_show(value)} is not plain data")
+        backend = params._get_backend_or_none() if hasattr(params, "_get_backend_or_none") else None
+        state = {"backend": backend, "rc": changed}
+        return Lossy(state, tuple(problems)) if problems else state
+
+    def restore(self, shell: Any, value: object) -> None:
+        state = _expect(value, dict, "matplotlib's settings")
+        matplotlib = _importing("matplotlib")
+        wanted = _expect(state.get("rc", {}), dict, "rcParams")
+        params = matplotlib.rcParams
+        defaults = matplotlib.rcParamsDefault
+        for key in set(wanted) | {k for k, v in dict.items(params) if v != dict.get(defaults, k)}:
+            if key == "backend":
+                continue
+            target = wanted.get(key, dict.get(defaults, key))
+            if dict.get(params, key) != target:
+                try:
+                    params[key] = target
+                except (KeyError, ValueError) as exc:
+                    raise InterpreterRestoreError(f"matplotlib rcParams[{key!r}]: {exc}") from None
+        backend = state.get("backend")
+        if isinstance(backend, str):
+            current = (
+                params._get_backend_or_none() if hasattr(params, "_get_backend_or_none") else None
+            )
+            if current != backend:
+                matplotlib.use(backend)

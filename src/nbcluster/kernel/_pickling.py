@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 import cloudpickle  # type: ignore[import-untyped]
 import cloudpickle.cloudpickle as cloudpickle_impl  # type: ignore[import-untyped]
 
-__all__ = ["PICKLE_PROTOCOL", "Pickled", "SyncPickler", "dumps", "loads"]
+__all__ = ["PICKLE_PROTOCOL", "Pickled", "SameAs", "SyncPickler", "dumps", "loads"]
 
 PICKLE_PROTOCOL = 5
 
@@ -86,6 +86,14 @@ def _is_held(lock: Any) -> bool:
     if type(lock) is _RLOCK_TYPE:
         return "unlocked" not in repr(lock)  # RLock has no locked() before Python 3.14
     return bool(lock.locked())
+
+
+@dataclass(frozen=True, slots=True)
+class SameAs:
+    """In a component's pickle, in place of a value: the same object as another slot's. For
+    values pickle does not memoise (floats, ints): ``_ is Out[3]`` must hold after loading."""
+
+    slot: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +200,13 @@ class _Empty:
 
 
 _EMPTY = _Empty()
+
+
+def _new_type(name: str, supertype: Any, module: str) -> Any:
+    make: Any = typing.NewType  # called with a name known only at run time
+    new_type = make(name, supertype)
+    new_type.__module__ = module  # NewType takes its caller's module: this one
+    return new_type
 
 
 def _rebuild_lru_cache(wrapped: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
@@ -314,6 +329,12 @@ def _rebuild_tensor(
     return tensor
 
 
+def _load_npz(path: str, allow_pickle: bool) -> Any:
+    import numpy
+
+    return numpy.load(path, allow_pickle=allow_pickle)
+
+
 def _rebuild_from_state(cls: Any, state: Any) -> Any:
     obj = cls.__new__(cls)
     obj.__setstate__(state)
@@ -423,6 +444,12 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             if referent is None:
                 raise pickle.PicklingError("cannot synchronise a dead weak reference")
             return weakref.ref, (referent,)
+        if kind.__name__ == "NpzFile" and (kind.__module__ or "").startswith("numpy"):
+            # np.load of an .npz keeps the file open: open it again where it is loaded.
+            name = getattr(obj.fid, "name", None)
+            if obj.fid is None or not isinstance(name, str):
+                raise pickle.PicklingError("cannot synchronise a closed NpzFile")
+            return _load_npz, (os.path.abspath(name), bool(obj.allow_pickle))
         if kind.__name__ == "CallbackRegistry" and kind.__module__ == "matplotlib.cbook":
             # Its __getstate__ draws the next callback id: pickling must not change the
             # value (the next mpl_connect would return another id than in a local kernel).
@@ -455,7 +482,8 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             return reduced  # enums and others: cloudpickle's own way
         newargs = list(reduced[1])
         type_kwargs = dict(newargs[3])
-        if "__slots__" in cls.__dict__:
+        # (Not through __mro_entries__ bases: NamedTuple makes its own slots.)
+        if "__slots__" in cls.__dict__ and all(isinstance(b, type) for b in newargs[2]):
             type_kwargs["__slots__"] = cls.__dict__["__slots__"]
         type_kwargs["__qualname__"] = cls.__qualname__
         newargs[3] = type_kwargs
@@ -469,8 +497,14 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             return None  # a storage holder itself: torch's own way
         if tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_meta:
             return None
-        if tensor.__dict__ or (tensor.requires_grad and not tensor.is_leaf):
-            return None  # attributes, or a graph node: torch's own way
+        if tensor.__dict__:
+            return None  # attributes: torch's own way
+        if tensor.requires_grad and not tensor.is_leaf:
+            # The autograd graph (grad_fn) cannot be copied: it arrives as a leaf.
+            self.lossy.append(
+                "its autograd graph (it arrives as a leaf tensor without grad_fn: run the cell "
+                "that computed it again before calling backward())"
+            )
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), str(storage.device), storage.nbytes())
         holder = self._storages.get(key)
@@ -484,7 +518,7 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             tuple(tensor.size()),
             tuple(tensor.stride()),
             tensor.requires_grad,
-            tensor.grad,
+            tensor.grad if tensor.is_leaf else None,  # (.grad of a non-leaf warns)
             type(tensor) is torch.nn.Parameter,
         )
 
@@ -544,7 +578,7 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         if isinstance(obj, functools.cached_property):
             return _rebuild_cached_property, (obj.func, obj.attrname, obj.__doc__)
         if isinstance(obj, typing.NewType) and obj.__module__ == "__main__":
-            return typing.NewType, (obj.__name__, obj.__supertype__)
+            return _new_type, (obj.__name__, obj.__supertype__, obj.__module__)
         if (
             isinstance(obj, types.FunctionType)
             and hasattr(obj, "registry")

@@ -53,7 +53,7 @@ from ._payload import (
     output_number,
     validate_payload,
 )
-from ._pickling import dumps, loads
+from ._pickling import SameAs, dumps, loads
 from ._results import ApplyResult, SyncResult
 from ._touched import analyse_cell
 
@@ -88,6 +88,18 @@ _UNDERSCORES = frozenset({"_", "__", "___"})
 
 def _is_dunder(name: str) -> bool:
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def _component_values(slots: list[str], values: Mapping[str, object]) -> tuple[object, ...]:
+    """The values of a component's slots, in order, an underscore that is one of the
+    component's outputs as a reference to it (see ``SameAs``)."""
+    outputs = {id(values[s]): s for s in slots if output_number(s) is not None}
+    return tuple(
+        SameAs(outputs[id(values[s])])
+        if s in _UNDERSCORES and id(values[s]) in outputs
+        else values[s]
+        for s in slots
+    )
 
 
 def _digest(data: bytes) -> str:
@@ -351,7 +363,17 @@ class StateSynchronizer:
         Slots holding the namespace itself are noted in ``self._holding_namespace``."""
         reached: dict[str, frozenset[int]] = {}
         self._holding_namespace = set()
+        # ``_``, ``__``, ``___`` are outputs: they travel with the ``Out[N]`` holding the same
+        # object (even a float), or IPython on the next executor would take them for names
+        # the user bound and stop updating them.
+        outputs = {id(v): s for s, v in current.items() if output_number(s) is not None}
+        partners = {
+            u: outputs[id(current[u])]
+            for u in _UNDERSCORES
+            if u in current and id(current[u]) in outputs
+        }
         pending = set(dirty)
+        pending |= {partners[u] for u in dirty & partners.keys()}
         while pending:
             found = reach({s: current[s] for s in pending}, self.namespace)
             more: set[str] = set()
@@ -367,6 +389,14 @@ class StateSynchronizer:
                 for ident in result.ids:
                     more |= self._owners.get(ident, set())
             pending = {s for s in more if s in current and s not in reached}
+            pending |= {
+                partners[u] for u in pending & partners.keys() if partners[u] not in reached
+            }
+        for underscore, output in partners.items():
+            if underscore in reached and output in reached:
+                token = frozenset({id(current[underscore])})
+                reached[underscore] |= token
+                reached[output] |= token
         return reached
 
     def _pickle_component(
@@ -384,7 +414,7 @@ class StateSynchronizer:
             slots = [s for s in slots if s not in holding]
             if not slots:
                 return []
-        values = tuple(current[s] for s in slots)
+        values = _component_values(slots, current)
         try:
             pickled = dumps(
                 (tuple(slots), values),
@@ -525,7 +555,11 @@ class StateSynchronizer:
         slots, values = loads(data, self.namespace)
         if list(slots) != list(entry["slots"]) or len(values) != len(slots):
             raise ValueError("the pickle does not hold the slots its entry names")
-        return dict(zip(slots, values, strict=True))
+        loaded = dict(zip(slots, values, strict=True))
+        for slot, value in loaded.items():
+            if isinstance(value, SameAs):
+                loaded[slot] = loaded[value.slot]
+        return loaded
 
     def _note_local_digest(self, entry: Entry, values: Mapping[str, object]) -> None:
         """This process may pickle what it just loaded differently from the executor (string
@@ -533,7 +567,7 @@ class StateSynchronizer:
         capture here after a failover does not ship them again. Inline entries only: large
         values (arrays) pickle the same everywhere and are costly to pickle again."""
         slots = entry["slots"]
-        loaded = tuple(values[s] for s in slots)
+        loaded = _component_values(slots, values)
         try:
             pickled = dumps(
                 (tuple(slots), loaded),
