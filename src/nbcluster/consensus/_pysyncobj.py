@@ -21,6 +21,13 @@ How the pieces map onto pysyncobj:
   follower's ``_deserialize()`` calls ``state.restore(...)`` and resets the record counter, and
   the node carries on with the entries after the snapshot. A restarted node with a ``data_dir``
   does the same from its own dump file, then replays its journal.
+* **Membership.** pysyncobj applies a membership entry when it is appended and undoes it when it
+  is truncated, which corrupts the view of a member that joined late (it replays the whole
+  membership history on top of the current membership). :class:`_RaftNode` recomputes the
+  view from the log instead: a base membership at a known position plus the later
+  ``add``/``rem`` entries; a node keeps the membership it was started with until it has caught
+  up. Snapshots carry the membership at their position. See docs/consensus.md, "Membership is
+  a function of the log".
 * **Commit notification.** pysyncobj calls the proposal's callback in the tick thread; the
   callback hands ``(result, reason)`` to the asyncio loop the log was created on with
   ``loop.call_soon_threadsafe``.
@@ -39,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 # pysyncobj has no type information; these typed aliases keep the untyped surface in one place.
 _SyncObj: Any = pysyncobj.SyncObj
 _SyncObjConf: Any = pysyncobj.SyncObjConf
+_Node: Any = pysyncobj.node.Node
 _replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = pysyncobj.replicated
 
 #: pysyncobj's ``FAIL_REASON`` codes by name (0.3.17).
@@ -72,6 +81,9 @@ _REQUEST_DENIED: Final = 6
 #: Failures after which a proposal is submitted again (DISCARDED: another entry took its
 #: place in the log, so it did not commit and resubmitting cannot duplicate it).
 _RETRIABLE: Final = frozenset({1, 2, 3, 4, 5, 7})
+
+#: The first byte of pysyncobj's membership entries (``_COMMAND_TYPE.MEMBERSHIP``).
+_MEMBERSHIP_ENTRY: Final = bytes([pysyncobj._COMMAND_TYPE.MEMBERSHIP])
 
 _RETRY_FIRST_DELAY = 0.02
 _RETRY_MAX_DELAY = 0.1
@@ -119,6 +131,10 @@ class _LogConsumer(pysyncobj.SyncObjConsumer):  # type: ignore[misc]  # untyped 
         self.records = 0
         #: Snapshots installed (a follower catching up, or a restart from the dump file).
         self.restores = 0
+        #: The membership at the snapshot's position, for the snapshot (set by _RaftNode).
+        self.members_at_snapshot: Callable[[], list[str]] | None = None
+        #: The membership stored in the snapshot being installed (None: an older snapshot).
+        self.restored_members: list[str] | None = None
 
     @_replicated
     def commit_record(self, data: bytes) -> int:
@@ -133,17 +149,234 @@ class _LogConsumer(pysyncobj.SyncObjConsumer):  # type: ignore[misc]  # untyped 
         return index
 
     def _serialize(self) -> dict[str, Any]:
-        return {"v": _SNAPSHOT_FORMAT, "records": self.records, "state": self._state.snapshot()}
+        snapshot: dict[str, Any] = {
+            "v": _SNAPSHOT_FORMAT,
+            "records": self.records,
+            "state": self._state.snapshot(),
+        }
+        if self.members_at_snapshot is not None:
+            snapshot["members"] = self.members_at_snapshot()
+        return snapshot
 
     def _deserialize(self, data: Any) -> None:
+        self.restored_members = None
         if not isinstance(data, dict) or data.get("v") != _SNAPSHOT_FORMAT:
             raise ValueError(f"not an nbcluster log snapshot: {type(data).__name__}")
         records, state = data["records"], data["state"]
+        members = data.get("members")
         if not isinstance(records, int) or not isinstance(state, bytes):
             raise ValueError("malformed nbcluster log snapshot")
+        if members is not None and not (
+            isinstance(members, list) and all(isinstance(m, str) for m in members)
+        ):
+            raise ValueError("malformed nbcluster log snapshot: members")
         self._state.restore(state)
         self.records = records
         self.restores += 1
+        self.restored_members = members
+
+
+class _RaftNode(_SyncObj):  # type: ignore[misc]  # untyped base
+    """pysyncobj's ``SyncObj`` whose membership is a function of its log.
+
+    pysyncobj 0.3.17 applies a membership entry to the node's view (``otherNodes``) when the
+    entry is appended and undoes it when the entry is truncated. Both are wrong for a member
+    that joined late: it starts with the current membership, then receives every earlier
+    membership entry; an old ``add`` of a member that is still there changes nothing, but
+    undoing it (when the leader re-sends a range the member has) drops that member. Here the
+    view is recomputed instead, as *base* (a membership at a known log position) plus the
+    ``add``/``rem`` entries after that position that are in the log now, applied as set
+    operations; see docs/consensus.md, "Membership is a function of the log".
+
+    The overrides replace pysyncobj's private (name-mangled) methods; every one runs in the
+    tick thread. Attributes are set before ``SyncObj.__init__``: it starts the tick thread,
+    and it leaves the attributes that exist by the end of its ``__init__`` out of its dumps.
+    """
+
+    def __init__(
+        self, self_address: str, others: list[str], conf: Any, consumer: _LogConsumer
+    ) -> None:
+        self._self_address = self_address
+        self._consumer = consumer
+        #: The members other than this node at log position ``_base_index``.
+        self._base: frozenset[str] = frozenset(others)
+        self._base_index = 0
+        #: The membership this node was started with: its view until it has caught up.
+        self._configured: frozenset[str] = frozenset(others)
+        #: Membership entries after ``_base_index``: (index, "add"/"rem", address), in log
+        #: order, every one up to the entry ``_known`` (index, term) included.
+        self._changes: list[tuple[int, str, str]] = []
+        self._known: tuple[int, int] = (0, -1)
+        #: What the view was last computed from (see _sync_members).
+        self._synced_from: tuple[Any, ...] = ()
+        self._base_epoch = 0
+        #: The membership of a dump being loaded, as pysyncobj stored it.
+        self._dump_members: frozenset[str] | None = None
+        consumer.members_at_snapshot = self._members_at_last_applied
+        super().__init__(self_address, others, conf, consumers=[consumer])
+
+    # -- the view -----------------------------------------------------------------------------
+
+    def _sync_members(self) -> None:
+        """Make the view what the log says (cheap when nothing changed since the last call)."""
+        raft_log = self._SyncObj__raftLog
+        first, last = raft_log[0], raft_log[-1]
+        # A node keeps the membership it was started with until it has caught up with the
+        # leader (pysyncobj's isReady, which stays true). A new member's log starts with
+        # history that this membership already includes, and the snapshot it may install can
+        # be older than its own ``add``: the membership there may lack the leader itself.
+        held = not self.isReady()
+        key = (first[1], last[1], last[2], held, self._base_epoch)
+        if key == self._synced_from:
+            return
+        self._synced_from = key
+        self._scan()
+        self._set_view(set(self._configured) if held else self._membership_at())
+
+    def _scan(self) -> None:
+        """Bring ``_changes`` up to date with the log.
+
+        Only entries after ``_known`` are read. The changes up to the last applied entry are
+        final: pysyncobj may truncate applied entries on a follower (the leader re-sends a
+        range the follower has; it deletes and re-appends them), but they are committed, so
+        they come back identical. Later ones are dropped if the log no longer holds the entry
+        ``_known`` with the same term (an entry's index and term identify the log up to it,
+        Raft's log matching property), and read again."""
+        raft_log = self._SyncObj__raftLog
+        first, last = raft_log[0][1], raft_log[-1]
+        applied = int(self._SyncObj__raftLastApplied)
+        known, term = self._known
+        if known > applied and not (
+            first <= known <= last[1] and raft_log[known - first][2] == term
+        ):
+            self._changes = [c for c in self._changes if c[0] <= applied]
+            known = max(applied, self._base_index)
+            self._known = (known, -1)
+        if last[1] <= known:
+            return
+        parse = self._SyncObj__parseChangeClusterRequest
+        for command, index, _term in raft_log[max(known + 1, first) - first :]:
+            if command[:1] == _MEMBERSHIP_ENTRY and index > self._base_index:
+                request = parse(command)
+                self._changes.append((index, str(request[0]), str(request[1])))
+        self._known = (last[1], last[2])
+
+    def _membership_at(self, index: int | None = None) -> set[str]:
+        """The members other than this node after the log entry ``index`` (default: after
+        every change known)."""
+        members = set(self._base)
+        for entry_index, kind, address in self._changes:
+            if index is not None and entry_index > index:
+                break
+            if kind == "add":
+                members.add(address)
+            elif kind == "rem":
+                members.discard(address)
+        members.discard(self._self_address)
+        return members
+
+    def _members_at_last_applied(self) -> list[str]:
+        """For a snapshot: pysyncobj takes it at the last applied entry."""
+        self._scan()
+        at = self._membership_at(int(self._SyncObj__raftLastApplied))
+        return sorted(at | {self._self_address})
+
+    def _set_view(self, members: set[str]) -> None:
+        """Add and drop nodes as pysyncobj's own membership change does."""
+        others: set[Any] = self._SyncObj__otherNodes
+        current = {str(node.id) for node in others}
+        if current == members:
+            return
+        transport = self._SyncObj__transport
+        for node in [n for n in others if str(n.id) not in members]:
+            others.discard(node)
+            self._SyncObj__raftNextIndex.pop(node, None)
+            self._SyncObj__raftMatchIndex.pop(node, None)
+            self._SyncObj__connectedNodes.discard(node)
+            transport.dropNode(node)
+        for address in sorted(members - current):
+            node = self._SyncObj__nodeClass(address)
+            others.add(node)
+            self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+            self._SyncObj__raftMatchIndex[node] = 0
+            if self._isLeader():
+                self._SyncObj__lastResponseTime[node] = time.monotonic()
+            transport.addNode(node)
+        log.debug("Raft node %s: members now %s", self._self_address, sorted(members))
+
+    # -- pysyncobj's membership handling, replaced --------------------------------------------
+
+    def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:
+        # pysyncobj calls this on a follower for appended entries (reverse=False), for
+        # truncated ones (reverse=True) and again when an entry is applied: the view follows
+        # the log in _sync_members instead.
+        return False
+
+    def _SyncObj__changeCluster(self, request: Any) -> bool:
+        """The leader, before appending a membership entry: is the change allowed?"""
+        noop = self._SyncObj__noopIDx
+        if noop is None or self._SyncObj__raftLastApplied < noop:
+            return False  # this leader's first entry is not committed yet
+        self._sync_members()
+        if not self.isReady():
+            return False
+        commit = self._SyncObj__raftCommitIndex
+        if any(index > commit for index, _kind, _address in self._changes):
+            return False  # one change at a time: an earlier one is not committed yet
+        kind, address = str(request[0]), str(request[1])
+        members = self._membership_at()
+        if address == self._self_address:
+            return False
+        if kind == "add" and address not in members:
+            members.add(address)
+        elif kind == "rem" and address in members:
+            members.discard(address)
+        else:
+            return False
+        # The entry is appended right after this returns; the view changes with it, as in
+        # pysyncobj (_sync_members then finds it already so).
+        self._set_view(members)
+        return True
+
+    def _SyncObj__updateClusterConfiguration(self, new_nodes: Any) -> None:
+        # Called at the end of a successful dump load, with the membership pysyncobj stored:
+        # its view when the dump was taken, which may be ahead of the dump's position.
+        self._dump_members = frozenset(
+            str(n.id) if isinstance(n, _Node) else str(n) for n in new_nodes
+        )
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # pysyncobj's keyword
+        self._dump_members = None
+        _SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        if self._dump_members is None:
+            return  # the load failed (pysyncobj logged it); nothing changed
+        restored = self._consumer.restored_members
+        members = self._dump_members if restored is None else frozenset(restored)
+        self._base = members - {self._self_address}
+        self._base_index = int(self._SyncObj__raftLastApplied)
+        self._base_epoch += 1
+        self._changes, self._known = [], (self._base_index, -1)
+        self._sync_members()
+
+    def _SyncObj__deleteEntriesTo(self, to_index: int) -> None:
+        # Log compaction drops the entries before to_index: fold their changes into the base.
+        self._scan()
+        if to_index - 1 > self._base_index:
+            self._base = frozenset(self._membership_at(to_index - 1))
+            self._base_index = to_index - 1
+            self._changes = [c for c in self._changes if c[0] > self._base_index]
+            self._base_epoch += 1
+        _SyncObj._SyncObj__deleteEntriesTo(self, to_index)
+
+    # -- where the log changes ----------------------------------------------------------------
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        _SyncObj._SyncObj__onMessageReceived(self, node, message)
+        self._sync_members()
+
+    def _checkCommandsToApply(self) -> None:
+        super()._checkCommandsToApply()
+        self._sync_members()
 
 
 class PySyncObjLog:
@@ -229,7 +462,7 @@ class PySyncObjLog:
         _install_noise_filter()
         others = [p for p in dict.fromkeys(peers) if p != self_address]
         log.debug("starting Raft node %s (bind %s) with peers %s", self_address, host, others)
-        self._obj: Any = _SyncObj(self_address, others, conf, consumers=[self._consumer])
+        self._obj: Any = _RaftNode(self_address, others, conf, self._consumer)
         try:
             self._obj.waitBinded()
         except Exception as exc:
