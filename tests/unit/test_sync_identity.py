@@ -390,7 +390,7 @@ def test_the_notebooks_magics_event_callbacks_and_settings_follow(shells: tuple[
         assert follower.user_ns["ran"] == [1, 1, 1, 1]  # 3 on the executor, 1 here
         assert follower.InteractiveTB.mode == "Minimal"
         with pytest.raises(UserWarning):
-            warnings.warn("strict")
+            warnings.warn("strict", stacklevel=1)
     finally:
         warnings.filters[:] = saved_filters
         warnings._filters_mutated()  # type: ignore[attr-defined]

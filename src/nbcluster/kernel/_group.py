@@ -188,13 +188,15 @@ class ReplicaGroup:
                     "failover, existing widgets stop responding (run their cells again). "
                     "Told once per kernel.\n"
                 )
-        lossy = {n: why for n, why in result.lossy.items() if f"lossy:{n}" not in self._warned}
-        for name, why in sorted(lossy.items()):
-            self._warned.add(f"lossy:{name}")
+        # One line per reason, the names last (after the colon), as in the other warnings.
+        by_reason: dict[str, list[str]] = {}
+        for name, why in sorted(result.lossy.items()):
+            if f"lossy:{name}:{why}" not in self._warned:
+                self._warned.add(f"lossy:{name}:{why}")
+                by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
             self.kernel.send_stream_warning(
-                f"[nbcluster] {name} is copied to the other replicas without {why}\n"
-                if why.startswith(("a traceback", "its cache", "its autograd"))
-                else f"[nbcluster] {name}: {why}\n"
+                f"[nbcluster] copied to the other replicas without {why}: {', '.join(names)}\n"
             )
         commands = result.environment.commands
         if commands:

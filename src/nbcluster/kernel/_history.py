@@ -57,6 +57,15 @@ class History:
         self._hook_recent()
         return True
 
+    def note_underscore(self, name: str, value: object, hidden: object) -> None:
+        """``_``, ``__`` or ``___`` arrived. IPython updates them at the next output only if
+        it set them itself: it compares them with what it recorded in ``user_ns_hidden``. An
+        output it is (``_ is Out[3]``) is recorded so; one the user bound is left unrecorded,
+        as on the executor."""
+        out = self._outputs() or {}
+        if isinstance(hidden, dict) and name in hidden and any(v is value for v in out.values()):
+            hidden[name] = value
+
     def _hook_recent(self) -> None:
         """IPython's display hook keeps the last three outputs (``hook._``, ``__``, ``___``)
         and shifts them at the next output, unless the user rebound ``_`` and friends (then

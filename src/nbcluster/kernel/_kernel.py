@@ -275,15 +275,15 @@ class ReplicaKernel(IPythonKernel):
         if not await group.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
             names = group.coordinator.bound_by(after)
             lost = (
-                f" It set {', '.join(names)}: these keep their values from before that cell "
-                "(or are not defined). Run that cell again."
+                "; the names it set keep their values from before that cell (or are not "
+                f"defined), run that cell again: {', '.join(names)}"
                 if names
                 else ""
             )
             self.send_stream_warning(
                 f"[nbcluster] the state of an earlier cell (term {after}) has not arrived from "
-                "the replica that ran it (it was probably lost with that replica); running "
-                f"with the state this replica has.{lost}\n"
+                "the replica that ran it (it was probably lost with that replica), so this "
+                f"cell runs with the state this replica has{lost}\n"
             )
         # Interpreter state from the replicas that ran the previous cells (decimal context,
         # print options ...) must be restored in the context this cell runs in.

@@ -421,11 +421,11 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         if kind is types.ModuleType:
             return self._module_reduce(obj)
         if kind is types.TracebackType:
-            self.lossy.append("a traceback (the exception arrives without it)")
+            self.lossy.append("its traceback (traceback objects cannot be copied)")
             return _no_traceback, ()
         if isinstance(obj, BaseException) and obj.__traceback__ is not None:
             # Exceptions pickle without their traceback: say so instead of losing it quietly.
-            self.lossy.append("a traceback (the exception arrives without it)")
+            self.lossy.append("its traceback (traceback objects cannot be copied)")
         if kind is _LOCK_TYPE or kind is _RLOCK_TYPE:
             if _is_held(obj):
                 raise pickle.PicklingError("cannot synchronise a lock that is held")
@@ -449,7 +449,8 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             name = getattr(obj.fid, "name", None)
             if obj.fid is None or not isinstance(name, str):
                 raise pickle.PicklingError("cannot synchronise a closed NpzFile")
-            return _load_npz, (os.path.abspath(name), bool(obj.allow_pickle))
+            # (As given: a relative name is relative to the working directory, which follows.)
+            return _load_npz, (name, bool(obj.allow_pickle))
         if kind.__name__ == "CallbackRegistry" and kind.__module__ == "matplotlib.cbook":
             # Its __getstate__ draws the next callback id: pickling must not change the
             # value (the next mpl_connect would return another id than in a local kernel).
@@ -502,7 +503,7 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         if tensor.requires_grad and not tensor.is_leaf:
             # The autograd graph (grad_fn) cannot be copied: it arrives as a leaf.
             self.lossy.append(
-                "its autograd graph (it arrives as a leaf tensor without grad_fn: run the cell "
+                "its autograd graph (it arrives as a leaf tensor without grad_fn; run the cell "
                 "that computed it again before calling backward())"
             )
         storage = tensor.untyped_storage()
@@ -570,8 +571,8 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
                 return None
             if obj.cache_info().currsize:
                 self.lossy.append(
-                    "its cache (it starts empty on the other replicas; results are recomputed "
-                    "and cache_info() counts anew)"
+                    "its cache (it starts empty there, so results are recomputed and "
+                    "cache_info() counts anew)"
                 )
             params = obj.cache_parameters()
             return _rebuild_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"])

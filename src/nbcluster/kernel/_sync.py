@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import xxhash
@@ -100,6 +101,19 @@ def _component_values(slots: list[str], values: Mapping[str, object]) -> tuple[o
         else values[s]
         for s in slots
     )
+
+
+def _close_figures(replaced: Iterable[object]) -> None:
+    """A pyplot figure being replaced by its new copy is closed first: loading the copy
+    registers it with pyplot (matplotlib's own unpickling), and the old one would otherwise
+    stay registered (``plt.get_fignums()`` would list both, and the copy's number changes)."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return
+    figure_type = sys.modules["matplotlib.figure"].Figure
+    for value in replaced:
+        if isinstance(value, figure_type):
+            pyplot.close(value)
 
 
 def _digest(data: bytes) -> str:
@@ -435,8 +449,9 @@ class StateSynchronizer:
         if len(separated) > 1:
             for slot in separated:
                 lossy[slot] = (
-                    "it shares objects with " + ", ".join(s for s in slots if s != slot) + ", "
-                    "some of which cannot be copied, so it is copied on its own"
+                    "its sharing of objects with "
+                    + ", ".join(s for s in slots if s != slot)
+                    + " (some of them cannot be copied, so it is copied on its own)"
                 )
         return parts
 
@@ -494,6 +509,7 @@ class StateSynchronizer:
             digest = entry["h"]
             if all(self._component.get(s) == digest and s in self._held for s in live):
                 continue
+            _close_figures(self.namespace.get(s) for s in live)
             try:
                 values = self._load(entry)
             except Exception as exc:
@@ -591,6 +607,8 @@ class StateSynchronizer:
             self.modules.assign(slot, value)
         else:
             self.namespace[slot] = value
+            if slot in _UNDERSCORES:
+                self.history.note_underscore(slot, value, self.hidden)
 
     def _remove(self, slot: str) -> bool:
         number = output_number(slot)
