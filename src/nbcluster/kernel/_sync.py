@@ -32,6 +32,7 @@ payloads from the kernel's own replicas.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -89,6 +90,13 @@ _UNDERSCORES = frozenset({"_", "__", "___"})
 
 def _is_dunder(name: str) -> bool:
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+@functools.lru_cache(maxsize=65536)
+def _ordinary_name(name: str) -> bool:
+    """Neither a dunder nor one of IPython's history names (cached: every capture asks it of
+    every global)."""
+    return not _is_dunder(name) and not _HISTORY_NAME.fullmatch(name)
 
 
 def _component_values(slots: list[str], values: Mapping[str, object]) -> tuple[object, ...]:
@@ -185,9 +193,7 @@ class StateSynchronizer:
             return False
         if name in _UNDERSCORES:  # IPython hides them, but they are the executor's values
             return True
-        return (
-            name not in self.hidden and not _is_dunder(name) and not _HISTORY_NAME.fullmatch(name)
-        )
+        return name not in self.hidden and _ordinary_name(name)
 
     def travels_with_function(self, name: str) -> bool:
         """Whether a global used by a notebook function is pickled along with it: those not
@@ -252,7 +258,7 @@ class StateSynchronizer:
             dirty |= self._unpicklable & current.keys()  # retry: it may be picklable now
             # The shell runs the notebook's event callbacks around every cell: their code
             # counts as the cell's (the walk adds the globals they name).
-            dirty |= {s for s in current if s.startswith("!event:")}
+            dirty |= {s for s in current if s[0] == "!"}
         reached = self._widen(dirty, current, effects.names is None)
 
         components = connected_components(reached)
@@ -380,7 +386,7 @@ class StateSynchronizer:
         # ``_``, ``__``, ``___`` are outputs: they travel with the ``Out[N]`` holding the same
         # object (even a float), or IPython on the next executor would take them for names
         # the user bound and stop updating them.
-        outputs = {id(v): s for s, v in current.items() if output_number(s) is not None}
+        outputs = {id(v): s for s, v in current.items() if s[0] == "O" and s.startswith("Out[")}
         partners = {
             u: outputs[id(current[u])]
             for u in _UNDERSCORES
