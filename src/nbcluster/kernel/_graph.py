@@ -37,6 +37,7 @@ __all__ = [
     "Reach",
     "code_names",
     "connected_components",
+    "numpy_view_root",
     "reach",
     "shared_arrays",
 ]
@@ -248,6 +249,20 @@ class _Walker:
 #: Libraries whose objects copy on write (pandas): the arrays inside them are logically
 #: independent even where they share memory, so they must not become views of each other.
 _COPY_ON_WRITE = ("pandas.",)
+
+
+def numpy_view_root(obj: Any) -> Any | None:
+    """The array that owns a NumPy view's memory, or None if ``obj`` is not such a view."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or type(obj) is not numpy.ndarray:
+        return None
+    base = obj.base
+    if not isinstance(base, numpy.ndarray):
+        return None
+    root = base
+    while isinstance(root.base, numpy.ndarray):
+        root = root.base
+    return root
 
 
 def shared_arrays(values: Iterable[Any], namespace: dict[str, Any]) -> set[int]:

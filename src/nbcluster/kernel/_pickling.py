@@ -15,24 +15,21 @@ loses or refuses:
 * NumPy views stay views of their base array when both travel in one pickle (not inside
   pandas objects, which copy on write); torch tensors sharing a storage share it again, and
   parameters keep their ``.grad``;
-* a traceback is replaced by ``None`` and reported (``Pickled.lossy``): the exception arrives;
-* files open for reading are reopened at the same position (others are refused: cloudpickle
+* a traceback is replaced by ``None`` and reported (``Pickled.lossy``); files open for reading are reopened at the same position (others are refused: cloudpickle
   would read and ship their contents); locks that are not held arrive as new locks;
   ``re.Match`` objects are matched again; weak references keep pointing at their referent
   (``_graph`` puts the referent in the same pickle); a generator that has not started is
   rebuilt by calling its code again with the same arguments (ElasticNotebook's recomputation,
   where it is exact); a ``ContextVar`` arrives with the executor's value as its default.
 
-Very deep structures (a linked list 5,000 long) exceed the interpreter's recursion limit;
-``dumps``/``loads`` then retry on a thread with a large stack and a raised limit.
+Deep structures (a linked list 5,000 long) are retried on a thread with a large stack. The
+functions that rebuild all this where it is loaded are in ``_rebuild``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
-import importlib
 import inspect
 import io
 import itertools
@@ -45,12 +42,42 @@ import threading
 import types
 import typing
 import weakref
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cloudpickle  # type: ignore[import-untyped]
 import cloudpickle.cloudpickle as cloudpickle_impl  # type: ignore[import-untyped]
+
+from ._graph import numpy_view_root
+from ._rebuild import (
+    _EMPTY,
+    TARGET_NAMESPACE,
+    _empty_cell,
+    _fill_cell,
+    _fill_module,
+    _import_module,
+    _is_dynamic,
+    _load_code,
+    _load_npz,
+    _make_class_once,
+    _make_namespace_function,
+    _new_context_var,
+    _new_lock,
+    _new_module,
+    _new_type,
+    _no_traceback,
+    _rebuild_cached_property,
+    _rebuild_from_state,
+    _rebuild_lru_cache,
+    _rebuild_singledispatch,
+    _rebuild_tensor,
+    _rebuild_view,
+    _rematch,
+    _reopen,
+    _restart_generator,
+    _set_namespace_function_state,
+)
 
 __all__ = ["PICKLE_PROTOCOL", "Pickled", "SameAs", "SyncPickler", "dumps", "loads"]
 
@@ -60,10 +87,6 @@ PICKLE_PROTOCOL = 5
 _DEEP_STACK_BYTES = 512 * 1024 * 1024
 _DEEP_RECURSION_LIMIT = 200_000
 
-#: The namespace that notebook functions unpickled by ``loads`` are bound to.
-_TARGET_NAMESPACE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "nbcluster_sync_target_namespace", default=None
-)
 
 #: Real files: cloudpickle would read a file opened for reading in full and ship a StringIO
 #: of its contents, at every capture. Files open for reading are reopened instead.
@@ -104,255 +127,6 @@ class Pickled:
     lossy: tuple[str, ...] = ()
 
 
-# -- rebuilders (run on the replica that loads) ---------------------------------------------
-
-
-def _load_code(data: bytes) -> types.CodeType:
-    code = marshal.loads(data)
-    if not isinstance(code, types.CodeType):
-        raise pickle.UnpicklingError("a code entry did not hold a code object")
-    return code
-
-
-def _make_namespace_function(code: types.CodeType, closure: tuple[Any, ...] | None) -> Any:
-    """A notebook function, bound to the namespace being loaded into."""
-    import builtins
-
-    namespace = _TARGET_NAMESPACE.get()
-    if namespace is None:  # loaded outside a synchroniser: a namespace of its own
-        namespace = {"__builtins__": builtins}
-    return types.FunctionType(code, namespace, None, None, closure)
-
-
-def _set_namespace_function_state(func: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    """cloudpickle's ``_function_setstate`` minus its ``__builtins__`` write into the (shared)
-    globals, and minus its copy of the closure's values: the function was built with the
-    original cells themselves (shared with the other closures of the same scope)."""
-    attributes, slots = state
-    func.__dict__.update(attributes)
-    slots = dict(slots)
-    carried = slots.pop("__globals__", {})
-    slots.pop("__closure__", None)
-    slots.pop("_cloudpickle_submodules", None)  # only kept the submodules imported
-    func.__globals__.update(carried)
-    for name, value in slots.items():
-        setattr(func, name, value)
-
-
-@contextlib.contextmanager
-def _quiet_init_subclass(bases: tuple[type, ...]) -> Iterator[None]:
-    """Notebook classes' ``__init_subclass__`` hooks do nothing meanwhile: rebuilding a
-    subclass must not run them again (a registry would list it twice); what they did on the
-    executor arrives with the objects they changed."""
-    saved: list[tuple[type, Any]] = []
-    for base in {klass for b in bases for klass in getattr(b, "__mro__", ())}:
-        hook = base.__dict__.get("__init_subclass__")
-        if hook is not None and base.__module__ == "__main__":
-            saved.append((base, hook))
-            setattr(base, "__init_subclass__", classmethod(_ignore_subclass))  # noqa: B010
-    try:
-        yield
-    finally:
-        for base, hook in saved:
-            setattr(base, "__init_subclass__", hook)  # noqa: B010  # a dunder on a class
-
-
-def _ignore_subclass(cls: type, /, **kwargs: Any) -> None:
-    return None
-
-
-def _make_class_once(
-    type_constructor: Any,
-    name: str,
-    bases: tuple[type, ...],
-    type_kwargs: dict[str, Any],
-    class_tracker_id: Any,
-    extra: Any,
-) -> Any:
-    """cloudpickle's ``_make_skeleton_class``, except that a class this replica already has
-    is returned without building a skeleton first (building one runs the bases'
-    ``__init_subclass__`` and the metaclass again), and that hooks stay quiet while one is
-    built."""
-    if class_tracker_id is not None:
-        with cloudpickle_impl._DYNAMIC_CLASS_TRACKER_LOCK:
-            known = cloudpickle_impl._DYNAMIC_CLASS_TRACKER_BY_ID.get(class_tracker_id)
-        if known is not None:
-            return known
-    kwargs = {sys.intern(k): v for k, v in type_kwargs.items()}
-    with _quiet_init_subclass(bases):
-        skeleton = types.new_class(
-            name, bases, {"metaclass": type_constructor}, lambda ns: ns.update(kwargs)
-        )
-    return cloudpickle_impl._lookup_class_or_track(class_tracker_id, skeleton)
-
-
-def _empty_cell() -> Any:
-    return types.CellType()
-
-
-def _fill_cell(cell: Any, value: Any) -> None:
-    if value is not _EMPTY:
-        cell.cell_contents = value
-
-
-class _Empty:
-    """Marks a cell with no value (pickled by reference: one object everywhere)."""
-
-
-_EMPTY = _Empty()
-
-
-def _new_type(name: str, supertype: Any, module: str) -> Any:
-    make: Any = typing.NewType  # called with a name known only at run time
-    new_type = make(name, supertype)
-    new_type.__module__ = module  # NewType takes its caller's module: this one
-    return new_type
-
-
-def _rebuild_lru_cache(wrapped: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
-    return functools.lru_cache(maxsize=maxsize, typed=typed)(wrapped)
-
-
-def _rebuild_cached_property(func: Callable[..., Any], name: str | None, doc: str | None) -> Any:
-    prop = functools.cached_property(func)
-    prop.attrname = name
-    prop.__doc__ = doc
-    return prop
-
-
-def _rebuild_singledispatch(
-    default: Callable[..., Any],
-    registry: list[tuple[type, Callable[..., Any]]],
-    extra: dict[str, Any],
-) -> Any:
-    dispatcher = functools.singledispatch(default)
-    for cls, implementation in registry:
-        dispatcher.register(cls, implementation)
-    for key, value in extra.items():
-        setattr(dispatcher, key, value)
-    return dispatcher
-
-
-def _import_module(name: str, submodules: list[str]) -> types.ModuleType:
-    module = importlib.import_module(name)
-    for sub in submodules:
-        if sub not in sys.modules:
-            try:
-                importlib.import_module(sub)
-            except ImportError:  # not installed here: the module itself still arrives
-                continue
-    return module
-
-
-def _is_dynamic(module: types.ModuleType) -> bool:
-    """Made at run time, not imported from anywhere."""
-    return (
-        getattr(module, "__spec__", None) is None
-        and getattr(module, "__file__", None) is None
-        and module.__name__ not in sys.builtin_module_names
-    )
-
-
-def _new_module(name: str, registered: bool) -> types.ModuleType:
-    existing = sys.modules.get(name)
-    if registered and isinstance(existing, types.ModuleType) and _is_dynamic(existing):
-        return existing  # the same module object for every name that holds it
-    module = types.ModuleType(name)
-    if registered:
-        sys.modules[name] = module
-    return module
-
-
-def _fill_module(module: types.ModuleType, state: dict[str, Any]) -> None:
-    import builtins
-
-    module.__dict__.update(state)
-    module.__dict__["__builtins__"] = builtins.__dict__
-
-
-def _no_traceback() -> None:
-    return None
-
-
-def _new_lock(reentrant: bool) -> Any:
-    return threading.RLock() if reentrant else threading.Lock()
-
-
-def _rematch(pattern: re.Pattern[Any], string: Any, start: int, endpos: int) -> Any:
-    # The engine is deterministic at a given start: matching there again gives the same match
-    # (lookbehinds still see the text before ``start``).
-    return pattern.match(string, start, endpos)
-
-
-def _restart_generator(
-    code: types.CodeType,
-    positional: tuple[Any, ...],
-    keywords: dict[str, Any],
-    closure: tuple[Any, ...] | None,
-) -> Any:
-    """A generator that had not started: call its code again with the same arguments."""
-    namespace = _TARGET_NAMESPACE.get()
-    if namespace is None:
-        import builtins
-
-        namespace = {"__builtins__": builtins}
-    cells = tuple(types.CellType(v) for v in closure) if closure is not None else None
-    return types.FunctionType(code, namespace, None, None, cells)(*positional, **keywords)
-
-
-def _new_context_var(name: str, default: Any, has_default: bool) -> Any:
-    if has_default:
-        return contextvars.ContextVar(name, default=default)
-    return contextvars.ContextVar(name)
-
-
-def _rebuild_tensor(
-    holder: Any,
-    dtype: Any,
-    offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    requires_grad: bool,
-    grad: Any,
-    parameter: bool,
-) -> Any:
-    import torch
-
-    tensor = torch.empty(0, dtype=dtype, device=holder.device)
-    tensor.set_(holder.untyped_storage(), offset, size, stride)
-    if parameter:
-        tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
-    elif requires_grad:
-        tensor.requires_grad_(True)
-    if grad is not None:
-        tensor.grad = grad
-    return tensor
-
-
-def _load_npz(path: str, allow_pickle: bool) -> Any:
-    import numpy
-
-    return numpy.load(path, allow_pickle=allow_pickle)
-
-
-def _rebuild_from_state(cls: Any, state: Any) -> Any:
-    obj = cls.__new__(cls)
-    obj.__setstate__(state)
-    return obj
-
-
-def _reopen(path: str, mode: str, encoding: str | None, position: int) -> Any:
-    file = open(path, mode, encoding=encoding)  # noqa: SIM115  # the value is the open file
-    file.seek(position)
-    return file
-
-
-def _rebuild_view(root: Any, shape: tuple[int, ...], dtype: Any, offset: int, strides: Any) -> Any:
-    import numpy
-
-    return numpy.ndarray(shape, dtype, buffer=root, offset=offset, strides=strides)
-
-
 # -- the pickler ----------------------------------------------------------------------------
 
 
@@ -363,20 +137,6 @@ def _is_notebook_object(obj: Any, namespace: dict[str, Any] | None) -> bool:
         return True
     wrapped = getattr(obj, "__wrapped__", None)
     return getattr(wrapped, "__globals__", None) is namespace and namespace is not None
-
-
-def _numpy_view_root(obj: Any) -> Any | None:
-    """The array that owns a NumPy view's memory, or None if ``obj`` is not such a view."""
-    numpy = sys.modules.get("numpy")
-    if numpy is None or type(obj) is not numpy.ndarray:
-        return None
-    base = obj.base
-    if not isinstance(base, numpy.ndarray):
-        return None
-    root = base
-    while isinstance(root.base, numpy.ndarray):
-        root = root.base
-    return root
 
 
 class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
@@ -465,7 +225,7 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             reduced = self._tensor_reduce(obj, torch)
             if reduced is not None:
                 return reduced
-        root = _numpy_view_root(obj) if id(obj) in self._views else None
+        root = numpy_view_root(obj) if id(obj) in self._views else None
         if root is not None:
             offset = obj.__array_interface__["data"][0] - root.__array_interface__["data"][0]
             return _rebuild_view, (root, obj.shape, obj.dtype, offset, obj.strides)
@@ -720,11 +480,11 @@ def loads(data: bytes, namespace: dict[str, Any] | None) -> Any:
     """Unpickle bytes written by ``dumps``, binding notebook functions to ``namespace``."""
 
     def work() -> Any:
-        token = _TARGET_NAMESPACE.set(namespace)
+        token = TARGET_NAMESPACE.set(namespace)
         try:
             return cloudpickle.loads(data)
         finally:
-            _TARGET_NAMESPACE.reset(token)
+            TARGET_NAMESPACE.reset(token)
 
     try:
         return work()
