@@ -23,6 +23,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbcluster.client import GatewayClient, KernelChannels
 
 from ..cluster import Cluster, async_wait_for, process_gone, running_cluster
+from .test_lifecycle import execute_content
 
 pytestmark = pytest.mark.integration
 
@@ -156,17 +157,6 @@ BEFORE = ["x = 1", "y = 2"]
 AFTER = "x + y"
 
 
-def _execute_content(code: str) -> dict[str, Any]:
-    return {
-        "code": code,
-        "silent": False,
-        "store_history": True,
-        "user_expressions": {},
-        "allow_stdin": False,
-        "stop_on_error": True,
-    }
-
-
 async def _local_counts() -> tuple[int, int]:
     """On a plain local ipykernel: the execution counts of the interrupted cell and of the cell
     after it, for the same cells as the test below (interrupting is what cuts a local cell
@@ -208,7 +198,7 @@ async def test_a_cell_cut_off_mid_run_ends_with_replica_lost_and_counts_stay_loc
             for code in BEFORE:
                 assert (await channels.execute(code, SLOW)).status == "ok"
             await _committed(channels, len(BEFORE))
-            msg_id = await channels.send("shell", "execute_request", _execute_content(SLEEPER))
+            msg_id = await channels.send("shell", "execute_request", execute_content(SLEEPER))
             deadline = time.monotonic() + SLOW
             while True:  # until the cell runs user code on its executor
                 msg = await channels.next_for(msg_id, max(deadline - time.monotonic(), 0.001))

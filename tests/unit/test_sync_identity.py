@@ -266,14 +266,15 @@ def shells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[An
         executor.cleanup()
 
 
-def test_history_and_interpreter_state_follow_the_executor(shells: tuple[Any, Any]) -> None:
+def run_and_apply(shells: tuple[Any, Any], cells: list[str]) -> Any:
+    """Run cells on the executor shell, each one's payload applied on the follower (through
+    msgpack, as in the log); returns the follower's synchroniser."""
     from nbcluster.kernel._sync import StateSynchronizer, decode_payload, encode_payload
 
     executor, follower = shells
     store = InMemoryStore()
     exe = StateSynchronizer(executor.user_ns, executor.user_ns_hidden, store, shell=executor)
     fol = StateSynchronizer(follower.user_ns, follower.user_ns_hidden, store, shell=follower)
-    cells = ["x = [1, 2]\nx\n", "import random\nrandom.seed(7)\n", "y = 3\ny\n"]
     for source in cells:
         count = executor.execution_count
         executor.run_cell(source, store_history=True)
@@ -281,6 +282,13 @@ def test_history_and_interpreter_state_follow_the_executor(shells: tuple[Any, An
         result = exe.capture(count, transformed, f"<cell-{count}>", raw=source)
         assert result.payload is not None
         fol.apply(decode_payload(encode_payload(result.payload)))
+    return fol
+
+
+def test_history_and_interpreter_state_follow_the_executor(shells: tuple[Any, Any]) -> None:
+    executor, follower = shells
+    cells = ["x = [1, 2]\nx\n", "import random\nrandom.seed(7)\n", "y = 3\ny\n"]
+    fol = run_and_apply(shells, cells)
     ns = follower.user_ns
     assert ns["Out"][1] is ns["x"] and ns["_1"] is ns["x"]
     assert ns["_"] == 3 and ns["__"] is ns["x"]
@@ -359,12 +367,7 @@ def test_raft_timeouts_do_not_draw_from_the_notebooks_random_generator() -> None
 
 
 def test_the_notebooks_magics_event_callbacks_and_settings_follow(shells: tuple[Any, Any]) -> None:
-    from nbcluster.kernel._sync import StateSynchronizer, decode_payload, encode_payload
-
-    executor, follower = shells
-    store = InMemoryStore()
-    exe = StateSynchronizer(executor.user_ns, executor.user_ns_hidden, store, shell=executor)
-    fol = StateSynchronizer(follower.user_ns, follower.user_ns_hidden, store, shell=follower)
+    follower = shells[1]
     cells = [
         "from IPython.core.magic import register_line_magic\n"
         "@register_line_magic\ndef shout(line):\n    return line.upper()\n"
@@ -377,13 +380,7 @@ def test_the_notebooks_magics_event_callbacks_and_settings_follow(shells: tuple[
 
     saved_filters = list(warnings.filters)
     try:
-        for source in cells:
-            count = executor.execution_count
-            executor.run_cell(source, store_history=True)
-            transformed = executor.transform_cell(source)
-            result = exe.capture(count, transformed, f"<cell-{count}>", raw=source)
-            assert result.payload is not None
-            fol.apply(decode_payload(encode_payload(result.payload)))
+        fol = run_and_apply(shells, cells)
         assert fol.environment.restore_pending() == []
         assert follower.run_line_magic("shout", "hi") == "HI"
         follower.run_cell("1 + 1", store_history=True)
@@ -417,18 +414,8 @@ def test_torch_views_and_gradients_and_pandas_copy_on_write() -> None:
 
 
 def test_underscores_stay_the_outputs_they_are(shells: tuple[Any, Any]) -> None:
-    from nbcluster.kernel._sync import StateSynchronizer
-
     executor, follower = shells
-    store = InMemoryStore()
-    exe = StateSynchronizer(executor.user_ns, executor.user_ns_hidden, store, shell=executor)
-    fol = StateSynchronizer(follower.user_ns, follower.user_ns_hidden, store, shell=follower)
-    for source in ["1 / 3\n", "2 / 3\n", "x = 1\n"]:
-        count = executor.execution_count
-        executor.run_cell(source, store_history=True)
-        payload = exe.capture(count, executor.transform_cell(source), f"<c{count}>").payload
-        assert payload is not None
-        fol.apply(payload)
+    run_and_apply(shells, ["1 / 3\n", "2 / 3\n", "x = 1\n"])
     ns = follower.user_ns
     assert ns["_"] is ns["Out"][2] and ns["__"] is ns["Out"][1]  # floats: one object each
     follower.execution_count = executor.execution_count
