@@ -233,7 +233,12 @@ async def test_a_node_with_the_wrong_password_cannot_join_or_propose(tmp_path: P
         assert intruder.status()["leader"] is None
         await intruder.close()
         await leader.remove_member(intruder_address, PROPOSE_TIMEOUT)
-        assert leader.status()["members"] == sorted(addresses)
+        await async_wait_for(
+            lambda: leader.status()["members"] == sorted(addresses),
+            PROPOSE_TIMEOUT,
+            "the leader to drop the removed member",
+            interval=0.01,
+        )
 
 
 @pytest.mark.parametrize("data_dirs", [False, True], ids=["memory", "data_dir"])
@@ -255,8 +260,13 @@ async def test_an_added_member_catches_up_from_a_snapshot(tmp_path: Path, data_d
         newcomer_address = f"127.0.0.1:{free_port()}"
         await nodes.logs[1].add_member(newcomer_address, PROPOSE_TIMEOUT)
         everyone = [*addresses, newcomer_address]
-        for node in nodes.logs:
-            assert node.status()["members"] == sorted(everyone)
+        # Committed means a majority has the entry: the third node may see it a moment later.
+        await async_wait_for(
+            lambda: all(node.status()["members"] == sorted(everyone) for node in nodes.logs),
+            PROPOSE_TIMEOUT,
+            "every node to count the new member",
+            interval=0.01,
+        )
         newcomer = nodes.start(newcomer_address, everyone)
         await newcomer.wait_ready(READY_TIMEOUT)
         await nodes.logs[0].propose(b"b0", PROPOSE_TIMEOUT)
