@@ -1,5 +1,10 @@
 """The replicated log on Raft, through pysyncobj 0.3.17.
 
+Over 500 lines, knowingly: the adapter and the node subclass that overrides pysyncobj's
+private membership handling (``_RaftNode``) read each other's state under one lock and one
+tick thread; splitting them would spread one protocol over two files. Issue 11's gateway
+refactor is the place to revisit it.
+
 One :class:`PySyncObjLog` is one replica's Raft node: a ``SyncObj`` with its own tick thread
 (``autoTick``), TCP transport encrypted with the shared password, and one consumer object
 (:class:`_LogConsumer`) that carries the application's :class:`~._interface.LogStateMachine`.
