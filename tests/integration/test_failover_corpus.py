@@ -60,13 +60,7 @@ def corpus_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
 
 #: Notebooks with a difference nbcluster does not close yet, each with the reason. Strict: once
 #: fixed, the test passes, the mark makes it fail, and the entry goes.
-KNOWN: dict[str, str] = {
-    "pytorch-autogradqs_tutorial.py": (
-        "autograd graphs cannot be copied: z and loss arrive without grad_fn (announced), so "
-        "after a failover loss.backward() leaves w.grad and b.grad unset; recomputing the cell "
-        "that built the graph (issue 10, item 4) is not done yet"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 def _params() -> list[Any]:

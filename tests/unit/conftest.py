@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import decimal
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,3 +41,25 @@ def moto_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def shells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    """Two IPython shells in this process, an executor and a follower; the random generator
+    and decimal context they change are put back afterwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    executor, follower = InteractiveShell(config=config), InteractiveShell(config=config)
+    saved_random = random.getstate()
+    saved_decimal = decimal.getcontext().copy()
+    try:
+        yield executor, follower
+    finally:
+        random.setstate(saved_random)
+        decimal.setcontext(saved_decimal)
+        follower.cleanup()
+        executor.cleanup()

@@ -126,3 +126,15 @@ def test_merged_state_owns_each_slot_once(cells: list[tuple[set[str], bool]]) ->
     assert state.owner == latest
     live = [s for e in state.entries.values() for s in e["live"]]
     assert sorted(live) == sorted(latest)
+
+
+def test_warnings_given_travel_as_plain_strings() -> None:
+    base = {"count": 1, "set": [], "del": []}
+    assert validate_payload({**base, "told": ["widgets", "lossy:z:why"]})["told"] == [
+        "widgets",
+        "lossy:z:why",
+    ]
+    with pytest.raises(ValueError, match="'told'"):
+        validate_payload({**base, "told": [1]})
+    with pytest.raises(ValueError, match="'told'"):
+        validate_payload({**base, "told": "widgets"})

@@ -4,11 +4,9 @@ over (a failover) and must have the same values *and* the same sharing among nam
 
 from __future__ import annotations
 
-import decimal
 import inspect
 import random
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,26 +242,6 @@ def test_module_attribute_stores_are_found() -> None:
 
 
 # -- IPython history and interpreter state ------------------------------------------------------
-
-
-@pytest.fixture
-def shells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    executor, follower = InteractiveShell(config=config), InteractiveShell(config=config)
-    saved_random = random.getstate()
-    saved_decimal = decimal.getcontext().copy()
-    try:
-        yield executor, follower
-    finally:
-        random.setstate(saved_random)
-        decimal.setcontext(saved_decimal)
-        follower.cleanup()
-        executor.cleanup()
 
 
 def run_and_apply(shells: tuple[Any, Any], cells: list[str]) -> Any:

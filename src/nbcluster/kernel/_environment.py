@@ -12,8 +12,9 @@ in the context the cells run in, so the replica that executes next calls
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,25 @@ class ReplicaEnvironment:
             problems=tuple(problems),
         )
 
+    def encoded_state(self) -> bytes:
+        """The interpreter state as last captured or applied here (before the cell now being
+        captured), encoded: a cell run again elsewhere needs it (``_recompute``)."""
+        return interpreter.encode_state(self._state)
+
     # -- other replicas ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def state_before(self, encoded: bytes) -> Iterator[None]:
+        """Run a block with the interpreter state another replica had before one of its cells
+        (``encoded_state`` there), then restore this replica's state (``_recompute``)."""
+        if self.shell is None:
+            yield
+            return
+        interpreter.restore_all(self.shell, interpreter.decode_state(encoded))
+        try:
+            yield
+        finally:
+            interpreter.restore_all(self.shell, self._state)
 
     def apply(self, interp: Mapping[str, bytes], packages: Sequence[Any]) -> list[str]:
         """Apply another replica's changes; returns problems (never raises). Process-wide

@@ -19,6 +19,9 @@ and by :func:`~._checkpoint.rebuild` (checkpoints). Everything is msgpack primit
         "packages": [...],                  # package installs to replay (``_packages``)
         "files": [{"path": "mod.py", "h": "...", "v": b"..."}],  # user modules' sources
         "full": True,                       # optional: a snapshot: nothing else survives
+        "lossy": ["loss"],                  # optional: slots whose copies are incomplete
+        "recompute": {"binds": {...}, "reads": {...}, "before": b"..."},  # optional, _recompute
+        "told": ["widgets"],                # optional: warnings the user was given (once a kernel)
     }
 
 A *slot* is where a value lives: a user global (``x``, ``_private``), an IPython output
@@ -41,6 +44,7 @@ __all__ = [
     "Entry",
     "FileEntry",
     "MergedState",
+    "RecomputeRecord",
     "SyncPayload",
     "decode_payload",
     "encode_payload",
@@ -64,6 +68,17 @@ class Entry(TypedDict):
     live: NotRequired[list[str]]
 
 
+class RecomputeRecord(TypedDict):
+    """A cell that can be run again to rebuild incomplete copies (``_recompute``)."""
+
+    #: every global the cell bound -> digest of the entry carrying it
+    binds: dict[str, str]
+    #: every global the cell read -> digest of the entry carrying it
+    reads: dict[str, str]
+    #: the interpreter state before the cell (``_interpreter.encode_state``)
+    before: bytes
+
+
 class FileEntry(TypedDict):
     path: str
     h: str
@@ -84,11 +99,26 @@ SyncPayload = TypedDict(
         "packages": list[Any],
         "files": list[FileEntry],
         "full": NotRequired[bool],
+        "lossy": NotRequired[list[str]],
+        "recompute": NotRequired[RecomputeRecord],
+        "told": NotRequired[list[str]],
     },
 )
 
 _REQUIRED = ("count", "set", "del")
-_OPTIONAL = ("unpicklable", "source", "filename", "inputs", "interp", "packages", "files", "full")
+_OPTIONAL = (
+    "unpicklable",
+    "source",
+    "filename",
+    "inputs",
+    "interp",
+    "packages",
+    "files",
+    "full",
+    "lossy",
+    "recompute",
+    "told",
+)
 
 
 def _fail(problem: str) -> ValueError:
@@ -223,6 +253,28 @@ def _interp(raw: object) -> dict[str, bytes]:
     return dict(raw)
 
 
+def _digests(raw: object, where: str) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        raise _fail(f"{where!r} must be a map, got {type(raw).__name__}")
+    for slot, digest in raw.items():
+        validate_slot(slot, where)
+        if not isinstance(digest, str) or not _HEX128.fullmatch(digest):
+            raise _fail(f"{where!r}: {slot!r} must map to a 32-hex digest, got {digest!r:.80}")
+    return dict(raw)
+
+
+def _recompute(raw: object) -> RecomputeRecord:
+    if not isinstance(raw, Mapping) or set(raw) != {"binds", "reads", "before"}:
+        raise _fail("'recompute' must be a map of 'binds', 'reads' and 'before'")
+    if not isinstance(raw["before"], bytes):
+        raise _fail("'recompute.before' must be bytes")
+    return {
+        "binds": _digests(raw["binds"], "recompute.binds"),
+        "reads": _digests(raw["reads"], "recompute.reads"),
+        "before": raw["before"],
+    }
+
+
 def validate_payload(payload: object) -> SyncPayload:
     """Check a payload's shape and return a normalised copy (optional fields filled in).
 
@@ -283,6 +335,17 @@ def validate_payload(payload: object) -> SyncPayload:
         if not isinstance(full, bool):
             raise _fail(f"'full' must be a bool, got {type(full).__name__}")
         result["full"] = full
+    if "lossy" in payload:
+        result["lossy"] = _slots(payload["lossy"], "lossy")
+    if "recompute" in payload:
+        result["recompute"] = _recompute(payload["recompute"])
+    if "told" in payload:
+        told = payload["told"]
+        if not isinstance(told, list | tuple) or not all(
+            isinstance(k, str) and len(k) <= 4096 for k in told
+        ):
+            raise _fail("'told' must be a list of str (warnings given, at most 4096 chars)")
+        result["told"] = list(told)
     return result
 
 
@@ -322,8 +385,10 @@ class MergedState:
         self.inputs: dict[int, list[Any]] = {}  # count -> [count, raw, transformed]
         self.files: dict[str, FileEntry] = {}
         self.unpicklable: set[str] = set()
+        self.lossy: set[str] = set()  # slots whose copies are incomplete
 
     def _release(self, slot: str) -> None:
+        self.lossy.discard(slot)
         digest = self.owner.pop(slot, None)
         if digest is None:
             return
@@ -356,6 +421,7 @@ class MergedState:
             self.entries[entry["h"]] = stored
             for slot in live:
                 self.owner[slot] = entry["h"]
+            self.lossy |= set(live) & set(payload.get("lossy", ()))
         self.interp.update(payload.get("interp", {}))
         self.packages.extend(payload.get("packages", ()))
         for record in payload.get("inputs", ()):
@@ -377,6 +443,7 @@ class MergedState:
             "packages": list(self.packages),
             "files": list(self.files.values()),
             "full": True,
+            "lossy": sorted(self.lossy),
         }
 
     def to_primitive(self) -> dict[str, Any]:

@@ -262,10 +262,7 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
             return None  # attributes: torch's own way
         if tensor.requires_grad and not tensor.is_leaf:
             # The autograd graph (grad_fn) cannot be copied: it arrives as a leaf.
-            self.lossy.append(
-                "its autograd graph (it arrives as a leaf tensor without grad_fn; run the cell "
-                "that computed it again before calling backward())"
-            )
+            self.lossy.append("its autograd graph (it arrives as a leaf tensor without grad_fn)")
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), str(storage.device), storage.nbytes())
         holder = self._storages.get(key)

@@ -27,6 +27,8 @@ class SyncResult:
     failed: Mapping[str, str] = field(default_factory=dict)
     #: Slots that arrive, but not entirely (a traceback left out, sharing lost): slot -> why.
     lossy: Mapping[str, str] = field(default_factory=dict)
+    #: Lossy slots that the replica taking over rebuilds by running the cell again (sorted).
+    recomputable: tuple[str, ...] = ()
     #: Slots whose values went to the object store (sorted).
     stored: tuple[str, ...] = ()
     inline_bytes: int = 0

@@ -56,6 +56,8 @@ from ._payload import (
     validate_payload,
 )
 from ._pickling import SameAs, dumps, loads
+from ._recompute import Pending, Rerun, rerun, same_value
+from ._recompute import plan as plan_recompute
 from ._results import ApplyResult, SyncResult
 from ._touched import analyse_cell
 
@@ -79,6 +81,9 @@ DEFAULT_THRESHOLD = 1024 * 1024
 DEFAULT_INLINE_BUDGET = 8 * 1024 * 1024
 
 _MISSING: Any = object()
+
+#: At most this many cells kept to rebuild incomplete copies (the oldest go first).
+_PENDING_LIMIT = 64
 
 #: IPython's history names: rebuilt from ``Out[N]`` and the inputs, never shipped themselves.
 #: (``_``, ``__``, ``___`` are slots: a user may bind ``_`` himself, as singledispatch code does.)
@@ -184,6 +189,12 @@ class StateSynchronizer:
         self._unpicklable: set[str] = set()
         #: slots whose values hold the namespace itself (found by the current capture's walk)
         self._holding_namespace: set[str] = set()
+        #: ``Out[N]`` slots found by the last ``_current`` (the walk pairs ``_`` with them)
+        self._outputs: dict[str, object] = {}
+        #: slots whose copies here are incomplete (an autograd graph left out ...)
+        self._incomplete: set[str] = set()
+        #: cells that can rebuild incomplete copies here, oldest first (``_recompute``)
+        self._pending: list[Pending] = []
 
     # -- which slots ------------------------------------------------------------------------
 
@@ -212,8 +223,16 @@ class StateSynchronizer:
         return frozenset(self._dropped)
 
     def _current(self) -> dict[str, object]:
-        slots = {k: v for k, v in list(self.namespace.items()) if self.is_synced(k)}
-        slots.update(self.history.output_slots())
+        # The one pass over the whole namespace a capture makes: ``is_synced`` inlined (a
+        # thousand globals cost about 0.1 ms here, a function call per name twice that).
+        hidden, ordinary, underscores = self.hidden, _ordinary_name, _UNDERSCORES
+        slots = {
+            k: v
+            for k, v in list(self.namespace.items())
+            if type(k) is str and (k in underscores or (k not in hidden and ordinary(k)))
+        }
+        self._outputs = self.history.output_slots()
+        slots.update(self._outputs)
         slots.update(self.history.shell_slots())
         slots.update(self.modules.read())
         return slots
@@ -248,8 +267,12 @@ class StateSynchronizer:
         current = self._current()
         held = self._held
         changed = {s for s, v in current.items() if held.get(s, _MISSING) is not v}
-        known = held.keys() | self._component.keys() | self._dropped
-        deleted = sorted(s for s in known if s not in current)
+        # (set operations on key views run in C: a few microseconds for a thousand names)
+        deleted = sorted(
+            (held.keys() - current.keys())
+            | (self._component.keys() - current.keys())
+            | (self._dropped - current.keys())
+        )
         if effects.names is None:
             dirty = set(current)
         else:
@@ -300,6 +323,29 @@ class StateSynchronizer:
                     if notes:
                         lossy[slot] = notes
         not_synced |= unpicklable
+        recompute = None
+        recomputable: tuple[str, ...] = ()
+        if lossy:
+            entry_members = {e["h"]: e["slots"] for e in entries}
+            decided = plan_recompute(
+                source=source,
+                ran=ran,
+                opaque=effects.names is None,
+                current=current.keys(),
+                examined=reached.keys(),
+                digests=self._component,
+                shipped=shipped,
+                members=lambda d: entry_members.get(d) or self._members.get(d) or (),
+                not_copied=not_synced,
+                deleted=deleted,
+                incomplete=lossy.keys(),
+                namespace=self.namespace,
+                before=self.environment.encoded_state,
+            )
+            if decided.refused:
+                log.debug("cell %d cannot be run again: %s", execution_count, decided.refused)
+            recompute = decided.record
+            recomputable = decided.targets if recompute is not None else ()
 
         # commit
         for slot in deleted:
@@ -317,7 +363,10 @@ class StateSynchronizer:
         for slot, found in reached.items():
             if slot not in not_synced:
                 self._index(slot, found)
-        self._held = {s: v for s, v in current.items() if s not in not_synced}
+        if not_synced:
+            self._held = {s: v for s, v in current.items() if s not in not_synced}
+        else:
+            self._held = current  # built for this capture: nobody else holds it
         unpicklable_new = tuple(sorted(unpicklable - self._unpicklable))
         self._unpicklable = unpicklable
         self._prune_members()
@@ -347,6 +396,10 @@ class StateSynchronizer:
                 "packages": environment.packages,
                 "files": files,
             }
+            if lossy:
+                payload["lossy"] = sorted(s for s in lossy if s in shipped)
+            if recompute is not None:
+                payload["recompute"] = recompute
         seconds = time.perf_counter() - started
         log.debug(
             "capture %d: %d examined, %d entries (%d B inline, %d B stored), %d deleted, "
@@ -367,6 +420,7 @@ class StateSynchronizer:
             unpicklable=tuple(sorted(unpicklable)),
             failed=failed,
             lossy=lossy,
+            recomputable=recomputable,
             stored=tuple(stored),
             inline_bytes=inline_bytes,
             stored_bytes=stored_bytes,
@@ -386,7 +440,7 @@ class StateSynchronizer:
         # ``_``, ``__``, ``___`` are outputs: they travel with the ``Out[N]`` holding the same
         # object (even a float), or IPython on the next executor would take them for names
         # the user bound and stop updating them.
-        outputs = {id(v): s for s, v in current.items() if s[0] == "O" and s.startswith("Out[")}
+        outputs = {id(v): s for s, v in self._outputs.items() if s in current}
         partners = {
             u: outputs[id(current[u])]
             for u in _UNDERSCORES
@@ -541,6 +595,7 @@ class StateSynchronizer:
                 self._dropped.discard(slot)
                 loaded.append(slot)
         self.history.apply_inputs(checked["inputs"])
+        self._note_incomplete(checked, loaded, [*deleted, *dropped, *failed])
 
         if checked.get("full"):
             keep = {s for e in checked["set"] for s in e.get("live", e["slots"])}
@@ -562,6 +617,83 @@ class StateSynchronizer:
             failed=failed,
             seconds=time.perf_counter() - started,
         )
+
+    def _note_incomplete(self, checked: SyncPayload, loaded: list[str], gone: list[str]) -> None:
+        """Which copies here are incomplete, and the cells that can rebuild them."""
+        lossy = set(checked.get("lossy", ()))
+        for slot in loaded:
+            if slot in lossy:
+                self._incomplete.add(slot)
+            else:
+                self._incomplete.discard(slot)
+        self._incomplete.difference_update(gone)
+        record = checked.get("recompute")
+        if record is not None:
+            targets = tuple(s for s in sorted(lossy & self._incomplete) if s in record["binds"])
+            if targets:
+                binds = record["binds"].keys()
+                layouts = tuple(
+                    (e["h"], tuple(e["slots"]))
+                    for e in checked["set"]
+                    if not binds.isdisjoint(e["slots"])
+                )
+                self._pending.append(
+                    Pending(
+                        checked["count"],
+                        checked["source"],
+                        checked["filename"],
+                        record,
+                        targets,
+                        layouts,
+                    )
+                )
+        live = [p for p in self._pending if p.valid(self._component)]
+        self._pending = live[-_PENDING_LIMIT:]
+
+    def rebuild_incomplete(self) -> list[str]:
+        """Called by the kernel just before a cell runs on this replica (before the
+        interpreter state is restored): run again the cells that can rebuild this replica's
+        incomplete copies (``_recompute``). Returns warnings for the user. Only the replica
+        that executes pays for this; the others keep the plans."""
+        pending, self._pending = self._pending, []
+        notices: list[str] = []
+        for cell in pending:
+            targets = [t for t in cell.targets if t in self._incomplete]
+            if not targets or not cell.valid(self._component):
+                continue
+            names = ", ".join(targets)
+            inputs = sorted(set(cell.record["reads"]) & self._incomplete)
+            if inputs:
+                notices.append(
+                    f"[nbcluster] cannot rebuild by running cell [{cell.count}] again: it "
+                    f"reads {', '.join(inputs)}, whose copies are incomplete too; these keep "
+                    f"incomplete copies: {names}\n"
+                )
+                continue
+            try:
+                rebuilt = rerun(cell, self.namespace, self.environment.state_before, self._same)
+            except Rerun as exc:
+                notices.append(
+                    f"[nbcluster] could not rebuild by running cell [{cell.count}] again "
+                    f"({exc}); these keep incomplete copies: {names}\n"
+                )
+                continue
+            for slot, value in rebuilt.items():
+                self._held[slot] = value
+                self._incomplete.discard(slot)
+            self._reindex(list(rebuilt))
+            for digest, slots in cell.layouts:
+                if all(s in rebuilt for s in slots):
+                    self._note_local_digest({"slots": list(slots), "h": digest}, rebuilt)
+            notices.append(
+                f"[nbcluster] rebuilt on this replica by running cell [{cell.count}] again "
+                f"(they could not be copied whole): {names}\n"
+            )
+        return notices
+
+    def _same(self, old: object, new: object) -> bool:
+        """Whether a rebuilt value equals the copy held here (pickled the same way)."""
+        return same_value(old, new, self.dumps)
 
     def _load(self, entry: Entry) -> dict[str, object]:
         if "v" in entry:
