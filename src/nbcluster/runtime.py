@@ -22,10 +22,12 @@ from __future__ import annotations
 import os
 import warnings
 
+from . import envvars
+
 __all__ = ["gpus", "in_nbcluster"]
 
 #: The environment variable holding a life-long binding ("0,2"; "" for none).
-_GPUS_ENV = "NBCLUSTER_GPUS"
+_GPUS_ENV = envvars.GPUS.name
 
 # The binding of the executing cell; None: the kernel set none, use the environment.
 _cell_gpus: tuple[int, ...] | None = None
@@ -48,7 +50,7 @@ def gpus() -> tuple[int, ...]:
 
 def in_nbcluster() -> bool:
     """Whether this code runs in an nbcluster kernel replica, or in a process one started."""
-    return _kernel_running or bool(os.environ.get("NBCLUSTER_KERNEL_ID"))
+    return _kernel_running or bool(envvars.KERNEL_ID.get())
 
 
 def _parse_env(value: str | None) -> tuple[int, ...]:

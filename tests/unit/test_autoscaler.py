@@ -1,5 +1,6 @@
 """Autoscaler: capacity rounds and reactive scale-out carried out through a fake host provider,
-with a real HostRegistry and GpuScheduling fed as the host endpoint and kernel manager would."""
+with a real HostRegistry and scheduler driver fed as the host endpoint and kernel manager
+would."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from typing import Any
 
 from nbcluster.gateway import HostProviderError, HostRegistry, HostSession
 from nbcluster.gateway._autoscaler import Autoscaler
-from nbcluster.gateway._gpus import GpuScheduling, host_spec
+from nbcluster.gateway._driver import Placement, Refusal, SchedulerDriver, host_spec
 from nbcluster.gateway._metrics import GatewayMetrics
 from nbcluster.hostproto import GpuInfo, Hello, HostResources
 from nbcluster.scheduling import (
     HostAdded,
-    KernelRequested,
-    PlaceReplicas,
-    RejectKernel,
     Resources,
     ScaleIn,
     ScaleOut,
@@ -81,16 +79,45 @@ async def _no_send(frame: str) -> None:
     pass
 
 
+class Relay:
+    """The scheduler driver's ``HostRequester``: hands scale-outs to ``target`` once a test
+    sets it (the gateway does this for its auto-scaler)."""
+
+    def __init__(self) -> None:
+        self.target: Autoscaler | None = None
+
+    def request_hosts(self, action: ScaleOut) -> None:
+        if self.target is not None:
+            self.target.request(action)
+
+    def release_hosts(self, action: ScaleIn) -> None:
+        if self.target is not None:
+            self.target.release(action)
+
+
 class Env:
     """An autoscaler over a real registry and scheduler; hosts arrive through :meth:`arrive`."""
 
     def __init__(self, config: ScalingConfig, interval: float = 0.01) -> None:
         self.metrics = GatewayMetrics()
-        self.gpus = GpuScheduling({}, self.metrics, 7.0, config.replicas_per_kernel)
+        self.relay = Relay()
+        self.scheduling = SchedulerDriver(
+            {},
+            self.metrics,
+            max_subscription_ratio=7.0,
+            replicas_per_kernel=config.replicas_per_kernel,
+            hosts=self.relay,
+        )
         self.hosts = HostRegistry(lost_timeout=30)
         self.provider = FakeProvider()
         self.autoscaler = Autoscaler(
-            self.provider, self.gpus, self.hosts, self.metrics, config, interval, startup_grace=0
+            self.provider,
+            self.scheduling,
+            self.hosts,
+            self.metrics,
+            config,
+            interval,
+            startup_grace=0,
         )
         self.sessions: dict[str, HostSession] = {}
 
@@ -112,21 +139,21 @@ class Env:
         )
         self.autoscaler.host_registered(name)
         spec, devices = host_spec(entry.resources)
-        self.gpus.handle(HostAdded(name, spec, devices))
+        self.scheduling.handle(HostAdded(name, spec, devices))
 
     def reserve(self, kernel_id: str, gpus: int) -> None:
         """Commit ``gpus`` GPUs for a kernel's life (reservation binds at placement)."""
-        actions = self.gpus.handle(
-            KernelRequested(kernel_id, Resources(gpus=gpus, millicpus=100), 1, "reservation")
+        placed = self.scheduling.place_kernel(
+            kernel_id, Resources(gpus=gpus, millicpus=100), 1, "reservation"
         )
-        assert any(isinstance(a, PlaceReplicas) for a in actions), actions
+        assert isinstance(placed, Placement), placed
 
     def place(self, kernel_id: str, replicas: int = 1) -> list[str]:
         """Place a kernel without GPUs; returns its replicas' hosts."""
-        actions = self.gpus.handle(
-            KernelRequested(kernel_id, Resources(millicpus=100), replicas, "notebookos")
+        place = self.scheduling.place_kernel(
+            kernel_id, Resources(millicpus=100), replicas, "notebookos"
         )
-        [place] = [a for a in actions if isinstance(a, PlaceReplicas)]
+        assert isinstance(place, Placement), place
         return [host for _, host in place.replicas]
 
     def scale_events(self, direction: str, outcome: str) -> float:
@@ -137,7 +164,7 @@ class Env:
 
     def host_names(self) -> tuple[set[str], set[str]]:
         """The hosts the scheduler knows and the hosts the registry knows."""
-        return set(self.gpus.scheduler.hosts), set(self.hosts.hosts)
+        return set(self.scheduling.host_views()), set(self.hosts.hosts)
 
 
 def config(**overrides: Any) -> ScalingConfig:
@@ -255,7 +282,7 @@ async def test_wait_for_hosts_is_true_once_a_started_host_registers() -> None:
     loop.call_later(0.05, env.arrive, "auto-1")
     assert await asyncio.wait_for(env.autoscaler.wait_for_hosts(5), 2) is True
     assert env.provider.starts == [1]
-    assert "auto-1" in env.gpus.scheduler.hosts
+    assert env.scheduling.host_view("auto-1") is not None
 
 
 async def test_wait_for_hosts_gives_up_after_its_timeout() -> None:
@@ -280,18 +307,19 @@ async def test_every_waiter_hears_of_a_host_that_arrived() -> None:
 
 
 async def test_a_kernel_rejected_for_lack_of_hosts_is_placed_after_reactive_scale_out() -> None:
-    # KernelManager._place with GpuScheduling.scale_out pointing at the auto-scaler
+    # KernelManager._place, with the scheduler driver's ScaleOut going to the auto-scaler
     env = Env(config(min_hosts=0, max_hosts=5))
-    env.gpus.scale_out = env.autoscaler.request
-    event = KernelRequested("k1", Resources(gpus=1, millicpus=100), 3, "notebookos")
-    actions = env.gpus.handle(event)
-    assert any(isinstance(a, RejectKernel) for a in actions)
+    env.relay.target = env.autoscaler
+    request = Resources(gpus=1, millicpus=100)
+    refused = env.scheduling.place_kernel("k1", request, 3, "notebookos")
+    assert isinstance(refused, Refusal) and refused.scaling
     await until(lambda: env.provider.starts)
     assert env.provider.starts == [3]
     for name in env.provider.started():
         env.arrive(name)
     assert await asyncio.wait_for(env.autoscaler.wait_for_hosts(5), 2) is True
-    [place] = [a for a in env.gpus.handle(event) if isinstance(a, PlaceReplicas)]
+    place = env.scheduling.place_kernel("k1", request, 3, "notebookos")
+    assert isinstance(place, Placement), place
     assert sorted(host for _, host in place.replicas) == ["auto-1", "auto-2", "auto-3"]
 
 
@@ -330,7 +358,7 @@ async def test_scale_in_never_goes_below_min_hosts() -> None:
     assert env.provider.stops == ["auto-1", "auto-2"]
     in_scheduler, in_registry = env.host_names()
     assert in_scheduler == in_registry == {"auto-3", "auto-4", "auto-5"}
-    assert env.gpus.scheduler.summary().hosts == 3
+    assert env.scheduling.summary().hosts == 3
     assert env.scale_events("in", "ok") == 2
 
 
@@ -376,7 +404,7 @@ async def test_hosts_started_by_hand_do_not_block_scale_in_of_owned_ones() -> No
     env.arrive("a-manual")  # 5 hosts: one too many, and auto-1..4 are idle
     for _ in range(3):
         await env.autoscaler.round()
-    assert env.gpus.scheduler.summary().hosts == 4
+    assert env.scheduling.summary().hosts == 4
     assert env.provider.stops == ["auto-1"]
 
 
@@ -410,3 +438,15 @@ async def test_close_cancels_pending_scale_outs_and_closes_the_provider() -> Non
     await asyncio.sleep(0.01)
     assert env.provider.started() == []  # the cancelled launch never completed
     assert env.scale_events("out", "ok") == 0
+
+
+async def test_a_released_idle_host_is_stopped_and_a_busy_one_kept() -> None:
+    # The scheduler driver's ScaleIn, through the gateway (``Gateway.release_hosts``).
+    env = Env(config(min_hosts=0, max_hosts=8))
+    for name in await env.provider.start_hosts(2):
+        env.arrive(name)
+    assert env.place("k1") == ["auto-1"]
+    env.autoscaler.release(ScaleIn(("auto-1", "auto-2"), "idle"))
+    await until(lambda: env.provider.stops == ["auto-2"])
+    assert env.host_names() == ({"auto-1"}, {"auto-1"})
+    assert env.scale_events("in", "ok") == 1

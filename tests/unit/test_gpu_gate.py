@@ -1,27 +1,29 @@
-"""GpuScheduling: the pure scheduler's decisions carried out on real GatewayKernels whose
-replica links and websocket clients are fakes that record what they are given."""
+"""The scheduler driver as every kernel's gate: the pure scheduler's decisions carried out on
+real GatewayKernels whose replica links and websocket clients are fakes that record what they
+are given."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from nbcluster.gateway import GatewayKernel, KernelRecord, ReplicaRecord
-from nbcluster.gateway._gpus import GpuScheduling, host_spec, new_replica_id
+from nbcluster.gateway._driver import Placement, SchedulerDriver, host_spec, new_replica_id
 from nbcluster.gateway._metrics import GatewayMetrics
 from nbcluster.hostproto import ConnectionInfo, GpuInfo, HostResources
 from nbcluster.protocol import Message, new_message
 from nbcluster.scheduling import (
     HostAdded,
-    KernelRequested,
     KernelStopped,
+    KernelView,
     Migrate,
-    PlaceReplicas,
     ReplicaStopped,
     Resources,
+    ScaleIn,
     ScaleOut,
 )
 
@@ -88,24 +90,57 @@ class Kern:
         return [m.content_dict["text"] for m in self.client.sent if m.msg_type == "stream"]
 
 
+class FakeMover:
+    """Stands in for the kernel manager's ``move_replica``; a test sets ``move``."""
+
+    def __init__(self) -> None:
+        self.move: Callable[[Migrate], Awaitable[bool]] | None = None
+
+    async def move_replica(self, migrate: Migrate) -> bool:
+        return False if self.move is None else await self.move(migrate)
+
+
+class FakeHosts:
+    """Stands in for the auto-scaler: records what it is asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[ScaleOut] = []
+        self.released: list[ScaleIn] = []
+
+    def request_hosts(self, action: ScaleOut) -> None:
+        self.asked.append(action)
+
+    def release_hosts(self, action: ScaleIn) -> None:
+        self.released.append(action)
+
+
 class Cluster:
-    """A GpuScheduling with hosts and kernels, as the kernel manager would set it up."""
+    """A scheduler driver with hosts and kernels, as the kernel manager would set it up."""
 
     def __init__(self, replicas_per_kernel: int = 3) -> None:
         self.kernels: dict[str, GatewayKernel] = {}
         self.metrics = GatewayMetrics()
-        self.gpus = GpuScheduling(self.kernels, self.metrics, 7.0, replicas_per_kernel)
+        self.mover = FakeMover()
+        self.hosts = FakeHosts()
+        self.scheduling = SchedulerDriver(
+            self.kernels,
+            self.metrics,
+            max_subscription_ratio=7.0,
+            replicas_per_kernel=replicas_per_kernel,
+            mover=self.mover,
+            hosts=self.hosts,
+        )
 
     def add_host(self, name: str, gpus: int = 1, devices: tuple[int, ...] = ()) -> None:
         spec = Resources(gpus=gpus, millicpus=8000, memory_mb=16384, vram_gb=16.0 * max(gpus, 1))
-        self.gpus.handle(HostAdded(name, spec, devices))
+        self.scheduling.handle(HostAdded(name, spec, devices))
 
     def add_kernel(
         self, kernel_id: str, gpus: int = 1, replicas: int = 1, policy: str = "batch"
     ) -> Kern:
         request = Resources(gpus=gpus, millicpus=1000, memory_mb=1024)
-        actions = self.gpus.handle(KernelRequested(kernel_id, request, replicas, policy))
-        [place] = [a for a in actions if isinstance(a, PlaceReplicas)]
+        place = self.scheduling.place_kernel(kernel_id, request, replicas, policy)
+        assert isinstance(place, Placement), place
         record = KernelRecord(
             id=kernel_id,
             name="python3",
@@ -117,19 +152,23 @@ class Cluster:
                 for rid, host in place.replicas
             ],
         )
-        kernel = GatewayKernel(record)
+        kernel = GatewayKernel(record, gate=self.scheduling)
         links = {rid: FakeLink(rid) for rid, _ in place.replicas}
         kernel.links.update(links)  # type: ignore[arg-type]
         kernel.executor = place.replicas[0][0]
         kernel.execution_state = "idle"
-        kernel.gate = self.gpus
         self.kernels[kernel_id] = kernel
         client = FakeClient(kernel_id)
         kernel.attach(client)
         return Kern(kernel, links, client)
 
     def committed(self) -> int:
-        return self.gpus.scheduler.summary().committed_gpus
+        return self.scheduling.summary().committed_gpus
+
+    def kernel(self, kernel_id: str) -> KernelView:
+        view = self.scheduling.kernel_view(kernel_id)
+        assert view is not None, f"the scheduler has no kernel {kernel_id}"
+        return view
 
     def sample(self, name: str) -> float:
         value = self.metrics.registry.get_sample_value(name)
@@ -160,7 +199,7 @@ def test_a_cell_goes_to_its_bound_replica_with_the_bound_devices() -> None:
     # a single replica: no term/attempt, only the devices
     assert nbcluster_meta(sent) == {"gpus": [3]}
     assert k.client.sent == []  # nothing to say: it runs at once
-    binding = cluster.gpus.scheduler.kernels["k1"].binding
+    binding = cluster.kernel("k1").binding
     assert binding is not None and (binding.term, binding.device_indices) == (1, (3,))
     assert cluster.committed() == 1
     k.reply(request)
@@ -203,7 +242,7 @@ def test_a_kernel_without_gpus_runs_at_once_when_every_gpu_is_bound() -> None:
     assert [msg_id for _, msg_id in cpu.executed()] == [first.msg_id, second.msg_id]
     assert nbcluster_meta(only_request_of(cpu, first)) == {"gpus": []}
     assert cpu.streams() == []
-    assert cluster.gpus.scheduler.waiting == ()
+    assert cluster.scheduling.waiting == ()
     cpu.reply(first)
     cpu.reply(second)
     assert cluster.committed() == 1  # still the other kernel's
@@ -240,7 +279,7 @@ def test_a_cell_waits_for_a_busy_gpu_and_runs_once_it_is_released() -> None:
     waiting = b.run()
     assert b.executed() == []  # not sent: no GPU
     assert b.kernel.waiting_terms() == [1]
-    assert cluster.gpus.scheduler.waiting == (("kb", 1),)
+    assert cluster.scheduling.waiting == (("kb", 1),)
     # the user sees the cell busy and a message that says what it waits for and why
     assert [(m.msg_type, m.parent_msg_id) for m in b.client.sent] == [
         ("status", waiting.msg_id),
@@ -261,7 +300,7 @@ def test_a_cell_waits_for_a_busy_gpu_and_runs_once_it_is_released() -> None:
     assert nbcluster_meta(only_request_of(b, waiting)) == {"gpus": [0]}
     assert "Got 1 GPU (0) on h1 after" in b.streams()[-1]
     assert b.kernel.waiting_terms() == []
-    assert not cluster.gpus.scheduler.waiting
+    assert not cluster.scheduling.waiting
     assert cluster.committed() == 1
     assert cluster.sample("nbcluster_gpu_wait_seconds_count") == 1
     b.reply(waiting)
@@ -285,8 +324,7 @@ def test_a_cell_queued_behind_its_own_kernels_cell_is_not_announced() -> None:
 
 def test_a_cell_that_finds_no_gpu_asks_the_auto_scaler_for_a_host() -> None:
     cluster = Cluster()
-    asked: list[ScaleOut] = []
-    cluster.gpus.scale_out = asked.append
+    asked = cluster.hosts.asked
     cluster.add_host("h1", gpus=1)
     a = cluster.add_kernel("ka", gpus=1)
     b = cluster.add_kernel("kb", gpus=1)
@@ -307,7 +345,7 @@ def _two_kernels_one_gpu() -> tuple[Cluster, Kern, Kern, Message, Message]:
     b = cluster.add_kernel("kb", gpus=1)
     running = a.run()
     waiting = b.run()
-    assert b.executed() == [] and cluster.gpus.scheduler.waiting == (("kb", 1),)
+    assert b.executed() == [] and cluster.scheduling.waiting == (("kb", 1),)
     return cluster, a, b, running, waiting
 
 
@@ -331,10 +369,10 @@ def test_interrupting_a_waiting_cell_as_the_manager_does_answers_it_and_empties_
     # KernelManager.interrupt_kernel
     for term in b.kernel.waiting_terms():
         b.kernel.cancel_waiting(term, "KeyboardInterrupt", "interrupted while waiting for GPUs")
-        cluster.gpus.execution_cancelled(b.kernel, term)
+        cluster.scheduling.execution_cancelled(b.kernel, term)
     _assert_interrupted(b, waiting)
-    assert cluster.gpus.scheduler.waiting == ()
-    assert cluster.gpus.scheduler.kernels["kb"].waiting == ()
+    assert cluster.scheduling.waiting == ()
+    assert cluster.kernel("kb").waiting == ()
     assert b.kernel.waiting_terms() == [] and len(b.kernel.pending) == 0
     assert cluster.sample("nbcluster_gpu_wait_seconds_count") == 1  # the wait ended
     # the freed GPU does not resurrect the interrupted cell
@@ -345,15 +383,15 @@ def test_interrupting_a_waiting_cell_as_the_manager_does_answers_it_and_empties_
 
 def test_cancelling_through_the_gate_alone_answers_the_waiting_cell() -> None:
     cluster, _a, b, _running, waiting = _two_kernels_one_gpu()
-    cluster.gpus.execution_cancelled(b.kernel, 1)
+    cluster.scheduling.execution_cancelled(b.kernel, 1)
     _assert_interrupted(b, waiting)
-    assert cluster.gpus.scheduler.waiting == ()
+    assert cluster.scheduling.waiting == ()
     assert b.kernel.waiting_terms() == []
 
 
 def test_interrupting_a_running_cell_keeps_its_gpus_until_its_reply() -> None:
     cluster, a, b, running, waiting = _two_kernels_one_gpu()
-    cluster.gpus.execution_cancelled(a.kernel, 1)
+    cluster.scheduling.execution_cancelled(a.kernel, 1)
     assert cluster.committed() == 1
     assert a.replies(running) == []  # the replica answers it, not the gateway
     a.reply(running, "error", ename="KeyboardInterrupt")
@@ -374,7 +412,7 @@ def _contended() -> tuple[Cluster, Kern, Kern, list[Message], Message]:
     other = b.run()
     second, third = a.run("a = 2"), a.run("a = 3")
     assert a.kernel.waiting_terms() == [2, 3]
-    assert cluster.gpus.scheduler.waiting == (("kb", 1), ("ka", 2), ("ka", 3))
+    assert cluster.scheduling.waiting == (("kb", 1), ("ka", 2), ("ka", 3))
     return cluster, a, b, [first, second, third], other
 
 
@@ -388,9 +426,9 @@ def test_a_failed_cell_aborts_the_cells_of_its_kernel_that_wait_behind_it() -> N
         assert "a cell before this one failed" in reply["evalue"]
     assert [msg_id for _, msg_id in a.executed()] == [first.msg_id]
     assert a.kernel.waiting_terms() == []
-    assert cluster.gpus.scheduler.kernels["ka"].waiting == ()
+    assert cluster.kernel("ka").waiting == ()
     # the other kernel's cell got the GPU (it had waited longest)
-    assert cluster.gpus.scheduler.waiting == ()
+    assert cluster.scheduling.waiting == ()
     assert [msg_id for _, msg_id in b.executed()] == [other.msg_id]
     b.reply(other)
     assert cluster.committed() == 0
@@ -408,7 +446,7 @@ def test_a_failed_cell_with_stop_on_error_false_lets_the_next_cells_wait_and_run
     a.reply(first, "error")
     assert a.replies(second) == []  # not aborted
     assert a.kernel.waiting_terms() == [2]
-    assert cluster.gpus.scheduler.waiting == (("ka", 2),)
+    assert cluster.scheduling.waiting == (("ka", 2),)
     b.reply(other)
     assert [msg_id for _, msg_id in a.executed()] == [first.msg_id, second.msg_id]
 
@@ -443,7 +481,7 @@ def test_fail_pending_releases_the_binding_and_hands_the_gpu_on() -> None:
     a.kernel.fail_pending("KernelDied", "the kernel died: boom")
     [reply] = a.replies(running)
     assert reply["ename"] == "KernelDied"
-    assert cluster.gpus.scheduler.kernels["ka"].binding is None
+    assert cluster.kernel("ka").binding is None
     # the waiting cell of the other kernel got the GPU
     assert [msg_id for _, msg_id in b.executed()] == [waiting.msg_id]
     b.reply(waiting)
@@ -466,7 +504,7 @@ def test_fail_pending_takes_a_waiting_cell_out_of_the_queue() -> None:
     b.kernel.fail_pending("KernelDied", "the kernel died: boom")
     [reply] = b.replies(waiting)
     assert reply["ename"] == "KernelDied"  # answered once, not again as interrupted
-    assert cluster.gpus.scheduler.waiting == ()
+    assert cluster.scheduling.waiting == ()
     a.reply(running)
     assert b.executed() == []
     assert cluster.committed() == 0
@@ -487,8 +525,8 @@ def test_fail_pending_sends_no_waiting_cell_of_the_same_kernel_to_a_replica() ->
 def test_stopping_a_kernel_frees_its_claims_and_runs_the_next_waiting_cell() -> None:
     cluster, a, b, _running, waiting = _two_kernels_one_gpu()
     a.kernel.fail_pending("KernelShutdown", "the kernel was shut down")
-    cluster.gpus.handle(KernelStopped("ka"))
-    assert "ka" not in cluster.gpus.scheduler.kernels
+    cluster.scheduling.handle(KernelStopped("ka"))
+    assert cluster.scheduling.kernel_view("ka") is None
     assert [msg_id for _, msg_id in b.executed()] == [waiting.msg_id]
 
 
@@ -508,7 +546,9 @@ def test_a_cell_of_a_lost_replica_runs_again_on_another_with_gpus() -> None:
     k.kernel.drop_link(lost)
     # As the manager does: the scheduler hears of it once the cell is marked to run again.
     k.kernel.on_replica_lost(
-        lost, "host h1 was lost", release=lambda: cluster.gpus.handle(ReplicaStopped("k1", lost))
+        lost,
+        "host h1 was lost",
+        release=lambda: cluster.scheduling.handle(ReplicaStopped("k1", lost)),
     )
     retried = [(rid, m) for rid, link in k.links.items() if rid != lost for m in link.sent]
     assert len(retried) == 1
@@ -516,7 +556,7 @@ def test_a_cell_of_a_lost_replica_runs_again_on_another_with_gpus() -> None:
     assert msg.msg_id == request.msg_id
     meta = nbcluster_meta(msg)
     assert (meta["term"], meta["attempt"], meta["gpus"]) == (1, 2, [0])
-    binding = cluster.gpus.scheduler.kernels["k1"].binding
+    binding = cluster.kernel("k1").binding
     assert binding is not None and binding.replica_id == rid
     reply = new_message("shell", "execute_reply", {"status": "ok"}, parent=request)
     k.kernel.on_replica_message(k.links[rid], reply)  # type: ignore[arg-type]
@@ -531,7 +571,9 @@ def test_a_cell_rerun_after_its_replica_was_lost_keeps_its_place_before_later_ce
     k.kernel.drop_link(lost)
     # As the manager does: the scheduler hears of it once the cell is marked to run again.
     k.kernel.on_replica_lost(
-        lost, "host h1 was lost", release=lambda: cluster.gpus.handle(ReplicaStopped("k1", lost))
+        lost,
+        "host h1 was lost",
+        release=lambda: cluster.scheduling.handle(ReplicaStopped("k1", lost)),
     )
     survivors = {rid: link for rid, link in k.links.items() if rid != lost}
     sent = [m.msg_id for link in survivors.values() for m in link.sent]
@@ -552,7 +594,7 @@ def _crowded() -> tuple[Cluster, Kern]:
     for name in ("o1", "o2", "o3"):
         other = cluster.add_kernel(name, gpus=1)
         other.run()
-    busy = {v.name for v in cluster.gpus.scheduler.hosts.values() if v.bound}
+    busy = {v.name for v in cluster.scheduling.host_views().values() if v.bound}
     assert busy == {"h1", "h2", "h3"} and cluster.committed() == 3
     cluster.add_host("h4", gpus=1)
     return cluster, k
@@ -569,7 +611,7 @@ async def test_a_cell_whose_hosts_are_busy_runs_on_a_migrated_replica() -> None:
         k.kernel.links[action.new_replica_id] = k.links[action.new_replica_id]  # type: ignore[assignment]
         return True
 
-    cluster.gpus.migrate = migrate
+    cluster.mover.move = migrate
     request = k.run()
     assert k.executed() == []  # not before the new replica has caught up
     await _until(lambda: bool(k.executed()))
@@ -590,10 +632,10 @@ async def test_a_cell_whose_migrations_keep_failing_is_answered_gpu_unavailable(
     async def migrate(action: Migrate) -> bool:
         attempts.append(action)
         # as the manager does when the new replica fails to start
-        cluster.gpus.handle(ReplicaStopped(action.kernel_id, action.new_replica_id))
+        cluster.scheduling.handle(ReplicaStopped(action.kernel_id, action.new_replica_id))
         return False
 
-    cluster.gpus.migrate = migrate
+    cluster.mover.move = migrate
     request = k.run()
     await _until(lambda: bool(k.replies(request)))
     assert len(attempts) == 2
@@ -607,9 +649,9 @@ async def test_a_cell_whose_migrations_keep_failing_is_answered_gpu_unavailable(
         )
         == 2
     )
-    assert cluster.gpus.scheduler.kernels["k1"].binding is None
-    assert cluster.gpus.scheduler.waiting == ()
-    await cluster.gpus.close()
+    assert cluster.kernel("k1").binding is None
+    assert cluster.scheduling.waiting == ()
+    await cluster.scheduling.close()
 
 
 async def _until(condition: Any, timeout: float = 5.0) -> None:
@@ -644,8 +686,8 @@ def test_host_spec_converts_reported_resources() -> None:
     assert devices == (5, 2)
     # what the scheduler accepts and binds from
     cluster = Cluster()
-    cluster.gpus.handle(HostAdded("h1", spec, devices))
-    assert cluster.gpus.scheduler.hosts["h1"].gpu_devices == (2, 5)
+    cluster.scheduling.handle(HostAdded("h1", spec, devices))
+    assert cluster.scheduling.host_views()["h1"].gpu_devices == (2, 5)
     k = cluster.add_kernel("k1", gpus=1)
     request = k.run()
     assert nbcluster_meta(only_request_of(k, request)) == {"gpus": [2]}

@@ -7,18 +7,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from nbcluster.gateway._gpus import GpuScheduling
+from nbcluster.gateway._driver import Placement, SchedulerDriver
 from nbcluster.gateway._metrics import GatewayMetrics
 from nbcluster.gateway._repair import RepairStatus, RetryPolicy, is_degraded, plan_membership
 from nbcluster.protocol import new_message
-from nbcluster.scheduling import (
-    HostAdded,
-    HostRemoved,
-    KernelRequested,
-    PlaceReplicas,
-    ReplicaStopped,
-    Resources,
-)
+from nbcluster.scheduling import HostAdded, HostRemoved, ReplicaStopped, Resources
 
 from .fakes import FakeClient, make_kernel
 
@@ -129,29 +122,40 @@ def test_the_repair_summary_is_plain_json() -> None:
 # -- placement of a replacement ---------------------------------------------------------------
 
 
-def _scheduling(hosts: list[str]) -> tuple[GpuScheduling, list[tuple[str, str]]]:
+def _scheduling(hosts: list[str]) -> tuple[SchedulerDriver, list[tuple[str, str]]]:
     """A scheduler with ``hosts`` and one 3-replica kernel ``k1`` placed on three of them."""
-    gpus = GpuScheduling({}, GatewayMetrics(), 7.0, 3)
+    gpus = SchedulerDriver({}, GatewayMetrics(), max_subscription_ratio=7.0, replicas_per_kernel=3)
     for name in hosts:
         gpus.handle(HostAdded(name, Resources(0, 8000, 16384, 0.0), ()))
-    actions = gpus.handle(KernelRequested("k1", Resources(0, 1000, 1024, 0.0), 3, "notebookos"))
-    [place] = [a for a in actions if isinstance(a, PlaceReplicas)]
+    place = gpus.place_kernel("k1", Resources(0, 1000, 1024, 0.0), 3, "notebookos")
+    assert isinstance(place, Placement), place
     return gpus, list(place.replicas)
 
 
-def _replicas(gpus: GpuScheduling) -> list[str]:
+def _place_replica(gpus: SchedulerDriver, holding: str | None = None) -> tuple[str, str] | None:
+    """``(replica_id, host)`` of one more replica of ``k1``, or None when it was refused."""
+    placed = gpus.place_replica("k1", holding)
+    if not isinstance(placed, Placement):
+        return None
+    [(replica_id, host)] = placed.replicas
+    return replica_id, host
+
+
+def _replicas(gpus: SchedulerDriver) -> list[str]:
     """The replica ids the scheduler has placed for ``k1``."""
-    return [rid for rid, _ in gpus.scheduler.kernels["k1"].replicas]
+    view = gpus.kernel_view("k1")
+    assert view is not None
+    return [rid for rid, _ in view.replicas]
 
 
 def test_a_retry_goes_to_another_host_than_the_failed_attempt_when_one_has_room() -> None:
     gpus, placed = _scheduling(["h1", "h2", "h3", "h4", "h5"])
     lost_id, _ = placed[0]
     gpus.handle(ReplicaStopped("k1", lost_id))
-    first = gpus.place_replica("k1")
+    first = _place_replica(gpus)
     assert first is not None
     failed_id, failed_host = first
-    second = gpus.place_replica("k1", holding=failed_id)
+    second = _place_replica(gpus, holding=failed_id)
     assert second is not None
     assert second[1] != failed_host
     assert second[1] not in {host for rid, host in placed[1:]}
@@ -163,9 +167,9 @@ def test_with_a_single_free_host_the_failed_one_is_tried_again() -> None:
     gpus, placed = _scheduling(["h1", "h2", "h3"])
     lost_id, lost_host = placed[0]
     gpus.handle(ReplicaStopped("k1", lost_id))
-    first = gpus.place_replica("k1")
+    first = _place_replica(gpus)
     assert first is not None and first[1] == lost_host
-    again = gpus.place_replica("k1", holding=first[0])
+    again = _place_replica(gpus, holding=first[0])
     assert again is not None and again[1] == lost_host and again[0] != first[0]
     assert set(_replicas(gpus)) == {*(rid for rid, _ in placed[1:]), again[0]}
 
@@ -174,10 +178,10 @@ def test_without_any_host_nothing_is_placed_and_the_held_placement_is_released()
     gpus, placed = _scheduling(["h1", "h2", "h3"])
     lost_id, lost_host = placed[0]
     gpus.handle(ReplicaStopped("k1", lost_id))
-    first = gpus.place_replica("k1")
+    first = _place_replica(gpus)
     assert first is not None
     gpus.handle(HostRemoved(lost_host))  # the only free host goes away
-    assert gpus.place_replica("k1", holding=first[0]) is None
+    assert _place_replica(gpus, holding=first[0]) is None
     assert set(_replicas(gpus)) == {rid for rid, _ in placed[1:]}
 
 

@@ -26,6 +26,8 @@ from nbcluster.scheduling import (
     HostAdded,
     HostRemoved,
     HostResourcesChanged,
+    JobGpusReleased,
+    JobGpusRequested,
     KernelAdopted,
     KernelRequested,
     KernelStopped,
@@ -498,6 +500,7 @@ def test_scaling_decisions() -> None:
 
 HOSTS = [f"h{i}" for i in range(5)]
 KERNELS = [f"k{i}" for i in range(6)]
+JOBS = [f"j{i}" for i in range(3)]
 
 
 def check_accounting(s: Scheduler, shrunk: set[str]) -> None:
@@ -505,7 +508,7 @@ def check_accounting(s: Scheduler, shrunk: set[str]) -> None:
     hosts = s.hosts
     kernels = s.kernels
     for host in hosts.values():
-        used = [d for _, devices in host.bound for d in devices]
+        used = [d for _, devices in (*host.bound, *host.jobs) for d in devices]
         assert len(used) == len(set(used)), "a GPU device is bound twice"
         if not host.draining:
             assert host.committed_gpus <= host.spec.gpus
@@ -516,6 +519,8 @@ def check_accounting(s: Scheduler, shrunk: set[str]) -> None:
         for kernel_id, replica_id in host.replicas:
             assert dict(kernels[kernel_id].replicas)[replica_id] == host.name
             expected = expected + kernels[kernel_id].request
+        for _, devices in host.jobs:
+            expected = expected + Resources(gpus=len(devices))
         assert host.pending == expected
         for kernel_id, devices in host.bound:
             binding = kernels[kernel_id].binding
@@ -633,6 +638,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     def stop_kernel(self, kernel: str) -> None:
         self.apply(KernelStopped(kernel))
 
+    @rule(job=st.sampled_from(JOBS), host=st.sampled_from(HOSTS), gpus=st.integers(1, 2))
+    def request_job_gpus(self, job: str, host: str, gpus: int) -> None:
+        # As the job manager does: free devices of the host's view (a busy host: refused).
+        view = self.s.hosts.get(host)
+        free = view.free_devices if view is not None else [0, 1]
+        self.apply(JobGpusRequested(job, host, tuple(free[:gpus])))
+
+    @rule(job=st.sampled_from(JOBS))
+    def release_job_gpus(self, job: str) -> None:
+        self.apply(JobGpusReleased(job))
+
     @invariant()
     def accounting_is_sound(self) -> None:
         check_accounting(self.s, self.shrunk)
@@ -640,11 +656,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for kernel in list(self.s.kernels):
             self.apply(KernelStopped(kernel))
+        for job in JOBS:
+            self.apply(JobGpusReleased(job))
         assert self.s.kernels == {}
         assert self.s.waiting == ()
         for host in self.s.hosts.values():
             assert host.pending.is_zero(), host
-            assert host.bound == () and host.replicas == ()
+            assert host.bound == () and host.replicas == () and host.jobs == ()
             assert not host.draining
         assert self.s.summary().committed_gpus == 0
 

@@ -12,6 +12,8 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .. import envvars
+
 __all__ = [
     "default_state_dir",
     "policy_option",
@@ -52,7 +54,7 @@ subscription_option = click.option(
 
 def default_state_dir() -> Path:
     """``$NBCLUSTER_STATE_DIR``, else ``$XDG_DATA_HOME/nbcluster`` (``~/.local/share/nbcluster``)."""
-    explicit = os.environ.get("NBCLUSTER_STATE_DIR")
+    explicit = envvars.STATE_DIR.get()
     if explicit:
         return Path(explicit).expanduser()
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")

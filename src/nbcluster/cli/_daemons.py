@@ -13,6 +13,7 @@ from types import FrameType
 
 import click
 
+from .. import envvars
 from .._lifeline import die_with_parent
 from ._common import (
     default_state_dir,
@@ -36,7 +37,7 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _token(value: str | None) -> str:
-    token = value or os.environ.get("NBCLUSTER_TOKEN")
+    token = value or envvars.TOKEN.get()
     if not token:
         raise click.UsageError("a token is required: pass --token or set NBCLUSTER_TOKEN")
     return token

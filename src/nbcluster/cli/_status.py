@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .. import envvars
 from ._common import default_state_dir, read_runtime
 
 __all__ = ["migrate_command", "status_command"]
@@ -22,8 +22,8 @@ __all__ = ["migrate_command", "status_command"]
 def resolve_gateway(url: str | None, token: str | None, state_dir: Path | None) -> tuple[str, str]:
     """URL and token from flags, else the environment, else the running gateway's runtime file."""
     runtime = read_runtime(state_dir or default_state_dir()) or {}
-    url = url or os.environ.get("NBCLUSTER_URL") or runtime.get("url")
-    token = token or os.environ.get("NBCLUSTER_TOKEN") or runtime.get("token")
+    url = url or envvars.URL.get() or runtime.get("url")
+    token = token or envvars.TOKEN.get() or runtime.get("token")
     if not url or not token:
         raise click.UsageError(
             "no running gateway found: pass --url and --token (or set NBCLUSTER_URL and "

@@ -21,6 +21,7 @@ import httpx
 from rich.console import Console
 from rich.panel import Panel
 
+from .. import envvars
 from .._net import free_port, port_is_free
 from ._common import default_state_dir, policy_option, store_option, subscription_option
 
@@ -176,10 +177,10 @@ def up_command(
         )
     if not port_is_free(ip, port):
         raise click.ClickException(f"port {port} on {ip} is in use; choose another with --port")
-    token = token or os.environ.get("NBCLUSTER_TOKEN") or secrets.token_urlsafe(24)
+    token = token or envvars.TOKEN.get() or secrets.token_urlsafe(24)
     root = (state_dir or default_state_dir()).resolve()
     url = f"http://{ip}:{port}"
-    env = {**os.environ, "NBCLUSTER_TOKEN": token}
+    env = {**os.environ, envvars.TOKEN.name: token}
     me = str(os.getpid())
     python = [sys.executable, "-m", "nbcluster"]
     children = _Children()
@@ -327,7 +328,7 @@ def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, p
             f"--gateway-url={url}",
             f"--GatewayClient.auth_token={token}",
         ],
-        {k: v for k, v in env.items() if k != "NBCLUSTER_TOKEN"},
+        {k: v for k, v in env.items() if k != envvars.TOKEN.name},
     )
     lab_url = f"http://127.0.0.1:{port}/lab?token={lab_token}"
     probe = httpx.Client(timeout=2)

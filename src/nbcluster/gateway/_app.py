@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
 from ..jobs import JobStore
-from ..scheduling import HostView, KernelView, ScalingConfig
+from ..scheduling import HostView, KernelView, ScaleIn, ScaleOut, ScalingConfig
 from ._api import ApiError, build_router, error_response
 from ._auth import TokenAuthMiddleware
 from ._autoscaler import Autoscaler
@@ -61,20 +61,25 @@ class Gateway:
         self.hosts = HostRegistry(config.host_lost_timeout)
         self.specs = KernelSpecRegistry(config.kernelspec_dirs)
         self.store = store if store is not None else FileStateStore(config.state_dir)
-        self.kernels = KernelManager(config, self.hosts, self.specs, self.store, self.metrics)
+        #: Set in :meth:`start` when the gateway may add hosts (``max_hosts`` above 0); the
+        #: kernel manager and the scheduler driver reach it through this gateway
+        #: (``request_hosts`` and friends), which answers for it when there is none.
+        self.autoscaler: Autoscaler | None = None
+        self.kernels = KernelManager(
+            config, self.hosts, self.specs, self.store, self.metrics, host_supply=self
+        )
+        #: The one driver of the scheduler (owned by the kernel manager): views for readers.
+        self.scheduling = self.kernels.scheduling
         self.jobs = JobManager(
             job_store if job_store is not None else _job_store(config),
             self.hosts,
-            self.kernels.gpus,
+            self.scheduling,
             self.metrics,
             config.store_url or config.store_dir.as_uri(),
             yield_to_cells=config.jobs_yield_to_cells,
         )
-        self.metrics.watch(
-            self.hosts, lambda: self.kernels.kernels.values(), self.kernels.gpus.scheduler
-        )
+        self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values(), self.scheduling)
         self._watchdog: asyncio.Task[None] | None = None
-        self.autoscaler: Autoscaler | None = None
         self._scaling: asyncio.Task[None] | None = None
         self._orphan_check: asyncio.Task[None] | None = None
         self._reclaimer: asyncio.Task[None] | None = None
@@ -90,10 +95,30 @@ class Gateway:
             self._reclaimer = asyncio.create_task(self.kernels.reclaim_idle())
         if self.config.max_hosts > 0:
             self.autoscaler = self._make_autoscaler()
-            self.kernels.gpus.scale_out = self.autoscaler.request
-            self.kernels.await_hosts = self.autoscaler.wait_for_hosts
-            self.kernels.host_registered = self.autoscaler.host_registered
             self._scaling = asyncio.create_task(self.autoscaler.run())
+
+    # -- hosts on demand (``HostSupply`` of the kernel manager and the scheduler driver) -----
+
+    def request_hosts(self, action: ScaleOut) -> None:
+        if self.autoscaler is None:
+            log.info("would scale out by %d host(s): %s", action.count, action.reason)
+        else:
+            self.autoscaler.request(action)
+
+    def release_hosts(self, action: ScaleIn) -> None:
+        if self.autoscaler is None:
+            log.info("would scale in %s: %s", ", ".join(action.hosts), action.reason)
+        else:
+            self.autoscaler.release(action)
+
+    async def wait_for_hosts(self, timeout: float) -> bool:
+        if self.autoscaler is None:
+            return False  # nothing is coming
+        return await self.autoscaler.wait_for_hosts(timeout)
+
+    def host_registered(self, name: str) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.host_registered(name)
 
     def _make_autoscaler(self, provider: HostProvider | None = None) -> Autoscaler:
         config = self.config
@@ -116,7 +141,7 @@ class Gateway:
         )
         return Autoscaler(
             provider,
-            self.kernels.gpus,
+            self.scheduling,
             self.hosts,
             self.metrics,
             scaling,
@@ -159,7 +184,7 @@ class Gateway:
                     {"kernel_id": kernel.id, "replica_id": r.replica_id, "state": r.state}
                 )
         now = time.monotonic()
-        views = self.kernels.gpus.scheduler.hosts
+        views = self.scheduling.host_views()
         return [
             {
                 **_gpu_state(views.get(h.name)),
@@ -181,7 +206,7 @@ class Gateway:
     def kernel_summary(self, k: GatewayKernel) -> dict[str, Any]:
         """One kernel for the cluster API: where its replicas run, and whether it runs with
         fewer than configured (``degraded``; ``repair`` says what is done about it)."""
-        view = self.kernels.gpus.scheduler.kernels.get(k.id)
+        view = self.scheduling.kernel_view(k.id)
         return {
             **_scheduling_state(k.record.policy, view),
             **k.model(),

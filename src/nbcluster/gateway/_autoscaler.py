@@ -23,7 +23,7 @@ from ..scheduling import (
     ScalingConfig,
     scaling_decision,
 )
-from ._gpus import GpuScheduling, host_spec
+from ._driver import SchedulerDriver, host_spec
 from ._hosts import HostRegistry
 from ._metrics import GatewayMetrics
 from ._provider import HostProvider, HostProviderError
@@ -34,13 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class Autoscaler:
-    """Owned by the gateway; ``GpuScheduling.scale_out`` and the kernel manager's
-    ``await_hosts`` point here."""
+    """Owned by the gateway, which hands the scheduler driver's ``ScaleOut``/``ScaleIn`` and
+    the kernel manager's waits for hosts to it (``Gateway.request_hosts`` and friends)."""
 
     def __init__(
         self,
         provider: HostProvider,
-        gpus: GpuScheduling,
+        scheduling: SchedulerDriver,
         hosts: HostRegistry,
         metrics: GatewayMetrics,
         config: ScalingConfig,
@@ -48,7 +48,7 @@ class Autoscaler:
         startup_grace: float = 10.0,
     ) -> None:
         self.provider = provider
-        self.gpus = gpus
+        self.scheduling = scheduling
         self.hosts = hosts
         self.metrics = metrics
         self.config = config
@@ -77,7 +77,7 @@ class Autoscaler:
     async def round(self) -> ScaleOut | ScaleIn | None:
         """One NotebookOS ``ValidateCapacity`` round; returns what it decided."""
         self._forget_arrived()
-        summary = self.gpus.scheduler.summary()
+        summary = self.scheduling.summary()
         summary = dataclasses.replace(
             summary,
             hosts=summary.hosts + len(self._starting),
@@ -96,7 +96,14 @@ class Autoscaler:
 
     def request(self, action: ScaleOut) -> None:
         """The scheduler found no room (a kernel, a replica or a cell): add hosts now."""
-        task = asyncio.get_running_loop().create_task(self._scale_out(action.count, action.reason))
+        self._spawn(self._scale_out(action.count, action.reason))
+
+    def release(self, action: ScaleIn) -> None:
+        """Stop these idle hosts now (those the provider started and that are still idle)."""
+        self._spawn(self._scale_in(action))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -161,11 +168,11 @@ class Autoscaler:
             for name in decision.hosts:
                 if not self.provider.owns(name):
                     continue
-                view = self.gpus.scheduler.host(name)
-                if view is None or view.replicas or view.bound:
+                view = self.scheduling.host_view(name)
+                if view is None or view.replicas or view.bound or view.jobs:
                     continue
                 # Out of the scheduler first, so that nothing is placed there meanwhile.
-                self.gpus.handle(HostRemoved(name))
+                self.scheduling.handle(HostRemoved(name))
                 try:
                     await self.provider.stop_host(name)
                 except HostProviderError as exc:
@@ -175,7 +182,7 @@ class Autoscaler:
                     if entry is not None and entry.state == "connected":
                         # Still there and serving: give it back to the scheduler.
                         spec, devices = host_spec(entry.resources)
-                        self.gpus.handle(HostAdded(name, spec, devices))
+                        self.scheduling.handle(HostAdded(name, spec, devices))
                     continue
                 self.hosts.forget(name)
                 self.metrics.scale_events.labels("in", "ok").inc()

@@ -4,8 +4,9 @@ requeueing on a worker's death, retries, cancellation, logs and outputs.
 The REST API (``_jobs_api``) calls :meth:`JobManager.submit` and friends; the host endpoint
 hands it the workers' ``JobOutput``/``JobExited`` events and their hellos; the kernel manager's
 host events tell it of lost workers. GPU jobs take their devices through the same scheduler as
-kernel cells (as a life-long binding of a pseudo-kernel ``job:<id>``), so a GPU is never given
-to a job and a cell at once; while cells wait for GPUs, GPU jobs wait (``jobs_yield_to_cells``).
+kernel cells (``SchedulerDriver.reserve_job_gpus``, the scheduler's ``JobGpusRequested`` and
+``JobGpusReleased`` events), so a GPU is never given to a job and a cell at once; while cells
+wait for GPUs, GPU jobs wait (``jobs_yield_to_cells``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from typing import Any
 
 from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
 from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs
-from ..scheduling import KernelStopped, ReplicaAdopted, Resources
-from ._gpus import GpuScheduling
+from ._driver import SchedulerDriver
 from ._hosts import HostEntry, HostRegistry, HostRequestError
 from ._metrics import GatewayMetrics
 
@@ -56,23 +56,19 @@ class _Live:
     submitted_at: float = field(default_factory=time.monotonic)
 
 
-def _pseudo_kernel(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
 class JobManager:
     def __init__(
         self,
         store: JobStore,
         hosts: HostRegistry,
-        gpus: GpuScheduling,
+        scheduling: SchedulerDriver,
         metrics: GatewayMetrics,
         store_url: str,
         yield_to_cells: bool = True,
     ) -> None:
         self.store = store
         self.hosts = hosts
-        self.gpus = gpus
+        self.scheduling = scheduling
         self.metrics = metrics
         self.store_url = store_url
         self.yield_to_cells = yield_to_cells
@@ -228,10 +224,10 @@ class JobManager:
         workers = self._capacities()
         if not workers:
             return
-        gpus_allowed = not (self.yield_to_cells and self.gpus.scheduler.waiting)
+        gpus_allowed = not (self.yield_to_cells and self.scheduling.waiting)
         for job, worker, devices in assign_jobs(queued, workers, gpus_allowed):
             live = self.jobs[job.id]
-            if devices and not self._bind_gpus(job, worker, devices):
+            if devices and not self.scheduling.reserve_job_gpus(job.id, worker, devices):
                 continue
             job.status = "running"
             job.worker = worker
@@ -244,7 +240,7 @@ class JobManager:
             self._spawn(self._start_on(live, worker, devices))
 
     def _capacities(self) -> list[WorkerCapacity]:
-        views = self.gpus.scheduler.hosts
+        views = self.scheduling.host_views()
         used_cpus: dict[str, float] = defaultdict(float)
         used_mem: dict[str, int] = defaultdict(int)
         for live in self.jobs.values():
@@ -266,22 +262,9 @@ class JobManager:
             )
         return capacities
 
-    def _bind_gpus(self, job: Job, worker: str, devices: tuple[int, ...]) -> bool:
-        kernel_id = _pseudo_kernel(job.id)
-        self.gpus.handle(
-            ReplicaAdopted(
-                kernel_id, "job", worker, Resources(gpus=len(devices)), "reservation", devices
-            )
-        )
-        view = self.gpus.scheduler.kernel(kernel_id)
-        if view is None or view.binding is None or view.binding.device_indices != devices:
-            self.gpus.handle(KernelStopped(kernel_id))
-            return False
-        return True
-
     def _release_gpus(self, job: Job) -> None:
         if job.spec.resources.gpus:
-            self.gpus.handle(KernelStopped(_pseudo_kernel(job.id)))
+            self.scheduling.release_job_gpus(job.id)
 
     async def _start_on(self, live: _Live, worker: str, devices: tuple[int, ...]) -> None:
         job = live.job

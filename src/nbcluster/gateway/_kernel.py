@@ -19,7 +19,16 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..protocol import Message, Signer, dumps, new_message
+from ..protocol import (
+    METADATA_KEY,
+    YIELD_ENAME,
+    ExecuteMetadata,
+    Message,
+    Signer,
+    dumps,
+    new_message,
+    read_yielded,
+)
 from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
 from ._routing import PendingRequests
@@ -39,7 +48,7 @@ class ClientSink(Protocol):
 
 
 class ExecutionGate(Protocol):
-    """Decides where and when each cell runs (the gateway's GPU scheduling, ``_gpus``).
+    """Decides where and when each cell runs (the scheduler's driver, ``_driver``).
 
     The kernel calls :meth:`execution_requested` for every ``execute_request``; the gate
     answers, now or later, with :meth:`GatewayKernel.dispatch` (run it on that replica with
@@ -100,6 +109,7 @@ class GatewayKernel:
         self,
         record: KernelRecord,
         *,
+        gate: ExecutionGate | None = None,
         on_routed: Callable[[str, str], None] | None = None,
         on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -119,7 +129,7 @@ class GatewayKernel:
         self.executions: dict[str, _Execution] = {}
         self._terms: dict[int, _Execution] = {}
         #: Where cells run (GPU binding); None: at once, on the executor.
-        self.gate: ExecutionGate | None = None
+        self.gate = gate
         #: A message for the user, shown in the next cell's output (the kernel was restored).
         self.notice: str | None = None
         #: Called when a message arrives for a kernel whose replicas were reclaimed.
@@ -279,18 +289,19 @@ class GatewayKernel:
         if execution is None or execution.replica is not None or link is None:
             return False
         msg = execution.msg
-        metadata = orjson.loads(msg.metadata)
-        meta: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         if len(self.links) > 1:
-            meta = {
+            fields = {
                 "term": term,
                 "attempt": execution.attempt,
                 "after_term": self.last_replied_term,
             }
         if devices is not None:
-            meta["gpus"] = list(devices)
-        if meta:
-            metadata["nbcluster"] = meta
+            fields["gpus"] = devices
+        if fields:
+            # (Without either, a client's own metadata goes through as it came.)
+            metadata = orjson.loads(msg.metadata)
+            metadata[METADATA_KEY] = ExecuteMetadata(**fields).dump()
             msg.metadata = dumps(metadata)
         execution.replica = replica_id
         execution.devices = devices
@@ -482,7 +493,7 @@ class GatewayKernel:
     def _execution_replied(self, execution: _Execution, reply: Message) -> None:
         self._forget_execution(execution)
         content = reply.content_dict
-        lost = execution.attempt > 1 and content.get("ename") == "ExecutionYieldError"
+        lost = execution.attempt > 1 and content.get("ename") == YIELD_ENAME
         if not lost:
             # The next cell's executor waits for this term's state. A cell cut off with its
             # replica has none coming: waiting for it would hold the next cell for the
@@ -513,7 +524,8 @@ class GatewayKernel:
         reason = execution.lost_reason or "its replica was lost"
         content = yielded.content_dict
         count = content.get("execution_count")
-        if content.get("completed"):
+        fields = read_yielded(content)
+        if fields is not None and fields.completed:
             # It ran to the end and its state reached the others; only its answer was lost.
             what = (
                 "The cell had run to the end there and its variables were kept, but its "

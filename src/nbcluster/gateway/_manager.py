@@ -14,37 +14,42 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import zmq
 
+from .. import envvars
 from ..hostproto import ReplicaExited, ReplicaReport, SignalReplica, StartReplica, StopReplica
+from ..protocol import (
+    CheckpointReply,
+    CheckpointRequest,
+    ControlErrorReply,
+    MembershipReply,
+    MembershipRequest,
+    RaftStartReply,
+    RaftStartRequest,
+    RestorePoint,
+)
 from ..scheduling import (
     DEFAULT_REQUEST,
-    BindGpus,
     HostAdded,
     HostRemoved,
     KernelAdopted,
-    KernelRequested,
     KernelStopped,
     Migrate,
-    MigrationRefused,
-    MigrationRequested,
-    PlaceReplicas,
-    RejectKernel,
     ReplicaAdopted,
     ReplicaReady,
     ReplicaStopped,
     Resources,
-    ScaleOut,
     parse_request,
     policy_named,
 )
 from ..store import ObjectStore, StoreError, open_store
 from ._config import GatewayConfig
-from ._gpus import GpuScheduling, host_spec
+from ._control import control_request, replica_last_term
+from ._driver import HostSupply, Placement, Refusal, SchedulerDriver, host_spec
 from ._hosts import HostEntry, HostRegistry, HostRequestError
 from ._kernel import GatewayKernel, KernelUnavailable
 from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpecRegistry
@@ -145,6 +150,7 @@ class KernelManager:
         specs: KernelSpecRegistry,
         store: StateStore,
         metrics: GatewayMetrics,
+        host_supply: HostSupply | None = None,
     ) -> None:
         self.config = config
         self.hosts = hosts
@@ -161,14 +167,18 @@ class KernelManager:
         self._host_arrived = asyncio.Event()
         self._object_store: ObjectStore | None = None
         policy_named(config.policy)  # a bad name fails at start-up, not at the first kernel
-        self.gpus = GpuScheduling(
-            self.kernels, metrics, config.max_subscription_ratio, config.replicas_per_kernel
+        #: Where new hosts come from (the gateway, for its auto-scaler): asked for hosts when
+        #: the scheduler finds no room, waited on, and told of every registration.
+        self.host_supply = host_supply
+        #: The one driver of the scheduler: every placement, binding and migration.
+        self.scheduling = SchedulerDriver(
+            self.kernels,
+            metrics,
+            max_subscription_ratio=config.max_subscription_ratio,
+            replicas_per_kernel=config.replicas_per_kernel,
+            mover=self,
+            hosts=host_supply,
         )
-        self.gpus.migrate = self._migrate
-        #: Waits for new hosts after a reactive scale-out, and hears of every registration;
-        #: set by the gateway's auto-scaler.
-        self.await_hosts: Callable[[float], Awaitable[bool]] | None = None
-        self.host_registered: Callable[[str], None] | None = None
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -179,8 +189,12 @@ class KernelManager:
             raise NoSuchKernel(f"no kernel with id {kernel_id}") from None
 
     def _new_kernel(self, record: KernelRecord) -> GatewayKernel:
-        kernel = GatewayKernel(record, on_routed=self.metrics.routed, on_reject=self.metrics.reject)
-        kernel.gate = self.gpus
+        kernel = GatewayKernel(
+            record,
+            gate=self.scheduling,
+            on_routed=self.metrics.routed,
+            on_reject=self.metrics.reject,
+        )
         kernel.on_wake = self._wake
         return kernel
 
@@ -218,7 +232,7 @@ class KernelManager:
                 return  # it was used meanwhile
             kernel.record.reclaimed = True
             self.metrics.reclaims.inc()
-            self.gpus.handle(KernelStopped(kernel.id))
+            self.scheduling.handle(KernelStopped(kernel.id))
             # Links first: the replicas' last status messages must not reach the clients, to
             # whom the kernel stays idle.
             for replica in kernel.live_replicas():
@@ -302,42 +316,39 @@ class KernelManager:
             float(fields.get("vram_gb", 0.0)),
         )
 
-    async def _place(self, kernel: GatewayKernel) -> list[Any]:
+    async def _place(self, kernel: GatewayKernel) -> Placement:
         """Ask the scheduler where the kernel's replicas go. A full cluster that the
         auto-scaler can grow is given one chance to (reactive scale-out)."""
         record = kernel.record
-        event = KernelRequested(
-            record.id, self._request(record), record.replica_count, record.policy
+        request = self._request(record)
+        placed = self.scheduling.place_kernel(
+            record.id, request, record.replica_count, record.policy
         )
-        actions: list[Any] = self.gpus.handle(event)
-        reject = next((a for a in actions if isinstance(a, RejectKernel)), None)
-        scaling = any(isinstance(a, ScaleOut) for a in actions)
+        scaling = isinstance(placed, Refusal) and placed.scaling
         if (
-            reject is not None
-            and scaling
-            and self.await_hosts is not None
-            and await self.await_hosts(self.config.launch_timeout)
+            scaling
+            and self.host_supply is not None
+            and await self.host_supply.wait_for_hosts(self.config.launch_timeout)
         ):
-            actions = self.gpus.handle(event)
-            reject = next((a for a in actions if isinstance(a, RejectKernel)), None)
-        if reject is not None:
+            placed = self.scheduling.place_kernel(
+                record.id, request, record.replica_count, record.policy
+            )
+        if isinstance(placed, Refusal):
             connected = len(self.hosts.connected())
             raise KernelRejected(
-                f"cannot place the kernel: {reject.reason} ({connected} host(s) connected)",
+                f"cannot place the kernel: {placed.reason} ({connected} host(s) connected)",
                 permanent=not scaling,
             )
-        return actions
+        return placed
 
     async def _launch_replicas(
         self, kernel: GatewayKernel, restore: bool = False
-    ) -> list[dict[str, Any]]:
+    ) -> list[RaftStartReply]:
         """Place, start and (for several replicas) form the kernel's group. With ``restore``
         the replicas rebuild the state from the object store; returns what each says it
         restored."""
-        actions = await self._place(kernel)
-        [place] = [a for a in actions if isinstance(a, PlaceReplicas)]
-        life = next((a for a in actions if isinstance(a, BindGpus) and a.term is None), None)
-        devices = life.device_indices if life is not None else None
+        place = await self._place(kernel)
+        devices = place.reserved_devices
         kernel.record.reserved_devices = list(devices) if devices is not None else None
         results = await asyncio.gather(
             *(
@@ -347,19 +358,19 @@ class KernelManager:
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
-        restored: list[dict[str, Any]] = []
+        restored: list[RaftStartReply] = []
         if not errors and len(place.replicas) > 1:
             try:
                 restored = await self._form_group(kernel, restore)
             except KernelStartError as exc:
                 errors.append(exc)
         if errors:
-            self.gpus.handle(KernelStopped(kernel.id))
+            self.scheduling.handle(KernelStopped(kernel.id))
             await self._stop_replicas(kernel)
             raise KernelStartError("; ".join(str(e) for e in errors))
         return restored
 
-    async def _form_group(self, kernel: GatewayKernel, restore: bool) -> list[dict[str, Any]]:
+    async def _form_group(self, kernel: GatewayKernel, restore: bool) -> list[RaftStartReply]:
         """Have the replicas start their Raft nodes as one group and wait for a leader (and,
         with ``restore``, rebuild the state from the store). Returns their replies."""
         replicas = [r for r in kernel.record.replicas if r.state == "running"]
@@ -369,26 +380,21 @@ class KernelManager:
             if r.connection.raft_port is None:
                 raise KernelStartError(f"replica {r.replica_id} reported no Raft port")
             addresses[r.replica_id] = f"{r.connection.ip}:{r.connection.raft_port}"
-        content = {
-            "peers": list(addresses.values()),
-            "members": len(replicas),
-            "timeout": 10.0,
-            "restore": restore,
-        }
+        peers = list(addresses.values())
 
-        async def join(replica: ReplicaRecord) -> dict[str, Any]:
+        async def join(replica: ReplicaRecord) -> RaftStartReply:
             link = kernel.links[replica.replica_id]
-            reply = await kernel.request(
-                link,
-                "shell",
-                "nbcluster_raft_start_request",
-                {**content, "address": addresses[replica.replica_id]},
-                15.0,
+            request = RaftStartRequest(
+                address=addresses[replica.replica_id],
+                peers=peers,
+                members=len(replicas),
+                timeout=10.0,
+                restore=restore,
             )
-            body = reply.content_dict
-            if body.get("status") != "ok":
+            body = await control_request(kernel, link, "shell", request, RaftStartReply, 15.0)
+            if isinstance(body, ControlErrorReply):
                 raise KernelStartError(
-                    f"replica {replica.replica_id} could not join its group: {body.get('evalue')}"
+                    f"replica {replica.replica_id} could not join its group: {body.evalue}"
                 )
             return body
 
@@ -396,7 +402,7 @@ class KernelManager:
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise KernelStartError("; ".join(str(f) or type(f).__name__ for f in failures))
-        return [r for r in results if isinstance(r, dict)]
+        return [r for r in results if isinstance(r, RaftStartReply)]
 
     async def _launch_replica(
         self,
@@ -419,15 +425,15 @@ class KernelManager:
         env = {
             **spec.env,
             **kernel.record.env,
-            "NBCLUSTER_RAFT_PASSWORD": kernel.record.raft_password,
-            "NBCLUSTER_STORE_URL": self.config.store_url or self.config.store_dir.as_uri(),
-            "NBCLUSTER_STORE_THRESHOLD": str(self.config.store_threshold),
-            "NBCLUSTER_GATEWAY_URL": f"http://{gateway_ip}:{self.config.port}",
-            "NBCLUSTER_GATEWAY_TOKEN": self.config.token,
+            envvars.RAFT_PASSWORD.name: kernel.record.raft_password,
+            envvars.STORE_URL.name: self.config.store_url or self.config.store_dir.as_uri(),
+            envvars.STORE_THRESHOLD.name: str(self.config.store_threshold),
+            envvars.GATEWAY_URL.name: f"http://{gateway_ip}:{self.config.port}",
+            envvars.GATEWAY_TOKEN.name: self.config.token,
         }
         if devices is not None:
             visible = ",".join(map(str, devices))
-            env |= {"CUDA_VISIBLE_DEVICES": visible, "NBCLUSTER_GPUS": visible}
+            env |= {envvars.CUDA_VISIBLE_DEVICES.name: visible, envvars.GPUS.name: visible}
         timeout = self.config.launch_timeout
         try:
             result = await self.hosts.session(host).request(
@@ -521,33 +527,24 @@ class KernelManager:
                 ", ".join(plan.missing),
             )
         if not plan.empty:
-            reply = await kernel.request(
-                helper_link,
-                "shell",
-                "nbcluster_membership_request",
-                {"remove": list(plan.remove), "add": list(plan.add), "timeout": 20.0},
-                30.0,
+            change = MembershipRequest(remove=list(plan.remove), add=list(plan.add), timeout=20.0)
+            changed = await control_request(
+                kernel, helper_link, "shell", change, MembershipReply, 30.0
             )
-            if reply.content_dict.get("status") != "ok":
-                raise KernelStartError(
-                    f"membership change failed: {reply.content_dict.get('evalue')}"
-                )
+            if isinstance(changed, ControlErrorReply):
+                raise KernelStartError(f"membership change failed: {changed.evalue}")
         peers = [*keep, new_address]
-        reply = await kernel.request(
-            kernel.links[new.replica_id],
-            "shell",
-            "nbcluster_raft_start_request",
-            {"address": new_address, "peers": peers, "members": len(peers), "timeout": 20.0},
-            30.0,
+        start = RaftStartRequest(address=new_address, peers=peers, members=len(peers), timeout=20.0)
+        body = await control_request(
+            kernel, kernel.links[new.replica_id], "shell", start, RaftStartReply, 30.0
         )
-        body = reply.content_dict
-        if body.get("status") != "ok":
-            raise KernelStartError(f"could not join: {body.get('evalue')}")
+        if isinstance(body, ControlErrorReply):
+            raise KernelStartError(f"could not join: {body.evalue}")
         # A new member replays the log's earlier membership changes on top of the membership
         # it was started with, and pysyncobj undoes them when the leader re-sends a range the
         # member already has: its view of the group can end up wrong (live members dropped,
         # dead ones back; see docs/replication.md, "Failures"). Such a member is not kept.
-        joined = set((body.get("log") or {}).get("members") or ())
+        joined = set(body.log.members)
         if joined != set(peers):
             raise KernelStartError(
                 f"it joined with a wrong view of the group: {sorted(joined)}, expected "
@@ -560,21 +557,14 @@ class KernelManager:
         """The Raft membership as a live member sees it (changes appended to its log count,
         committed or not: the next change builds on them)."""
         # An empty change: the member answers with its log's status.
-        reply = await kernel.request(
-            link,
-            "shell",
-            "nbcluster_membership_request",
-            {"remove": [], "add": [], "timeout": 5.0},
-            15.0,
+        body = await control_request(
+            kernel, link, "shell", MembershipRequest(timeout=5.0), MembershipReply, 15.0
         )
-        body = reply.content_dict
-        members = (body.get("log") or {}).get("members")
-        if body.get("status") != "ok" or not isinstance(members, list):
+        if isinstance(body, ControlErrorReply):
             raise KernelStartError(
-                f"replica {link.replica_id} did not report its group's membership: "
-                f"{body.get('evalue') or body}"
+                f"replica {link.replica_id} did not report its group's membership: {body.evalue}"
             )
-        return [str(m) for m in members]
+        return list(body.log.members)
 
     # -- repair: back to the configured number of replicas ------------------------------------
 
@@ -663,7 +653,7 @@ class KernelManager:
                     await asyncio.wait_for(wake.wait(), delay)
         finally:
             if held is not None:
-                self.gpus.handle(ReplicaStopped(kernel.id, held, rerun=False))
+                self.scheduling.handle(ReplicaStopped(kernel.id, held, rerun=False))
             if kernel.repair is status:
                 kernel.repair = None
             if self._repairs.get(kernel.id) is asyncio.current_task():
@@ -674,16 +664,16 @@ class KernelManager:
     ) -> tuple[str | None, str | None]:
         """One replacement attempt (the caller holds the lifecycle lock). Returns why it
         failed (None: it succeeded) and the failed attempt's placement, still held."""
-        placed = self.gpus.place_replica(kernel.id, held)
-        if placed is None:
+        placed = self.scheduling.place_replica(kernel.id, held)
+        if isinstance(placed, Refusal):
             return "no host has room for another replica", None
-        replica_id, host = placed
+        [(replica_id, host)] = placed.replicas
         started = time.monotonic()
         new, why = await self._swap_in(kernel, host, replica_id, timeout)
         self.store.save(kernel.record)
         if new is None:
             return f"replica {replica_id} on {host}: {why}", replica_id
-        self.gpus.handle(ReplicaReady(kernel.id, replica_id))
+        self.scheduling.handle(ReplicaReady(kernel.id, replica_id))
         self.metrics.replacements.observe(time.monotonic() - started)
         log.info(
             "kernel %s: replica %s on %s joined in %.2f s (%d of %d replicas running)",
@@ -696,18 +686,21 @@ class KernelManager:
         )
         return None, None
 
-    async def _migrate(self, migrate: Migrate) -> bool:
+    async def move_replica(self, migrate: Migrate) -> bool:
         """Carry out a scheduler ``Migrate``: the new replica joins, the old one retires.
 
-        Called by :class:`GpuScheduling` (a cell needs GPUs elsewhere) and by
-        :meth:`migrate_replica`. On failure the scheduler is told what runs where again."""
+        Called by the scheduler driver (``ReplicaMover``), for a cell that needs GPUs
+        elsewhere or for :meth:`migrate_replica`. On failure the scheduler is told what runs
+        where again."""
         kernel = self.kernels.get(migrate.kernel_id)
         if kernel is None:
             return False
         async with kernel.lifecycle_lock:
             old = kernel.replica(migrate.replica_id)
             if self.kernels.get(kernel.id) is not kernel or old is None or old.state != "running":
-                self.gpus.handle(ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False))
+                self.scheduling.handle(
+                    ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False)
+                )
                 return False
             started = time.monotonic()
             # The old replica retires first: pysyncobj's leader refuses to remove itself, and
@@ -725,8 +718,10 @@ class KernelManager:
                     migrate.to_host,
                     why,
                 )
-                # Its cell is asked for again by GpuScheduling (bounded attempts).
-                self.gpus.handle(ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False))
+                # Its cell is asked for again by the scheduler driver (bounded attempts).
+                self.scheduling.handle(
+                    ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False)
+                )
                 self._replica_lost(kernel, old, f"migration to {migrate.to_host} failed: {why}")
                 self.store.save(kernel.record)
                 return False
@@ -750,20 +745,15 @@ class KernelManager:
         kernel = self.get(kernel_id)
         if kernel.is_dead:
             raise MigrationError(f"kernel {kernel_id} is dead: {kernel.record.dead_reason}")
-        actions = self.gpus.handle(MigrationRequested(kernel_id, replica_id, to_host))
-        refused = next((a for a in actions if isinstance(a, MigrationRefused)), None)
-        if refused is not None:
-            raise MigrationError(refused.reason)
-        [migrate] = [a for a in actions if isinstance(a, Migrate)]
-        started = time.monotonic()
-        ok = await self._migrate(migrate)
-        self.metrics.migrations.labels("ok" if ok else "failed").inc()
-        if not ok:
+        # The driver carries it out (``move_replica``) and counts it in the metrics.
+        result = await self.scheduling.migrate(kernel_id, replica_id, to_host)
+        if isinstance(result, Refusal):
+            raise MigrationError(result.reason)
+        migrate, seconds = result.migrate, result.seconds
+        if not result.ok:
             raise MigrationError(
                 f"replica {replica_id} could not move to {migrate.to_host}; see the gateway log"
             )
-        seconds = time.monotonic() - started
-        self.metrics.migration_seconds.observe(seconds)
         return {
             "kernel_id": kernel_id,
             "replica_id": replica_id,
@@ -790,7 +780,7 @@ class KernelManager:
         else:
             log.warning("kernel %s is dead: %s", kernel.id, reason)
             kernel.mark_dead(reason)
-            self.gpus.handle(KernelStopped(kernel.id))
+            self.scheduling.handle(KernelStopped(kernel.id))
 
     async def _restore_kernel(
         self, kernel: GatewayKernel, reason: str, headline: str | None = None
@@ -801,32 +791,30 @@ class KernelManager:
         async with kernel.lifecycle_lock:
             if self.kernels.get(kernel.id) is not kernel:
                 return
-            self.gpus.handle(KernelStopped(kernel.id))
+            self.scheduling.handle(KernelStopped(kernel.id))
             for leftover in kernel.live_replicas():
                 await self._stop_replica(kernel, leftover)
             try:
                 replies = await self._launch_replicas(kernel, restore=True)
-                restored: list[dict[str, Any]] = [
-                    r["restored"] for r in replies if r.get("restored")
-                ]
+                restored = [r.restored for r in replies if r.restored is not None]
                 if not restored or len(restored) < len(replies):
                     raise KernelStartError("the object store holds no checkpoint of it")
-                point = min(restored, key=lambda r: int(r["term"]))
+                point = min(restored, key=lambda r: r.term)
             except KernelStartError as exc:
                 await self._stop_replicas(kernel)
-                self.gpus.handle(KernelStopped(kernel.id))
+                self.scheduling.handle(KernelStopped(kernel.id))
                 kernel.mark_dead(f"{reason}; it could not be restored: {exc}")
                 kernel.end_restart()
                 self.store.save(kernel.record)
                 log.error("kernel %s could not be restored: %s", kernel.id, exc)
                 return
-            kernel.end_restore(int(point["term"]), _restore_notice(reason, point, headline))
+            kernel.end_restore(point.term, _restore_notice(reason, point, headline))
             self.store.save(kernel.record)
             self.metrics.restores.observe(time.monotonic() - started)
             log.info(
                 "kernel %s restored to term %s in %.2f s",
                 kernel.id,
-                point["term"],
+                point.term,
                 time.monotonic() - started,
             )
 
@@ -842,22 +830,22 @@ class KernelManager:
                 f"kernel {kernel_id} runs one replica: checkpoints need a replicated kernel"
             )
         replica = next((r for r in running if r.replica_id != kernel.executor), running[0])
-        reply = await kernel.request(
+        body = await control_request(
+            kernel,
             kernel.links[replica.replica_id],
             "control",
-            "nbcluster_checkpoint_request",
-            {"after_term": kernel.last_replied_term},
+            CheckpointRequest(after_term=kernel.last_replied_term),
+            CheckpointReply,
             120.0,
         )
-        body = reply.content_dict
-        if body.get("status") != "ok":
-            raise CheckpointError(f"the checkpoint failed: {body.get('evalue')}")
+        if isinstance(body, ControlErrorReply):
+            raise CheckpointError(f"the checkpoint failed: {body.evalue}")
         return {
             "kernel_id": kernel_id,
-            "term": body["term"],
-            "execution_count": body["execution_count"],
-            "created": datetime.fromtimestamp(float(body["created"]), UTC).isoformat(),
-            "size": body["size"],
+            "term": body.term,
+            "execution_count": body.execution_count,
+            "created": datetime.fromtimestamp(body.created, UTC).isoformat(),
+            "size": body.size,
             "replica_id": replica.replica_id,
         }
 
@@ -893,7 +881,7 @@ class KernelManager:
         async with kernel.lifecycle_lock:
             self.kernels.pop(kernel_id, None)
             kernel.fail_pending("KernelShutdown", "the kernel was shut down")
-            self.gpus.handle(KernelStopped(kernel_id))
+            self.scheduling.handle(KernelStopped(kernel_id))
             await self._stop_replicas(kernel)
             self.store.delete(kernel_id)
             for client in tuple(kernel.clients):
@@ -935,7 +923,7 @@ class KernelManager:
         kernel = self.get(kernel_id)
         async with kernel.lifecycle_lock:
             kernel.begin_restart()
-            self.gpus.handle(KernelStopped(kernel_id))
+            self.scheduling.handle(KernelStopped(kernel_id))
             await self._stop_replicas(kernel)
             # The new replicas start empty: what the old ones stored is of no use now (and
             # is deleted before they can store anything under the same keys).
@@ -963,7 +951,7 @@ class KernelManager:
         for term in kernel.waiting_terms():
             # Cells waiting for GPUs have not reached a replica: they leave the queue here.
             kernel.cancel_waiting(term, "KeyboardInterrupt", "interrupted while waiting for GPUs")
-            self.gpus.execution_cancelled(kernel, term)
+            self.scheduling.execution_cancelled(kernel, term)
         spec = self.specs.get(kernel.record.name)
         if spec is not None and spec.interrupt_mode == "message":
             link = kernel.executor_link()
@@ -999,11 +987,11 @@ class KernelManager:
             # The scheduler frees the replica's GPUs once the kernel has marked its cell to
             # run again, so that the cell is re-bound first.
             kernel.on_replica_lost(
-                replica.replica_id, reason, release=lambda: self.gpus.handle(stopped)
+                replica.replica_id, reason, release=lambda: self.scheduling.handle(stopped)
             )
             self._ensure_repair(kernel)
         else:
-            self.gpus.handle(stopped)
+            self.scheduling.handle(stopped)
             self._lost_everything(kernel, reason)
         self.store.save(kernel.record)
 
@@ -1024,7 +1012,7 @@ class KernelManager:
             for replica in kernel.live_replicas():
                 if replica.host == entry.name:
                     self._replica_lost(kernel, replica, f"host {entry.name} was lost")
-        self.gpus.handle(HostRemoved(entry.name))
+        self.scheduling.handle(HostRemoved(entry.name))
 
     async def on_host_disconnected(self, entry: HostEntry) -> None:
         """A host's websocket closed. Ping its replicas' heartbeat sockets until they stop
@@ -1033,7 +1021,7 @@ class KernelManager:
         not enough: a dying replica can still answer for a moment after its host's socket
         closed."""
         # Nothing new goes to it meanwhile; a hello brings it and its replicas back.
-        self.gpus.handle(HostRemoved(entry.name))
+        self.scheduling.handle(HostRemoved(entry.name))
         deadline = time.monotonic() + self.hosts.lost_timeout
         while time.monotonic() < deadline:
             suspects = [
@@ -1063,11 +1051,11 @@ class KernelManager:
 
         Returns replica ids the host runs that belong to no known kernel: the caller stops them.
         """
-        if self.host_registered is not None:
-            self.host_registered(entry.name)
+        if self.host_supply is not None:
+            self.host_supply.host_registered(entry.name)
         spec, devices = host_spec(entry.resources)
         try:
-            self.gpus.handle(HostAdded(entry.name, spec, devices))
+            self.scheduling.handle(HostAdded(entry.name, spec, devices))
         except ValueError as exc:
             log.error("host %s reported unusable resources: %s", entry.name, exc)
         reported = {r.replica_id: r for r in reports}
@@ -1091,7 +1079,7 @@ class KernelManager:
                     self.store.save(kernel.record)
                 if replica.state == "running":
                     reserved = kernel.record.reserved_devices
-                    self.gpus.handle(
+                    self.scheduling.handle(
                         ReplicaAdopted(
                             kernel.id,
                             replica.replica_id,
@@ -1123,7 +1111,7 @@ class KernelManager:
                 kernel.execution_state = "idle"  # restored by its next message
                 continue
             # Its cells wait until a host's hello brings back one of its replicas.
-            self.gpus.handle(KernelAdopted(record.id, self._request(record), record.policy))
+            self.scheduling.handle(KernelAdopted(record.id, self._request(record), record.policy))
             for replica in record.replicas:
                 if replica.state in ("running", "starting", "unknown") and replica.connection:
                     replica.state = "unknown"
@@ -1144,7 +1132,7 @@ class KernelManager:
             info = await kernel.wait_ready(link, self.config.host_lost_timeout * 2)
         except (TimeoutError, KernelUnavailable):
             return
-        last_term = int((info.get("nbcluster") or {}).get("last_term") or 0)
+        last_term = replica_last_term(kernel, info)
         kernel.last_replied_term = max(kernel.last_replied_term, last_term)
         kernel.next_term = max(kernel.next_term, last_term + 1)
         if kernel.execution_state == "starting":
@@ -1165,7 +1153,7 @@ class KernelManager:
         """Detach from every kernel (they keep running) when the gateway stops."""
         for task in list(self._background):
             task.cancel()
-        await self.gpus.close()
+        await self.scheduling.close()
         for kernel in self.kernels.values():
             for client in tuple(kernel.clients):
                 client.close(1001, "gateway shutting down")
@@ -1173,16 +1161,16 @@ class KernelManager:
         self.zmq_context.destroy(linger=0)
 
 
-def _restore_notice(reason: str, point: Mapping[str, Any], headline: str | None = None) -> str:
-    created = point.get("checkpoint_created")
+def _restore_notice(reason: str, point: RestorePoint, headline: str | None = None) -> str:
+    created = point.checkpoint_created
     when = (
-        f"its checkpoint of {datetime.fromtimestamp(float(created), UTC):%Y-%m-%d %H:%M:%S} UTC"
+        f"its checkpoint of {datetime.fromtimestamp(created, UTC):%Y-%m-%d %H:%M:%S} UTC"
         if created
         else "the store's log"
     )
-    later = int(point.get("later_cells") or 0)
+    later = point.later_cells
     tail = f" and {later} later cell(s)" if later else ""
-    count = point.get("execution_count")
+    count = point.execution_count
     if headline is not None:
         return f"[nbcluster] {headline} from {when}{tail}, up to cell [{count}].\n"
     return (

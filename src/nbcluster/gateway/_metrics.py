@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ..scheduling import Scheduler
+    from ._driver import SchedulerDriver
     from ._hosts import HostRegistry
     from ._kernel import GatewayKernel
 
@@ -73,8 +73,8 @@ class _ClusterCollector(Collector):
 class _SchedulerCollector(Collector):
     """GPU accounting per host and the cluster's waiting cells, from the scheduler's views."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self._scheduler = scheduler
+    def __init__(self, scheduling: SchedulerDriver) -> None:
+        self._scheduling = scheduling
 
     def collect(self) -> Iterator[Metric]:
         gpus = GaugeMetricFamily(
@@ -92,14 +92,14 @@ class _SchedulerCollector(Collector):
         draining = GaugeMetricFamily(
             "nbcluster_host_draining", "1 when a host shrank below its bindings.", labels=["host"]
         )
-        for view in self._scheduler.hosts.values():
+        for view in self._scheduling.host_views().values():
             gpus.add_metric([view.name, "idle"], view.idle_gpus)
             gpus.add_metric([view.name, "committed"], view.committed_gpus)
             gpus.add_metric([view.name, "pending"], view.pending.gpus)
             ratio.add_metric([view.name], view.subscription_ratio)
             draining.add_metric([view.name], 1 if view.draining else 0)
         yield from (gpus, ratio, draining)
-        summary = self._scheduler.summary()
+        summary = self._scheduling.summary()
         waiting = GaugeMetricFamily(
             "nbcluster_cells_waiting_for_gpus", "Cells queued until GPUs are free."
         )
@@ -228,11 +228,11 @@ class GatewayMetrics:
         self,
         hosts: HostRegistry,
         kernels: Callable[[], Iterable[GatewayKernel]],
-        scheduler: Scheduler | None = None,
+        scheduling: SchedulerDriver | None = None,
     ) -> None:
         self.registry.register(_ClusterCollector(hosts, kernels))
-        if scheduler is not None:
-            self.registry.register(_SchedulerCollector(scheduler))
+        if scheduling is not None:
+            self.registry.register(_SchedulerCollector(scheduling))
 
     def routed(self, channel: str, direction: str) -> None:
         inc = self._routed.get((channel, direction))

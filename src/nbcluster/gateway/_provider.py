@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from .. import envvars
+
 __all__ = ["HostProvider", "HostProviderError", "LocalProcessHostProvider"]
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ class LocalProcessHostProvider:
             raise HostProviderError(f"cannot start {count} hosts")
         if self._closed:
             raise HostProviderError("the local host provider is closed")
-        env = {**os.environ, "NBCLUSTER_TOKEN": self._token}
+        env = {**os.environ, envvars.TOKEN.name: self._token}
         names: list[str] = []
         for _ in range(count):
             name = f"{self.name_prefix}-{next(self._numbers)}"

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .. import envvars
 from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
 from ..jobs import JobHandle, JobRuntime, JobSpec, ProcessRuntime
 
@@ -33,7 +34,7 @@ _CHUNK = 64 * 1024
 #: What a fast job returns as its result, at most.
 _RESULT_LIMIT = 1 * 2**20
 #: Environment variables of the daemon that a job must not see.
-_PRIVATE_ENV = ("NBCLUSTER_TOKEN", "NBCLUSTER_RAFT_PASSWORD")
+_PRIVATE_ENV = (envvars.TOKEN.name, envvars.RAFT_PASSWORD.name)
 
 #: Sends an event to the gateway; False when it could not (disconnected).
 Send = Callable[[JobOutput | JobExited], Awaitable[bool]]
@@ -124,10 +125,10 @@ class JobRunner:
         env.update(spec.env)
         visible = ",".join(map(str, request.gpus))
         env |= {
-            "NBCLUSTER_JOB_ID": request.job_id,
-            "NBCLUSTER_GPUS": visible,
+            envvars.JOB_ID.name: request.job_id,
+            envvars.GPUS.name: visible,
             # A job without GPUs sees none, so that it cannot take one a cell was given.
-            "CUDA_VISIBLE_DEVICES": visible,
+            envvars.CUDA_VISIBLE_DEVICES.name: visible,
             "PYTHONUNBUFFERED": "1",
         }
         return env

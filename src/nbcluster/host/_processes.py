@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import envvars
 from ..hostproto import ConnectionInfo, ReplicaExited, ReplicaReport, StartReplica
 
 __all__ = ["ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _LOG_TAIL_BYTES = 4000
 #: Environment variables of the host daemon that must never reach user code.
-_SECRET_ENV = ("NBCLUSTER_TOKEN",)
+_SECRET_ENV = (envvars.TOKEN.name,)
 
 
 class ReplicaStartError(RuntimeError):
@@ -106,12 +107,14 @@ class ReplicaSupervisor:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env.update(request.env)
         env.update(
-            NBCLUSTER_KERNEL_ID=request.kernel_id,
-            NBCLUSTER_REPLICA_ID=request.replica_id,
-            NBCLUSTER_REPORT_FD=str(report_fd),
-            NBCLUSTER_PARENT_PID=str(os.getpid()),
-            JPY_PARENT_PID=str(os.getpid()),
-            PYTHONUNBUFFERED="1",
+            {
+                envvars.KERNEL_ID.name: request.kernel_id,
+                envvars.REPLICA_ID.name: request.replica_id,
+                envvars.REPORT_FD.name: str(report_fd),
+                envvars.PARENT_PID.name: str(os.getpid()),
+                "JPY_PARENT_PID": str(os.getpid()),
+                "PYTHONUNBUFFERED": "1",
+            }
         )
         return env
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import envvars
 from ._model import JobSpec
 from ._runtime import JobHandle
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 CONTAINER_WORKDIR = "/job"
 
 #: The variables through which the worker passes the GPUs it bound to the job.
-GPU_ENV = ("NBCLUSTER_GPUS", "CUDA_VISIBLE_DEVICES")
+GPU_ENV = (envvars.GPUS.name, envvars.CUDA_VISIBLE_DEVICES.name)
 
 #: How long ``wait()`` waits for the end of the log stream once the container exited.
 _LOG_DRAIN_TIMEOUT = 10.0
@@ -75,7 +76,7 @@ def container_env(
     kept = set(keep)
     out = dict(spec.env)
     for name, value in env.items():
-        if name in spec.env or name in kept or name.startswith("NBCLUSTER_"):
+        if name in spec.env or name in kept or name.startswith(envvars.PREFIX):
             out[name] = value
     return out
 
@@ -214,8 +215,10 @@ class DockerRuntime:
             ]
             # Inside the container the devices it was given are numbered from 0; the host's
             # indices stay in NBCLUSTER_GPUS (what nbcluster.runtime.gpus() reports).
-            environment["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(devices)))
-            environment["NBCLUSTER_GPUS"] = ",".join(devices)
+            environment[envvars.CUDA_VISIBLE_DEVICES.name] = ",".join(
+                str(i) for i in range(len(devices))
+            )
+            environment[envvars.GPUS.name] = ",".join(devices)
         elif spec.resources.gpus > 0:
             raise ValueError(
                 f"resources.gpus: the job asks for {spec.resources.gpus} GPU(s) but the worker "

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from .. import envvars
 from ._model import JobSpec
 from ._runtime import JobHandle
 
@@ -537,7 +538,7 @@ def _check_kubernetes_spec(spec: JobSpec, runtime: str) -> None:
 def _platform_env(env: Mapping[str, str]) -> dict[str, str]:
     """The platform's variables a pod gets from the worker's ``env``: ``NBCLUSTER_*`` but
     not the GPUs the worker's host bound (the pod's GPUs are the device plugin's)."""
-    return {k: v for k, v in env.items() if k.startswith("NBCLUSTER_") and k != "NBCLUSTER_GPUS"}
+    return {k: v for k, v in env.items() if k.startswith(envvars.PREFIX) and k != envvars.GPUS.name}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
 
+from .. import envvars
 from .._lifeline import die_with_parent
 from .._net import free_port
 from ._kernel import ReplicaKernel
@@ -30,7 +31,7 @@ class ReplicaKernelApp(IPKernelApp):
         self._report_ports()
 
     def _report_ports(self) -> None:
-        fd_text = os.environ.get("NBCLUSTER_REPORT_FD")
+        fd_text = envvars.REPORT_FD.get()
         if not fd_text:
             return
         report = {
@@ -52,7 +53,7 @@ class ReplicaKernelApp(IPKernelApp):
 
 def main() -> None:
     """Entry point of ``python -m nbcluster.kernel``, run by the host daemon."""
-    parent = int(os.environ.get("NBCLUSTER_PARENT_PID") or 0)
+    parent = int(envvars.PARENT_PID.get() or 0)
     # A replica must not outlive its host daemon: a dead daemon means a lost host.
     die_with_parent(parent, signal.SIGKILL)
     ReplicaKernelApp.launch_instance(kernel_class=ReplicaKernel)

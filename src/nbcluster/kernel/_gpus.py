@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .. import runtime
+from .. import envvars, runtime
+from ..protocol import METADATA_KEY, check_gpus
 
 __all__ = [
     "CUDA_ENV",
@@ -37,8 +38,8 @@ __all__ = [
     "use_nvml_device_order",
 ]
 
-CUDA_ENV = "CUDA_VISIBLE_DEVICES"
-DEVICE_ORDER_ENV = "CUDA_DEVICE_ORDER"
+CUDA_ENV = envvars.CUDA_VISIBLE_DEVICES.name
+DEVICE_ORDER_ENV = envvars.CUDA_DEVICE_ORDER.name
 
 
 def use_nvml_device_order() -> None:
@@ -50,11 +51,6 @@ def use_nvml_device_order() -> None:
     os.environ.setdefault(DEVICE_ORDER_ENV, "PCI_BUS_ID")
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def parse_cell_gpus(metadata: Any) -> tuple[tuple[int, ...] | None, str | None]:
     """Read ``nbcluster.gpus`` from an ``execute_request``'s metadata.
 
@@ -62,32 +58,21 @@ def parse_cell_gpus(metadata: Any) -> tuple[tuple[int, ...] | None, str | None]:
     ``gpus`` (no binding to apply), and ``(None, problem)`` for a value that is not a list of
     distinct non-negative ints, ``problem`` saying what is wrong with it.
     """
-    meta = metadata.get("nbcluster") if isinstance(metadata, dict) else None
+    meta = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if not isinstance(meta, dict) or "gpus" not in meta:
         return None, None
-    value = meta["gpus"]
-    if not isinstance(value, list | tuple):
-        return None, f"expected a list of GPU indices, got {type(value).__name__} {_show(value)}"
-    devices: list[int] = []
-    for position, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, int):
-            return None, (
-                f"item {position} of {_show(value)} is {type(item).__name__} {_show(item)}, "
-                "not an int"
-            )
-        if item < 0:
-            return None, f"item {position} of {_show(value)} is negative ({item})"
-        if item in devices:
-            return None, f"device {item} appears more than once in {_show(value)}"
-        devices.append(item)
-    return tuple(devices), None
+    try:
+        # The same check as the protocol's ExecuteMetadata.gpus.
+        return check_gpus(meta["gpus"]), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 @contextmanager
 def bound_gpus(devices: tuple[int, ...]) -> Iterator[None]:
     """Bind ``devices`` to the code run inside the block (see the module's docstring)."""
     value = ",".join(str(d) for d in devices)
-    names = (CUDA_ENV, runtime._GPUS_ENV)
+    names = (CUDA_ENV, envvars.GPUS.name)
     before = {name: os.environ.get(name) for name in names}
     previous = runtime._set_cell_gpus(devices)
     try:

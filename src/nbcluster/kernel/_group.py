@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import envvars
 from ..store import ObjectNotFoundError
 from ._checkpoint import (
     Checkpoint,
@@ -45,8 +45,8 @@ PROPOSE_TIMEOUT = 10.0
 #: The executor writes a checkpoint after this many of its cells, or when the last one is
 #: older than ``CHECKPOINT_INTERVAL`` seconds (each cell's state change is in the store's log
 #: tail meanwhile; a checkpoint compacts it).
-CHECKPOINT_EVERY = int(os.environ.get("NBCLUSTER_CHECKPOINT_EVERY", "20"))
-CHECKPOINT_INTERVAL = float(os.environ.get("NBCLUSTER_CHECKPOINT_INTERVAL", "300"))
+CHECKPOINT_EVERY = envvars.CHECKPOINT_EVERY.get_int()
+CHECKPOINT_INTERVAL = envvars.CHECKPOINT_INTERVAL.get_float()
 
 
 class ReplicaGroup:
@@ -57,7 +57,6 @@ class ReplicaGroup:
         self.log: ReplicatedLog = None  # type: ignore[assignment]  # set by start()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned: set[str] = set()
-        self._warned_widgets = False
         self._cells_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         # A threading lock: checkpoints are written from the main loop (after cells) and from
@@ -86,7 +85,7 @@ class ReplicaGroup:
         # One key space per kernel, so that a kernel's objects go when it does (store gc).
         prefix = f"kernels/{kernel.kernel_id}/values/" if kernel.kernel_id else "values/"
         # Values pickled larger than this go to the store (gateway: --store-threshold-mb).
-        threshold = int(os.environ.get("NBCLUSTER_STORE_THRESHOLD", str(2**20)))
+        threshold = envvars.STORE_THRESHOLD.get_int()
         sync = StateSynchronizer(
             shell.user_ns,
             shell.user_ns_hidden,  # by reference: IPython adds to it as it runs
@@ -145,7 +144,14 @@ class ReplicaGroup:
             result = None
         payload = getattr(result, "payload", None)
         if result is not None:
+            before = set(self._warned)
             self._warn_about(result)
+            told = sorted(self._warned - before)
+            if told:
+                # The other replicas learn what the user was told: once per kernel, not once
+                # per replica that executes.
+                payload = dict(payload or {"count": execution_count, "set": [], "del": []})
+                payload["told"] = told
         failed = getattr(result, "failed", None) or {}
         unstored = sorted(n for n, why in failed.items() if why.startswith("object store"))
         if unstored:
@@ -181,8 +187,8 @@ class ReplicaGroup:
             )
         if widgets:
             self._warned.update(widgets)
-            if not self._warned_widgets:
-                self._warned_widgets = True
+            if "widgets" not in self._warned:
+                self._warned.add("widgets")
                 self.kernel.send_stream_warning(
                     "[nbcluster] widgets live in the replica that runs the cell: after a "
                     "failover, existing widgets stop responding (run their cells again). "
@@ -190,10 +196,12 @@ class ReplicaGroup:
                 )
         # One line per reason, the names last (after the colon), as in the other warnings.
         by_reason: dict[str, list[str]] = {}
+        rebuilt = "; a replica that takes over rebuilds them by running this cell again"
         for name, why in sorted(result.lossy.items()):
             if f"lossy:{name}:{why}" not in self._warned:
                 self._warned.add(f"lossy:{name}:{why}")
-                by_reason.setdefault(why, []).append(name)
+                reason = why + rebuilt if name in result.recomputable else why
+                by_reason.setdefault(reason, []).append(name)
         for why, names in by_reason.items():
             self.kernel.send_stream_warning(
                 f"[nbcluster] copied to the other replicas without {why}: {', '.join(names)}\n"
@@ -331,6 +339,8 @@ class ReplicaGroup:
                 self.sync.apply(payload)
             except Exception:
                 log.exception("could not apply a state update")
+            else:
+                self._warned.update(k for k in payload.get("told", ()) if isinstance(k, str))
         shell = self.kernel.shell
         if count and shell is not None:
             self.kernel.execution_count = count

@@ -17,15 +17,36 @@ In a replica group it joins the group's Raft log when the gateway sends
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Unicode
 
-from .. import runtime
+from .. import envvars, runtime
 from .._version import __version__
+from ..protocol import (
+    CONTROL_ERROR_ENAME,
+    METADATA_KEY,
+    YIELD_ENAME,
+    CheckpointReply,
+    CheckpointRequest,
+    ControlErrorReply,
+    ControlMessageError,
+    ControlReply,
+    ControlRequest,
+    ExecuteMetadata,
+    ExecutionYielded,
+    LogStatus,
+    MembershipReply,
+    MembershipRequest,
+    RaftStartReply,
+    RaftStartRequest,
+    ReplicaInfo,
+    RestorePoint,
+    parse_execute_metadata,
+    parse_request,
+)
 from ._gpus import cell_gpus, use_nvml_device_order
 from ._records import Proposal
 
@@ -38,6 +59,8 @@ PROPOSE_TIMEOUT = 10.0
 #: How long the executor waits for earlier cells' state before running anyway (with a warning).
 CATCH_UP_TIMEOUT = 5.0
 
+_Request = TypeVar("_Request", bound=ControlRequest)
+
 
 class ReplicaKernel(IPythonKernel):
     """One replica of a distributed kernel. Started by a host daemon via :mod:`nbcluster.kernel`."""
@@ -47,11 +70,9 @@ class ReplicaKernel(IPythonKernel):
     banner = f"nbcluster replica kernel {__version__} (IPython)"
 
     kernel_id = Unicode(
-        os.environ.get("NBCLUSTER_KERNEL_ID", ""), help="The kernel this replica belongs to."
+        envvars.KERNEL_ID.get() or "", help="The kernel this replica belongs to."
     ).tag(config=True)
-    replica_id = Unicode(os.environ.get("NBCLUSTER_REPLICA_ID", ""), help="This replica's id.").tag(
-        config=True
-    )
+    replica_id = Unicode(envvars.REPLICA_ID.get() or "", help="This replica's id.").tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -59,10 +80,10 @@ class ReplicaKernel(IPythonKernel):
             from ._magics import JobMagics
 
             self.shell.register_magics(JobMagics(self.shell))  # %%job and %jobs
-        self.shell_handlers["nbcluster_raft_start_request"] = self.nbcluster_raft_start_request
-        self.shell_handlers["nbcluster_membership_request"] = self.nbcluster_membership_request
+        self.shell_handlers[RaftStartRequest.msg_type] = self.nbcluster_raft_start_request
+        self.shell_handlers[MembershipRequest.msg_type] = self.nbcluster_membership_request
         # On control: a long cell on shell must not hold a checkpoint up.
-        self.control_handlers["nbcluster_checkpoint_request"] = self.nbcluster_checkpoint_request
+        self.control_handlers[CheckpointRequest.msg_type] = self.nbcluster_checkpoint_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
         runtime._mark_kernel()
@@ -72,124 +93,126 @@ class ReplicaKernel(IPythonKernel):
     def kernel_info(self) -> dict[str, Any]:
         info: dict[str, Any] = dict(super().kernel_info)
         group = self.replication
-        info["nbcluster"] = {
-            "kernel_id": self.kernel_id,
-            "replica_id": self.replica_id,
-            "replicated": group is not None,
-            "last_term": group.coordinator.done_term if group else 0,
-        }
+        info[METADATA_KEY] = ReplicaInfo(
+            kernel_id=self.kernel_id,
+            replica_id=self.replica_id,
+            replicated=group is not None,
+            last_term=group.coordinator.done_term if group else 0,
+        ).model_dump(mode="json")
         return info
 
     # -- group membership ---------------------------------------------------------------------
 
     async def nbcluster_raft_start_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Join the kernel's replica group (the gateway forming or repairing it)."""
-        content = parent.get("content", {})
 
-        async def join() -> dict[str, Any]:
+        async def join(request: RaftStartRequest) -> RaftStartReply:
             from ._group import ReplicaGroup
 
             if self.replication is None:
                 self.replication = await ReplicaGroup.start(
                     self,
-                    address=str(content["address"]),
-                    peers=[str(p) for p in content["peers"]],
-                    members=int(content["members"]),
-                    password=os.environ.get("NBCLUSTER_RAFT_PASSWORD", ""),
-                    store_url=os.environ.get("NBCLUSTER_STORE_URL") or None,
+                    address=request.address,
+                    peers=request.peers,
+                    members=request.members,
+                    password=envvars.RAFT_PASSWORD.get() or "",
+                    store_url=envvars.STORE_URL.get() or None,
                 )
-            timeout = float(content.get("timeout", 10.0))
-            await self.replication.wait_for_leader(timeout)
-            if content.get("restore"):
+            await self.replication.wait_for_leader(request.timeout)
+            if request.restore:
                 # Every replica of the kernel was lost: start from what the store kept.
-                rebuilt = await self.replication.restore_from_store(timeout)
-                if rebuilt is None:
-                    return {"restored": None}
-                return {
-                    "restored": {
-                        "term": rebuilt.term,
-                        "execution_count": rebuilt.execution_count,
-                        "checkpoint_created": rebuilt.checkpoint_created,
-                        "later_cells": rebuilt.applied,
-                    }
-                }
+                rebuilt = await self.replication.restore_from_store(request.timeout)
+                restored = (
+                    None
+                    if rebuilt is None
+                    else RestorePoint(
+                        term=rebuilt.term,
+                        execution_count=rebuilt.execution_count,
+                        checkpoint_created=rebuilt.checkpoint_created,
+                        later_cells=rebuilt.applied,
+                    )
+                )
+                return RaftStartReply(log=self._log_status(), restored=restored)
             # Whatever committed before we joined (snapshot and tail) is applied before we
             # answer, so the gateway never picks a replica that is behind as executor.
-            await self.replication.catch_up(timeout)
-            return {}
+            await self.replication.catch_up(request.timeout)
+            return RaftStartReply(log=self._log_status())
 
-        await self._group_request(stream, ident, parent, "nbcluster_raft_start_reply", join)
+        await self._control_request(stream, ident, parent, RaftStartRequest, join)
 
     async def nbcluster_membership_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Replace members of the group's Raft log (the gateway replacing a lost replica)."""
-        content = parent.get("content", {})
 
-        async def change() -> dict[str, Any]:
+        async def change(request: MembershipRequest) -> MembershipReply:
             if self.replication is None:
                 raise RuntimeError("this replica is not in a replica group")
-            await self.replication.change_members(
-                [str(a) for a in content.get("remove", ())],
-                [str(a) for a in content.get("add", ())],
-                float(content.get("timeout", 20.0)),
-            )
-            return {}
+            await self.replication.change_members(request.remove, request.add, request.timeout)
+            return MembershipReply(log=self._log_status())
 
-        await self._group_request(stream, ident, parent, "nbcluster_membership_reply", change)
+        await self._control_request(stream, ident, parent, MembershipRequest, change)
 
     async def nbcluster_checkpoint_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Write a checkpoint of the synchronised state to the store now (the gateway's
         ``POST /api/cluster/kernels/{id}/checkpoint``)."""
 
-        content = parent.get("content", {})
-
-        async def checkpoint() -> dict[str, Any]:
+        async def checkpoint(request: CheckpointRequest) -> CheckpointReply:
             if self.replication is None:
                 raise RuntimeError(
                     "this kernel is not replicated: checkpoints need a replica group"
                 )
             # Every cell the gateway has seen answered is in it.
-            after = int(content.get("after_term", 0))
+            after = request.after_term
             if not await self.replication.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
                 raise RuntimeError(f"the state of term {after} has not arrived here yet")
-            result: dict[str, Any] = await self.replication.write_checkpoint()
-            return result
+            written = await self.replication.write_checkpoint()
+            return CheckpointReply(log=self._log_status(), **written)
 
-        await self._group_request(stream, ident, parent, "nbcluster_checkpoint_reply", checkpoint)
+        await self._control_request(stream, ident, parent, CheckpointRequest, checkpoint)
 
-    async def _group_request(
+    def _log_status(self) -> LogStatus:
+        """The group's Raft log as this replica sees it, for an ``ok`` control reply."""
+        if self.replication is None:
+            raise RuntimeError("this replica is not in a replica group")
+        return LogStatus.model_validate(self.replication.log.status())
+
+    async def _control_request(
         self,
         stream: Any,
         ident: Any,
         parent: Any,
-        reply_type: str,
-        action: Callable[[], Awaitable[dict[str, Any]]],
+        model: type[_Request],
+        action: Callable[[_Request], Awaitable[ControlReply]],
     ) -> None:
         """Run a group operation the gateway asked for and answer ok (with the log's status)
-        or with the error."""
+        or with the error: a malformed request is answered with a ``ControlMessageError``
+        that names what is wrong, and the replica goes on serving."""
+        reply: ControlReply | ControlErrorReply
         try:
-            extra = await action()
-            assert self.replication is not None
-            reply: dict[str, Any] = {
-                **extra,
-                "status": "ok",
-                "log": self.replication.log.status(),
-            }
-        except Exception as exc:
-            log.exception("%s failed", reply_type.removesuffix("_reply"))
-            reply = {
-                "status": "error",
-                "ename": type(exc).__name__,
-                "evalue": str(exc),
-                "traceback": [],
-            }
-        self._send(stream, reply_type, reply, parent, ident)
+            request = parse_request(model, parent.get("content"))
+        except ControlMessageError as exc:
+            log.warning("%s", exc)
+            reply = ControlErrorReply(ename=CONTROL_ERROR_ENAME, evalue=str(exc))
+        else:
+            try:
+                reply = await action(request)
+            except Exception as exc:
+                log.exception("%s failed", model.msg_type.removesuffix("_request"))
+                reply = ControlErrorReply(ename=type(exc).__name__, evalue=str(exc))
+        self._send(stream, model.reply_type, reply.model_dump(mode="json"), parent, ident)
 
     # -- execution ----------------------------------------------------------------------------
 
     @staticmethod
-    def _term_of(parent: dict[str, Any]) -> dict[str, Any] | None:
-        meta = (parent.get("metadata") or {}).get("nbcluster")
-        return meta if isinstance(meta, dict) and "term" in meta else None
+    def _term_of(parent: dict[str, Any]) -> ExecuteMetadata | None:
+        """The term the gateway sent with the cell (``metadata.nbcluster``); None without one
+        (a kernel of one replica, a client's own request). The GPU binding is left out: it is
+        read apart (``cell_gpus``), and an invalid one only warns. Raises
+        ``ControlMessageError`` naming what is wrong with a malformed one."""
+        metadata = parent.get("metadata")
+        meta = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+        if not isinstance(meta, dict) or "term" not in meta:
+            return None
+        return parse_execute_metadata(metadata, gpus=False)
 
     async def execute_request(self, stream: Any, ident: Any, parent: Any) -> None:
         self._finish_after_reply = None
@@ -212,14 +235,18 @@ class ReplicaKernel(IPythonKernel):
         cell_id: str | None = None,
     ) -> dict[str, Any]:
         parent = self.get_parent("shell")
-        term_meta = self._term_of(parent)
         group = self.replication
-        if term_meta is None or group is None:
+        try:
+            term_meta = self._term_of(parent) if group is not None else None
+        except ControlMessageError as exc:
+            log.warning("%s", exc)
+            return self._error_reply(CONTROL_ERROR_ENAME, str(exc))
+        if term_meta is None or term_meta.term is None or group is None:
             return await self._run(
                 code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
             )
-        term = int(term_meta["term"])
-        attempt = int(term_meta.get("attempt", 1))
+        term = term_meta.term
+        attempt = term_meta.attempt or 1
         msg_id = parent["header"]["msg_id"]
         proposal = Proposal(
             "lead", term, attempt, self.replica_id, msg_id, tuple(self._bound_names(code))
@@ -270,8 +297,8 @@ class ReplicaKernel(IPythonKernel):
             if decided_earlier and not completed and store_history and not silent and self.shell:
                 self.shell.execution_count += 1
             # ``completed``: the winner's state of this cell arrived (it ran to the end).
-            return self._yield_reply(term, winner) | {"completed": completed}
-        after = int(term_meta.get("after_term", term - 1))
+            return self._yield_reply(term, winner, completed)
+        after = term - 1 if term_meta.after_term is None else term_meta.after_term
         if not await group.coordinator.caught_up(after, CATCH_UP_TIMEOUT):
             names = group.coordinator.bound_by(after)
             lost = (
@@ -285,6 +312,10 @@ class ReplicaKernel(IPythonKernel):
                 "the replica that ran it (it was probably lost with that replica), so this "
                 f"cell runs with the state this replica has{lost}\n"
             )
+        # Values that arrived incomplete (autograd graphs) are rebuilt by running their cells
+        # again, here only: this replica is the one that needs them (``_recompute``).
+        for notice in group.sync.rebuild_incomplete():
+            self.send_stream_warning(notice)
         # Interpreter state from the replicas that ran the previous cells (decimal context,
         # print options ...) must be restored in the context this cell runs in.
         for problem in group.sync.environment.restore_pending():
@@ -293,7 +324,7 @@ class ReplicaKernel(IPythonKernel):
             code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
         )
         self._finish_after_reply = (term, str(reply.get("status", "ok")), code)
-        reply.setdefault("nbcluster", {})
+        reply.setdefault(METADATA_KEY, {})
         return reply
 
     def _bound_names(self, code: str) -> list[str]:
@@ -331,12 +362,11 @@ class ReplicaKernel(IPythonKernel):
             )
         return result
 
-    def _yield_reply(self, term: int, winner: str | None) -> dict[str, Any]:
+    def _yield_reply(self, term: int, winner: str | None, completed: bool) -> dict[str, Any]:
         who = f"replica {winner}" if winner else "no replica (every replica yielded)"
         return self._error_reply(
-            "ExecutionYieldError",
-            f"replica {self.replica_id} did not execute term {term}: {who} did",
-        ) | {"yielded": True, "winner": winner}
+            YIELD_ENAME, f"replica {self.replica_id} did not execute term {term}: {who} did"
+        ) | ExecutionYielded(winner=winner, completed=completed).model_dump(mode="json")
 
     def _error_reply(self, ename: str, evalue: str) -> dict[str, Any]:
         return {

@@ -21,7 +21,6 @@ How a ``%%job`` cell ends:
 from __future__ import annotations
 
 import codecs
-import os
 import shlex
 import sys
 import time
@@ -31,6 +30,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .. import envvars
 
 # httpx is imported where the magics use it: every replica loads this module, and httpx
 # costs ~6 MB of memory in each, for kernels that may never submit a job.
@@ -201,20 +202,20 @@ class JobMagics(Magics):
     # -- gateway access -----------------------------------------------------------------------
 
     def _kernel_id(self) -> str:
-        return os.environ.get("NBCLUSTER_KERNEL_ID", "")
+        return envvars.KERNEL_ID.get() or ""
 
     def _client(self) -> httpx.Client:
         """A client for the gateway that started this kernel; a :class:`UsageError` if none."""
         import httpx
 
-        url = os.environ.get("NBCLUSTER_GATEWAY_URL", "")
-        token = os.environ.get("NBCLUSTER_GATEWAY_TOKEN", "")
+        url = envvars.GATEWAY_URL.get() or ""
+        token = envvars.GATEWAY_TOKEN.get() or ""
         missing = [
-            name
-            for name, value in (
-                ("NBCLUSTER_GATEWAY_URL", url),
-                ("NBCLUSTER_GATEWAY_TOKEN", token),
-                ("NBCLUSTER_KERNEL_ID", self._kernel_id()),
+            var.name
+            for var, value in (
+                (envvars.GATEWAY_URL, url),
+                (envvars.GATEWAY_TOKEN, token),
+                (envvars.KERNEL_ID, self._kernel_id()),
             )
             if not value
         ]

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 __all__ = [
     "Action",
     "BindGpus",
+    "BindJobGpus",
     "CancelWait",
+    "JobGpusRefused",
     "Migrate",
     "MigrationRefused",
     "PlaceReplicas",
@@ -127,6 +129,25 @@ class ScaleIn:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class BindJobGpus:
+    """The job runs on ``host`` with these devices; they are committed until
+    ``JobGpusReleased``."""
+
+    job_id: str
+    host: str
+    device_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobGpusRefused:
+    """The job cannot have those devices now (taken meanwhile, unknown host, or the job
+    already holds GPUs); it stays queued. ``reason`` says which."""
+
+    job_id: str
+    reason: str
+
+
 Action = (
     PlaceReplicas
     | RejectKernel
@@ -138,4 +159,6 @@ Action = (
     | CancelWait
     | ScaleOut
     | ScaleIn
+    | BindJobGpus
+    | JobGpusRefused
 )

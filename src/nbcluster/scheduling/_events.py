@@ -19,6 +19,8 @@ __all__ = [
     "HostAdded",
     "HostRemoved",
     "HostResourcesChanged",
+    "JobGpusReleased",
+    "JobGpusRequested",
     "KernelAdopted",
     "KernelRequested",
     "KernelStopped",
@@ -168,6 +170,28 @@ class KernelStopped:
     kernel_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class JobGpusRequested:
+    """A GPU job was assigned to ``host`` with these devices (free in the scheduler's
+    ``HostView.free_devices`` when the job manager looked): commit them to the job until
+    ``JobGpusReleased``, or refuse (``JobGpusRefused``) if they are not all free now.
+
+    Like a replica, the job's GPUs count as a pending claim on its host (without the
+    subscription cap: the devices are free, so the job runs)."""
+
+    job_id: str
+    host: str
+    device_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobGpusReleased:
+    """The job ended, was requeued or cancelled: its devices are free again (waiting cells
+    get them first). An unknown job id is ignored."""
+
+    job_id: str
+
+
 Event = (
     HostAdded
     | HostRemoved
@@ -183,4 +207,6 @@ Event = (
     | ExecutionCancelled
     | MigrationRequested
     | KernelStopped
+    | JobGpusRequested
+    | JobGpusReleased
 )

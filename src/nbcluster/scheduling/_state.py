@@ -19,6 +19,14 @@ scheduler moves the replica's claim to that host at once and returns ``Migrate``
 lets it catch up, retires the old one, and runs the cell there. If the migration fails the
 gateway reports ``ReplicaStopped`` for that replica (releasing claim and binding) and,
 to restore the replica count, ``ReplicaRequested``.
+
+Batch jobs: the job manager picks a worker and free devices from the host views, then asks
+with ``JobGpusRequested``; the devices are committed to the job (and count as a pending claim
+on its host) until ``JobGpusReleased``, so a GPU is never given to a job and a cell at once.
+
+Why one module of over 500 lines: claims, bindings, the waiting queue and the placement
+indexes change together under one invariant (``test_scheduler``'s state machine checks it
+after every event); split, each part would depend on the others' private state.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from dataclasses import dataclass, field
 from ._actions import (
     Action,
     BindGpus,
+    BindJobGpus,
     CancelWait,
+    JobGpusRefused,
     Migrate,
     MigrationRefused,
     PlaceReplicas,
@@ -48,6 +58,8 @@ from ._events import (
     HostAdded,
     HostRemoved,
     HostResourcesChanged,
+    JobGpusReleased,
+    JobGpusRequested,
     KernelAdopted,
     KernelRequested,
     KernelStopped,
@@ -101,13 +113,16 @@ class _Host:
     pending: Resources = field(default_factory=Resources)
     replicas: dict[tuple[str, str], None] = field(default_factory=dict)
     bound: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Devices committed to batch jobs, by job id.
+    jobs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     draining: bool = False
     version: int = 0
     #: The ``_by_free`` bucket this host sits in (None: not indexed).
     free_bucket: int | None = None
 
     def load_key(self) -> tuple[float, int, str]:
-        return (self.pending.gpus / max(self.spec.gpus, 1), len(self.replicas), self.name)
+        claims = len(self.replicas) + len(self.jobs)
+        return (self.pending.gpus / max(self.spec.gpus, 1), claims, self.name)
 
 
 @dataclass(slots=True)
@@ -145,6 +160,8 @@ class Scheduler:
         self._hosts: dict[str, _Host] = {}
         self._kernels: dict[str, _Kernel] = {}
         self._queue: deque[_Wait] = deque()
+        #: The host of every job holding GPUs.
+        self._jobs: dict[str, str] = {}
         # Least-loaded placement: per spec GPU count, a heap of (load key, version) with
         # lazy deletion; every placeable host has exactly one live entry.
         self._heaps: dict[int, list[tuple[tuple[float, int, str], int]]] = {}
@@ -200,10 +217,14 @@ class Scheduler:
         return ClusterSummary(
             hosts=len(self._hosts),
             gpu_capacity=sum(h.spec.gpus for h in hosts),
-            committed_gpus=sum(len(d) for h in hosts for d in h.bound.values()),
+            committed_gpus=sum(
+                len(d) for h in hosts for d in (*h.bound.values(), *h.jobs.values())
+            ),
             pending_gpus=sum(h.pending.gpus for h in hosts),
             waiting_cells=len(self._queue),
-            idle_hosts=tuple(sorted(h.name for h in hosts if not h.replicas and not h.bound)),
+            idle_hosts=tuple(
+                sorted(h.name for h in hosts if not h.replicas and not h.bound and not h.jobs)
+            ),
         )
 
     def has_kernel(self, kernel_id: str) -> bool:
@@ -257,6 +278,10 @@ class Scheduler:
                 return self._execution_cancelled(event)
             case KernelStopped():
                 return self._kernel_stopped(event)
+            case JobGpusRequested():
+                return self._job_gpus_requested(event)
+            case JobGpusReleased():
+                return self._job_gpus_released(event)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     def _host_added(self, event: HostAdded) -> list[Action]:
@@ -278,6 +303,8 @@ class Scheduler:
         self._unindex_free(host)
         host.version = -1  # kills its heap entry
         self._max_spec = None
+        for job_id in host.jobs:
+            del self._jobs[job_id]
         actions: list[Action] = []
         for kernel_id, replica_id in list(host.replicas):
             kernel = self._kernels[kernel_id]
@@ -543,6 +570,39 @@ class Scheduler:
         del self._kernels[event.kernel_id]
         return actions + self._retry_waiting()
 
+    # ----------------------------------------------------------------- jobs
+
+    def _job_gpus_requested(self, event: JobGpusRequested) -> list[Action]:
+        job_id = event.job_id
+        held = self._jobs.get(job_id)
+        if held is not None:
+            return [JobGpusRefused(job_id, f"job {job_id} already holds GPUs on {held}")]
+        host = self._hosts.get(event.host)
+        if host is None:
+            return [JobGpusRefused(job_id, f"no host named {event.host}")]
+        devices = tuple(sorted(event.device_indices))
+        if not devices or len(set(devices)) != len(devices) or not set(devices) <= host.free:
+            return [
+                JobGpusRefused(job_id, f"GPUs {list(devices)} of host {host.name} are not all free")
+            ]
+        host.free.difference_update(devices)
+        host.jobs[job_id] = devices
+        host.pending = host.pending + Resources(gpus=len(devices))
+        self._jobs[job_id] = host.name
+        self._reindex(host)
+        return [BindJobGpus(job_id, host.name, devices)]
+
+    def _job_gpus_released(self, event: JobGpusReleased) -> list[Action]:
+        name = self._jobs.pop(event.job_id, None)
+        if name is None:
+            return []
+        host = self._hosts[name]
+        devices = host.jobs.pop(event.job_id)
+        host.pending = host.pending - Resources(gpus=len(devices))
+        self._refresh_free(host)
+        self._reindex(host)
+        return self._retry_waiting()
+
     # ----------------------------------------------------------------- binding
 
     def _try_bind(self, kernel: _Kernel, term: int, preferred: str | None) -> list[Action] | None:
@@ -730,7 +790,7 @@ class Scheduler:
 
     def _refresh_free(self, host: _Host) -> None:
         """Recompute free devices and draining after the spec or the bindings changed."""
-        used = {d for devices in host.bound.values() for d in devices}
+        used = {d for devices in (*host.bound.values(), *host.jobs.values()) for d in devices}
         host.free = set(host.devices) - used
         host.draining = not used <= set(host.devices)
 
@@ -778,6 +838,7 @@ class Scheduler:
             replicas=tuple(h.replicas),
             draining=h.draining,
             subscription_ratio=self._ratio(h.pending, h.spec),
+            jobs=tuple(h.jobs.items()),
         )
 
 

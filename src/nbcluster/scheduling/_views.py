@@ -35,10 +35,12 @@ class HostView:
     replicas: tuple[tuple[str, str], ...]
     draining: bool
     subscription_ratio: float
+    #: GPU devices committed to a batch job, by job id (``JobGpusRequested``).
+    jobs: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def committed_gpus(self) -> int:
-        return sum(len(devices) for _, devices in self.bound)
+        return sum(len(devices) for _, devices in (*self.bound, *self.jobs))
 
     @property
     def idle_gpus(self) -> int:
@@ -47,7 +49,7 @@ class HostView:
     @property
     def free_devices(self) -> list[int]:
         """The device indices no replica or job holds, in order."""
-        bound = {d for _, devices in self.bound for d in devices}
+        bound = {d for _, devices in (*self.bound, *self.jobs) for d in devices}
         return [d for d in self.gpu_devices if d not in bound]
 
 

@@ -1,0 +1,513 @@
+"""The one driver of the pure scheduler: events in, every decision carried out here.
+
+:class:`~nbcluster.scheduling.Scheduler` decides (events in, actions out, no I/O);
+:class:`SchedulerDriver` is the only code that feeds it and the only code that interprets its
+actions (:meth:`SchedulerDriver.carry_out`, one ``match`` over every action type, an unknown
+one raises). The kernel manager owns it; callers go through its methods:
+
+* facts (``handle``): hosts and replicas coming and going, kernels stopping;
+* requests that have an answer, returned as a value: :meth:`~SchedulerDriver.place_kernel`
+  and :meth:`~SchedulerDriver.place_replica` (:class:`Placement` or :class:`Refusal`),
+  :meth:`~SchedulerDriver.migrate` (:class:`MigrationResult` or :class:`Refusal`),
+  :meth:`~SchedulerDriver.reserve_job_gpus` / :meth:`~SchedulerDriver.release_job_gpus`;
+* cells (the :class:`~._kernel.ExecutionGate` methods every kernel calls): bind, wait,
+  cancel, migrate-then-run;
+* read-only views for the API, metrics, jobs and the auto-scaler (``summary``,
+  ``host_views``, ``host_view``, ``kernel_view``, ``waiting``).
+
+Its collaborators come in its constructor as small protocols: the kernels that run cells
+(:class:`CellRunner`), who moves a replica (:class:`ReplicaMover`, the kernel manager) and
+who adds or removes hosts (:class:`HostRequester`, the gateway's auto-scaler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..hostproto import HostResources
+from ..scheduling import (
+    Action,
+    BindGpus,
+    BindJobGpus,
+    CancelWait,
+    ClusterSummary,
+    Event,
+    ExecutionCancelled,
+    ExecutionFinished,
+    ExecutionRequested,
+    HostView,
+    JobGpusRefused,
+    JobGpusReleased,
+    JobGpusRequested,
+    KernelRequested,
+    KernelView,
+    Migrate,
+    MigrationRefused,
+    MigrationRequested,
+    PlaceReplicas,
+    RejectKernel,
+    ReleaseGpus,
+    ReplicaRequested,
+    ReplicaStopped,
+    Resources,
+    ScaleIn,
+    ScaleOut,
+    Scheduler,
+    SchedulerConfig,
+    WaitForGpus,
+)
+from ._kernel import GatewayKernel
+from ._metrics import GatewayMetrics
+
+__all__ = [
+    "Answers",
+    "CellRunner",
+    "HostRequester",
+    "HostSupply",
+    "MigrationResult",
+    "Placement",
+    "Refusal",
+    "ReplicaMover",
+    "SchedulerDriver",
+    "host_spec",
+    "new_replica_id",
+]
+
+log = logging.getLogger(__name__)
+
+#: A cell whose migrations failed this many times stops trying and waits for its own hosts.
+_MIGRATION_ATTEMPTS = 2
+
+#: Events whose answer the caller needs: they have their own methods, not ``handle``.
+_ANSWERED = {
+    KernelRequested: "place_kernel",
+    ReplicaRequested: "place_replica",
+    MigrationRequested: "migrate",
+    JobGpusRequested: "reserve_job_gpus",
+}
+
+
+def new_replica_id(kernel_id: str, number: int) -> str:
+    """Replica ids unique across kernel restarts and gateway restarts (host daemons and log
+    files are keyed by them)."""
+    return f"{kernel_id[:8]}-{secrets.token_hex(3)}"
+
+
+def host_spec(resources: HostResources) -> tuple[Resources, tuple[int, ...]]:
+    """What the scheduler knows of a host, from what its daemon reported."""
+    spec = Resources(
+        gpus=len(resources.gpus),
+        millicpus=resources.cpus * 1000,
+        memory_mb=resources.memory_mb,
+        vram_gb=round(sum(g.memory_mb for g in resources.gpus) / 1024, 3),
+    )
+    return spec, tuple(g.index for g in resources.gpus)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# -- collaborators ----------------------------------------------------------------------------
+
+
+class CellRunner(Protocol):
+    """A kernel as the driver sees it (:class:`~._kernel.GatewayKernel`): it runs, announces
+    and cancels its cells when told."""
+
+    def dispatch(self, term: int, replica_id: str, devices: tuple[int, ...] | None) -> bool:
+        """Run cell ``term`` on the replica with these GPUs; False: it is no longer waiting."""
+
+    def show_waiting(self, term: int, text: str) -> None:
+        """Tell the cell's users why it waits."""
+
+    def cell_started_after_wait(self, term: int, text: str) -> None:
+        """Tell the cell's users that it got its GPUs."""
+
+    def cancel_waiting(self, term: int, ename: str, reason: str) -> None:
+        """Answer a waiting cell with an error."""
+
+
+class ReplicaMover(Protocol):
+    """Carries out a ``Migrate`` (the kernel manager: start the new replica, let it catch up,
+    retire the old one). On failure it has told the scheduler the new replica stopped."""
+
+    async def move_replica(self, migrate: Migrate) -> bool:
+        """True when the new replica runs and the old one is retired."""
+        ...
+
+
+class HostRequester(Protocol):
+    """Adds and removes hosts (the gateway's auto-scaler and host provider)."""
+
+    def request_hosts(self, action: ScaleOut) -> None:
+        """The scheduler found no room: start hosts (in the background)."""
+
+    def release_hosts(self, action: ScaleIn) -> None:
+        """Stop these idle hosts (in the background)."""
+
+
+class HostSupply(HostRequester, Protocol):
+    """A :class:`HostRequester` the kernel manager can also wait on (reactive scale-out)."""
+
+    async def wait_for_hosts(self, timeout: float) -> bool:
+        """After a scale-out: True once a started host registered, False if none is coming."""
+        ...
+
+    def host_registered(self, name: str) -> None:
+        """Hear of every host's hello."""
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the scheduler put a kernel's replicas: ``(replica_id, host)`` each."""
+
+    kernel_id: str
+    replicas: tuple[tuple[str, str], ...]
+    #: GPUs the kernel holds for its life (``reservation``), else None.
+    reserved_devices: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The scheduler said no; ``reason`` is the user-facing error. ``scaling``: the host
+    provider was asked for hosts, so a later attempt may succeed."""
+
+    reason: str
+    scaling: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """A requested migration that was carried out (``ok``) or failed (see the log)."""
+
+    migrate: Migrate
+    ok: bool
+    seconds: float
+
+
+@dataclass(slots=True)
+class Answers:
+    """What carrying out a list of actions leaves for the caller who asked."""
+
+    placed: PlaceReplicas | None = None
+    #: A life-long binding (``reservation``): the replica is launched with these devices.
+    reserved: BindGpus | None = None
+    job: BindJobGpus | None = None
+    #: The reason of a ``RejectKernel``, ``MigrationRefused`` or ``JobGpusRefused``.
+    refusal: str | None = None
+    scale_out: ScaleOut | None = None
+    #: Migrations started, each with its running task (True: it succeeded).
+    migrations: list[tuple[Migrate, asyncio.Task[bool]]] = field(default_factory=list)
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+class SchedulerDriver:
+    """Created and owned by the kernel manager; every kernel's ``gate``. Runs on the gateway's
+    loop."""
+
+    def __init__(
+        self,
+        cells: Mapping[str, CellRunner],
+        metrics: GatewayMetrics,
+        *,
+        max_subscription_ratio: float,
+        replicas_per_kernel: int,
+        mover: ReplicaMover | None = None,
+        hosts: HostRequester | None = None,
+    ) -> None:
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                max_subscription_ratio=max_subscription_ratio,
+                replicas_per_kernel=replicas_per_kernel,
+                new_replica_id=new_replica_id,
+            )
+        )
+        self._cells = cells
+        self._metrics = metrics
+        self._mover = mover
+        self._hosts = hosts
+        self._wait_started: dict[tuple[str, int], float] = {}
+        self._migrating: set[str] = set()
+        self._failed_migrations: dict[tuple[str, int], int] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- views --------------------------------------------------------------------------------
+
+    def summary(self) -> ClusterSummary:
+        return self._scheduler.summary()
+
+    def host_views(self) -> Mapping[str, HostView]:
+        return self._scheduler.hosts
+
+    def host_view(self, name: str) -> HostView | None:
+        return self._scheduler.host(name)
+
+    def kernel_view(self, kernel_id: str) -> KernelView | None:
+        return self._scheduler.kernel(kernel_id)
+
+    @property
+    def waiting(self) -> tuple[tuple[str, int], ...]:
+        """Cells waiting for GPUs, ``(kernel_id, term)``, in queue order."""
+        return self._scheduler.waiting
+
+    # -- facts --------------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> None:
+        """Apply a fact (a host came or went, a replica stopped, a kernel stopped ...) and
+        carry out what follows. Requests that have an answer have their own methods."""
+        method = _ANSWERED.get(type(event))
+        if method is not None:
+            raise TypeError(f"{type(event).__name__} has an answer: call {method}() instead")
+        self.carry_out(self._scheduler.handle(event))
+
+    # -- requests with an answer --------------------------------------------------------------
+
+    def place_kernel(
+        self, kernel_id: str, request: Resources, replicas: int | None, policy: str
+    ) -> Placement | Refusal:
+        """Where a new (or restarted, or restored) kernel's replicas go."""
+        actions = self._scheduler.handle(KernelRequested(kernel_id, request, replicas, policy))
+        return self._placement(kernel_id, self.carry_out(actions))
+
+    def place_replica(self, kernel_id: str, holding: str | None = None) -> Placement | Refusal:
+        """Place one more replica of a kernel (the gateway restoring its replica count).
+
+        ``holding``: the replica of the kernel's last failed attempt, whose placement was kept
+        so that the scheduler, which never puts two replicas of a kernel on one host, picks
+        another host now. It is released here: after the new placement, or before placing
+        again when no other host has room (then the same host is tried again).
+        """
+        actions = self._scheduler.handle(ReplicaRequested(kernel_id))
+        if holding is not None:
+            released = self._scheduler.handle(ReplicaStopped(kernel_id, holding, rerun=False))
+            if not any(isinstance(a, PlaceReplicas) for a in actions):
+                # Only the host that failed has room: it is tried again. The scale-out the
+                # first request asked for is dropped (nothing was carried out yet).
+                actions = self._scheduler.handle(ReplicaRequested(kernel_id))
+            actions = released + actions
+        return self._placement(kernel_id, self.carry_out(actions))
+
+    @staticmethod
+    def _placement(kernel_id: str, answers: Answers) -> Placement | Refusal:
+        placed, reserved, scale_out = answers.placed, answers.reserved, answers.scale_out
+        if placed is None:
+            reason = answers.refusal or (scale_out.reason if scale_out else "no host has room")
+            return Refusal(reason, scaling=scale_out is not None)
+        devices = reserved.device_indices if reserved is not None else None
+        return Placement(kernel_id, placed.replicas, devices)
+
+    async def migrate(
+        self, kernel_id: str, replica_id: str, to_host: str | None
+    ) -> MigrationResult | Refusal:
+        """An operator's migration: carried out now (the same way as a cell's)."""
+        answers = self.carry_out(
+            self._scheduler.handle(MigrationRequested(kernel_id, replica_id, to_host))
+        )
+        if not answers.migrations:
+            return Refusal(answers.refusal or f"replica {replica_id} cannot move now")
+        [(migrate, task)] = answers.migrations
+        started = time.monotonic()
+        ok = await task
+        return MigrationResult(migrate, ok, time.monotonic() - started)
+
+    def reserve_job_gpus(self, job_id: str, host: str, devices: tuple[int, ...]) -> bool:
+        """Commit these devices of ``host`` to a batch job; False: they are not all free."""
+        answers = self.carry_out(self._scheduler.handle(JobGpusRequested(job_id, host, devices)))
+        return answers.job is not None
+
+    def release_job_gpus(self, job_id: str) -> None:
+        """The job is over (or requeued): its devices go to waiting cells first."""
+        self.carry_out(self._scheduler.handle(JobGpusReleased(job_id)))
+
+    # -- cells (ExecutionGate) ----------------------------------------------------------------
+
+    # (On every cell's path: straight to the scheduler, without ``handle``'s check.)
+
+    def execution_requested(self, kernel: GatewayKernel, term: int, preferred: str | None) -> None:
+        self.carry_out(self._scheduler.handle(ExecutionRequested(kernel.id, term, preferred)))
+
+    def execution_finished(self, kernel: GatewayKernel, term: int) -> None:
+        self._failed_migrations.pop((kernel.id, term), None)
+        self._end_wait(kernel.id, term)
+        self.carry_out(self._scheduler.handle(ExecutionFinished(kernel.id, term)))
+
+    def execution_cancelled(self, kernel: GatewayKernel, term: int) -> None:
+        self.handle(ExecutionCancelled(kernel.id, term))
+
+    # -- the interpreter ----------------------------------------------------------------------
+
+    def carry_out(self, actions: Sequence[Action]) -> Answers:
+        """Carry out the scheduler's actions in order; return what the asking caller needs.
+
+        Every action type of :mod:`nbcluster.scheduling` has its case; anything else raises
+        ``TypeError`` (a new action must be given its meaning here)."""
+        answers = Answers()
+        for index, action in enumerate(actions):
+            match action:  # the actions of every cell first
+                case BindGpus(term=None):
+                    answers.reserved = action  # the replica is launched with them
+                case BindGpus() if action.replica_id in self._migrating:
+                    pass  # dispatched by the migration once the replica has caught up
+                case BindGpus():
+                    self._dispatch(action)
+                case ReleaseGpus():
+                    if action.device_indices:
+                        log.debug("released: %s", action)
+                case PlaceReplicas():
+                    answers.placed = action  # the caller launches them
+                case RejectKernel() | MigrationRefused() | JobGpusRefused():
+                    answers.refusal = action.reason
+                case WaitForGpus():
+                    self._announce_wait(action)
+                case CancelWait():
+                    self._cancel(action)
+                case Migrate():
+                    bind = next(
+                        (
+                            a
+                            for a in actions[index + 1 :]
+                            if isinstance(a, BindGpus) and a.replica_id == action.new_replica_id
+                        ),
+                        None,
+                    )
+                    answers.migrations.append((action, self._start_migration(action, bind)))
+                case ScaleOut():
+                    answers.scale_out = action
+                    if self._hosts is not None:
+                        self._hosts.request_hosts(action)
+                    else:
+                        log.info("would scale out by %d host(s): %s", action.count, action.reason)
+                case ScaleIn():
+                    if self._hosts is not None:
+                        self._hosts.release_hosts(action)
+                    else:
+                        log.info("would scale in %s: %s", ", ".join(action.hosts), action.reason)
+                case BindJobGpus():
+                    answers.job = action
+                    log.debug("bound: %s", action)
+                case _:
+                    raise TypeError(
+                        f"the scheduler driver cannot carry out {action!r}: not an action of "
+                        "nbcluster.scheduling (give it a case in SchedulerDriver.carry_out)"
+                    )
+        return answers
+
+    def _dispatch(self, bind: BindGpus) -> None:
+        assert bind.term is not None
+        kernel = self._cells.get(bind.kernel_id)
+        if kernel is None:
+            return
+        waited = self._end_wait(bind.kernel_id, bind.term)
+        if waited is not None and bind.device_indices:
+            devices = ", ".join(map(str, bind.device_indices))
+            kernel.cell_started_after_wait(
+                bind.term,
+                f"[nbcluster] Got {_plural(len(bind.device_indices), 'GPU')} ({devices}) on "
+                f"{bind.host} after {waited:.1f} s; running the cell.\n",
+            )
+        if not kernel.dispatch(bind.term, bind.replica_id, bind.device_indices):
+            # The cell was answered meanwhile (or its replica is gone): free what it holds.
+            self.handle(ExecutionFinished(bind.kernel_id, bind.term))
+
+    def _announce_wait(self, wait: WaitForGpus) -> None:
+        if wait.behind_own_cell:
+            return  # an ordinary queued cell, as on any Jupyter kernel
+        kernel = self._cells.get(wait.kernel_id)
+        if kernel is None:
+            return
+        summary = self._scheduler.summary()
+        self._wait_started.setdefault((wait.kernel_id, wait.term), time.monotonic())
+        self._metrics.cells_waiting_total.inc()
+        if wait.gpus == 0:
+            text = (
+                f"[nbcluster] Waiting for a replica: {wait.reason}. The cell runs as soon as "
+                "one is back; interrupt the kernel to cancel.\n"
+            )
+        else:
+            text = (
+                f"[nbcluster] Waiting for {_plural(wait.gpus, 'GPU')}: {wait.reason} "
+                f"({summary.committed_gpus} of {summary.gpu_capacity} GPUs in the cluster are "
+                "in use). The cell runs as soon as they are free; interrupt the kernel to "
+                "cancel.\n"
+            )
+        kernel.show_waiting(wait.term, text)
+
+    def _cancel(self, cancel: CancelWait) -> None:
+        self._end_wait(cancel.kernel_id, cancel.term)
+        kernel = self._cells.get(cancel.kernel_id)
+        if kernel is not None:
+            kernel.cancel_waiting(
+                cancel.term, "KeyboardInterrupt", "interrupted while waiting for GPUs"
+            )
+
+    def _end_wait(self, kernel_id: str, term: int) -> float | None:
+        started = self._wait_started.pop((kernel_id, term), None)
+        if started is None:
+            return None
+        waited = time.monotonic() - started
+        self._metrics.gpu_wait.observe(waited)
+        return waited
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def _start_migration(self, migrate: Migrate, bind: BindGpus | None) -> asyncio.Task[bool]:
+        self._migrating.add(migrate.new_replica_id)
+        task = asyncio.get_running_loop().create_task(self._migrate(migrate, bind))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _migrate(self, migrate: Migrate, bind: BindGpus | None) -> bool:
+        started = time.monotonic()
+        ok = False
+        try:
+            if self._mover is not None:
+                ok = await self._mover.move_replica(migrate)
+        except Exception:
+            log.exception("migration of replica %s failed", migrate.replica_id)
+        finally:
+            self._migrating.discard(migrate.new_replica_id)
+        self._metrics.migrations.labels("ok" if ok else "failed").inc()
+        if ok:
+            self._metrics.migration_seconds.observe(time.monotonic() - started)
+            if bind is not None:
+                self._dispatch(bind)
+            return True
+        if bind is None or bind.term is None:
+            return False
+        # The mover has already told the scheduler that the new replica is gone (its claim
+        # and the cell's binding are free). Ask again: another host, or a wait.
+        key = (bind.kernel_id, bind.term)
+        self._failed_migrations[key] = self._failed_migrations.get(key, 0) + 1
+        kernel = self._cells.get(bind.kernel_id)
+        if kernel is None:
+            return False
+        if self._failed_migrations[key] >= _MIGRATION_ATTEMPTS:
+            self._failed_migrations.pop(key, None)
+            kernel.cancel_waiting(
+                bind.term,
+                "GpuUnavailable",
+                f"no replica's host has {_plural(len(bind.device_indices), 'free GPU')} and "
+                f"moving a replica to host {bind.host} failed {_MIGRATION_ATTEMPTS} times; "
+                "see the gateway log. Run the cell again.",
+            )
+            self.handle(ExecutionFinished(bind.kernel_id, bind.term))
+            return False
+        self.handle(ExecutionRequested(bind.kernel_id, bind.term, None))
+        return False
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
