@@ -324,10 +324,15 @@ async def _heal_and_check(
     ]
     net.heal(_host_index(cut["host"]))
     healed = time.monotonic()
+    # The gateway may take the host back and stop the stale replica before a poll here sees
+    # its port: either way the host is reachable again.
     await async_wait_for(
-        lambda: _reachable(record["connection"]["ip"], record["connection"]["hb_port"]),
+        lambda: (
+            _reachable(record["connection"]["ip"], record["connection"]["hb_port"])
+            or process_gone(cut["pid"])
+        ),
         QUICK,
-        f"{cut['host']} to be reachable again",
+        f"{cut['host']} to be reachable again (or its stale replica stopped)",
     )
     # The stale replica is back on the network (and its Raft node with it): for a while,
     # cells must still run at once, on one replica, with the latest state.

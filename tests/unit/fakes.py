@@ -68,7 +68,6 @@ def make_kernel(*replica_ids: str, **kwargs: Any) -> tuple[GatewayKernel, dict[s
     kernel = GatewayKernel(record, **kwargs)
     links = {r: FakeLink(r) for r in replica_ids}
     kernel.links.update(links)  # type: ignore[arg-type]
-    if replica_ids:
-        kernel.executor = replica_ids[0]
-    kernel.execution_state = "idle"
+    kernel.executor_link()  # the first running replica with a link: replica_ids[0]
+    kernel.started()
     return kernel, links

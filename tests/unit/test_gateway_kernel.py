@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from nbcluster.gateway import KernelUnavailable, error_replies
+from nbcluster.gateway import GatewayKernel, KernelRecord, KernelUnavailable, error_replies
+from nbcluster.gateway._repair import RepairStatus
 from nbcluster.protocol import Message, new_message
 
 from .fakes import FakeClient, make_kernel
@@ -155,7 +156,8 @@ def test_executor_falls_back_to_a_running_replica() -> None:
     kernel, links = make_kernel("r1", "r2", "r3")
     kernel.record.replicas[0].state = "dead"
     kernel.record.replicas[1].state = "stopped"
-    kernel.executor = None
+    kernel.drop_link("r1")  # the last executor is gone
+    assert kernel.executor is None
     assert kernel.executor_link() is links["r3"]
     assert kernel.executor == "r3"
     kernel.drop_link("r3")
@@ -566,3 +568,68 @@ def test_requests_held_by_a_failed_restart_are_refused_with_the_reason() -> None
     assert len(replies) == 1
     assert replies[0].content_dict["ename"] == "KernelDead"
     assert "restart failed: no host" in replies[0].content_dict["evalue"]
+
+
+# -- lifecycle transitions (called by the kernel manager's modules) ---------------------------
+
+
+def test_a_new_kernel_is_starting_until_started_and_says_nothing_of_it() -> None:
+    kernel = GatewayKernel(KernelRecord(id="k", name="python3", key="secret"))
+    client = FakeClient()
+    kernel.attach(client)
+    assert kernel.execution_state == "starting"
+    kernel.started()
+    assert kernel.execution_state == "idle"
+    assert client.sent == []
+
+
+def test_reattached_continues_the_terms_and_ends_starting_only() -> None:
+    kernel = GatewayKernel(KernelRecord(id="k", name="python3", key="secret"))
+    kernel.reattached(7)
+    assert (kernel.execution_state, kernel.next_term, kernel.last_replied_term) == ("idle", 8, 7)
+    kernel.set_state("dead")
+    kernel.reattached(3)
+    assert (kernel.execution_state, kernel.next_term, kernel.last_replied_term) == ("dead", 8, 7)
+
+
+def test_a_restart_forgets_the_old_replicas_and_numbers_cells_from_one() -> None:
+    kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    request = execute_request()
+    kernel.handle_client_message(client, request)
+    kernel.on_replica_message(links["r1"], reply_to(request, "execute_reply", {}))  # type: ignore[arg-type]
+    assert (kernel.next_term, kernel.last_replied_term) == (2, 1)
+    kernel.record.dead_reason = "host h1 was lost"
+    kernel.begin_restart()
+    assert kernel.execution_state == "restarting"
+    kernel.forget_replicas()
+    assert kernel.record.replicas == [] and kernel.record.dead_reason == ""
+    assert kernel.executor is None
+    assert (kernel.next_term, kernel.last_replied_term) == (1, 0)
+    kernel.end_restart()
+    assert kernel.execution_state == "idle"
+
+
+def test_reclaiming_drops_the_links_first_and_leaves_the_kernel_idle() -> None:
+    kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    kernel.reclaim()
+    assert kernel.record.reclaimed
+    assert kernel.links == {} and all(link.closed for link in links.values())
+    assert kernel.executor is None and kernel.execution_state == "idle"
+    # A replica's last status no longer reaches the clients.
+    assert client.sent == []
+
+
+def test_a_repair_status_is_shown_while_its_loop_runs() -> None:
+    kernel, _ = make_kernel("r1")
+    first, second = RepairStatus(), RepairStatus()
+    kernel.repair_started(first)
+    assert kernel.repair is first
+    kernel.repair_started(second)
+    kernel.repair_ended(first)  # an older loop ending leaves the newer one's status
+    assert kernel.repair is second
+    kernel.repair_ended(second)
+    assert kernel.repair is None

@@ -155,8 +155,9 @@ class Cluster:
         kernel = GatewayKernel(record, gate=self.scheduling)
         links = {rid: FakeLink(rid) for rid, _ in place.replicas}
         kernel.links.update(links)  # type: ignore[arg-type]
-        kernel.executor = place.replicas[0][0]
-        kernel.execution_state = "idle"
+        kernel.executor_link()  # the first placed replica
+        assert kernel.executor == place.replicas[0][0]
+        kernel.started()
         self.kernels[kernel_id] = kernel
         client = FakeClient(kernel_id)
         kernel.attach(client)

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from nbcluster.gateway import HostRegistry, HostRequestError, HostSession
+from nbcluster.gateway import (
+    HostRefused,
+    HostRegistry,
+    HostRequestError,
+    HostSession,
+    HostTimedOut,
+    HostUnreachable,
+)
 from nbcluster.hostproto import (
     Hello,
     HostResources,
@@ -191,7 +198,7 @@ async def test_error_reply_raises_with_the_hosts_text() -> None:
     s = HostSession("h1", wire.send)
     task, request_id = await _request_in_background(s, wire)
     s.on_reply(Reply(request_id=request_id, ok=False, error="replica r1 is not running"))
-    with pytest.raises(HostRequestError, match=r"^replica r1 is not running$"):
+    with pytest.raises(HostRefused, match=r"^replica r1 is not running$"):
         await task
 
 
@@ -200,9 +207,9 @@ async def test_close_fails_waiting_requests() -> None:
     s = HostSession("h1", wire.send)
     task, _ = await _request_in_background(s, wire)
     s.close()
-    with pytest.raises(HostRequestError, match="host h1 disconnected"):
+    with pytest.raises(HostUnreachable, match="host h1 disconnected"):
         await task
-    with pytest.raises(HostRequestError, match="host h1 is not connected"):
+    with pytest.raises(HostUnreachable, match="host h1 is not connected"):
         await s.request(lambda rid: StopReplica(request_id=rid, replica_id="r1"), 1)
     assert len(wire.frames) == 1  # nothing sent after the close
 
@@ -210,7 +217,7 @@ async def test_close_fails_waiting_requests() -> None:
 async def test_request_times_out() -> None:
     wire = Wire()
     s = HostSession("h1", wire.send)
-    with pytest.raises(HostRequestError, match="host h1 did not answer within"):
+    with pytest.raises(HostTimedOut, match="host h1 did not answer within"):
         await s.request(lambda rid: StopReplica(request_id=rid, replica_id="r1"), 0.01)
     assert s._waiting == {}
 

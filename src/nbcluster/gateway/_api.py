@@ -2,38 +2,28 @@
 ``/api/kernels``) plus the cluster API (``/api/cluster/...``).
 
 Errors are JSON ``{"message": ..., "reason": ...}`` as jupyter_server writes them, which is
-what its gateway client reads.
+what its gateway client reads: handlers raise the gateway's errors (``_errors``) and the app
+renders them through the one status table (``_http``).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import orjson
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, Field
 
 from .._version import __version__
 from ._channels import serve_channels
+from ._errors import ApiError
 from ._host_endpoint import serve_host
-from ._manager import NoSuchKernel
+from ._http import json_body
 
 if TYPE_CHECKING:
     from ._app import Gateway
 
 __all__ = ["ApiError", "build_router"]
-
-
-class ApiError(Exception):
-    """Raised by handlers; rendered as a JSON error with the given status."""
-
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason = reason or message
 
 
 class StartKernelBody(BaseModel):
@@ -69,30 +59,8 @@ def _gateway(request: Request | WebSocket) -> Gateway:
 
 
 def _kernel(gateway: Gateway, kernel_id: str) -> Any:
-    try:
-        return gateway.kernels.get(kernel_id)
-    except NoSuchKernel as exc:
-        raise ApiError(404, str(exc), "kernel not found") from None
-
-
-BodyModel = TypeVar("BodyModel", bound=BaseModel)
-
-
-async def _json_body(request: Request, model: type[BodyModel]) -> BodyModel:
-    """Parse a JSON body whatever its content type (clients differ); an empty body is ``{}``."""
-    raw = await request.body()
-    try:
-        data = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", "bad request") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", "bad request")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ApiError(400, f"invalid request body: {where}: {err['msg']}", "bad request") from None
+    """The kernel, or the kernel manager's ``NoSuchKernel`` (404 through the status table)."""
+    return gateway.kernels.get(kernel_id)
 
 
 def build_router() -> APIRouter:
@@ -136,7 +104,7 @@ def build_router() -> APIRouter:
         },
     )
     async def start_kernel(request: Request) -> dict[str, Any]:
-        body = await _json_body(request, StartKernelBody)
+        body = await json_body(request, StartKernelBody)
         kernel = await _gateway(request).kernels.start_kernel(body.name, body.env)
         return kernel.model()
 
@@ -174,7 +142,7 @@ def build_router() -> APIRouter:
         gateway = _gateway(websocket)
         try:
             kernel = gateway.kernels.get(kernel_id)
-        except NoSuchKernel:
+        except LookupError:  # NoSuchKernel
             await websocket.close(1008, f"no kernel with id {kernel_id}")
             return
         await serve_channels(websocket, kernel, gateway.metrics, gateway.config.client_queue_limit)
@@ -212,7 +180,7 @@ def build_router() -> APIRouter:
         "one retires)",
     )
     async def migrate_replica(request: Request, kernel_id: str, replica_id: str) -> dict[str, Any]:
-        body = await _json_body(request, MigrateBody)
+        body = await json_body(request, MigrateBody)
         gateway = _gateway(request)
         _kernel(gateway, kernel_id)
         return await gateway.kernels.migrate_replica(kernel_id, replica_id, body.host)
@@ -235,10 +203,3 @@ def build_router() -> APIRouter:
         )
 
     return router
-
-
-def error_response(status: int, message: str, reason: str) -> JSONResponse:
-    return JSONResponse(
-        {"message": message, "reason": reason, "timestamp": datetime.now(UTC).isoformat()},
-        status_code=status,
-    )

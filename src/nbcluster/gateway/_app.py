@@ -1,72 +1,57 @@
-"""The gateway application: wires hosts, kernels, kernelspecs, state and metrics into a
-FastAPI app with token auth, JSON errors and request metrics.
+"""The gateway: wires hosts, kernels, kernelspecs, kernel records, jobs, metrics and the
+auto-scaler into one :class:`Gateway`, and runs its periodic tasks. The HTTP side (routers,
+auth, JSON errors) is ``_asgi.create_app``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from .._version import __version__
-from ..jobs import JobStore
+from .._tasks import BackgroundTasks
+from ..jobs import JobStore, open_job_store
 from ..scheduling import HostView, KernelView, ScaleIn, ScaleOut, ScalingConfig
-from ._api import ApiError, build_router, error_response
-from ._auth import TokenAuthMiddleware
 from ._autoscaler import Autoscaler
 from ._config import GatewayConfig
 from ._hosts import HostRegistry
-from ._jobs import JobError, JobManager, NoSuchJob
-from ._jobs_api import build_jobs_router
-from ._kernel import GatewayKernel, KernelUnavailable
+from ._jobs import JobManager
+from ._kernel import GatewayKernel
 from ._kernelspecs import KernelSpecRegistry
-from ._manager import (
-    CheckpointError,
-    KernelManager,
-    KernelRejected,
-    KernelRequestError,
-    KernelStartError,
-    MigrationError,
-    NoSuchKernel,
-)
+from ._manager import KernelManager
 from ._metrics import GatewayMetrics
 from ._provider import HostProvider, LocalProcessHostProvider
 from ._state import FileStateStore, StateStore
 
-__all__ = ["Gateway", "create_app"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """Everything one gateway process holds. Built by :func:`create_app`."""
+    """Everything one gateway process holds. Built by ``_asgi.create_app``."""
 
     def __init__(
         self,
         config: GatewayConfig,
-        store: StateStore | None = None,
+        state_store: StateStore | None = None,
         job_store: JobStore | None = None,
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self.hosts = HostRegistry(config.host_lost_timeout)
         self.specs = KernelSpecRegistry(config.kernelspec_dirs)
-        self.store = store if store is not None else FileStateStore(config.state_dir)
+        #: Where kernel records are kept (``--state-dir``).
+        self.state_store = (
+            state_store if state_store is not None else FileStateStore(config.state_dir)
+        )
         #: Set in :meth:`start` when the gateway may add hosts (``max_hosts`` above 0); the
         #: kernel manager and the scheduler driver reach it through this gateway
         #: (``request_hosts`` and friends), which answers for it when there is none.
         self.autoscaler: Autoscaler | None = None
         self.kernels = KernelManager(
-            config, self.hosts, self.specs, self.store, self.metrics, host_supply=self
+            config, self.hosts, self.specs, self.state_store, self.metrics, host_supply=self
         )
         #: The one driver of the scheduler (owned by the kernel manager): views for readers.
         self.scheduling = self.kernels.scheduling
@@ -79,23 +64,20 @@ class Gateway:
             yield_to_cells=config.jobs_yield_to_cells,
         )
         self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values(), self.scheduling)
-        self._watchdog: asyncio.Task[None] | None = None
-        self._scaling: asyncio.Task[None] | None = None
-        self._orphan_check: asyncio.Task[None] | None = None
-        self._reclaimer: asyncio.Task[None] | None = None
+        self._background = BackgroundTasks("gateway", log)
 
     async def start(self) -> None:
         self.kernels.restore()
         self.jobs.restore()
-        self._orphan_check = asyncio.create_task(
-            self._expire_orphan_jobs(self.config.host_lost_timeout * 2)
+        self._background.spawn(
+            "orphan job check", self._expire_orphan_jobs(self.config.host_lost_timeout * 2)
         )
-        self._watchdog = asyncio.create_task(self._watch_hosts())
+        self._background.spawn("host watchdog", self._watch_hosts())
         if self.config.reclaim_idle_after is not None:
-            self._reclaimer = asyncio.create_task(self.kernels.reclaim_idle())
+            self._background.spawn("idle reclamation", self.kernels.reclaim_idle())
         if self.config.max_hosts > 0:
             self.autoscaler = self._make_autoscaler()
-            self._scaling = asyncio.create_task(self.autoscaler.run())
+            self._background.spawn("auto-scaler", self.autoscaler.run())
 
     # -- hosts on demand (``HostSupply`` of the kernel manager and the scheduler driver) -----
 
@@ -150,11 +132,7 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        for task in (self._watchdog, self._scaling, self._orphan_check, self._reclaimer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._background.close()
         await self.kernels.close()
         await self.jobs.close()
         if self.autoscaler is not None:
@@ -257,141 +235,6 @@ def _scheduling_state(policy: str, view: KernelView | None) -> dict[str, Any]:
     }
 
 
-class _RequestMetricsMiddleware:
-    """Records the latency of each HTTP request by route template and status."""
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            self.metrics.http_latency.labels(scope["method"], template, str(status)).observe(
-                time.perf_counter() - started
-            )
-
-
-def _describe_validation(exc: RequestValidationError) -> str:
-    problems = []
-    for err in exc.errors()[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
-            ctx = err.get("ctx", {})
-            return f"request body is not valid JSON: {ctx.get('error', err.get('msg'))}"
-        where = ".".join(loc) or "body"
-        problems.append(f"{where}: {err.get('msg')}")
-    return "invalid request: " + "; ".join(problems)
-
-
-def create_app(
-    config: GatewayConfig, store: StateStore | None = None, job_store: JobStore | None = None
-) -> FastAPI:
-    """The ASGI app of one gateway; ``app.state.gateway`` is its :class:`Gateway`."""
-    gateway = Gateway(config, store, job_store)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gateway.start()
-        try:
-            yield
-        finally:
-            await gateway.stop()
-
-    app = FastAPI(
-        title="nbcluster gateway",
-        version=__version__,
-        description=(
-            "Jupyter Kernel Gateway API (kernelspecs, kernels, channels websocket) and the "
-            "nbcluster cluster API. Every endpoint needs the token: "
-            "`Authorization: token <token>` or `?token=<token>`."
-        ),
-        lifespan=lifespan,
-    )
-    app.state.gateway = gateway
-    app.include_router(build_router())
-    app.include_router(build_jobs_router())
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
-        return error_response(exc.status_code, f"{exc.detail}: {request.url.path}", str(exc.detail))
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> Any:
-        return error_response(exc.status, exc.message, exc.reason)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Any:
-        return error_response(400, _describe_validation(exc), "bad request")
-
-    @app.exception_handler(KernelRequestError)
-    async def _bad_kernel_request(request: Request, exc: KernelRequestError) -> Any:
-        return error_response(400, str(exc), "bad request")
-
-    @app.exception_handler(NoSuchKernel)
-    async def _no_kernel(request: Request, exc: NoSuchKernel) -> Any:
-        return error_response(404, str(exc), "kernel not found")
-
-    @app.exception_handler(KernelStartError)
-    async def _start_failed(request: Request, exc: KernelStartError) -> Any:
-        return error_response(503, str(exc), "kernel could not be started")
-
-    @app.exception_handler(KernelRejected)
-    async def _rejected(request: Request, exc: KernelRejected) -> Any:
-        if exc.permanent:
-            return error_response(400, str(exc), "kernel request cannot be satisfied")
-        return error_response(503, str(exc), "no capacity for the kernel")
-
-    @app.exception_handler(MigrationError)
-    async def _migration_failed(request: Request, exc: MigrationError) -> Any:
-        return error_response(409, str(exc), "migration refused or failed")
-
-    @app.exception_handler(CheckpointError)
-    async def _checkpoint_failed(request: Request, exc: CheckpointError) -> Any:
-        return error_response(409, str(exc), "checkpoint failed")
-
-    @app.exception_handler(NoSuchJob)
-    async def _no_job(request: Request, exc: NoSuchJob) -> Any:
-        return error_response(404, str(exc), "job not found")
-
-    @app.exception_handler(JobError)
-    async def _job_error(request: Request, exc: JobError) -> Any:
-        return error_response(409, str(exc), "job request failed")
-
-    @app.exception_handler(KernelUnavailable)
-    async def _unavailable(request: Request, exc: KernelUnavailable) -> Any:
-        return error_response(409, str(exc), "kernel unavailable")
-
-    app.add_middleware(_RequestMetricsMiddleware, metrics=gateway.metrics)
-    app.add_middleware(TokenAuthMiddleware, token=config.token)
-    return app
-
-
 def _job_store(config: GatewayConfig) -> JobStore:
     """Redis when the gateway was given ``--redis``, else files under the state directory."""
-    if config.redis_url:
-        from urllib.parse import parse_qs, urlsplit
-
-        from ..jobs._redisstore import RedisJobStore
-
-        parts = urlsplit(config.redis_url)
-        prefix = parse_qs(parts.query).get("prefix", ["nbcluster/jobs/"])[-1]
-        return RedisJobStore.from_url(parts._replace(query="").geturl(), prefix=prefix)
-    from ..jobs._filestore import FileJobStore
-
-    return FileJobStore(config.state_dir / "jobs")
+    return open_job_store(config.redis_url, config.state_dir / "jobs")

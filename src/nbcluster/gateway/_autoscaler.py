@@ -13,8 +13,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any
 
+from .._tasks import BackgroundTasks
 from ..scheduling import (
     HostAdded,
     HostRemoved,
@@ -60,7 +60,7 @@ class Autoscaler:
         self._starting: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self._arrived = asyncio.Event()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks("auto-scaler", log)
 
     # -- the periodic round ---------------------------------------------------------------------
 
@@ -96,16 +96,11 @@ class Autoscaler:
 
     def request(self, action: ScaleOut) -> None:
         """The scheduler found no room (a kernel, a replica or a cell): add hosts now."""
-        self._spawn(self._scale_out(action.count, action.reason))
+        self._background.spawn("scale out", self._scale_out(action.count, action.reason))
 
     def release(self, action: ScaleIn) -> None:
         """Stop these idle hosts now (those the provider started and that are still idle)."""
-        self._spawn(self._scale_in(action))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn("scale in", self._scale_in(action))
 
     async def wait_for_hosts(self, timeout: float) -> bool:
         """After a reactive scale-out: wait until a launched host registers (True) or none is
@@ -189,6 +184,5 @@ class Autoscaler:
                 log.info("scaled in %s: %s", name, decision.reason)
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        await self._background.close()
         await self.provider.close()

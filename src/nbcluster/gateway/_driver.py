@@ -28,8 +28,9 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
+from .._tasks import BackgroundTasks
 from ..hostproto import HostResources
 from ..scheduling import (
     Action,
@@ -241,7 +242,7 @@ class SchedulerDriver:
         self._wait_started: dict[tuple[str, int], float] = {}
         self._migrating: set[str] = set()
         self._failed_migrations: dict[tuple[str, int], int] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks("scheduler driver", log)
 
     # -- views --------------------------------------------------------------------------------
 
@@ -464,10 +465,9 @@ class SchedulerDriver:
 
     def _start_migration(self, migrate: Migrate, bind: BindGpus | None) -> asyncio.Task[bool]:
         self._migrating.add(migrate.new_replica_id)
-        task = asyncio.get_running_loop().create_task(self._migrate(migrate, bind))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        return self._background.spawn(
+            f"migrate replica {migrate.replica_id}", self._migrate(migrate, bind)
+        )
 
     async def _migrate(self, migrate: Migrate, bind: BindGpus | None) -> bool:
         started = time.monotonic()
@@ -509,5 +509,4 @@ class SchedulerDriver:
         return False
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        await self._background.close()

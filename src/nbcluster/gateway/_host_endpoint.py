@@ -9,6 +9,7 @@ import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .._tasks import BackgroundTasks
 from ..hostproto import (
     Heartbeat,
     Hello,
@@ -76,7 +77,9 @@ async def serve_host(
         jobs.on_worker_hello(entry, hello.jobs)
     for orphan in orphans:
         log.info("stopping replica %s on %s: it belongs to no known kernel", orphan, hello.name)
-    stopping = [asyncio.create_task(_stop_orphan(session, orphan)) for orphan in orphans]
+    stopping = BackgroundTasks(f"host {hello.name}", log)
+    for orphan in orphans:
+        stopping.spawn(f"stop orphan {orphan}", _stop_orphan(session, orphan))
     try:
         while True:
             frame = await websocket.receive_text()
@@ -112,8 +115,7 @@ async def serve_host(
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
-        for task in stopping:
-            task.cancel()
+        await stopping.close()
         hosts.disconnect(hello.name, session, time.monotonic())
         log.warning("host %s disconnected", hello.name)
         if entry.state == "disconnected":

@@ -18,18 +18,23 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from ..hostproto import Hello, HostResources, Reply, encode
+from ._errors import HostRefused, HostRequestError, HostTimedOut, HostUnreachable
 
-__all__ = ["HostEntry", "HostRegistry", "HostRequestError", "HostSession"]
+__all__ = [
+    "HostEntry",
+    "HostRefused",
+    "HostRegistry",
+    "HostRequestError",
+    "HostSession",
+    "HostTimedOut",
+    "HostUnreachable",
+]
 
 log = logging.getLogger(__name__)
 
 HostState = Literal["connected", "disconnected", "lost"]
 
 SendFrame = Callable[[str], Any]
-
-
-class HostRequestError(RuntimeError):
-    """A host could not carry out a request (it said why, or it went away)."""
 
 
 class HostSession:
@@ -44,9 +49,11 @@ class HostSession:
         self.closed = False
 
     async def request(self, build: Callable[[str], BaseModel], timeout: float) -> dict[str, Any]:
-        """Send the request ``build(request_id)`` and return the host's result."""
+        """Send the request ``build(request_id)`` and return the host's result. Raises
+        :class:`HostUnreachable` (not connected, or it went away), :class:`HostTimedOut` or
+        :class:`HostRefused` (it answered with an error)."""
         if self.closed:
-            raise HostRequestError(f"host {self.name} is not connected")
+            raise HostUnreachable(f"host {self.name} is not connected")
         request_id = f"{self.name}-{next(self._ids)}"
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         frame = encode(build(request_id))
@@ -55,16 +62,14 @@ class HostSession:
             try:
                 await self._send_frame(frame)
             except Exception as exc:  # the websocket closed under us
-                raise HostRequestError(f"host {self.name}: cannot send the request: {exc}") from exc
+                raise HostUnreachable(f"host {self.name}: cannot send the request: {exc}") from exc
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise HostRequestError(
-                f"host {self.name} did not answer within {timeout:g} s"
-            ) from None
+            raise HostTimedOut(f"host {self.name} did not answer within {timeout:g} s") from None
         finally:
             self._waiting.pop(request_id, None)
         if not reply.ok:
-            raise HostRequestError(reply.error)
+            raise HostRefused(reply.error)
         return reply.result
 
     def on_reply(self, reply: Reply) -> None:
@@ -76,7 +81,7 @@ class HostSession:
         self.closed = True
         for future in self._waiting.values():
             if not future.done():
-                future.set_exception(HostRequestError(f"host {self.name} disconnected"))
+                future.set_exception(HostUnreachable(f"host {self.name} disconnected"))
 
 
 @dataclass
@@ -152,5 +157,5 @@ class HostRegistry:
     def session(self, name: str) -> HostSession:
         entry = self.hosts.get(name)
         if entry is None or entry.session is None:
-            raise HostRequestError(f"host {name} is not connected")
+            raise HostUnreachable(f"host {name} is not connected")
         return entry.session

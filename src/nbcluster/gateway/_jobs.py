@@ -20,10 +20,12 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._tasks import BackgroundTasks
 from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
 from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs
 from ._driver import SchedulerDriver
-from ._hosts import HostEntry, HostRegistry, HostRequestError
+from ._errors import HostRequestError, HostUnreachable, JobError, NoSuchJob
+from ._hosts import HostEntry, HostRegistry
 from ._metrics import GatewayMetrics
 
 __all__ = ["JobError", "JobManager", "NoSuchJob"]
@@ -32,14 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Output of a fast job (not stored) kept in memory, per job, at most.
 _FAST_LOG_LIMIT = 1 * 2**20
-
-
-class NoSuchJob(LookupError):
-    """No job has that id (404)."""
-
-
-class JobError(RuntimeError):
-    """A job request cannot be carried out now (409); the text says why."""
 
 
 @dataclass(slots=True)
@@ -59,27 +53,29 @@ class _Live:
 class JobManager:
     def __init__(
         self,
-        store: JobStore,
+        job_store: JobStore,
         hosts: HostRegistry,
         scheduling: SchedulerDriver,
         metrics: GatewayMetrics,
-        store_url: str,
+        object_store_url: str,
         yield_to_cells: bool = True,
     ) -> None:
-        self.store = store
+        #: Where job records and logs are kept (files or Redis).
+        self.job_store = job_store
         self.hosts = hosts
         self.scheduling = scheduling
         self.metrics = metrics
-        self.store_url = store_url
+        #: The object store jobs read their inputs from and write their outputs to.
+        self.object_store_url = object_store_url
         self.yield_to_cells = yield_to_cells
         self.jobs: dict[str, _Live] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks("job manager", log)
 
     # -- start-up -----------------------------------------------------------------------------
 
     def restore(self) -> None:
         """Load stored jobs at start-up; running ones wait for their worker's hello."""
-        for job in self.store.load_all():
+        for job in self.job_store.load_all():
             live = _Live(job)
             if job.terminal:
                 live.done.set()
@@ -155,7 +151,7 @@ class JobManager:
             raise NoSuchJob(f"no job with id {job_id}")
         if live.job.spec.fast:
             return bytes(live.output[offset:])
-        return self.store.read_log(job_id, offset)
+        return self.job_store.read_log(job_id, offset)
 
     async def follow(self, job_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """Events of a job (status changes, output) from now until it ends."""
@@ -237,7 +233,9 @@ class JobManager:
             job.error = ""
             self._save(job)
             self._publish(live, {"type": "status", "status": "running", "worker": worker})
-            self._spawn(self._start_on(live, worker, devices))
+            self._background.spawn(
+                f"start job {live.job.id}", self._start_on(live, worker, devices)
+            )
 
     def _capacities(self) -> list[WorkerCapacity]:
         views = self.scheduling.host_views()
@@ -275,19 +273,19 @@ class JobManager:
                     job_id=job.id,
                     spec=job.spec.model_dump(mode="json"),
                     gpus=list(devices),
-                    store_url=self.store_url,
+                    store_url=self.object_store_url,
                 ),
                 timeout=60,
             )
-        except HostRequestError as exc:
-            if job.status != "running" or job.worker != worker:
-                return
-            message = str(exc)
-            if "not connected" in message or "disconnected" in message:
+        except HostUnreachable:
+            if job.status == "running" and job.worker == worker:
                 self._requeue_or_fail(live, f"worker {worker} went away before it started")
-            else:
-                # The worker refused it (bad runtime, inputs missing ...): no point retrying.
-                self._finish(live, "failed", None, f"could not start on {worker}: {message}")
+            return
+        except HostRequestError as exc:
+            # The worker refused it (bad runtime, inputs missing ...) or did not answer in
+            # time: no point retrying.
+            if job.status == "running" and job.worker == worker:
+                self._finish(live, "failed", None, f"could not start on {worker}: {exc}")
             return
         self.metrics.job_start_latency.labels("fast" if job.spec.fast else "standard").observe(
             time.monotonic() - live.submitted_at
@@ -310,7 +308,7 @@ class JobManager:
                 live.output += data[: _FAST_LOG_LIMIT - len(live.output)]
         else:
             try:
-                self.store.append_log(event.job_id, data)
+                self.job_store.append_log(event.job_id, data)
             except Exception as exc:
                 log.warning("could not store output of job %s: %s", event.job_id, exc)
         self._publish(live, {"type": "log", "data": event.data})
@@ -393,7 +391,7 @@ class JobManager:
         if job.spec.fast:
             return
         try:
-            self.store.save(job)
+            self.job_store.save(job)
         except Exception:
             log.exception("could not save job %s", job.id)
 
@@ -402,11 +400,5 @@ class JobManager:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        await self._background.close()

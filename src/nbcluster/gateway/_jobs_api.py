@@ -8,14 +8,15 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ..jobs import Job, JobSpec
 from ..store import ObjectNotFoundError, StoreError, validate_key
-from ._jobs import JobManager, NoSuchJob
+from ._errors import ApiError
+from ._http import http_error, json_body
+from ._jobs import JobManager
 
 if TYPE_CHECKING:
     from ._app import Gateway
@@ -33,18 +34,7 @@ def _jobs(request: Request) -> JobManager:
     return gateway.jobs
 
 
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        problems.append(f"{where}: {message}" if where != "body" else message)
-    return "invalid job: " + "; ".join(problems)
-
-
 def build_jobs_router() -> APIRouter:
-    from ._api import ApiError
-
     router = APIRouter(tags=["jobs"])
 
     @router.post(
@@ -60,17 +50,9 @@ def build_jobs_router() -> APIRouter:
         },
     )
     async def submit(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", "bad request") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object (a job spec)", "bad request")
-        try:
-            spec = JobSpec.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(400, _describe(exc), "bad request") from None
+        spec = await json_body(
+            request, JobSpec, subject="job", expect="a job spec", empty_is_object=False
+        )
         job = await _jobs(request).submit(spec)
         status = 200 if spec.fast else 201
         return JSONResponse(job.model_dump(mode="json"), status_code=status)
@@ -108,7 +90,7 @@ def build_jobs_router() -> APIRouter:
         try:
             gateway.kernels.object_store().put(key, data)
         except StoreError as exc:
-            raise ApiError(503, f"the object store did not take it: {exc}", "store error") from None
+            raise http_error(exc, f"the object store did not take it: {exc}") from None
         return {"key": key, "size": len(data)}
 
     @router.get("/api/jobs/{job_id}", summary="A job", response_model=Job)
@@ -195,16 +177,14 @@ def build_jobs_router() -> APIRouter:
         gateway: Gateway = request.app.state.gateway
         try:
             data = gateway.kernels.object_store().get(key)
-        except ObjectNotFoundError:
-            raise ApiError(410, f"output {name!r} is no longer in the store", "gone") from None
+        except ObjectNotFoundError as exc:
+            raise http_error(exc, f"output {name!r} is no longer in the store") from None
         except StoreError as exc:
-            raise ApiError(503, f"the object store failed: {exc}", "store error") from None
+            raise http_error(exc, f"the object store failed: {exc}") from None
         return Response(data, media_type="application/octet-stream")
 
     def _job(request: Request, job_id: str) -> Job:
-        try:
-            return _jobs(request).get(job_id)
-        except NoSuchJob as exc:
-            raise ApiError(404, str(exc), "job not found") from None
+        """The job, or ``NoSuchJob`` (404 through the status table)."""
+        return _jobs(request).get(job_id)
 
     return router

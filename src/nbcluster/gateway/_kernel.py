@@ -5,6 +5,16 @@ Client requests go to the kernel's executing replica; replies go back to the cli
 (see :mod:`._routing`), IOPub goes to every client. When the kernel cannot serve (dead,
 restarting, no replica), requests are answered at once with an error reply that says why,
 instead of leaving the client waiting.
+
+The kernel owns its state: its lifecycle (:data:`KernelState`) changes only through its own
+methods (``started``, ``begin_restart`` ... ``mark_dead``), called by the kernel manager's
+modules; its cells' terms and attempts are kept by :class:`._execution.Executions` (pure).
+
+Over 500 lines on purpose: this is one object's routing, a single state machine over the
+same tables (open requests, open cells, held messages, awaited ``idle`` statuses) for client
+messages, replica messages, the loss of a replica and the kernel's lifecycle. Its pure parts
+are apart (``_routing``, ``_execution``, ``_replies``); splitting the rest would spread one
+object's invariants over several files.
 """
 
 from __future__ import annotations
@@ -13,9 +23,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -29,12 +38,27 @@ from ..protocol import (
     new_message,
     read_yielded,
 )
+from ._execution import Execution, Executions
 from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
+from ._replies import error_replies, status_message
 from ._routing import PendingRequests
 from ._state import KernelRecord, ReplicaRecord
 
-__all__ = ["ClientSink", "ExecutionGate", "GatewayKernel", "KernelUnavailable"]
+__all__ = [
+    "ClientSink",
+    "ExecutionGate",
+    "GatewayKernel",
+    "KernelState",
+    "KernelUnavailable",
+    "error_replies",
+]
+
+#: A kernel's state as clients see it (``execution_state`` of its REST model): ``starting``
+#: until its replicas are up, then ``idle``/``busy`` as its executing replica says, except
+#: while it is ``restarting`` (restarted, restored, woken after idle reclamation; client
+#: messages are held) and once it is ``dead`` (no replica left; a restart revives it).
+KernelState = Literal["starting", "idle", "busy", "restarting", "dead"]
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +97,8 @@ class KernelUnavailable(RuntimeError):
 _HOLD_LIMIT = 1000
 
 
-@dataclass(slots=True)
-class _Execution:
-    """An execute request, kept until its reply: it waits for GPUs (``replica`` None), then
-    runs on a replica, and is sent to another one if that replica is lost first."""
-
-    term: int
-    attempt: int
-    msg: Message
-    client: ClientSink
-    replica: str | None = None
-    devices: tuple[int, ...] | None = None
-    #: Whether the user was told it waits for GPUs (the gate times the wait).
-    announced: bool = False
-    #: Why the replica that last ran it is gone (it runs again elsewhere).
-    lost_reason: str = ""
+#: A cell: its request message and the client that sent it.
+_Execution = Execution[Message, ClientSink]
 
 
 class _Waiter:
@@ -112,35 +123,31 @@ class GatewayKernel:
         gate: ExecutionGate | None = None,
         on_routed: Callable[[str, str], None] | None = None,
         on_reject: Callable[[str, str], None] | None = None,
+        on_wake: Callable[[GatewayKernel], None] | None = None,
     ) -> None:
         self.record = record
         self.signer = Signer(record.key.encode())
         self.links: dict[str, ReplicaLink] = {}
         self.clients: set[ClientSink] = set()
         self.pending: PendingRequests[Owner] = PendingRequests()
-        self.execution_state = "starting"
+        self._state: KernelState = "starting"
         self.last_activity = datetime.now(UTC)
-        self.execution_count = 0
-        self.executor: str | None = None
-        #: Execution index of the next cell; replicas elect an executor per term.
-        self.next_term = 1
-        self.last_replied_term = 0
-        #: Execute requests not yet answered, by message id and by term.
-        self.executions: dict[str, _Execution] = {}
-        self._terms: dict[int, _Execution] = {}
+        self._executor: str | None = None
+        #: Execute requests not yet answered, and the terms (pure bookkeeping).
+        self._executions: Executions[Message, ClientSink] = Executions()
         #: Where cells run (GPU binding); None: at once, on the executor.
-        self.gate = gate
+        self._gate = gate
         #: A message for the user, shown in the next cell's output (the kernel was restored).
-        self.notice: str | None = None
+        self._notice: str | None = None
         #: Called when a message arrives for a kernel whose replicas were reclaimed.
-        self.on_wake: Callable[[GatewayKernel], None] | None = None
+        self._on_wake = on_wake
         #: Shell requests whose closing ``idle`` has not arrived: msg id -> (header, replica).
         self.awaiting_idle: dict[str, tuple[bytes, str]] = {}
         #: Client messages that arrived while the kernel was restarting.
         self.held: list[tuple[ClientSink, Message]] = []
+        #: Held by the kernel manager's modules while they start, stop or change replicas.
         self.lifecycle_lock = asyncio.Lock()
-        #: Progress of the manager's repair loop while the kernel lacks a replica.
-        self.repair: RepairStatus | None = None
+        self._repair: RepairStatus | None = None
         self._on_routed = on_routed or (lambda channel, direction: None)
         self._on_reject = on_reject or (lambda source, reason: None)
 
@@ -149,8 +156,40 @@ class GatewayKernel:
         return self.record.id
 
     @property
+    def execution_state(self) -> KernelState:
+        return self._state
+
+    @property
+    def executor(self) -> str | None:
+        """The replica that ran the last cell (and gets client requests)."""
+        return self._executor
+
+    @property
+    def executions(self) -> Executions[Message, ClientSink]:
+        """The cells not yet answered (to read; only this class changes them)."""
+        return self._executions
+
+    @property
+    def execution_count(self) -> int:
+        return self._executions.execution_count
+
+    @property
+    def next_term(self) -> int:
+        """Execution index of the next cell; replicas elect an executor per term."""
+        return self._executions.next_term
+
+    @property
+    def last_replied_term(self) -> int:
+        return self._executions.last_replied_term
+
+    @property
+    def repair(self) -> RepairStatus | None:
+        """Progress of the repair loop (``_recovery``) while the kernel lacks a replica."""
+        return self._repair
+
+    @property
     def is_dead(self) -> bool:
-        return self.execution_state == "dead"
+        return self._state == "dead"
 
     def replica(self, replica_id: str) -> ReplicaRecord | None:
         return next((r for r in self.record.replicas if r.replica_id == replica_id), None)
@@ -167,7 +206,7 @@ class GatewayKernel:
     def degraded(self) -> bool:
         """Whether the kernel runs with fewer replicas than configured (see ``_repair``)."""
         return is_degraded(
-            self.execution_state,
+            self._state,
             self.record.replica_count,
             self.serving_replicas,
             self.record.reclaimed,
@@ -196,16 +235,16 @@ class GatewayKernel:
         link = self.links.pop(replica_id, None)
         if link is not None:
             link.close()
-        if self.executor == replica_id:
-            self.executor = None
+        if self._executor == replica_id:
+            self._executor = None
 
     def executor_link(self) -> ReplicaLink | None:
         """The replica that serves client requests: the last executor, else any live one."""
-        if self.executor in self.links:
-            return self.links[self.executor]
+        if self._executor in self.links:
+            return self.links[self._executor]
         for replica in self.record.replicas:
             if replica.state in ("running", "unknown") and replica.replica_id in self.links:
-                self.executor = replica.replica_id
+                self._executor = replica.replica_id
                 return self.links[replica.replica_id]
         return None
 
@@ -224,16 +263,16 @@ class GatewayKernel:
         """Route one decoded client message to the executing replica."""
         self.last_activity = datetime.now(UTC)
         self._on_routed(msg.channel, "in")
-        if self.record.reclaimed and self.on_wake is not None and not self.is_dead:
+        if self.record.reclaimed and self._on_wake is not None and not self.is_dead:
             # Its replicas were released while idle: hold this and bring them back.
             self.record.reclaimed = False
-            self.execution_state = "restarting"
-            self.on_wake(self)
-        if self.execution_state == "restarting" and len(self.held) < _HOLD_LIMIT:
+            self._state = "restarting"
+            self._on_wake(self)
+        if self._state == "restarting" and len(self.held) < _HOLD_LIMIT:
             # As ZMQ would queue them for a restarting local kernel: delivered once it is up.
             self.held.append((client, msg))
             return
-        link = None if self.execution_state in ("dead", "restarting") else self.executor_link()
+        link = None if self._state in ("dead", "restarting") else self.executor_link()
         if link is None:
             self._refuse(client, msg, self._unavailable_reason())
             return
@@ -265,49 +304,37 @@ class GatewayKernel:
         ``yield_request``s, as NotebookOS does, cost 6 ms per cell on a 2-core machine for no
         decision it could change.
         """
-        execution = _Execution(self.next_term, 1, msg, client)
-        self.next_term += 1
-        if self.notice is not None:
-            self._broadcast_stream(msg.header, self.notice)
-            self.notice = None
-        self.executions[msg.msg_id] = execution
-        self._terms[execution.term] = execution
+        execution = self._executions.submit(msg.msg_id, msg, client)
+        if self._notice is not None:
+            self._broadcast_stream(msg.header, self._notice)
+            self._notice = None
         # Registered now, so that a kernel that dies meanwhile answers a waiting cell too.
         self.pending.add(msg.msg_id, msg.msg_type, msg.channel, msg.header, client)
-        if self.gate is None:
+        if self._gate is None:
             self.dispatch(execution.term, executor.replica_id, None)
         else:
-            self.gate.execution_requested(self, execution.term, executor.replica_id)
+            self._gate.execution_requested(self, execution.term, executor.replica_id)
 
     def dispatch(self, term: int, replica_id: str, devices: tuple[int, ...] | None) -> bool:
         """Run cell ``term`` on ``replica_id`` with GPU ``devices`` (None: say nothing of GPUs).
 
         Called by the gate. Returns False when the cell is no longer waiting (answered) or the
         replica is gone: the gate then releases what it bound."""
-        execution = self._terms.get(term)
+        execution = self._executions.waiting_at(term)
         link = self.links.get(replica_id)
-        if execution is None or execution.replica is not None or link is None:
+        if execution is None or link is None:
             return False
-        msg = execution.msg
-        fields: dict[str, Any] = {}
-        if len(self.links) > 1:
-            fields = {
-                "term": term,
-                "attempt": execution.attempt,
-                "after_term": self.last_replied_term,
-            }
-        if devices is not None:
-            fields["gpus"] = devices
+        msg = execution.request
+        fields = self._executions.metadata(execution, len(self.links) > 1, devices)
         if fields:
             # (Without either, a client's own metadata goes through as it came.)
             metadata = orjson.loads(msg.metadata)
             metadata[METADATA_KEY] = ExecuteMetadata(**fields).dump()
             msg.metadata = dumps(metadata)
-        execution.replica = replica_id
-        execution.devices = devices
-        self.executor = replica_id
+        self._executions.dispatched(execution, replica_id, devices)
+        self._executor = replica_id
         self.pending.add(
-            msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.client, replica_id
+            msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.owner, replica_id
         )
         self._await_idle(msg, replica_id)
         try:
@@ -315,24 +342,24 @@ class GatewayKernel:
         except ConnectionError as exc:
             self.pending.route(msg.msg_id, "execute_reply")
             self.awaiting_idle.pop(msg.msg_id, None)
-            self._forget_execution(execution)
-            self._refuse(execution.client, msg, str(exc))
+            self._executions.forget(execution)
+            self._refuse(execution.owner, msg, str(exc))
             return False
         return True
 
     def waiting_terms(self) -> list[int]:
         """Terms of cells that wait for GPUs (not yet sent to a replica), oldest first."""
-        return [term for term, e in self._terms.items() if e.replica is None]
+        return self._executions.waiting_terms()
 
     def show_waiting(self, term: int, text: str) -> None:
         """Tell the user, in the cell, that it waits for GPUs and why (once per cell)."""
-        execution = self._terms.get(term)
-        if execution is None or execution.replica is not None:
+        execution = self._executions.waiting_at(term)
+        if execution is None:
             return
-        header = execution.msg.header
+        header = execution.request.header
         if not execution.announced:
             execution.announced = True
-            busy = new_message("iopub", "status", {"execution_state": "busy"}, parent=header)
+            busy = status_message("busy", header)
             for client in tuple(self.clients):
                 client.send(busy)
         self._broadcast_stream(header, text)
@@ -340,9 +367,9 @@ class GatewayKernel:
     def cell_started_after_wait(self, term: int, text: str) -> None:
         """Called by the gate when a cell that announced a wait got its GPUs: says so in the
         cell."""
-        execution = self._terms.get(term)
+        execution = self._executions.at(term)
         if execution is not None and execution.announced:
-            self._broadcast_stream(execution.msg.header, text)
+            self._broadcast_stream(execution.request.header, text)
 
     def _broadcast_stream(self, parent: bytes, text: str) -> None:
         stream = new_message("iopub", "stream", {"name": "stderr", "text": text}, parent=parent)
@@ -351,20 +378,16 @@ class GatewayKernel:
 
     def cancel_waiting(self, term: int, ename: str, reason: str) -> None:
         """Answer a waiting cell with an error instead of running it (interrupted, aborted)."""
-        execution = self._terms.get(term)
-        if execution is None or execution.replica is not None:
+        execution = self._executions.waiting_at(term)
+        if execution is None:
             return
-        self.pending.route(execution.msg.msg_id, "execute_reply")
-        self._forget_execution(execution)
-        if execution.client in self.clients:
+        self.pending.route(execution.msg_id, "execute_reply")
+        self._executions.forget(execution)
+        if execution.owner in self.clients:
             for reply in error_replies(
-                "shell", "execute_request", execution.msg.header, ename, reason
+                "shell", "execute_request", execution.request.header, ename, reason
             ):
-                execution.client.send(reply)
-
-    def _forget_execution(self, execution: _Execution) -> None:
-        self.executions.pop(execution.msg.msg_id, None)
-        self._terms.pop(execution.term, None)
+                execution.owner.send(reply)
 
     def _await_idle(self, msg: Message, replica: str) -> None:
         self.awaiting_idle[msg.msg_id] = (msg.header, replica)
@@ -385,36 +408,29 @@ class GatewayKernel:
         the gate can re-bind them ahead of any cell that waited behind them.
         """
         target = self.executor_link()
-        rerun = []
-        for execution in list(self.executions.values()):
-            if execution.replica == replica and target is not None:
-                execution.attempt += 1
-                execution.replica = None
-                execution.lost_reason = reason
-                log.info(
-                    "kernel %s: term %d runs again (attempt %d): %s",
-                    self.id,
-                    execution.term,
-                    execution.attempt,
-                    reason,
-                )
-                # Re-registered under no replica, so that fail_pending below leaves it alone.
-                msg = execution.msg
-                self.pending.add(
-                    msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.client
-                )
-                self.awaiting_idle.pop(msg.msg_id, None)
-                rerun.append(execution)
+        rerun = [] if target is None else self._executions.rerun_from(replica, reason)
+        for execution in rerun:
+            log.info(
+                "kernel %s: term %d runs again (attempt %d): %s",
+                self.id,
+                execution.term,
+                execution.attempt,
+                reason,
+            )
+            # Re-registered under no replica, so that fail_pending below leaves it alone.
+            msg = execution.request
+            self.pending.add(msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.owner)
+            self.awaiting_idle.pop(msg.msg_id, None)
         if release is not None:
             release()
         for execution in rerun:
-            if execution.replica is not None or self._terms.get(execution.term) is not execution:
+            if not execution.waiting or not self._executions.is_open(execution):
                 continue  # dispatched by release(), or answered meanwhile
             assert target is not None
-            if self.gate is None:
+            if self._gate is None:
                 self.dispatch(execution.term, target.replica_id, execution.devices)
             else:
-                self.gate.execution_requested(self, execution.term, target.replica_id)
+                self._gate.execution_requested(self, execution.term, target.replica_id)
         self.fail_pending(
             "ReplicaLost",
             f"{reason}. The cell it was running is lost; the kernel continues on its other "
@@ -424,14 +440,14 @@ class GatewayKernel:
         for msg_id, (header, owner_replica) in list(self.awaiting_idle.items()):
             if owner_replica == replica:
                 del self.awaiting_idle[msg_id]
-                idle = new_message("iopub", "status", {"execution_state": "idle"}, parent=header)
+                idle = status_message("idle", header)
                 for client in tuple(self.clients):
                     client.send(idle)
-        if self.execution_state == "busy":
-            self.execution_state = "idle"
+        if self._state == "busy":
+            self._state = "idle"
 
     def _unavailable_reason(self) -> str:
-        if self.execution_state == "restarting":
+        if self._state == "restarting":
             return "the kernel is restarting; send the request again when it is idle"
         if self.record.dead_reason:
             return f"the kernel is dead: {self.record.dead_reason}. Restart it to continue."
@@ -455,7 +471,7 @@ class GatewayKernel:
         if msg.channel == "iopub":
             if msg.msg_type == "iopub_welcome":
                 return
-            if len(self.links) > 1 and link.replica_id != self.executor:
+            if len(self.links) > 1 and link.replica_id != self._executor:
                 return  # standby replicas' status changes are not the kernel's
             if msg.msg_type == "status":
                 state = msg.content_dict.get("execution_state")
@@ -463,12 +479,10 @@ class GatewayKernel:
                     return  # the gateway announces lifecycle states itself
                 if state == "idle" and msg.parent_msg_id is not None:
                     self.awaiting_idle.pop(msg.parent_msg_id, None)
-                if state in ("busy", "idle") and self.execution_state not in ("dead", "restarting"):
-                    self.execution_state = state
+                if state in ("busy", "idle") and self._state not in ("dead", "restarting"):
+                    self._state = "busy" if state == "busy" else "idle"
             elif msg.msg_type == "execute_input":
-                count = msg.content_dict.get("execution_count")
-                if isinstance(count, int):
-                    self.execution_count = count
+                self._executions.counted(msg.content_dict.get("execution_count"))
             for client in tuple(self.clients):
                 client.send(msg)
             return
@@ -480,7 +494,7 @@ class GatewayKernel:
             return
         owner = pending.owner
         if msg.msg_type == "execute_reply":
-            execution = self.executions.get(pending.msg_id)
+            execution = self._executions.get(pending.msg_id)
             if execution is not None:
                 self._execution_replied(execution, msg)
                 return
@@ -491,22 +505,19 @@ class GatewayKernel:
             owner.send(msg)
 
     def _execution_replied(self, execution: _Execution, reply: Message) -> None:
-        self._forget_execution(execution)
         content = reply.content_dict
-        lost = execution.attempt > 1 and content.get("ename") == YIELD_ENAME
-        if not lost:
-            # The next cell's executor waits for this term's state. A cell cut off with its
-            # replica has none coming: waiting for it would hold the next cell for the
-            # catch-up timeout and then warn for nothing.
-            self.last_replied_term = max(self.last_replied_term, execution.term)
+        # The next cell's executor waits for this term's state. A cell cut off with its
+        # replica has none coming: waiting for it would hold the next cell for the catch-up
+        # timeout and then warn for nothing (``replied`` does not count it).
+        lost = self._executions.replied(execution, content.get("ename") == YIELD_ENAME)
         if lost:
             # The lost replica had won this term: the cell may have run partly there.
             self._answer_lost_execution(execution, reply)
-        elif execution.client in self.clients:
-            execution.client.send(reply)
-        if self.gate is None:
+        elif execution.owner in self.clients:
+            execution.owner.send(reply)
+        if self._gate is None:
             return
-        if content.get("status") == "error" and orjson.loads(execution.msg.content).get(
+        if content.get("status") == "error" and orjson.loads(execution.request.content).get(
             "stop_on_error", True
         ):
             # ipykernel aborts the requests queued behind a failed cell; cells held here
@@ -514,11 +525,11 @@ class GatewayKernel:
             # waiting cell would get them and run.
             for term in self.waiting_terms():
                 self.cancel_waiting(term, "ExecutionAborted", "a cell before this one failed")
-                self.gate.execution_cancelled(self, term)
-        self.gate.execution_finished(self, execution.term)
+                self._gate.execution_cancelled(self, term)
+        self._gate.execution_finished(self, execution.term)
 
     def _answer_lost_execution(self, execution: _Execution, yielded: Message) -> None:
-        if execution.client not in self.clients:
+        if execution.owner not in self.clients:
             return
         # The reason of the loss that sent it elsewhere (not of an older dead replica's).
         reason = execution.lost_reason or "its replica was lost"
@@ -539,13 +550,13 @@ class GatewayKernel:
         for reply in error_replies(
             "shell",
             "execute_request",
-            execution.msg.header,
+            execution.request.header,
             "ReplicaLost",
             f"{reason}. {what}",
             # The count the cell had, as an interrupted cell's reply on a local kernel.
             execution_count=count if isinstance(count, int) and count > 0 else None,
         ):
-            execution.client.send(reply)
+            execution.owner.send(reply)
 
     def _reject_from_replica(self, link: ReplicaLink, channel: str, reason: str) -> None:
         log.warning("rejected a %s message from replica %s: %s", channel, link.replica_id, reason)
@@ -601,13 +612,56 @@ class GatewayKernel:
                 continue
 
     # -- lifecycle ----------------------------------------------------------------------------
+    #
+    # starting --started--> idle <--> busy (the executor's status)
+    # idle/busy --begin_restart/begin_restore/wake--> restarting --end_restart/end_restore--> idle
+    # any --mark_dead--> dead --begin_restart--> restarting
+    # Re-attached after a gateway restart: reattached(last_term) takes starting to idle.
+
+    def started(self) -> None:
+        """Its replicas are up (a new kernel, or one whose replicas were released while idle,
+        found by a restarted gateway): ``idle``, without a status message."""
+        self._state = "idle"
+
+    def reattached(self, last_term: int) -> None:
+        """A restarted gateway found a replica that applied ``last_term``: the terms continue
+        after it, and a kernel still ``starting`` is ``idle``."""
+        self._executions.continue_after(last_term)
+        if self._state == "starting":
+            self._state = "idle"
 
     def begin_restart(self) -> None:
         """Called by the manager as a restart starts: answer what the old replicas owed and
         hold new client messages until :meth:`end_restart`. No status is broadcast: a
         ``restarting`` status means an automatic restart after a crash to JupyterLab."""
         self.fail_pending("KernelRestarted", "the kernel was restarted")
-        self.execution_state = "restarting"
+        self._state = "restarting"
+
+    def forget_replicas(self) -> None:
+        """The old replicas of a restart are stopped: the kernel starts afresh, with no
+        replica, no executor, no cause of death, and terms from 1."""
+        self.record.replicas = []
+        self.record.dead_reason = ""
+        self._executor = None
+        self._executions.restart()
+
+    def reclaim(self) -> None:
+        """Its replicas are being released while it is idle (``_reclaim``): their links go
+        first, so that their last status messages do not reach the clients, to whom it stays
+        ``idle``; its next message wakes it (``on_wake``)."""
+        self.record.reclaimed = True
+        for replica in self.live_replicas():
+            self.drop_link(replica.replica_id)
+        self._executor = None
+        self._state = "idle"
+
+    def repair_started(self, status: RepairStatus) -> None:
+        """A repair loop works on the kernel (``repair`` shows its progress)."""
+        self._repair = status
+
+    def repair_ended(self, status: RepairStatus) -> None:
+        if self._repair is status:
+            self._repair = None
 
     def begin_restore(self, reason: str) -> None:
         """Every replica was lost; the manager starts new ones from the store. Open requests
@@ -617,13 +671,13 @@ class GatewayKernel:
             f"{reason}. Every replica of the kernel is gone; it is being restored from its "
             "last checkpoint.",
         )
-        self.execution_state = "restarting"
+        self._state = "restarting"
 
     def end_restore(self, term: int, notice: str) -> None:
-        """The restored replicas are up with the state of ``term``: later cells build on it."""
-        self.last_replied_term = term
-        self.next_term = max(self.next_term, term + 1)
-        self.notice = notice
+        """The restored replicas are up with the state of ``term``: later cells build on it.
+        ``notice`` is shown in the next cell's output."""
+        self._executions.restored(term)
+        self._notice = notice
         self.end_restart()
 
     def end_restart(self) -> None:
@@ -635,9 +689,9 @@ class GatewayKernel:
             if client in self.clients:
                 self.handle_client_message(client, msg)
 
-    def set_state(self, state: str) -> None:
+    def set_state(self, state: KernelState) -> None:
         """Set a lifecycle state (restarting, dead ...) and tell every client."""
-        self.execution_state = state
+        self._state = state
         status = self._status(state)
         for client in tuple(self.clients):
             client.send(status)
@@ -654,9 +708,9 @@ class GatewayKernel:
         # the GPUs to a cell of this very batch and send it to a replica.
         finished = []
         for pending in taken:
-            execution = self.executions.get(pending.msg_id)
+            execution = self._executions.get(pending.msg_id)
             if execution is not None:
-                self._forget_execution(execution)
+                self._executions.forget(execution)
                 finished.append(execution.term)
         for pending in taken:
             owner = pending.owner
@@ -670,9 +724,9 @@ class GatewayKernel:
                 pending.channel, pending.msg_type, pending.header, ename, reason
             ):
                 owner.send(reply)
-        if self.gate is not None:
+        if self._gate is not None:
             for term in finished:
-                self.gate.execution_finished(self, term)
+                self._gate.execution_finished(self, term)
 
     def mark_dead(self, reason: str) -> None:
         self.record.dead_reason = reason
@@ -680,7 +734,7 @@ class GatewayKernel:
         self.set_state("dead")
 
     def _status(self, state: str) -> Message:
-        return new_message("iopub", "status", {"execution_state": state})
+        return status_message(state)
 
     def model(self) -> dict[str, Any]:
         """The Jupyter REST model of this kernel."""
@@ -688,7 +742,7 @@ class GatewayKernel:
             "id": self.id,
             "name": self.record.name,
             "last_activity": self.last_activity.isoformat().replace("+00:00", "Z"),
-            "execution_state": self.execution_state,
+            "execution_state": self._state,
             "connections": len(self.clients),
         }
 
@@ -696,43 +750,3 @@ class GatewayKernel:
         for link in self.links.values():
             link.close()
         self.links.clear()
-
-
-def error_replies(
-    channel: str,
-    msg_type: str,
-    request_header: bytes,
-    ename: str,
-    evalue: str,
-    execution_count: int | None = None,
-) -> list[Message]:
-    """What a client gets instead of the kernel's answer to a request (given by its channel,
-    type and raw header). An execute request also gets an IOPub ``error`` so that the message
-    shows in the cell, and its reply the cell's ``execution_count`` when one is known (a cell
-    cut off while it ran had one). The closing ``idle`` status (parented to the request) completes the
-    request in clients that wait for it, as JupyterLab and nbclient do; a kernel-wide ``dead``
-    status, if any, follows it.
-    """
-    reply_type = msg_type.removesuffix("_request") + "_reply"
-    content: dict[str, Any] = {
-        "status": "error",
-        "ename": ename,
-        "evalue": evalue,
-        "traceback": [f"{ename}: {evalue}"],
-    }
-    messages = []
-    if msg_type == "execute_request":
-        content["execution_count"] = execution_count
-        messages.append(
-            new_message(
-                "iopub",
-                "error",
-                {"ename": ename, "evalue": evalue, "traceback": [f"{ename}: {evalue}"]},
-                parent=request_header,
-            )
-        )
-    messages.append(new_message(channel, reply_type, content, parent=request_header))
-    messages.append(
-        new_message("iopub", "status", {"execution_state": "idle"}, parent=request_header)
-    )
-    return messages

@@ -14,16 +14,14 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ._errors import KernelSpecError
+
 __all__ = ["DEFAULT_KERNEL_NAME", "KernelSpec", "KernelSpecError", "KernelSpecRegistry"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KERNEL_NAME = "python3"
 _RESOURCE_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg", "kernel.js", "kernel.css")
-
-
-class KernelSpecError(ValueError):
-    """A kernelspec is invalid; the text names the file and the field."""
 
 
 class KernelSpec(BaseModel):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .. import envvars
+from ._errors import HostProviderError
 
 __all__ = ["HostProvider", "HostProviderError", "LocalProcessHostProvider"]
 
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 
 # How long a child killed with SIGKILL may take to be reaped before stop_host gives up on it.
 _KILL_TIMEOUT = 5.0
-
-
-class HostProviderError(RuntimeError):
-    """A provider could not start or stop hosts (the message says why)."""
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
 """Bringing a replicated kernel back to its configured number of replicas: the pure decisions.
 
-The kernel manager runs one repair loop per kernel that lost a replica (``_manager``). Each
+The kernel manager runs one repair loop per kernel that lost a replica (``_recovery``). Each
 attempt starts a replica on a host the scheduler picks, reconciles the Raft membership with
 the replicas that run, and lets the new one join. What is decided here, without I/O or clocks:
 

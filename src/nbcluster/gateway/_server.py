@@ -7,7 +7,7 @@ import logging
 
 import uvicorn
 
-from ._app import create_app
+from ._asgi import create_app
 from ._config import GatewayConfig
 
 __all__ = ["serve"]

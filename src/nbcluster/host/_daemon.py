@@ -17,6 +17,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from .._tasks import BackgroundTasks
 from ..hostproto import (
     CancelJob,
     GatewayRequest,
@@ -83,7 +84,8 @@ class HostDaemon:
         self._ws: ClientConnection | None = None
         self._send_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Requests being handled, and jobs' ends being sent again after a reconnect.
+        self._tasks = BackgroundTasks("host daemon", log)
         self.connected = asyncio.Event()
 
     def stop(self) -> None:
@@ -107,8 +109,7 @@ class HostDaemon:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, self.config.reconnect_max_delay)
         finally:
-            for task in list(self._tasks):
-                task.cancel()
+            await self._tasks.cancel_all()
             await self.jobs.stop_all()
             await self.supervisor.stop_all()
 
@@ -142,9 +143,7 @@ class HostDaemon:
             self._ws = ws
             self.connected.set()
             log.info("registered with the gateway as %s", self.config.name)
-            resend = asyncio.create_task(self.jobs.resend_unreported())
-            self._tasks.add(resend)
-            resend.add_done_callback(self._tasks.discard)
+            self._tasks.spawn("resend job ends", self.jobs.resend_unreported())
             heartbeat = asyncio.create_task(self._heartbeat(welcome.heartbeat_interval))
             stopper = asyncio.create_task(self._stopping.wait())
             try:
@@ -180,9 +179,7 @@ class HostDaemon:
                 continue
             if isinstance(message, Welcome):
                 continue
-            task = asyncio.create_task(self._handle(message))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(f"handle {message.type}", self._handle(message))
 
     async def _handle(self, request: GatewayRequest) -> None:
         try:

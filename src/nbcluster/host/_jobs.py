@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from .. import envvars
 from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
-from ..jobs import JobHandle, JobRuntime, JobSpec, ProcessRuntime
+from ..jobs import JobHandle, JobRuntime, JobSpec, ProcessRuntime, optional_runtimes
 
 __all__ = ["JobRunner"]
 
@@ -64,16 +64,7 @@ class JobRunner:
     def _add_optional_runtimes(self) -> None:
         """Container and Kubernetes runtimes, when their modules are there; their clients
         connect only when a job needs them."""
-        with contextlib.suppress(ImportError):
-            from ..jobs._docker import DockerRuntime
-
-            self.runtimes["docker"] = DockerRuntime()
-        with contextlib.suppress(ImportError):
-            from ..jobs._kubernetes import KubernetesJobRuntime, TrainingJobRuntime
-
-            self.runtimes["kubernetes"] = KubernetesJobRuntime()
-            self.runtimes["tfjob"] = TrainingJobRuntime(kind="TFJob")
-            self.runtimes["pytorchjob"] = TrainingJobRuntime(kind="PyTorchJob")
+        self.runtimes.update(optional_runtimes())
 
     def job_ids(self) -> list[str]:
         return sorted(self.running)
@@ -103,21 +94,21 @@ class JobRunner:
         return {"started": time.time()}
 
     @staticmethod
-    def _write_inputs(spec: JobSpec, workdir: Path, store_url: str | None) -> None:
+    def _write_inputs(spec: JobSpec, workdir: Path, object_store_url: str | None) -> None:
         for name, text in spec.inline_inputs.items():
             target = workdir / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
         if spec.inputs:
-            if store_url is None:
+            if object_store_url is None:
                 raise ValueError("inputs: this job names store inputs but no store was given")
             from ..store import open_store
 
-            store = open_store(store_url)
+            object_store = open_store(object_store_url)
             for name, key in spec.inputs.items():
                 target = workdir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(store.get(key))
+                target.write_bytes(object_store.get(key))
 
     @staticmethod
     def _env(request: StartJob, spec: JobSpec) -> dict[str, str]:
@@ -141,7 +132,9 @@ class JobRunner:
         await job.handle.cancel(request.grace)
         return {}
 
-    async def _supervise(self, job: _RunningJob, log_path: Path, store_url: str | None) -> None:
+    async def _supervise(
+        self, job: _RunningJob, log_path: Path, object_store_url: str | None
+    ) -> None:
         streamer = asyncio.create_task(self._stream_output(job.job_id, log_path))
         error = ""
         code: int | None
@@ -161,7 +154,7 @@ class JobRunner:
             error = "cancelled"
         outputs: dict[str, str] = {}
         try:
-            outputs = await asyncio.to_thread(self._collect_outputs, job, store_url)
+            outputs = await asyncio.to_thread(self._collect_outputs, job, object_store_url)
         except Exception as exc:  # the store: the job's end is reported all the same
             error = error or f"could not store its outputs: {exc}"
         tail = _tail(log_path, 4096)
@@ -180,19 +173,19 @@ class JobRunner:
         shutil.rmtree(job.workdir, ignore_errors=True)
 
     @staticmethod
-    def _collect_outputs(job: _RunningJob, store_url: str | None) -> dict[str, str]:
+    def _collect_outputs(job: _RunningJob, object_store_url: str | None) -> dict[str, str]:
         found = [n for n in job.spec.outputs if (job.workdir / n).is_file()]
         if not found:
             return {}
-        if store_url is None:
+        if object_store_url is None:
             raise ValueError("no object store was given for its outputs")
         from ..store import open_store
 
-        store = open_store(store_url)
+        object_store = open_store(object_store_url)
         keys = {}
         for name in found:
             key = f"jobs/{job.job_id}/outputs/{name}"
-            store.put(key, (job.workdir / name).read_bytes())
+            object_store.put(key, (job.workdir / name).read_bytes())
             keys[name] = key
         return keys
 

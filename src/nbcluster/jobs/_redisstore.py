@@ -36,7 +36,7 @@ from typing import Any, TypeVar, cast
 import redis
 
 from .._redis import TRANSIENT_ERRORS, connect, describe
-from ..store._retry import retrying
+from ..store import retrying
 from ._filestore import (
     LOG_LIMIT,
     JobStoreError,

@@ -2,7 +2,8 @@
 turns committed records into decisions, and the synchroniser that moves Python state.
 
 Created by :class:`~._kernel.ReplicaKernel` when the gateway asks it to join (on the kernel's
-main event loop, where cells run).
+main event loop, where cells run). The group sees the kernel only through :class:`GroupKernel`
+(what it reads and tells), so that this module does not import the kernel's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import envvars
+from .._tasks import BackgroundTasks
 from ..store import ObjectNotFoundError
 from ._checkpoint import (
     Checkpoint,
@@ -34,10 +36,9 @@ from ._replication import ReplicaCoordinator
 
 if TYPE_CHECKING:
     from ..consensus import ReplicatedLog
-    from ._kernel import ReplicaKernel
     from ._sync import SyncResult
 
-__all__ = ["ReplicaGroup"]
+__all__ = ["GroupKernel", "ReplicaGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,33 @@ CHECKPOINT_EVERY = envvars.CHECKPOINT_EVERY.get_int()
 CHECKPOINT_INTERVAL = envvars.CHECKPOINT_INTERVAL.get_float()
 
 
+class GroupKernel(Protocol):
+    """What a replica group needs of its kernel (``ReplicaKernel``)."""
+
+    @property
+    def kernel_id(self) -> str: ...
+
+    @property
+    def replica_id(self) -> str: ...
+
+    @property
+    def shell(self) -> Any:
+        """The IPython shell (None before the kernel has one)."""
+
+    #: The kernel's count of cells (a follower sets it from the executor's).
+    execution_count: Any
+
+    def send_stream_warning(self, text: str) -> None:
+        """Show ``text`` on the current cell's stderr."""
+
+
 class ReplicaGroup:
-    def __init__(self, kernel: ReplicaKernel, coordinator: ReplicaCoordinator, sync: Any) -> None:
+    def __init__(self, kernel: GroupKernel, coordinator: ReplicaCoordinator, sync: Any) -> None:
         self.kernel = kernel
         self.coordinator = coordinator
         self.sync = sync
         self.log: ReplicatedLog = None  # type: ignore[assignment]  # set by start()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks("replica group", log)
         self._warned: set[str] = set()
         self._cells_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -66,13 +87,13 @@ class ReplicaGroup:
     @classmethod
     async def start(
         cls,
-        kernel: ReplicaKernel,
+        kernel: GroupKernel,
         *,
         address: str,
         peers: list[str],
         members: int,
         password: str,
-        store_url: str | None,
+        object_store_url: str | None,
     ) -> ReplicaGroup:
         from ..consensus import PySyncObjLog, private_random_for_pysyncobj
         from ..store import open_store
@@ -81,7 +102,7 @@ class ReplicaGroup:
         loop = asyncio.get_running_loop()
         shell = kernel.shell
         assert shell is not None
-        store = open_store(store_url or (Path.cwd() / ".nbcluster-store").as_uri())
+        object_store = open_store(object_store_url or (Path.cwd() / ".nbcluster-store").as_uri())
         # One key space per kernel, so that a kernel's objects go when it does (store gc).
         prefix = f"kernels/{kernel.kernel_id}/values/" if kernel.kernel_id else "values/"
         # Values pickled larger than this go to the store (gateway: --store-threshold-mb).
@@ -89,7 +110,7 @@ class ReplicaGroup:
         sync = StateSynchronizer(
             shell.user_ns,
             shell.user_ns_hidden,  # by reference: IPython adds to it as it runs
-            store,
+            object_store,
             threshold=threshold,
             key_prefix=prefix,
             shell=shell,
@@ -169,9 +190,7 @@ class ReplicaGroup:
             execution_count,
             encode_payload(payload) if payload else None,
         )
-        task = asyncio.create_task(self._propose_done(record))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(f"propose done {term}", self._propose_done(record))
 
     def _warn_about(self, result: SyncResult) -> None:
         """Tell the user, once per name, what will not survive a failover and why; and where
@@ -275,7 +294,7 @@ class ReplicaGroup:
         kernel_id = self.kernel.kernel_id
         if not kernel_id:
             raise RuntimeError("this replica does not know its kernel id")
-        store = self.sync.store
+        object_store = self.sync.store
 
         def write() -> tuple[int, int, float, int]:
             with self._checkpoint_lock:
@@ -284,13 +303,13 @@ class ReplicaGroup:
                 snapshot = coordinator.snapshot()
                 created = time.time()
                 data = encode_checkpoint(snapshot, term, count, self.kernel.replica_id, created)
-                store.put(checkpoint_key(kernel_id), data)
+                object_store.put(checkpoint_key(kernel_id), data)
                 self._cells_since_checkpoint = 0
                 self._last_checkpoint = time.monotonic()
-                for info in list(store.list(log_prefix(kernel_id))):
+                for info in list(object_store.list(log_prefix(kernel_id))):
                     covered = term_of_log_key(info.key)
                     if covered is not None and covered <= term:
-                        store.delete(info.key)
+                        object_store.delete(info.key)
                 return term, count, created, len(data)
 
         term, count, created, size = await asyncio.to_thread(write)
@@ -302,16 +321,18 @@ class ReplicaGroup:
         lost every replica; the gateway starts new ones with ``restore``). Every new replica
         does the same and reads the same objects, so they start identical."""
         kernel_id = self.kernel.kernel_id
-        store = self.sync.store
+        object_store = self.sync.store
 
         def read() -> Rebuilt | None:
             try:
                 checkpoint: Checkpoint | None = decode_checkpoint(
-                    store.get(checkpoint_key(kernel_id))
+                    object_store.get(checkpoint_key(kernel_id))
                 )
             except ObjectNotFoundError:
                 checkpoint = None
-            entries = [store.get(info.key) for info in store.list(log_prefix(kernel_id))]
+            entries = [
+                object_store.get(info.key) for info in object_store.list(log_prefix(kernel_id))
+            ]
             return rebuild(checkpoint, entries, self.coordinator.election.members)
 
         rebuilt = await asyncio.to_thread(read)
@@ -347,5 +368,8 @@ class ReplicaGroup:
             shell.execution_count = count + 1
 
     def close_soon(self) -> None:
-        task = asyncio.get_event_loop().create_task(self.log.close())
-        self._tasks.add(task)
+        """Close the Raft log in the background (the kernel is shutting down)."""
+        try:
+            self._tasks.spawn("close the Raft log", self.log.close())
+        except RuntimeError:  # no running event loop: nothing to close it on
+            log.warning("could not close the Raft log: no running event loop")

@@ -20,6 +20,7 @@ import random
 import sys
 from typing import Any, Final
 
+from .. import envvars
 from ._interpreter_base import (
     NOT_APPLICABLE,
     InterpreterRestoreError,
@@ -40,7 +41,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # os.environ
 
-ENVIRON_EXCLUDED_PREFIXES: Final = ("NBCLUSTER_", "JPY_")
+ENVIRON_EXCLUDED_PREFIXES: Final = (envvars.PREFIX, "JPY_")
 """Environment variables never captured nor restored, by prefix. ``NBCLUSTER_*``: set per replica
 by the host daemon and the gateway (kernel and replica id, Raft password, report fd, GPUs bound
 to the cell); ``JPY_*``: set per process by the launcher (parent pid, session name, interrupt

@@ -116,7 +116,7 @@ class ReplicaKernel(IPythonKernel):
                     peers=request.peers,
                     members=request.members,
                     password=envvars.RAFT_PASSWORD.get() or "",
-                    store_url=envvars.STORE_URL.get() or None,
+                    object_store_url=envvars.STORE_URL.get() or None,
                 )
             await self.replication.wait_for_leader(request.timeout)
             if request.restore:

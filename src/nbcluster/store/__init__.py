@@ -17,6 +17,7 @@ from ._interface import (
 )
 from ._local import LocalDirectoryStore
 from ._memory import InMemoryStore
+from ._retry import retrying
 from ._url import open_store, store_url_for_directory
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "ObjectStore",
     "StoreError",
     "open_store",
+    "retrying",
     "store_url_for_directory",
     "validate_key",
 ]
