@@ -34,7 +34,6 @@ from nbcluster.gateway._http import (
     FOREIGN_ERRORS,
     error_status,
     http_error,
-    legacy_errors,
     parse_body,
 )
 from nbcluster.store import ObjectCorruptedError, ObjectNotFoundError, StoreError
@@ -118,12 +117,6 @@ def test_the_gateway_package_exports_the_errors_that_are_raised() -> None:
         assert status == error_status(getattr(_errors, name)("x")), name
     for name in ("HostRequestError", "HostProviderError", "KernelSpecError", "NoSuchJob"):
         assert getattr(gateway, name) is getattr(_errors, name)
-
-
-def test_legacy_classes_are_mapped_to_their_tree_counterpart() -> None:
-    for legacy, tree in legacy_errors():
-        assert legacy.__name__ == tree.__name__
-        assert not issubclass(legacy, NbclusterError)
 
 
 def test_http_error_keeps_the_tables_status_with_a_clearer_message() -> None:

@@ -12,9 +12,14 @@ from typing import Any
 import pytest
 
 from nbcluster import envvars
-from nbcluster.gateway import GatewayConfig, HostRegistry, HostSession, KernelSpecRegistry
+from nbcluster.gateway import (
+    GatewayConfig,
+    HostRegistry,
+    HostSession,
+    KernelSpecRegistry,
+    KernelStartError,
+)
 from nbcluster.gateway._host_launcher import HostDaemonLauncher
-from nbcluster.gateway._kernel_errors import KernelStartError
 from nbcluster.gateway._launcher import (
     LaunchError,
     LaunchSpec,

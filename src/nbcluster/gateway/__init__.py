@@ -5,25 +5,26 @@ from ._asgi import create_app
 from ._config import GatewayConfig
 from ._errors import (
     ApiError,
+    CheckpointError,
     HostProviderError,
     HostRefused,
     HostRequestError,
     HostTimedOut,
     HostUnreachable,
     JobError,
-    NbclusterError,
-    NoSuchJob,
-)
-from ._hosts import HostEntry, HostRegistry, HostSession
-from ._kernel import GatewayKernel, KernelUnavailable, error_replies
-from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpec, KernelSpecError, KernelSpecRegistry
-from ._manager import (
-    KernelManager,
+    KernelRejected,
     KernelRequestError,
     KernelStartError,
+    KernelUnavailable,
+    MigrationError,
+    NbclusterError,
+    NoSuchJob,
     NoSuchKernel,
-    validate_env,
 )
+from ._hosts import HostEntry, HostRegistry, HostSession
+from ._kernel import GatewayKernel, error_replies
+from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpec, KernelSpecError, KernelSpecRegistry
+from ._manager import KernelManager, validate_env
 from ._provider import HostProvider, LocalProcessHostProvider
 from ._routing import PendingRequest, PendingRequests
 from ._server import run, serve
@@ -32,6 +33,7 @@ from ._state import FileStateStore, KernelRecord, MemoryStateStore, ReplicaRecor
 __all__ = [
     "DEFAULT_KERNEL_NAME",
     "ApiError",
+    "CheckpointError",
     "FileStateStore",
     "Gateway",
     "GatewayConfig",
@@ -48,6 +50,7 @@ __all__ = [
     "JobError",
     "KernelManager",
     "KernelRecord",
+    "KernelRejected",
     "KernelRequestError",
     "KernelSpec",
     "KernelSpecError",
@@ -56,6 +59,7 @@ __all__ = [
     "KernelUnavailable",
     "LocalProcessHostProvider",
     "MemoryStateStore",
+    "MigrationError",
     "NbclusterError",
     "NoSuchJob",
     "NoSuchKernel",

@@ -25,7 +25,7 @@ from ._app import Gateway
 from ._auth import TokenAuthMiddleware
 from ._config import GatewayConfig
 from ._errors import NbclusterError
-from ._http import FOREIGN_ERRORS, describe_validation, error_response, error_status, legacy_errors
+from ._http import FOREIGN_ERRORS, describe_validation, error_response, error_status
 from ._jobs_api import build_jobs_router
 from ._metrics import GatewayMetrics
 from ._state import StateStore
@@ -76,8 +76,6 @@ def create_app(
         return error_response(status, str(exc), reason)
 
     app.add_exception_handler(NbclusterError, _gateway_error)
-    for legacy, _ in legacy_errors():
-        app.add_exception_handler(legacy, _gateway_error)
     for foreign, _, _ in FOREIGN_ERRORS:
         if foreign is not RequestValidationError:
             app.add_exception_handler(foreign, _gateway_error)

@@ -18,6 +18,10 @@ one raises). The kernel manager owns it; callers go through its methods:
 Its collaborators come in its constructor as small protocols: the kernels that run cells
 (:class:`CellRunner`), who moves a replica (:class:`ReplicaMover`, the kernel manager) and
 who adds or removes hosts (:class:`HostRequester`, the gateway's auto-scaler).
+
+A little over 500 lines on purpose: the interpreter of every action and the methods whose
+answers come from those actions read one another; split, each half would be explained by
+the other.
 """
 
 from __future__ import annotations

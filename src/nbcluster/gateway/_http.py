@@ -9,9 +9,7 @@ from elsewhere (the object store, pydantic, Starlette) get theirs from :data:`FO
 
 from __future__ import annotations
 
-import importlib
 from datetime import UTC, datetime
-from functools import cache
 from typing import TypeVar
 
 import orjson
@@ -22,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..store import ObjectNotFoundError, StoreError
-from ._errors import ApiError, KernelRejected, NbclusterError
+from ._errors import ApiError, NbclusterError
 
 __all__ = [
     "FOREIGN_ERRORS",
@@ -31,7 +29,6 @@ __all__ = [
     "error_status",
     "http_error",
     "json_body",
-    "legacy_errors",
     "parse_body",
 ]
 
@@ -45,61 +42,12 @@ FOREIGN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
 )
 
 
-#: Errors of the kernel manager and GatewayKernel that were defined before the tree existed,
-#: and the modules that may still define them rather than import them from ``_errors``.
-_LEGACY: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (
-        "_kernel_errors",
-        (
-            "KernelRejected",
-            "NoSuchKernel",
-            "KernelRequestError",
-            "KernelStartError",
-            "MigrationError",
-            "CheckpointError",
-        ),
-    ),
-    ("_kernel", ("KernelUnavailable",)),
-)
-
-
-@cache
-def legacy_errors() -> tuple[tuple[type[Exception], type[NbclusterError]], ...]:
-    """(class, its tree counterpart) for each class in :data:`_LEGACY` that is still not
-    part of the tree: mapped to the tree's status and reason. Once those modules import the
-    tree's classes, this is empty and can go."""
-    from . import _errors
-
-    pairs: list[tuple[type[Exception], type[NbclusterError]]] = []
-    for module_name, names in _LEGACY:
-        try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-        except ModuleNotFoundError:
-            continue
-        for name in names:
-            cls = getattr(module, name, None)
-            tree: type[NbclusterError] = getattr(_errors, name)
-            if (
-                isinstance(cls, type)
-                and issubclass(cls, Exception)
-                and not issubclass(cls, NbclusterError)
-            ):
-                pairs.append((cls, tree))
-    return tuple(pairs)
-
-
 def error_status(exc: BaseException) -> tuple[int, str] | None:
     """The HTTP status and reason for ``exc``; None when nothing says (a bug: 500)."""
     if isinstance(exc, NbclusterError):
         return exc.status, exc.reason
     if isinstance(exc, StarletteHTTPException):
         return exc.status_code, str(exc.detail)
-    for legacy, tree in legacy_errors():
-        if isinstance(exc, legacy):
-            if tree is KernelRejected:
-                probe = KernelRejected(str(exc), bool(getattr(exc, "permanent", False)))
-                return probe.status, probe.reason
-            return tree.status, tree.reason
     for cls, status, reason in FOREIGN_ERRORS:
         if isinstance(exc, cls):
             return status, reason

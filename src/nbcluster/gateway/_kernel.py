@@ -38,6 +38,7 @@ from ..protocol import (
     new_message,
     read_yielded,
 )
+from ._errors import KernelUnavailable
 from ._execution import Execution, Executions
 from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
@@ -50,7 +51,6 @@ __all__ = [
     "ExecutionGate",
     "GatewayKernel",
     "KernelState",
-    "KernelUnavailable",
     "error_replies",
 ]
 
@@ -87,10 +87,6 @@ class ExecutionGate(Protocol):
 
     def execution_cancelled(self, kernel: GatewayKernel, term: int) -> None:
         """The user interrupted a cell that was waiting for GPUs."""
-
-
-class KernelUnavailable(RuntimeError):
-    """The kernel cannot take the request now; the text says why."""
 
 
 #: Messages held for a restarting kernel, at most (then refused with an error reply).

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..hostproto import ConnectionInfo
+from ._errors import NbclusterError
 
 __all__ = [
     "ExitListener",
@@ -38,8 +39,11 @@ __all__ = [
 ]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(NbclusterError, RuntimeError):
     """A replica could not be started, signalled or stopped; the text says why."""
+
+    status = 503
+    reason = "replica could not be launched"
 
 
 @dataclass(frozen=True, slots=True)

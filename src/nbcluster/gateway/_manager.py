@@ -25,22 +25,21 @@ import uuid
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+from .._tasks import BackgroundTasks
 from ..hostproto import ReplicaExited, ReplicaReport
 from ..scheduling import DEFAULT_REQUEST, KernelStopped, Migrate, parse_request, policy_named
 from ..store import ObjectStore, StoreError, open_store
 from ._config import GatewayConfig
 from ._driver import HostSupply, SchedulerDriver
-from ._host_launcher import HostDaemonLauncher
-from ._hosts import HostEntry, HostRegistry
-from ._kernel import GatewayKernel, KernelUnavailable
-from ._kernel_errors import (
-    CheckpointError,
-    KernelRejected,
+from ._errors import (
     KernelRequestError,
     KernelStartError,
-    MigrationError,
+    KernelUnavailable,
     NoSuchKernel,
 )
+from ._host_launcher import HostDaemonLauncher
+from ._hosts import HostEntry, HostRegistry
+from ._kernel import GatewayKernel
 from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpecRegistry
 from ._launcher import LaunchError, ReplicaExit
 from ._membership import Membership
@@ -51,16 +50,7 @@ from ._recovery import Recovery
 from ._replicas import Replicas
 from ._state import KernelRecord, StateStore
 
-__all__ = [
-    "CheckpointError",
-    "KernelManager",
-    "KernelRejected",
-    "KernelRequestError",
-    "KernelStartError",
-    "MigrationError",
-    "NoSuchKernel",
-    "validate_env",
-]
+__all__ = ["KernelManager", "validate_env"]
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +103,17 @@ class KernelManager:
         config: GatewayConfig,
         hosts: HostRegistry,
         specs: KernelSpecRegistry,
-        store: StateStore,
+        state_store: StateStore,
         metrics: GatewayMetrics,
         host_supply: HostSupply | None = None,
     ) -> None:
         self.config = config
         self.hosts = hosts
         self.specs = specs
-        self.store = store
+        self.state_store = state_store
         self.metrics = metrics
         self.kernels: dict[str, GatewayKernel] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks("kernel manager", log)
         self._object_store: ObjectStore | None = None
         policy_named(config.policy)  # a bad name fails at start-up, not at the first kernel
         #: The one driver of the scheduler: every placement, binding and migration. This
@@ -142,7 +132,7 @@ class KernelManager:
         self.membership = Membership(config, hosts, self.replicas, self.scheduling, host_supply)
         self.recovery = Recovery(
             self.kernels,
-            store,
+            state_store,
             metrics,
             self.scheduling,
             self.replicas,
@@ -152,7 +142,7 @@ class KernelManager:
         self.reclaimer = IdleReclaimer(
             config,
             self.kernels,
-            store,
+            state_store,
             metrics,
             self.scheduling,
             self.replicas,
@@ -163,7 +153,7 @@ class KernelManager:
             config,
             hosts,
             self.kernels,
-            store,
+            state_store,
             metrics,
             self.scheduling,
             self.replicas,
@@ -191,10 +181,9 @@ class KernelManager:
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        """Run a repair, restore or reconciliation in the background (held, its failure
+        logged); the collaborators get this method in their constructors."""
+        return self._background.spawn(getattr(coro, "__qualname__", "task"), coro)
 
     # -- start --------------------------------------------------------------------------------
 
@@ -234,7 +223,7 @@ class KernelManager:
             kernel.close()
             raise
         kernel.started()
-        self.store.save(record)
+        self.state_store.save(record)
         self.metrics.kernel_start.observe(time.monotonic() - started)
         log.info("kernel %s (%s) started on %s", record.id, name, [r.host for r in record.replicas])
         return kernel
@@ -255,11 +244,11 @@ class KernelManager:
                 await self.membership.launch_group(kernel)
             except KernelStartError as exc:
                 kernel.mark_dead(f"restart failed: {exc}")
-                self.store.save(kernel.record)
+                self.state_store.save(kernel.record)
                 raise
             finally:
                 kernel.end_restart()
-            self.store.save(kernel.record)
+            self.state_store.save(kernel.record)
         log.info("kernel %s restarted", kernel_id)
         return kernel
 
@@ -270,7 +259,7 @@ class KernelManager:
             kernel.fail_pending("KernelShutdown", "the kernel was shut down")
             self.scheduling.handle(KernelStopped(kernel_id))
             await self.replicas.stop_all(kernel)
-            self.store.delete(kernel_id)
+            self.state_store.delete(kernel_id)
             for client in tuple(kernel.clients):
                 client.close(1000, "kernel shut down")
             kernel.close()
@@ -383,8 +372,7 @@ class KernelManager:
 
     async def close(self) -> None:
         """Detach from every kernel (they keep running) when the gateway stops."""
-        for task in list(self._background):
-            task.cancel()
+        await self._background.close(timeout=5.0)
         await self.scheduling.close()
         for kernel in self.kernels.values():
             for client in tuple(kernel.clients):

@@ -29,9 +29,9 @@ from ..scheduling import KernelStopped, Resources
 from ._config import GatewayConfig
 from ._control import control_request
 from ._driver import HostSupply, Placement, Refusal, SchedulerDriver
+from ._errors import KernelRejected, KernelStartError, KernelUnavailable
 from ._hosts import HostRegistry
-from ._kernel import GatewayKernel, KernelUnavailable
-from ._kernel_errors import KernelRejected, KernelStartError
+from ._kernel import GatewayKernel
 from ._repair import plan_membership
 from ._replica import ReplicaLink
 from ._replicas import Replicas

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from ..scheduling import KernelStopped
 from ._config import GatewayConfig
 from ._driver import SchedulerDriver
-from ._kernel import GatewayKernel, KernelUnavailable
-from ._kernel_errors import CheckpointError
+from ._errors import CheckpointError, KernelUnavailable
+from ._kernel import GatewayKernel
 from ._metrics import GatewayMetrics
 from ._recovery import Recovery, Spawn, serving
 from ._replicas import Replicas
@@ -31,7 +31,7 @@ class IdleReclaimer:
         self,
         config: GatewayConfig,
         kernels: dict[str, GatewayKernel],
-        store: StateStore,
+        state_store: StateStore,
         metrics: GatewayMetrics,
         scheduling: SchedulerDriver,
         replicas: Replicas,
@@ -40,7 +40,7 @@ class IdleReclaimer:
     ) -> None:
         self._config = config
         self._kernels = kernels
-        self._store = store
+        self._state_store = state_store
         self._metrics = metrics
         self._scheduling = scheduling
         self._replicas = replicas
@@ -83,7 +83,7 @@ class IdleReclaimer:
             # reach the clients, to whom the kernel stays idle.
             kernel.reclaim()
             await self._replicas.stop_all(kernel)
-            self._store.save(kernel.record)
+            self._state_store.save(kernel.record)
         log.info(
             "kernel %s was idle for %.0f s: its replicas were released (state checkpointed)",
             kernel.id,

@@ -22,8 +22,9 @@ from ..scheduling import HostAdded, HostRemoved, KernelAdopted, ReplicaAdopted
 from ._config import GatewayConfig
 from ._control import replica_last_term
 from ._driver import HostSupply, SchedulerDriver, host_spec
+from ._errors import KernelUnavailable
 from ._hosts import HostEntry, HostRegistry
-from ._kernel import GatewayKernel, KernelUnavailable
+from ._kernel import GatewayKernel
 from ._launcher import ReplicaExit
 from ._membership import resource_request
 from ._metrics import GatewayMetrics
@@ -45,7 +46,7 @@ class Reconciler:
         config: GatewayConfig,
         hosts: HostRegistry,
         kernels: dict[str, GatewayKernel],
-        store: StateStore,
+        state_store: StateStore,
         metrics: GatewayMetrics,
         scheduling: SchedulerDriver,
         replicas: Replicas,
@@ -57,7 +58,7 @@ class Reconciler:
         self._config = config
         self._hosts = hosts
         self._kernels = kernels
-        self._store = store
+        self._state_store = state_store
         self._metrics = metrics
         self._scheduling = scheduling
         self._replicas = replicas
@@ -151,7 +152,7 @@ class Reconciler:
                     continue
                 if replica.state == "unknown":
                     self._replicas.adopt(kernel, replica, report.pid, report.connection)
-                    self._store.save(kernel.record)
+                    self._state_store.save(kernel.record)
                 if replica.state == "running":
                     reserved = kernel.record.reserved_devices
                     self._scheduling.handle(
@@ -176,7 +177,7 @@ class Reconciler:
 
     def reattach(self) -> None:
         """Load persisted kernels at start-up and reconnect to their replicas' sockets."""
-        for record in self._store.load_all():
+        for record in self._state_store.load_all():
             kernel = self._new_kernel(record)
             self._kernels[record.id] = kernel
             if record.dead_reason:

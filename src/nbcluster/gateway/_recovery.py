@@ -28,8 +28,8 @@ from ..protocol import CheckpointReply, CheckpointRequest, ControlErrorReply, Re
 from ..scheduling import KernelStopped, Migrate, ReplicaReady, ReplicaStopped
 from ._control import control_request
 from ._driver import Refusal, SchedulerDriver
+from ._errors import CheckpointError, KernelStartError, MigrationError
 from ._kernel import GatewayKernel
-from ._kernel_errors import CheckpointError, KernelStartError, MigrationError
 from ._membership import Membership
 from ._metrics import GatewayMetrics
 from ._repair import RepairStatus, RetryPolicy
@@ -57,7 +57,7 @@ class Recovery:
     def __init__(
         self,
         kernels: dict[str, GatewayKernel],
-        store: StateStore,
+        state_store: StateStore,
         metrics: GatewayMetrics,
         scheduling: SchedulerDriver,
         replicas: Replicas,
@@ -66,7 +66,7 @@ class Recovery:
         policy: RetryPolicy | None = None,
     ) -> None:
         self._kernels = kernels
-        self._store = store
+        self._state_store = state_store
         self._metrics = metrics
         self._scheduling = scheduling
         self._replicas = replicas
@@ -97,7 +97,7 @@ class Recovery:
         else:
             self._scheduling.handle(stopped)
             self.lost_everything(kernel, reason)
-        self._store.save(kernel.record)
+        self._state_store.save(kernel.record)
 
     # -- repair: back to the configured number of replicas ------------------------------------
 
@@ -177,7 +177,7 @@ class Recovery:
                     delay,
                 )
                 if not serving(kernel) and not kernel.is_dead:
-                    # The others died while it tried: restore the kernel from the store.
+                    # The others died while it tried: restore the kernel from the object store.
                     self.lost_everything(kernel, f"every replica was lost ({why})")
                     return
                 with contextlib.suppress(TimeoutError):
@@ -200,7 +200,7 @@ class Recovery:
         [(replica_id, host)] = placed.replicas
         started = time.monotonic()
         new, why = await self._membership.swap_in(kernel, host, replica_id, timeout)
-        self._store.save(kernel.record)
+        self._state_store.save(kernel.record)
         if new is None:
             return f"replica {replica_id} on {host}: {why}", replica_id
         self._scheduling.handle(ReplicaReady(kernel.id, replica_id))
@@ -255,10 +255,10 @@ class Recovery:
                     ReplicaStopped(kernel.id, migrate.new_replica_id, rerun=False)
                 )
                 self.replica_lost(kernel, old, f"migration to {migrate.to_host} failed: {why}")
-                self._store.save(kernel.record)
+                self._state_store.save(kernel.record)
                 return False
             old.reason = f"migrated to {migrate.to_host} as {new.replica_id}"
-            self._store.save(kernel.record)
+            self._state_store.save(kernel.record)
             log.info(
                 "kernel %s: replica %s moved from %s to %s as %s in %.2f s",
                 kernel.id,
@@ -332,11 +332,11 @@ class Recovery:
                 self._scheduling.handle(KernelStopped(kernel.id))
                 kernel.mark_dead(f"{reason}; it could not be restored: {exc}")
                 kernel.end_restart()
-                self._store.save(kernel.record)
+                self._state_store.save(kernel.record)
                 log.error("kernel %s could not be restored: %s", kernel.id, exc)
                 return
             kernel.end_restore(point.term, restore_notice(reason, point, headline))
-            self._store.save(kernel.record)
+            self._state_store.save(kernel.record)
             self._metrics.restores.observe(time.monotonic() - started)
             log.info(
                 "kernel %s restored to term %s in %.2f s",
@@ -348,7 +348,7 @@ class Recovery:
     # -- checkpoints --------------------------------------------------------------------------
 
     async def checkpoint(self, kernel: GatewayKernel) -> dict[str, Any]:
-        """A replica writes the kernel's state to the store now (on its control channel, so
+        """A replica writes the kernel's state to the object store now (on its control channel, so
         a running cell does not delay it)."""
         running = [r for r in kernel.record.replicas if r.state == "running"]
         if kernel.is_dead or not running:

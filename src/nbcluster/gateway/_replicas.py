@@ -19,8 +19,8 @@ import zmq
 from .. import envvars
 from ..hostproto import ConnectionInfo
 from ._config import GatewayConfig
-from ._kernel import GatewayKernel, KernelUnavailable
-from ._kernel_errors import KernelStartError
+from ._errors import KernelStartError, KernelUnavailable
+from ._kernel import GatewayKernel
 from ._kernelspecs import KernelSpecRegistry
 from ._launcher import LaunchError, LaunchSpec, ReplicaLauncher, ReplicaProcess
 from ._state import ReplicaRecord

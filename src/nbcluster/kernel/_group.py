@@ -275,7 +275,9 @@ class ReplicaGroup:
             return
         # The store keeps the log's tail too: it outlives every replica.
         try:
-            await asyncio.to_thread(self.sync.store.put, log_key(kernel_id, record.term), data)
+            await asyncio.to_thread(
+                self.sync.object_store.put, log_key(kernel_id, record.term), data
+            )
         except Exception as exc:
             log.warning("could not write term %d to the store's log: %s", record.term, exc)
             return
@@ -294,7 +296,7 @@ class ReplicaGroup:
         kernel_id = self.kernel.kernel_id
         if not kernel_id:
             raise RuntimeError("this replica does not know its kernel id")
-        object_store = self.sync.store
+        object_store = self.sync.object_store
 
         def write() -> tuple[int, int, float, int]:
             with self._checkpoint_lock:
@@ -321,7 +323,7 @@ class ReplicaGroup:
         lost every replica; the gateway starts new ones with ``restore``). Every new replica
         does the same and reads the same objects, so they start identical."""
         kernel_id = self.kernel.kernel_id
-        object_store = self.sync.store
+        object_store = self.sync.object_store
 
         def read() -> Rebuilt | None:
             try:

@@ -5,7 +5,7 @@ cluster and streams its output back into the cell; ``%jobs`` lists this kernel's
 The magics talk to the gateway's job API (``/api/jobs``, see ``gateway/_jobs_api.py``) with a
 synchronous httpx client, at the URL and with the token the gateway gave the replica in its
 environment (``NBCLUSTER_GATEWAY_URL``, ``NBCLUSTER_GATEWAY_TOKEN``; set by the gateway's
-``KernelManager._launch_replica``). Jobs are owned by the kernel (``NBCLUSTER_KERNEL_ID``).
+``gateway._replicas.Replicas.launch_spec``). Jobs are owned by the kernel (``NBCLUSTER_KERNEL_ID``).
 
 How a ``%%job`` cell ends:
 

@@ -164,7 +164,7 @@ class StateSynchronizer:
             raise ValueError("threshold and inline_budget must be >= 0")
         self.namespace = namespace
         self.hidden = hidden
-        self.store = store
+        self.object_store = store
         self.threshold = threshold
         self.inline_budget = inline_budget
         self.key_prefix = key_prefix
@@ -302,7 +302,7 @@ class StateSynchronizer:
                 if len(data) > self.threshold or inline_bytes + len(data) > self.inline_budget:
                     key = self.key_prefix + digest
                     try:
-                        self.store.put(key, data)
+                        self.object_store.put(key, data)
                     except Exception as exc:
                         log.warning(
                             "cannot store %s (%d bytes) as %r: %s", part, len(data), key, exc
@@ -699,7 +699,7 @@ class StateSynchronizer:
         if "v" in entry:
             data = entry["v"]
         else:
-            data = self.store.get(entry["ptr"])
+            data = self.object_store.get(entry["ptr"])
             if len(data) != entry["size"]:
                 raise ValueError(
                     f"object {entry['ptr']!r} has {len(data)} bytes, expected {entry['size']}"
