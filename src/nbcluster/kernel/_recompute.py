@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._cell_reads import free_reads, side_effect
-from ._payload import RecomputeRecord
+from ._payload import RecomputeRecord, SyncPayload
 from ._touched import bound_names
 
-__all__ = ["Pending", "Plan", "Rerun", "plan", "rerun", "same_value"]
+__all__ = ["Layouts", "Pending", "Plan", "Rebuilds", "Rerun", "plan", "rerun", "same_value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +140,13 @@ def plan(
     return Plan(record, targets)
 
 
+#: (entry digest, its slots in pickle order), for each entry a rebuilt cell's values came in
+Layouts = tuple[tuple[str, tuple[str, ...]], ...]
+
+#: At most this many cells kept to rebuild incomplete copies (the oldest go first).
+PENDING_LIMIT = 64
+
+
 @dataclass(slots=True)
 class Pending:
     """A plan kept by a replica whose copies of its targets are incomplete."""
@@ -152,7 +159,7 @@ class Pending:
     #: (digest, slots in pickle order) of the entries that carried what the cell bound: a
     #: rebuilt value pickles differently (tensors name storage addresses), and the replica
     #: must still know it as the value of that entry
-    layouts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    layouts: Layouts = ()
 
     def valid(self, digests: Mapping[str, str]) -> bool:
         """Whether no later cell changed what the cell read or bound (``digests``: this
@@ -253,3 +260,97 @@ def same_value(old: object, new: object, dumps: Callable[[object], bytes]) -> bo
         return bool(old == new)
     except Exception:
         return False
+
+
+class Rebuilds:
+    """A replica's incomplete copies and the cells that can rebuild them: fed by the
+    synchroniser with each applied payload (``note``), run by the replica that executes next
+    (``run``)."""
+
+    def __init__(self) -> None:
+        #: slots whose copies here are incomplete (an autograd graph left out ...)
+        self.incomplete: set[str] = set()
+        #: cells that can rebuild them, oldest first
+        self.pending: list[Pending] = []
+
+    def note(
+        self,
+        payload: SyncPayload,
+        loaded: Collection[str],
+        gone: Collection[str],
+        digests: Mapping[str, str],
+    ) -> None:
+        """After a payload was applied here: which copies are incomplete now, and whether
+        the payload's cell can rebuild some. ``loaded``: slots loaded from it; ``gone``:
+        slots it deleted or dropped; ``digests``: this replica's slot -> entry digest."""
+        lossy = set(payload.get("lossy", ()))
+        for slot in loaded:
+            if slot in lossy:
+                self.incomplete.add(slot)
+            else:
+                self.incomplete.discard(slot)
+        self.incomplete.difference_update(gone)
+        record = payload.get("recompute")
+        if record is not None:
+            targets = tuple(s for s in sorted(lossy & self.incomplete) if s in record["binds"])
+            if targets:
+                binds = record["binds"].keys()
+                layouts = tuple(
+                    (e["h"], tuple(e["slots"]))
+                    for e in payload["set"]
+                    if not binds.isdisjoint(e["slots"])
+                )
+                self.pending.append(
+                    Pending(
+                        payload["count"],
+                        payload["source"],
+                        payload["filename"],
+                        record,
+                        targets,
+                        layouts,
+                    )
+                )
+        live = [p for p in self.pending if p.valid(digests)]
+        self.pending = live[-PENDING_LIMIT:]
+
+    def run(
+        self,
+        namespace: dict[str, Any],
+        digests: Mapping[str, str],
+        state_before: Callable[[bytes], contextlib.AbstractContextManager[None]],
+        same: Callable[[object, object], bool],
+        rebuilt: Callable[[dict[str, object], Layouts], None],
+    ) -> list[str]:
+        """Run the pending cells that can still rebuild copies here, in order (see
+        :func:`rerun`); ``rebuilt(values, layouts)`` is told what each one rebuilt. Returns
+        warnings for the user; nothing stays pending."""
+        pending, self.pending = self.pending, []
+        notices: list[str] = []
+        for cell in pending:
+            targets = [t for t in cell.targets if t in self.incomplete]
+            if not targets or not cell.valid(digests):
+                continue
+            names = ", ".join(targets)
+            inputs = sorted(set(cell.record["reads"]) & self.incomplete)
+            if inputs:
+                notices.append(
+                    f"[nbcluster] cannot rebuild by running cell [{cell.count}] again: it "
+                    f"reads {', '.join(inputs)}, whose copies are incomplete too; these keep "
+                    f"incomplete copies: {names}\n"
+                )
+                continue
+            try:
+                values = rerun(cell, namespace, state_before, same)
+            except Rerun as exc:
+                notices.append(
+                    f"[nbcluster] could not rebuild by running cell [{cell.count}] again "
+                    f"({exc}); these keep incomplete copies: {names}\n"
+                )
+                continue
+            self.incomplete.difference_update(values)
+            rebuilt(values, cell.layouts)
+            notices.append(
+                f"[nbcluster] rebuilt on this replica by running cell [{cell.count}] again "
+                f"(they could not be copied whole): {names}\n"
+            )
+        return notices

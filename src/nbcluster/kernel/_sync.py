@@ -56,7 +56,7 @@ from ._payload import (
     validate_payload,
 )
 from ._pickling import SameAs, dumps, loads
-from ._recompute import Pending, Rerun, rerun, same_value
+from ._recompute import Layouts, Rebuilds, same_value
 from ._recompute import plan as plan_recompute
 from ._results import ApplyResult, SyncResult
 from ._touched import analyse_cell
@@ -81,9 +81,6 @@ DEFAULT_THRESHOLD = 1024 * 1024
 DEFAULT_INLINE_BUDGET = 8 * 1024 * 1024
 
 _MISSING: Any = object()
-
-#: At most this many cells kept to rebuild incomplete copies (the oldest go first).
-_PENDING_LIMIT = 64
 
 #: IPython's history names: rebuilt from ``Out[N]`` and the inputs, never shipped themselves.
 #: (``_``, ``__``, ``___`` are slots: a user may bind ``_`` himself, as singledispatch code does.)
@@ -191,10 +188,8 @@ class StateSynchronizer:
         self._holding_namespace: set[str] = set()
         #: ``Out[N]`` slots found by the last ``_current`` (the walk pairs ``_`` with them)
         self._outputs: dict[str, object] = {}
-        #: slots whose copies here are incomplete (an autograd graph left out ...)
-        self._incomplete: set[str] = set()
-        #: cells that can rebuild incomplete copies here, oldest first (``_recompute``)
-        self._pending: list[Pending] = []
+        #: the copies here that are incomplete, and the cells that can rebuild them
+        self._rebuilds = Rebuilds()
 
     # -- which slots ------------------------------------------------------------------------
 
@@ -595,7 +590,7 @@ class StateSynchronizer:
                 self._dropped.discard(slot)
                 loaded.append(slot)
         self.history.apply_inputs(checked["inputs"])
-        self._note_incomplete(checked, loaded, [*deleted, *dropped, *failed])
+        self._rebuilds.note(checked, loaded, [*deleted, *dropped, *failed], self._component)
 
         if checked.get("full"):
             keep = {s for e in checked["set"] for s in e.get("live", e["slots"])}
@@ -618,82 +613,27 @@ class StateSynchronizer:
             seconds=time.perf_counter() - started,
         )
 
-    def _note_incomplete(self, checked: SyncPayload, loaded: list[str], gone: list[str]) -> None:
-        """Which copies here are incomplete, and the cells that can rebuild them."""
-        lossy = set(checked.get("lossy", ()))
-        for slot in loaded:
-            if slot in lossy:
-                self._incomplete.add(slot)
-            else:
-                self._incomplete.discard(slot)
-        self._incomplete.difference_update(gone)
-        record = checked.get("recompute")
-        if record is not None:
-            targets = tuple(s for s in sorted(lossy & self._incomplete) if s in record["binds"])
-            if targets:
-                binds = record["binds"].keys()
-                layouts = tuple(
-                    (e["h"], tuple(e["slots"]))
-                    for e in checked["set"]
-                    if not binds.isdisjoint(e["slots"])
-                )
-                self._pending.append(
-                    Pending(
-                        checked["count"],
-                        checked["source"],
-                        checked["filename"],
-                        record,
-                        targets,
-                        layouts,
-                    )
-                )
-        live = [p for p in self._pending if p.valid(self._component)]
-        self._pending = live[-_PENDING_LIMIT:]
-
     def rebuild_incomplete(self) -> list[str]:
         """Called by the kernel just before a cell runs on this replica (before the
         interpreter state is restored): run again the cells that can rebuild this replica's
         incomplete copies (``_recompute``). Returns warnings for the user. Only the replica
         that executes pays for this; the others keep the plans."""
-        pending, self._pending = self._pending, []
-        notices: list[str] = []
-        for cell in pending:
-            targets = [t for t in cell.targets if t in self._incomplete]
-            if not targets or not cell.valid(self._component):
-                continue
-            names = ", ".join(targets)
-            inputs = sorted(set(cell.record["reads"]) & self._incomplete)
-            if inputs:
-                notices.append(
-                    f"[nbcluster] cannot rebuild by running cell [{cell.count}] again: it "
-                    f"reads {', '.join(inputs)}, whose copies are incomplete too; these keep "
-                    f"incomplete copies: {names}\n"
-                )
-                continue
-            try:
-                rebuilt = rerun(cell, self.namespace, self.environment.state_before, self._same)
-            except Rerun as exc:
-                notices.append(
-                    f"[nbcluster] could not rebuild by running cell [{cell.count}] again "
-                    f"({exc}); these keep incomplete copies: {names}\n"
-                )
-                continue
-            for slot, value in rebuilt.items():
-                self._held[slot] = value
-                self._incomplete.discard(slot)
-            self._reindex(list(rebuilt))
-            for digest, slots in cell.layouts:
-                if all(s in rebuilt for s in slots):
-                    self._note_local_digest({"slots": list(slots), "h": digest}, rebuilt)
-            notices.append(
-                f"[nbcluster] rebuilt on this replica by running cell [{cell.count}] again "
-                f"(they could not be copied whole): {names}\n"
-            )
-        return notices
 
-    def _same(self, old: object, new: object) -> bool:
-        """Whether a rebuilt value equals the copy held here (pickled the same way)."""
-        return same_value(old, new, self.dumps)
+        def same(old: object, new: object) -> bool:
+            return same_value(old, new, self.dumps)
+
+        def rebuilt(values: dict[str, object], layouts: Layouts) -> None:
+            self._held.update(values)
+            self._reindex(list(values))
+            # A rebuilt value pickles differently (tensors name storage addresses): known
+            # here as the value of the entry the executor shipped.
+            for digest, slots in layouts:
+                if all(s in values for s in slots):
+                    self._note_local_digest({"slots": list(slots), "h": digest}, values)
+
+        return self._rebuilds.run(
+            self.namespace, self._component, self.environment.state_before, same, rebuilt
+        )
 
     def _load(self, entry: Entry) -> dict[str, object]:
         if "v" in entry:
