@@ -15,16 +15,22 @@ import pytest
 import nbcluster.scheduling as scheduling
 from nbcluster.gateway._driver import (
     Answers,
+    EvictionResult,
     MigrationResult,
     Placement,
     Refusal,
     SchedulerDriver,
 )
+from nbcluster.gateway._hosts import HostRegistry
 from nbcluster.gateway._metrics import GatewayMetrics
 from nbcluster.scheduling import (
+    GIB,
     BindGpus,
     BindJobGpus,
     CancelWait,
+    DeviceMemoryReported,
+    Evict,
+    ExecutionFinished,
     ExecutionRequested,
     HostAdded,
     JobGpusRefused,
@@ -34,6 +40,7 @@ from nbcluster.scheduling import (
     MigrationRefused,
     MigrationRequested,
     PlaceReplicas,
+    RefuseCell,
     RejectKernel,
     ReleaseGpus,
     ReplicaRequested,
@@ -103,11 +110,29 @@ class FakeHosts:
         self.released.append(action)
 
 
+class FakeEvictor:
+    """Answers every eviction with ``result`` (or raises ``error``); records the requests."""
+
+    def __init__(self) -> None:
+        self.result = EvictionResult(True, freed_bytes=12 * GIB, moved_objects=3)
+        self.error: Exception | None = None
+        self.asked: list[tuple[str, str, tuple[int, ...], str]] = []
+
+    async def evict(
+        self, kernel_id: str, replica_id: str, devices: tuple[int, ...], reason: str
+    ) -> EvictionResult:
+        self.asked.append((kernel_id, replica_id, devices, reason))
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class Env:
     def __init__(self, ok: bool = True) -> None:
         self.cell = FakeCell()
         self.mover = FakeMover(ok)
         self.hosts = FakeHosts()
+        self.evictor = FakeEvictor()
         self.metrics = GatewayMetrics()
         self.driver = SchedulerDriver(
             {"k": self.cell},
@@ -116,7 +141,12 @@ class Env:
             replicas_per_kernel=3,
             mover=self.mover,
             hosts=self.hosts,
+            evictor=self.evictor,
         )
+        self.metrics.watch(HostRegistry(lost_timeout=10.0), list, self.driver)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
     def migrations(self, outcome: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -166,6 +196,16 @@ EFFECTS: dict[type, tuple[Any, Callable[[Env, Answers], bool]]] = {
         lambda env, a: a.job == BindJobGpus("j", "h1", (1,)),
     ),
     JobGpusRefused: (JobGpusRefused("j", "taken"), lambda env, a: a.refusal == "taken"),
+    Evict: (
+        Evict("o", "o-1", "h1", (0,), "kernel k needs GPU 0"),
+        lambda env, a: (
+            [e for e, _ in a.evictions] == [Evict("o", "o-1", "h1", (0,), "kernel k needs GPU 0")]
+        ),
+    ),
+    RefuseCell: (
+        RefuseCell("k", 3, "GPU 0 is still held"),
+        lambda env, a: env.cell.cancelled == [(3, "GpuUnavailable", "GPU 0 is still held")],
+    ),
 }
 
 
@@ -287,3 +327,77 @@ def test_a_job_holds_gpus_through_the_driver_and_hands_them_to_a_waiting_cell() 
     env.driver.release_job_gpus("j1")
     assert env.driver.waiting == ()
     assert env.cell.dispatched == [(1, placed.replicas[0][0], (0,))]
+
+
+# -- evictions ----------------------------------------------------------------------------------
+
+
+async def evictions_done() -> None:
+    """Wait for the driver's eviction tasks (each feeds its answer to the scheduler)."""
+    tasks = [t for t in asyncio.all_tasks() if "evict GPU memory" in t.get_name()]
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+def other_kernel_leaves_memory(env: Env) -> str:
+    """Kernel ``o`` ran a cell on h1's only GPU and left 12 GB there; returns its replica."""
+    one_gpu_hosts(env, "h1")
+    placed = env.driver.place_kernel("o", Resources(gpus=1, vram_gb=8.0), 1, "batch")
+    assert isinstance(placed, Placement)
+    replica = placed.replicas[0][0]
+    env.driver.handle(ExecutionRequested("o", 1))
+    env.driver.handle(DeviceMemoryReported("o", replica, {0: 12 * GIB}))
+    env.driver.handle(ExecutionFinished("o", 1))
+    return replica
+
+
+async def test_a_cell_runs_once_another_kernels_memory_is_moved_and_says_so() -> None:
+    env = Env()
+    other = other_kernel_leaves_memory(env)
+    placed = env.driver.place_kernel("k", Resources(gpus=1, vram_gb=8.0), 1, "batch")
+    assert isinstance(placed, Placement)
+    env.driver.handle(ExecutionRequested("k", 1))
+    assert env.cell.dispatched == []  # parked until the eviction is answered
+    assert env.driver.parked == (("k", 1),)
+    await evictions_done()
+    assert env.evictor.asked == [("o", other, (0,), "kernel k needs GPU 0")]
+    assert env.cell.dispatched == [(1, placed.replicas[0][0], (0,))]
+    [(term, text)] = env.cell.shown
+    assert term == 1
+    assert text.startswith("[nbcluster] waited ")
+    assert text.endswith("s for GPU 0 to be freed by another kernel (12.0 GB moved)\n")
+    assert env.sample("nbcluster_evictions_total", {"outcome": "ok"}) == 1
+    assert env.sample("nbcluster_evicted_bytes_total") == 12 * GIB
+    assert env.sample("nbcluster_eviction_seconds_count") == 1
+    [device] = env.driver.device_memory("h1")
+    assert device.held == () and device.committed == 8 * GIB
+    gauge = env.sample(
+        "nbcluster_host_gpu_memory_bytes", {"host": "h1", "device": "0", "state": "committed"}
+    )
+    assert gauge == 8 * GIB
+    await env.driver.close()
+
+
+@pytest.mark.parametrize("how", ["error", "raises"])
+async def test_a_failed_eviction_refuses_the_cell_and_is_counted(how: str) -> None:
+    env = Env()
+    if how == "error":
+        env.evictor.result = EvictionResult(False, error="ControlMessageError: GPU 0 is busy")
+    else:
+        env.evictor.error = ConnectionError("link closed")
+    other_kernel_leaves_memory(env)
+    placed = env.driver.place_kernel("k", Resources(gpus=1, vram_gb=8.0), 1, "batch")
+    assert isinstance(placed, Placement)
+    env.driver.handle(ExecutionRequested("k", 1))
+    await evictions_done()
+    assert env.cell.dispatched == []
+    [(term, ename, reason)] = env.cell.cancelled
+    assert (term, ename) == (1, "GpuUnavailable")
+    assert "still held by kernel o" in reason
+    assert ("GPU 0 is busy" if how == "error" else "link closed") in reason
+    assert env.sample("nbcluster_evictions_total", {"outcome": "failed"}) == 1
+    assert env.driver.parked == () and env.driver.summary().committed_gpus == 0
+    held = env.sample(
+        "nbcluster_host_gpu_memory_bytes", {"host": "h1", "device": "0", "state": "held"}
+    )
+    assert held == 12 * GIB
+    await env.driver.close()

@@ -16,14 +16,13 @@ import time
 
 from .._tasks import BackgroundTasks
 from ..scheduling import (
-    HostAdded,
     HostRemoved,
     ScaleIn,
     ScaleOut,
     ScalingConfig,
     scaling_decision,
 )
-from ._driver import SchedulerDriver, host_spec
+from ._driver import SchedulerDriver, host_added
 from ._hosts import HostRegistry
 from ._metrics import GatewayMetrics
 from ._provider import HostProvider, HostProviderError
@@ -176,8 +175,7 @@ class Autoscaler:
                     entry = self.hosts.hosts.get(name)
                     if entry is not None and entry.state == "connected":
                         # Still there and serving: give it back to the scheduler.
-                        spec, devices = host_spec(entry.resources)
-                        self.scheduling.handle(HostAdded(name, spec, devices))
+                        self.scheduling.handle(host_added(name, entry.resources))
                     continue
                 self.hosts.forget(name)
                 self.metrics.scale_events.labels("in", "ok").inc()

@@ -1,7 +1,8 @@
 """The gateway's side of the typed control protocol (``nbcluster.protocol._control``): send a
 control request to one replica and read its reply; read a replica's ``kernel_info``.
 
-Used by the kernel manager for group formation, membership changes, restore and checkpoints.
+Used by the kernel manager for group formation, membership changes, restore and checkpoints,
+and by the evictor (``_evictor``) to have a replica free GPU memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..protocol import (
     CheckpointReply,
     ControlErrorReply,
     ControlRequest,
+    EvictReply,
     MembershipReply,
     RaftStartReply,
     ReplicaInfo,
@@ -29,7 +31,7 @@ __all__ = ["control_request", "replica_last_term"]
 
 log = logging.getLogger(__name__)
 
-_Reply = TypeVar("_Reply", RaftStartReply, MembershipReply, CheckpointReply)
+_Reply = TypeVar("_Reply", RaftStartReply, MembershipReply, CheckpointReply, EvictReply)
 
 
 async def control_request(

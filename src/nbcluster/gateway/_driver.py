@@ -16,12 +16,14 @@ one raises). The kernel manager owns it; callers go through its methods:
   ``host_views``, ``host_view``, ``kernel_view``, ``waiting``).
 
 Its collaborators come in its constructor as small protocols: the kernels that run cells
-(:class:`CellRunner`), who moves a replica (:class:`ReplicaMover`, the kernel manager) and
-who adds or removes hosts (:class:`HostRequester`, the gateway's auto-scaler).
+(:class:`CellRunner`), who moves a replica (:class:`ReplicaMover`, the kernel manager), who
+adds or removes hosts (:class:`HostRequester`, the gateway's auto-scaler) and who asks a
+replica to move its GPU memory to the host (:class:`Evictor`, ``_evictor``); every ``Evict``
+is answered to the scheduler with one ``EvictionFinished``, also when it failed.
 
-A little over 500 lines on purpose: the interpreter of every action and the methods whose
-answers come from those actions read one another; split, each half would be explained by
-the other.
+Over 500 lines on purpose: the interpreter of every action and the methods whose answers or
+follow-ups come from those actions (placements, migrations, evictions) read one another;
+split, each half would be explained by the other.
 """
 
 from __future__ import annotations
@@ -37,15 +39,21 @@ from typing import Protocol
 from .._tasks import BackgroundTasks
 from ..hostproto import HostResources
 from ..scheduling import (
+    GIB,
     Action,
     BindGpus,
     BindJobGpus,
     CancelWait,
     ClusterSummary,
+    DeviceMemoryReported,
+    DeviceMemoryView,
     Event,
+    Evict,
+    EvictionFinished,
     ExecutionCancelled,
     ExecutionFinished,
     ExecutionRequested,
+    HostAdded,
     HostView,
     JobGpusRefused,
     JobGpusReleased,
@@ -56,6 +64,7 @@ from ..scheduling import (
     MigrationRefused,
     MigrationRequested,
     PlaceReplicas,
+    RefuseCell,
     RejectKernel,
     ReleaseGpus,
     ReplicaRequested,
@@ -73,6 +82,8 @@ from ._metrics import GatewayMetrics
 __all__ = [
     "Answers",
     "CellRunner",
+    "EvictionResult",
+    "Evictor",
     "HostRequester",
     "HostSupply",
     "MigrationResult",
@@ -80,6 +91,7 @@ __all__ = [
     "Refusal",
     "ReplicaMover",
     "SchedulerDriver",
+    "host_added",
     "host_spec",
     "new_replica_id",
 ]
@@ -115,6 +127,12 @@ def host_spec(resources: HostResources) -> tuple[Resources, tuple[int, ...]]:
     return spec, tuple(g.index for g in resources.gpus)
 
 
+def host_added(name: str, resources: HostResources) -> HostAdded:
+    """The scheduler's event for a host's hello, with each GPU's memory in bytes."""
+    spec, devices = host_spec(resources)
+    return HostAdded(name, spec, devices, tuple(g.memory_mb << 20 for g in resources.gpus))
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -145,6 +163,26 @@ class ReplicaMover(Protocol):
 
     async def move_replica(self, migrate: Migrate) -> bool:
         """True when the new replica runs and the old one is retired."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionResult:
+    """What a replica answered to an eviction (``ok``), or why it did not (``error``)."""
+
+    ok: bool
+    freed_bytes: int = 0
+    moved_objects: int = 0
+    error: str = ""
+
+
+class Evictor(Protocol):
+    """Asks a replica to move what it keeps on some GPUs to host memory (``_evictor``)."""
+
+    async def evict(
+        self, kernel_id: str, replica_id: str, devices: tuple[int, ...], reason: str
+    ) -> EvictionResult:
+        """Never raises for a replica's failure: an error or a timeout is ``ok=False``."""
         ...
 
 
@@ -213,6 +251,8 @@ class Answers:
     scale_out: ScaleOut | None = None
     #: Migrations started, each with its running task (True: it succeeded).
     migrations: list[tuple[Migrate, asyncio.Task[bool]]] = field(default_factory=list)
+    #: Evictions started, each with its running task.
+    evictions: list[tuple[Evict, asyncio.Task[EvictionResult]]] = field(default_factory=list)
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -231,6 +271,7 @@ class SchedulerDriver:
         replicas_per_kernel: int,
         mover: ReplicaMover | None = None,
         hosts: HostRequester | None = None,
+        evictor: Evictor | None = None,
     ) -> None:
         self._scheduler = Scheduler(
             SchedulerConfig(
@@ -243,8 +284,10 @@ class SchedulerDriver:
         self._metrics = metrics
         self._mover = mover
         self._hosts = hosts
+        self._evictor = evictor
         self._wait_started: dict[tuple[str, int], float] = {}
-        self._migrating: set[str] = set()
+        #: New replicas of migrations under way, with the binding to run once they are up.
+        self._migrating: dict[str, BindGpus | None] = {}
         self._failed_migrations: dict[tuple[str, int], int] = {}
         self._background = BackgroundTasks("scheduler driver", log)
 
@@ -266,6 +309,14 @@ class SchedulerDriver:
     def waiting(self) -> tuple[tuple[str, int], ...]:
         """Cells waiting for GPUs, ``(kernel_id, term)``, in queue order."""
         return self._scheduler.waiting
+
+    @property
+    def parked(self) -> tuple[tuple[str, int], ...]:
+        """Bound cells waiting for evictions, ``(kernel_id, term)``."""
+        return self._scheduler.parked
+
+    def device_memory(self, host: str) -> tuple[DeviceMemoryView, ...]:
+        return self._scheduler.device_memory(host)
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -351,6 +402,11 @@ class SchedulerDriver:
     def execution_cancelled(self, kernel: GatewayKernel, term: int) -> None:
         self.handle(ExecutionCancelled(kernel.id, term))
 
+    def device_memory_reported(
+        self, kernel: GatewayKernel, replica_id: str, held: Mapping[int, int]
+    ) -> None:
+        self.carry_out(self._scheduler.handle(DeviceMemoryReported(kernel.id, replica_id, held)))
+
     # -- the interpreter ----------------------------------------------------------------------
 
     def carry_out(self, actions: Sequence[Action]) -> Answers:
@@ -364,7 +420,8 @@ class SchedulerDriver:
                 case BindGpus(term=None):
                     answers.reserved = action  # the replica is launched with them
                 case BindGpus() if action.replica_id in self._migrating:
-                    pass  # dispatched by the migration once the replica has caught up
+                    # Dispatched by the migration once the replica has caught up.
+                    self._migrating[action.replica_id] = action
                 case BindGpus():
                     self._dispatch(action)
                 case ReleaseGpus():
@@ -402,6 +459,13 @@ class SchedulerDriver:
                 case BindJobGpus():
                     answers.job = action
                     log.debug("bound: %s", action)
+                case Evict():
+                    answers.evictions.append((action, self._start_eviction(action)))
+                case RefuseCell():
+                    self._end_wait(action.kernel_id, action.term)
+                    cell = self._cells.get(action.kernel_id)
+                    if cell is not None:
+                        cell.cancel_waiting(action.term, "GpuUnavailable", action.reason)
                 case _:
                     raise TypeError(
                         f"the scheduler driver cannot carry out {action!r}: not an action of "
@@ -415,6 +479,16 @@ class SchedulerDriver:
         if kernel is None:
             return
         waited = self._end_wait(bind.kernel_id, bind.term)
+        if bind.evicted is not None:
+            moved = bind.evicted
+            devices = ", ".join(map(str, moved.devices))
+            whose = "another kernel" if moved.others else "this kernel's previous cell"
+            kernel.show_waiting(
+                bind.term,
+                f"[nbcluster] waited {moved.seconds:.1f} s for "
+                f"{'GPU' if len(moved.devices) == 1 else 'GPUs'} {devices} to be freed by "
+                f"{whose} ({moved.freed_bytes / GIB:.1f} GB moved)\n",
+            )
         if waited is not None and bind.device_indices:
             devices = ", ".join(map(str, bind.device_indices))
             kernel.cell_started_after_wait(
@@ -468,7 +542,7 @@ class SchedulerDriver:
     # -- migration ----------------------------------------------------------------------------
 
     def _start_migration(self, migrate: Migrate, bind: BindGpus | None) -> asyncio.Task[bool]:
-        self._migrating.add(migrate.new_replica_id)
+        self._migrating[migrate.new_replica_id] = bind
         return self._background.spawn(
             f"migrate replica {migrate.replica_id}", self._migrate(migrate, bind)
         )
@@ -482,7 +556,8 @@ class SchedulerDriver:
         except Exception:
             log.exception("migration of replica %s failed", migrate.replica_id)
         finally:
-            self._migrating.discard(migrate.new_replica_id)
+            # A cell parked for an eviction on the target is bound while it moves.
+            bind = self._migrating.pop(migrate.new_replica_id, bind)
         self._metrics.migrations.labels("ok" if ok else "failed").inc()
         if ok:
             self._metrics.migration_seconds.observe(time.monotonic() - started)
@@ -511,6 +586,52 @@ class SchedulerDriver:
             return False
         self.handle(ExecutionRequested(bind.kernel_id, bind.term, None))
         return False
+
+    # -- eviction -----------------------------------------------------------------------------
+
+    def _start_eviction(self, evict: Evict) -> asyncio.Task[EvictionResult]:
+        return self._background.spawn(
+            f"evict GPU memory of replica {evict.replica_id}", self._evict(evict)
+        )
+
+    async def _evict(self, evict: Evict) -> EvictionResult:
+        """Ask the replica, then tell the scheduler what happened (unless the gateway is
+        closing: a cancelled eviction is not answered)."""
+        started = time.monotonic()
+        try:
+            if self._evictor is None:
+                result = EvictionResult(False, error="the gateway has no evictor")
+            else:
+                result = await self._evictor.evict(
+                    evict.kernel_id, evict.replica_id, evict.device_indices, evict.reason
+                )
+        except Exception as exc:
+            log.exception("eviction of replica %s failed", evict.replica_id)
+            result = EvictionResult(False, error=f"{type(exc).__name__}: {exc}")
+        seconds = time.monotonic() - started
+        self._metrics.evictions.labels("ok" if result.ok else "failed").inc()
+        self._metrics.eviction_seconds.observe(seconds)
+        self._metrics.evicted_bytes.inc(result.freed_bytes)
+        if not result.ok:
+            log.warning(
+                "kernel %s replica %s did not free GPU %s of %s: %s",
+                evict.kernel_id,
+                evict.replica_id,
+                list(evict.device_indices),
+                evict.host,
+                result.error,
+            )
+        finished = EvictionFinished(
+            evict.kernel_id,
+            evict.replica_id,
+            evict.device_indices,
+            result.ok,
+            result.freed_bytes,
+            seconds,
+            result.error,
+        )
+        self.carry_out(self._scheduler.handle(finished))
+        return result
 
     async def close(self) -> None:
         await self._background.close()

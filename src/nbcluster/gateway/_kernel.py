@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -36,6 +36,7 @@ from ..protocol import (
     Signer,
     dumps,
     new_message,
+    read_device_memory,
     read_yielded,
 )
 from ._errors import KernelUnavailable
@@ -87,6 +88,11 @@ class ExecutionGate(Protocol):
 
     def execution_cancelled(self, kernel: GatewayKernel, term: int) -> None:
         """The user interrupted a cell that was waiting for GPUs."""
+
+    def device_memory_reported(
+        self, kernel: GatewayKernel, replica_id: str, held: Mapping[int, int]
+    ) -> None:
+        """After a cell, ``replica_id`` keeps ``held`` bytes per GPU (its namespace's)."""
 
 
 #: Messages held for a restarting kernel, at most (then refused with an error reply).
@@ -492,7 +498,7 @@ class GatewayKernel:
         if msg.msg_type == "execute_reply":
             execution = self._executions.get(pending.msg_id)
             if execution is not None:
-                self._execution_replied(execution, msg)
+                self._execution_replied(execution, msg, link.replica_id)
                 return
         if isinstance(owner, _Waiter):
             if not owner.future.done():
@@ -500,7 +506,7 @@ class GatewayKernel:
         elif owner in self.clients:
             owner.send(msg)
 
-    def _execution_replied(self, execution: _Execution, reply: Message) -> None:
+    def _execution_replied(self, execution: _Execution, reply: Message, replica_id: str) -> None:
         content = reply.content_dict
         # The next cell's executor waits for this term's state. A cell cut off with its
         # replica has none coming: waiting for it would hold the next cell for the catch-up
@@ -513,6 +519,11 @@ class GatewayKernel:
             execution.owner.send(reply)
         if self._gate is None:
             return
+        memory = None if lost else read_device_memory(content)
+        if memory is not None:
+            # Before the GPUs are released: the next binding sees what stays on them.
+            held = {int(device): size for device, size in memory.held.items()}
+            self._gate.device_memory_reported(self, replica_id, held)
         if content.get("status") == "error" and orjson.loads(execution.request.content).get(
             "stop_on_error", True
         ):

@@ -37,6 +37,7 @@ from ._errors import (
     KernelUnavailable,
     NoSuchKernel,
 )
+from ._evictor import ReplicaEvictor
 from ._host_launcher import HostDaemonLauncher
 from ._hosts import HostEntry, HostRegistry
 from ._kernel import GatewayKernel
@@ -117,7 +118,8 @@ class KernelManager:
         self._object_store: ObjectStore | None = None
         policy_named(config.policy)  # a bad name fails at start-up, not at the first kernel
         #: The one driver of the scheduler: every placement, binding and migration. This
-        #: manager is its ``ReplicaMover`` (``move_replica``, carried out by the recovery).
+        #: manager is its ``ReplicaMover`` (``move_replica``, carried out by the recovery);
+        #: evictions of GPU memory go to the replicas through a ``ReplicaEvictor``.
         self.scheduling = SchedulerDriver(
             self.kernels,
             metrics,
@@ -125,6 +127,7 @@ class KernelManager:
             replicas_per_kernel=config.replicas_per_kernel,
             mover=self,
             hosts=host_supply,
+            evictor=ReplicaEvictor(self.kernels),
         )
         #: Replicas are started through the host daemons; their exits come back here.
         self.launcher = HostDaemonLauncher(hosts, on_exit=self._replica_exited)

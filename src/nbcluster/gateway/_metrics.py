@@ -99,6 +99,26 @@ class _SchedulerCollector(Collector):
             ratio.add_metric([view.name], view.subscription_ratio)
             draining.add_metric([view.name], 1 if view.draining else 0)
         yield from (gpus, ratio, draining)
+        vram = GaugeMetricFamily(
+            "nbcluster_host_gpu_memory_bytes",
+            "Memory of each GPU of a host: capacity, committed (the share of the cell bound "
+            "there: KERNEL_VRAM_GB / its GPUs) and held (what replicas keep there between "
+            "cells; evicted when another cell needs the device).",
+            labels=["host", "device", "state"],
+        )
+        for name in self._scheduling.host_views():
+            for device in self._scheduling.device_memory(name):
+                index = str(device.device)
+                vram.add_metric([name, index, "capacity"], device.capacity)
+                vram.add_metric([name, index, "committed"], device.committed)
+                vram.add_metric([name, index, "held"], device.held_bytes)
+        yield vram
+        parked = GaugeMetricFamily(
+            "nbcluster_cells_waiting_for_eviction",
+            "Cells bound to GPUs whose memory another replica is moving away.",
+        )
+        parked.add_metric([], len(self._scheduling.parked))
+        yield parked
         summary = self._scheduling.summary()
         waiting = GaugeMetricFamily(
             "nbcluster_cells_waiting_for_gpus", "Cells queued until GPUs are free."
@@ -215,6 +235,23 @@ class GatewayMetrics:
             "Time to start a replica on another host, let it catch up and retire the old one.",
             registry=self.registry,
             buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60),
+        )
+        self.evictions = Counter(
+            "nbcluster_evictions",
+            "Replicas asked to move their GPU memory to the host, by outcome (ok, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.eviction_seconds = Histogram(
+            "nbcluster_eviction_seconds",
+            "Time from asking a replica to free GPUs to its answer (or the failure).",
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )
+        self.evicted_bytes = Counter(
+            "nbcluster_evicted_bytes",
+            "GPU memory moved to host memory by evictions.",
+            registry=self.registry,
         )
         self.scale_events = Counter(
             "nbcluster_scale_events",

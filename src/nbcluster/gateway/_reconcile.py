@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 
 from ..hostproto import ReplicaReport
-from ..scheduling import HostAdded, HostRemoved, KernelAdopted, ReplicaAdopted
+from ..scheduling import HostRemoved, KernelAdopted, ReplicaAdopted
 from ._config import GatewayConfig
 from ._control import replica_last_term
-from ._driver import HostSupply, SchedulerDriver, host_spec
+from ._driver import HostSupply, SchedulerDriver, host_added
 from ._errors import KernelUnavailable
 from ._hosts import HostEntry, HostRegistry
 from ._kernel import GatewayKernel
@@ -133,9 +133,8 @@ class Reconciler:
         """
         if self._host_supply is not None:
             self._host_supply.host_registered(entry.name)
-        spec, devices = host_spec(entry.resources)
         try:
-            self._scheduling.handle(HostAdded(entry.name, spec, devices))
+            self._scheduling.handle(host_added(entry.name, entry.resources))
         except ValueError as exc:
             log.error("host %s reported unusable resources: %s", entry.name, exc)
         reported = {r.replica_id: r for r in reports}

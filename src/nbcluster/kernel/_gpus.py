@@ -17,6 +17,11 @@ is the user's choice for the cells that follow.
 The indices are NVML's (the host daemon discovers its GPUs through NVML: in practice PCI bus
 order, as ``nvidia-smi`` shows them), while CUDA by default numbers devices fastest first, which can differ on a
 host with mixed GPU models; :func:`use_nvml_device_order` makes CUDA use the PCI bus order too.
+
+``CUDA_VISIBLE_DEVICES`` does not restrict the kernel process itself: the kernel initialises
+the CUDA driver at start with every device visible and, before each cell, makes the bound
+device current in the GPU frameworks (``_cuda``); the namespace's GPU memory follows the
+binding (``_device_memory``).
 """
 
 from __future__ import annotations

@@ -12,12 +12,18 @@ In a replica group it joins the group's Raft log when the gateway sends
   term) are visible to the cell while it runs on the replica that runs it (see ``_gpus``).
 * The other replicas receive nothing for the cell: they apply ``done`` records of other
   replicas to their namespace as they commit.
+* GPU memory follows the binding (``_device_memory``): before a cell with GPUs bound, the bound
+  device is made current in the GPU frameworks (``_cuda``) and the namespace's evicted tensors
+  (and those on devices not bound to it) are moved onto the bound devices; the reply of a
+  kernel that has imported a GPU framework says what its namespace holds on each device
+  (``nbcluster.device_memory``); ``nbcluster_evict_request`` (control) moves it to host memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from ipykernel.ipkernel import IPythonKernel
@@ -35,6 +41,9 @@ from ..protocol import (
     ControlMessageError,
     ControlReply,
     ControlRequest,
+    DeviceMemory,
+    EvictReply,
+    EvictRequest,
     ExecuteMetadata,
     ExecutionYielded,
     LogStatus,
@@ -46,6 +55,13 @@ from ..protocol import (
     RestorePoint,
     parse_execute_metadata,
     parse_request,
+)
+from ._cuda import init_driver, install_import_hook, make_current
+from ._device_memory import (
+    NamespaceDeviceMemory,
+    default_frameworks,
+    describe_restore,
+    gpu_framework_imported,
 )
 from ._gpus import cell_gpus, use_nvml_device_order
 from ._records import Proposal
@@ -84,10 +100,17 @@ class ReplicaKernel(IPythonKernel):
         self.shell_handlers[MembershipRequest.msg_type] = self.nbcluster_membership_request
         # On control: a long cell on shell must not hold a checkpoint up.
         self.control_handlers[CheckpointRequest.msg_type] = self.nbcluster_checkpoint_request
+        self.control_handlers[EvictRequest.msg_type] = self.nbcluster_evict_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
         runtime._mark_kernel()
         use_nvml_device_order()  # before any cell can initialise CUDA
+        # Every device of the host visible to the process for its life, whatever the first
+        # cell that uses CUDA is bound to (see ``_cuda``); and torch/CuPy imported by a cell
+        # start on the bound device.
+        init_driver()
+        install_import_hook()
+        self.device_memory = NamespaceDeviceMemory(self._namespace_values, default_frameworks)
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -168,6 +191,33 @@ class ReplicaKernel(IPythonKernel):
             return CheckpointReply(log=self._log_status(), **written)
 
         await self._control_request(stream, ident, parent, CheckpointRequest, checkpoint)
+
+    async def nbcluster_evict_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Move the GPU memory the namespace holds on the named devices to host memory (the
+        scheduler gives a device to another kernel); it comes back before the next cell with
+        GPUs bound."""
+
+        async def evict(request: EvictRequest) -> EvictReply:
+            log.info("evicting GPU memory of devices %s: %s", request.devices, request.reason)
+            # In a worker thread: moving gigabytes must not hold up the control channel.
+            done = await asyncio.to_thread(self.device_memory.evict, request.devices)
+            return EvictReply(
+                freed_bytes=done.freed_bytes,
+                moved_objects=done.moved_objects,
+                seconds=done.seconds,
+            )
+
+        await self._control_request(stream, ident, parent, EvictRequest, evict)
+
+    def _namespace_values(self) -> Iterator[object]:
+        """The values of the user's names (and ``Out``), where device memory is looked for."""
+        shell = self.shell
+        if shell is None:
+            return
+        hidden = shell.user_ns_hidden
+        for name, value in list(shell.user_ns.items()):
+            if name not in hidden or name == "Out":
+                yield value
 
     def _log_status(self) -> LogStatus:
         """The group's Raft log as this replica sees it, for an ``ok`` control reply."""
@@ -348,18 +398,46 @@ class ReplicaKernel(IPythonKernel):
         cell_meta: dict[str, Any] | None,
         cell_id: str | None,
     ) -> dict[str, Any]:
-        """Run the cell here, with the GPUs the gateway bound to it (if it said which)."""
+        """Run the cell here, with the GPUs the gateway bound to it (if it said which): the
+        first bound device current, the namespace's device memory moved onto the bound devices
+        first, and what it holds afterwards in the reply."""
         parent = self.get_parent("shell")
-        with cell_gpus(parent.get("metadata"), self.send_stream_warning):
-            result: dict[str, Any] = await super().do_execute(
-                code,
-                silent,
-                store_history=store_history,
-                user_expressions=user_expressions,
-                allow_stdin=allow_stdin,
-                cell_meta=cell_meta,
-                cell_id=cell_id,
-            )
+        with cell_gpus(parent.get("metadata"), self.send_stream_warning) as devices:
+            if devices:
+                for problem in make_current(devices):
+                    self.send_stream_warning(f"[nbcluster] {problem}\n")
+            try:
+                restored = self.device_memory.begin_cell(devices)
+            except Exception as exc:
+                log.exception("moving GPU memory onto devices %s failed", devices)
+                self.send_stream_warning(
+                    "[nbcluster] could not move the namespace's tensors to GPU "
+                    f"{', '.join(map(str, devices or ()))}: {exc}\n"
+                )
+            else:
+                if restored is not None:
+                    self.send_stream_warning(describe_restore(restored))
+            try:
+                result: dict[str, Any] = await super().do_execute(
+                    code,
+                    silent,
+                    store_history=store_history,
+                    user_expressions=user_expressions,
+                    allow_stdin=allow_stdin,
+                    cell_meta=cell_meta,
+                    cell_id=cell_id,
+                )
+            finally:
+                self.device_memory.end_cell()
+        if gpu_framework_imported():
+            try:
+                held = self.device_memory.held()
+            except Exception:
+                log.exception("could not measure the namespace's GPU memory")
+            else:
+                piece = DeviceMemory(held={str(d): n for d, n in held.items()})
+                block = result.setdefault(METADATA_KEY, {})
+                block[DeviceMemory.key] = piece.model_dump(mode="json")
         return result
 
     def _yield_reply(self, term: int, winner: str | None, completed: bool) -> dict[str, Any]:

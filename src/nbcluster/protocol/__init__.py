@@ -3,7 +3,7 @@
 Messages travel as :class:`Message` objects holding raw JSON parts; the codecs here convert them
 from and to ZMQ frames (signed) and both websocket framings, naming the problem in a
 :class:`ProtocolError` whenever a frame cannot be accepted. The gateway ↔ replica control
-messages carried inside them (group formation, membership, checkpoints, the ``nbcluster``
+messages carried inside them (group formation, membership, checkpoints, evictions, the ``nbcluster``
 metadata of an ``execute_request``) are pydantic models (``_control``).
 """
 
@@ -17,6 +17,9 @@ from ._control import (
     ControlMessageError,
     ControlReply,
     ControlRequest,
+    DeviceMemory,
+    EvictReply,
+    EvictRequest,
     ExecuteMetadata,
     ExecutionYielded,
     LogStatus,
@@ -30,6 +33,7 @@ from ._control import (
     parse_execute_metadata,
     parse_reply,
     parse_request,
+    read_device_memory,
     read_yielded,
 )
 from ._errors import ProtocolError
@@ -51,6 +55,9 @@ __all__ = [
     "ControlMessageError",
     "ControlReply",
     "ControlRequest",
+    "DeviceMemory",
+    "EvictReply",
+    "EvictRequest",
     "ExecuteMetadata",
     "ExecutionYielded",
     "LogStatus",
@@ -75,5 +82,6 @@ __all__ = [
     "parse_execute_metadata",
     "parse_reply",
     "parse_request",
+    "read_device_memory",
     "read_yielded",
 ]

@@ -13,7 +13,10 @@ with a :class:`ControlErrorReply` naming what is wrong and keeps serving:
   ``nbcluster_membership_reply``: :class:`MembershipReply`;
 * ``nbcluster_checkpoint_request`` (control, so that a running cell does not hold it up):
   :class:`CheckpointRequest`, answered by ``nbcluster_checkpoint_reply``:
-  :class:`CheckpointReply`.
+  :class:`CheckpointReply`;
+* ``nbcluster_evict_request`` (control, likewise): :class:`EvictRequest`, answered by
+  ``nbcluster_evict_reply``: :class:`EvictReply` (the replica moves the GPU memory its namespace
+  holds on the named devices to host memory).
 
 Every reply is either the ``ok`` model named above or a :class:`ControlErrorReply`
 (``status: "error"``, as a Jupyter error reply). And on standard Jupyter messages:
@@ -22,7 +25,9 @@ Every reply is either the ``ok`` model named above or a :class:`ControlErrorRepl
   elect an executor for, and the GPUs bound to the cell);
 * an ``execute_reply`` of a replica that did not run the cell (``ename``
   ``ExecutionYieldError``) carries :class:`ExecutionYielded`'s fields besides the standard ones;
-* ``kernel_info_reply`` content ``nbcluster``: :class:`ReplicaInfo`.
+* ``kernel_info_reply`` content ``nbcluster``: :class:`ReplicaInfo`;
+* the ``execute_reply`` of the replica that ran the cell, content ``nbcluster`` key
+  ``device_memory`` (only once the kernel has imported a GPU framework): :class:`DeviceMemory`.
 
 Models whose only sender is nbcluster forbid unknown fields (``extra="forbid"``) and coerce no
 value (``strict``): a field one side renamed or retyped fails loudly instead of being read as
@@ -36,6 +41,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -60,6 +66,9 @@ __all__ = [
     "ControlMessageError",
     "ControlReply",
     "ControlRequest",
+    "DeviceMemory",
+    "EvictReply",
+    "EvictRequest",
     "ExecuteMetadata",
     "ExecutionYielded",
     "LogStatus",
@@ -73,6 +82,7 @@ __all__ = [
     "parse_execute_metadata",
     "parse_reply",
     "parse_request",
+    "read_device_memory",
     "read_yielded",
 ]
 
@@ -210,6 +220,42 @@ class CheckpointReply(_ReplyModel):
     size: int = Field(ge=0)
 
 
+class EvictRequest(_RequestModel):
+    """Free GPU memory: move every object of the kernel's namespace that holds memory on one of
+    ``devices`` (the host's physical, NVML, indices; empty: every device) to host memory and
+    release the framework's cached memory. The objects keep their identity and are moved back,
+    onto the devices then bound, before the kernel's next cell that has GPUs bound. Sent on
+    control, so that a running cell does not hold it up; a device bound to the cell running
+    now is refused (an error reply), and with ``devices`` empty the running cell's devices are
+    left as they are."""
+
+    msg_type: ClassVar[str] = "nbcluster_evict_request"
+    reply_type: ClassVar[str] = "nbcluster_evict_reply"
+
+    devices: list[Annotated[int, Field(ge=0)]]
+    #: Why (for the replica's log), e.g. "GPU 0 goes to kernel k2".
+    reason: str = ""
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a device appears more than once in {_show(value)}")
+        return value
+
+
+class EvictReply(_ReplyModel):
+    msg_type: ClassVar[str] = "nbcluster_evict_reply"
+
+    status: Literal["ok"] = "ok"
+    #: Bytes of device memory the moved objects held (each storage counted once).
+    freed_bytes: int = Field(ge=0)
+    #: Objects (tensors, parameters, gradients, optimizer state) moved to host memory.
+    moved_objects: int = Field(ge=0)
+    #: How long moving them and releasing the cache took.
+    seconds: float = Field(ge=0)
+
+
 class ControlErrorReply(_Ours):
     """The reply to a control request that failed or was malformed (``ename``
     ``ControlMessageError``), as a Jupyter error reply."""
@@ -220,8 +266,8 @@ class ControlErrorReply(_Ours):
     traceback: list[str] = Field(default_factory=list)
 
 
-ControlRequest = RaftStartRequest | MembershipRequest | CheckpointRequest
-ControlReply = RaftStartReply | MembershipReply | CheckpointReply
+ControlRequest = RaftStartRequest | MembershipRequest | CheckpointRequest | EvictRequest
+ControlReply = RaftStartReply | MembershipReply | CheckpointReply | EvictReply
 
 # -- on standard Jupyter messages -------------------------------------------------------------
 
@@ -313,6 +359,39 @@ class ReplicaInfo(_Ours):
     replica_id: str
     replicated: bool
     last_term: int = Field(ge=0)
+
+
+def _device_key(key: str) -> str:
+    if not (key.isascii() and key.isdigit()) or (len(key) > 1 and key[0] == "0"):
+        raise ValueError(f"device {_show(key)} is not a physical device index ('0', '1', ...)")
+    return key
+
+
+class DeviceMemory(_Ours):
+    """``execute_reply`` content ``nbcluster`` key ``device_memory`` of the replica that ran
+    the cell (sent once the kernel has imported a GPU framework, absent before): the GPU
+    memory the kernel's namespace holds after the cell."""
+
+    #: The key of this piece in the reply's ``nbcluster`` block.
+    key: ClassVar[str] = "device_memory"
+
+    #: Physical (NVML) device index, as a string ("0"), to the bytes of device memory the
+    #: objects reachable from the namespace hold there (devices holding none are left out).
+    held: dict[Annotated[str, AfterValidator(_device_key)], Annotated[int, Field(ge=0)]]
+
+
+def read_device_memory(content: Any) -> DeviceMemory | None:
+    """The :class:`DeviceMemory` of an ``execute_reply``'s content; None when it has none (a
+    kernel that has not imported a GPU framework, a replica that did not run the cell) or a
+    malformed one (the caller then knows nothing new)."""
+    block = content.get(METADATA_KEY) if isinstance(content, dict) else None
+    piece = block.get(DeviceMemory.key) if isinstance(block, dict) else None
+    if piece is None:
+        return None
+    try:
+        return DeviceMemory.model_validate(piece)
+    except ValidationError:
+        return None
 
 
 # -- parsing ----------------------------------------------------------------------------------

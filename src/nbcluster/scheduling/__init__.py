@@ -10,10 +10,12 @@ from ._actions import (
     BindGpus,
     BindJobGpus,
     CancelWait,
+    Evict,
     JobGpusRefused,
     Migrate,
     MigrationRefused,
     PlaceReplicas,
+    RefuseCell,
     RejectKernel,
     ReleaseGpus,
     ScaleIn,
@@ -21,7 +23,9 @@ from ._actions import (
     WaitForGpus,
 )
 from ._events import (
+    DeviceMemoryReported,
     Event,
+    EvictionFinished,
     ExecutionCancelled,
     ExecutionFinished,
     ExecutionRequested,
@@ -43,11 +47,13 @@ from ._policies import BATCH, NOTEBOOKOS, POLICIES, RESERVATION, Policy, policy_
 from ._resources import DEFAULT_REQUEST, Resources, parse_request
 from ._scaling import ScalingConfig, scaling_decision
 from ._state import Scheduler, SchedulerConfig
-from ._views import Binding, ClusterSummary, HostView, KernelView
+from ._views import Binding, ClusterSummary, DeviceMemoryView, EvictionWait, HostView, KernelView
+from ._vram import GIB, vram_share
 
 __all__ = [
     "BATCH",
     "DEFAULT_REQUEST",
+    "GIB",
     "NOTEBOOKOS",
     "POLICIES",
     "RESERVATION",
@@ -57,7 +63,12 @@ __all__ = [
     "Binding",
     "CancelWait",
     "ClusterSummary",
+    "DeviceMemoryReported",
+    "DeviceMemoryView",
     "Event",
+    "Evict",
+    "EvictionFinished",
+    "EvictionWait",
     "ExecutionCancelled",
     "ExecutionFinished",
     "ExecutionRequested",
@@ -77,6 +88,7 @@ __all__ = [
     "MigrationRequested",
     "PlaceReplicas",
     "Policy",
+    "RefuseCell",
     "RejectKernel",
     "ReleaseGpus",
     "ReplicaAdopted",
@@ -93,4 +105,5 @@ __all__ = [
     "parse_request",
     "policy_named",
     "scaling_decision",
+    "vram_share",
 ]

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._views import EvictionWait
+
 __all__ = [
     "Action",
     "BindGpus",
     "BindJobGpus",
     "CancelWait",
+    "Evict",
     "JobGpusRefused",
     "Migrate",
     "MigrationRefused",
     "PlaceReplicas",
+    "RefuseCell",
     "RejectKernel",
     "ReleaseGpus",
     "ScaleIn",
@@ -46,13 +50,15 @@ class RejectKernel:
 class BindGpus:
     """``replica_id`` on ``host`` executes ``term`` with these GPU devices.
 
-    ``term`` is None for a binding that lasts the kernel's life (``reservation``)."""
+    ``term`` is None for a binding that lasts the kernel's life (``reservation``).
+    ``evicted``: the cell waited for memory to be moved off GPUs first (``Evict``)."""
 
     kernel_id: str
     term: int | None
     replica_id: str
     host: str
     device_indices: tuple[int, ...]
+    evicted: EvictionWait | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +154,29 @@ class JobGpusRefused:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Ask ``replica_id`` of ``kernel_id`` on ``host`` to move what it keeps on these GPUs to
+    host memory and release them; answer with ``EvictionFinished`` (always, also when it
+    failed or timed out). A cell bound to those devices waits for it (docs/scheduling.md)."""
+
+    kernel_id: str
+    replica_id: str
+    host: str
+    device_indices: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefuseCell:
+    """Answer a cell that never ran with an error (``GpuUnavailable``): its devices could
+    not be freed. Its binding is already released."""
+
+    kernel_id: str
+    term: int
+    reason: str
+
+
 Action = (
     PlaceReplicas
     | RejectKernel
@@ -161,4 +190,6 @@ Action = (
     | ScaleIn
     | BindJobGpus
     | JobGpusRefused
+    | Evict
+    | RefuseCell
 )

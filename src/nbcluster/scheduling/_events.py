@@ -7,12 +7,15 @@ interrupts, replica deaths, and passes each to :meth:`Scheduler.handle`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ._resources import Resources
 
 __all__ = [
+    "DeviceMemoryReported",
     "Event",
+    "EvictionFinished",
     "ExecutionCancelled",
     "ExecutionFinished",
     "ExecutionRequested",
@@ -37,11 +40,13 @@ class HostAdded:
     """A host registered (a known name is treated as ``HostResourcesChanged``).
 
     ``gpu_devices`` are the device indices (empty: ``0 .. spec.gpus - 1``); their count must
-    equal ``spec.gpus``, else :meth:`Scheduler.handle` raises ``ValueError``."""
+    equal ``spec.gpus``, else :meth:`Scheduler.handle` raises ``ValueError``. ``device_vram``:
+    each device's memory in bytes, in the same order (empty: ``spec.vram_gb`` shared evenly)."""
 
     name: str
     spec: Resources
     gpu_devices: tuple[int, ...] = ()
+    device_vram: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,7 @@ class HostResourcesChanged:
     name: str
     spec: Resources
     gpu_devices: tuple[int, ...] = ()
+    device_vram: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +198,32 @@ class JobGpusReleased:
     job_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceMemoryReported:
+    """After a cell, ``replica_id`` keeps ``held`` bytes per physical device of its host
+    (tensors left in the namespace); it replaces what it reported before. Unknown replicas
+    and devices are ignored."""
+
+    kernel_id: str
+    replica_id: str
+    held: Mapping[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionFinished:
+    """The answer to an ``Evict`` of these devices: ``ok`` (the memory is freed), or not
+    (an error, a timeout, no such replica: ``error`` says which); ``freed_bytes`` and
+    ``seconds`` as the replica and the gateway measured them."""
+
+    kernel_id: str
+    replica_id: str
+    device_indices: tuple[int, ...]
+    ok: bool
+    freed_bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
 Event = (
     HostAdded
     | HostRemoved
@@ -209,4 +241,6 @@ Event = (
     | KernelStopped
     | JobGpusRequested
     | JobGpusReleased
+    | DeviceMemoryReported
+    | EvictionFinished
 )

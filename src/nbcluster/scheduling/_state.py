@@ -24,6 +24,11 @@ Batch jobs: the job manager picks a worker and free devices from the host views,
 with ``JobGpusRequested``; the devices are committed to the job (and count as a pending claim
 on its host) until ``JobGpusReleased``, so a GPU is never given to a job and a cell at once.
 
+GPU memory (issue 12): ``_vram.VramLedger`` keeps each device's capacity, what replicas keep
+there between cells (``DeviceMemoryReported``) and the evictions in flight; a bound cell whose
+devices hold another replica's memory is *parked* (``Evict`` out, ``EvictionFinished`` in)
+before its ``BindGpus`` is returned (see that module for the rules).
+
 Why one module of over 500 lines: claims, bindings, the waiting queue and the placement
 indexes change together under one invariant (``test_scheduler``'s state machine checks it
 after every event); split, each part would depend on the others' private state.
@@ -45,13 +50,16 @@ from ._actions import (
     Migrate,
     MigrationRefused,
     PlaceReplicas,
+    RefuseCell,
     RejectKernel,
     ReleaseGpus,
     ScaleOut,
     WaitForGpus,
 )
 from ._events import (
+    DeviceMemoryReported,
     Event,
+    EvictionFinished,
     ExecutionCancelled,
     ExecutionFinished,
     ExecutionRequested,
@@ -71,7 +79,8 @@ from ._events import (
 )
 from ._policies import Policy, policy_named
 from ._resources import Resources
-from ._views import Binding, ClusterSummary, HostView, KernelView
+from ._views import Binding, ClusterSummary, DeviceMemoryView, HostView, KernelView
+from ._vram import GIB, VramLedger, device_capacities, vram_share
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -171,6 +180,7 @@ class Scheduler:
         # Heap entry versions come from one counter, so that a host removed and added again
         # never matches an entry left from its earlier life.
         self._versions = 0
+        self._vram = VramLedger()
 
     # ----------------------------------------------------------------- views
 
@@ -227,6 +237,27 @@ class Scheduler:
             ),
         )
 
+    def device_memory(self, host: str) -> tuple[DeviceMemoryView, ...]:
+        """Each GPU of ``host`` with its capacity, committed share and held memory."""
+        h = self._hosts.get(host)
+        if h is None:
+            return ()
+        committed: dict[int, int] = {}
+        for kernel_id, devices in h.bound.items():
+            share = vram_share(self._kernels[kernel_id].request)
+            committed.update(dict.fromkeys(devices, share))
+        return self._vram.views(host, committed)
+
+    @property
+    def parked(self) -> tuple[tuple[str, int], ...]:
+        """Bound cells waiting for evictions, ``(kernel_id, term)``."""
+        return self._vram.parked_cells
+
+    @property
+    def evictions(self) -> tuple[tuple[str, int, tuple[str, str]], ...]:
+        """Evictions in flight: ``(host, device, (kernel_id, replica_id))``."""
+        return self._vram.in_flight
+
     def has_kernel(self, kernel_id: str) -> bool:
         return kernel_id in self._kernels
 
@@ -282,6 +313,14 @@ class Scheduler:
                 return self._job_gpus_requested(event)
             case JobGpusReleased():
                 return self._job_gpus_released(event)
+            case DeviceMemoryReported():
+                kernel = self._kernels.get(event.kernel_id)
+                host = kernel.replicas.get(event.replica_id) if kernel else None
+                if host is not None:
+                    self._vram.report(host, (event.kernel_id, event.replica_id), event.held)
+                return []
+            case EvictionFinished():
+                return self._eviction_finished(event)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     def _host_added(self, event: HostAdded) -> list[Action]:
@@ -290,8 +329,10 @@ class Scheduler:
                 HostResourcesChanged(event.name, event.spec, event.gpu_devices)
             )
         devices = _devices(event.spec, event.gpu_devices)
+        vram = device_capacities(event.spec, event.gpu_devices, event.device_vram)
         host = _Host(event.name, event.spec, devices, set(devices))
         self._hosts[event.name] = host
+        self._vram.set_host(event.name, vram)
         self._max_spec = None
         self._reindex(host)
         return self._retry_waiting()
@@ -305,7 +346,9 @@ class Scheduler:
         self._max_spec = None
         for job_id in host.jobs:
             del self._jobs[job_id]
+        self._vram.remove_host(event.name)
         actions: list[Action] = []
+        requeued = False
         for kernel_id, replica_id in list(host.replicas):
             kernel = self._kernels[kernel_id]
             del kernel.replicas[replica_id]
@@ -313,13 +356,21 @@ class Scheduler:
             if b is not None and b.replica_id == replica_id:
                 kernel.binding = None
                 actions.append(ReleaseGpus(kernel_id, b.term, replica_id, b.host, b.device_indices))
-        return actions
+                if self._vram.parked(kernel_id) and b.term is not None:
+                    # It never reached its replica: nobody else will ask for it again.
+                    self._vram.unpark(kernel_id)
+                    self._requeue(kernel, b.term)
+                    requeued = True
+        return actions + self._retry_waiting() if requeued else actions
 
     def _host_changed(self, event: HostResourcesChanged) -> list[Action]:
         host = self._hosts.get(event.name)
         if host is None:
             return self._host_added(HostAdded(event.name, event.spec, event.gpu_devices))
         devices = _devices(event.spec, event.gpu_devices)
+        self._vram.set_host(
+            event.name, device_capacities(event.spec, event.gpu_devices, event.device_vram)
+        )
         self._unindex_free(host)
         host.spec = event.spec
         host.devices = devices
@@ -489,8 +540,7 @@ class Scheduler:
             and b.replica_id == event.replica_id
             and b.term is not None
         ):
-            kernel.waiting.insert(0, b.term)
-            self._queue.appendleft(_Wait(kernel.kernel_id, b.term, None))
+            self._requeue(kernel, b.term)
         return actions + self._retry_waiting()
 
     def _execution_requested(self, event: ExecutionRequested) -> list[Action]:
@@ -552,7 +602,14 @@ class Scheduler:
     def _execution_cancelled(self, event: ExecutionCancelled) -> list[Action]:
         # A bound cell keeps its GPUs until its reply (ExecutionFinished) arrives.
         kernel = self._kernels.get(event.kernel_id)
-        if kernel is None or event.term not in kernel.waiting:
+        if kernel is None:
+            return []
+        b = kernel.binding
+        if b is not None and b.term == event.term and self._vram.parked(kernel.kernel_id):
+            # Bound, but waiting for an eviction: it never started.
+            release = self._release(kernel)
+            return [release, CancelWait(kernel.kernel_id, event.term), *self._retry_waiting()]
+        if event.term not in kernel.waiting:
             return []
         self._unqueue(kernel, event.term)
         return [CancelWait(kernel.kernel_id, event.term)]
@@ -566,7 +623,7 @@ class Scheduler:
             self._unqueue(kernel, term)
             actions.append(CancelWait(kernel.kernel_id, term))
         for replica_id in list(kernel.replicas):
-            actions += self._drop_replica(kernel, replica_id)
+            actions += self._drop_replica(kernel, replica_id, requeue=False)
         del self._kernels[event.kernel_id]
         return actions + self._retry_waiting()
 
@@ -590,7 +647,8 @@ class Scheduler:
         host.pending = host.pending + Resources(gpus=len(devices))
         self._jobs[job_id] = host.name
         self._reindex(host)
-        return [BindJobGpus(job_id, host.name, devices)]
+        evict = self._vram.evict_for(host.name, devices, f"job {job_id}")
+        return [BindJobGpus(job_id, host.name, devices), *evict]
 
     def _job_gpus_released(self, event: JobGpusReleased) -> list[Action]:
         name = self._jobs.pop(event.job_id, None)
@@ -616,14 +674,21 @@ class Scheduler:
             for rid, h in kernel.replicas.items()
             if rid not in kernel.starting
         ]
-        ready = [(rid, h) for rid, h in usable if not h.draining and len(h.free) >= gpus]
+        share = vram_share(kernel.request)
+        ready = [
+            (rid, h)
+            for rid, h in usable
+            if not h.draining
+            and len(h.free) >= gpus
+            and self._vram.fits(h.name, h.free, share, gpus)
+        ]
         if gpus == 0 and not ready:
             ready = usable
         if ready:
             chosen = next((r for r in ready if r[0] == preferred), None)
             if chosen is None:
                 chosen = max(ready, key=lambda r: len(r[1].free))
-            return [self._bind(kernel, term, chosen[0], chosen[1])]
+            return self._gate(self._bind(kernel, term, chosen[0], chosen[1]))
         # A lone replica has no peer to catch up from: it waits for its own host.
         if not kernel.policy.migrates or len(usable) < 2:
             return None
@@ -634,7 +699,29 @@ class Scheduler:
         replica_id = preferred if preferred in ids else ids[0]
         source = self._hosts[kernel.replicas[replica_id]]
         migrate = self._move(kernel, replica_id, source, target)
-        return [migrate, self._bind(kernel, term, migrate.new_replica_id, target)]
+        return [migrate, *self._gate(self._bind(kernel, term, migrate.new_replica_id, target))]
+
+    def _gate(self, bind: BindGpus) -> list[Action]:
+        """The binding, or the evictions its cell waits for (parked, see ``_vram``)."""
+        evictions = self._vram.gate(bind)
+        return [bind] if evictions is None else list(evictions)
+
+    def _eviction_finished(self, event: EvictionFinished) -> list[Action]:
+        actions: list[Action] = []
+        for kernel_id, outcome in self._vram.finished(event):
+            kernel = self._kernels[kernel_id]
+            b = kernel.binding
+            assert b is not None and b.term is not None
+            if isinstance(outcome, list):
+                actions += outcome
+            elif isinstance(outcome, str):
+                actions.append(RefuseCell(kernel_id, b.term, outcome))
+                actions += self._execution_finished(ExecutionFinished(kernel_id, b.term))
+            else:
+                actions.append(
+                    BindGpus(kernel_id, b.term, b.replica_id, b.host, b.device_indices, outcome)
+                )
+        return actions
 
     def _bind(
         self,
@@ -646,7 +733,9 @@ class Scheduler:
     ) -> BindGpus:
         """Commit ``devices`` (default: the lowest free ones the request needs) on ``host``."""
         if devices is None:
-            devices = tuple(sorted(host.free)[: kernel.request.gpus])
+            holder = (kernel.kernel_id, replica_id)
+            share = vram_share(kernel.request)
+            devices = self._vram.choose(host.name, host.free, kernel.request.gpus, holder, share)
         if devices:
             self._unindex_free(host)
             host.free.difference_update(devices)
@@ -659,6 +748,7 @@ class Scheduler:
         b = kernel.binding
         assert b is not None
         kernel.binding = None
+        self._vram.unpark(kernel.kernel_id)
         host = self._hosts.get(b.host)
         if host is not None and kernel.kernel_id in host.bound:
             del host.bound[kernel.kernel_id]
@@ -685,6 +775,12 @@ class Scheduler:
                 actions += bound
                 most_free = max(self._by_free, default=0)
         return actions
+
+    def _requeue(self, kernel: _Kernel, term: int) -> None:
+        """Put a cell that was bound but never started back at the head of the queue."""
+        if term not in kernel.waiting:
+            kernel.waiting.insert(0, term)
+            self._queue.appendleft(_Wait(kernel.kernel_id, term, None))
 
     def _unqueue(self, kernel: _Kernel, term: int) -> None:
         kernel.waiting.remove(term)
@@ -744,7 +840,11 @@ class Scheduler:
                 break
             for name in self._by_free[free]:
                 host = self._hosts[name]
-                if name not in excluded and self._can_place(host, request):
+                if (
+                    name not in excluded
+                    and self._can_place(host, request)
+                    and self._vram.fits(name, host.free, vram_share(request), request.gpus)
+                ):
                     return host
         return None
 
@@ -762,6 +862,12 @@ class Scheduler:
             if value > largest[name] + (1e-9 if name == "vram_gb" else 0):
                 word = _FIELD_WORDS[name]
                 return f"requests {value:g} {word}; the largest host has {largest[name]:g}"
+        share, device = vram_share(request), self._vram.largest()
+        if share > device:
+            return (
+                f"requests {share / GIB:.3g} GB of VRAM per GPU; the largest GPU has "
+                f"{device / GIB:.3g} GB"
+            )
         return None
 
     # ----------------------------------------------------------------- accounting
@@ -778,13 +884,17 @@ class Scheduler:
         kernel.starting.discard(replica_id)
         del host.replicas[(kernel.kernel_id, replica_id)]
         host.pending = host.pending - kernel.request
+        self._vram.forget(host.name, (kernel.kernel_id, replica_id))
         self._reindex(host)
 
-    def _drop_replica(self, kernel: _Kernel, replica_id: str) -> list[Action]:
+    def _drop_replica(self, kernel: _Kernel, replica_id: str, requeue: bool = True) -> list[Action]:
         actions: list[Action] = []
         b = kernel.binding
         if b is not None and b.replica_id == replica_id:
+            parked = self._vram.parked(kernel.kernel_id)
             actions.append(self._release(kernel))
+            if parked and requeue and b.term is not None:
+                self._requeue(kernel, b.term)  # it never reached the replica
         self._remove_claim(kernel, replica_id, self._hosts[kernel.replicas[replica_id]])
         return actions
 

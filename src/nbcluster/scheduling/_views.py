@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from ._resources import Resources
 
-__all__ = ["Binding", "ClusterSummary", "HostView", "KernelView"]
+__all__ = [
+    "Binding",
+    "ClusterSummary",
+    "DeviceMemoryView",
+    "EvictionWait",
+    "HostView",
+    "KernelView",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +83,33 @@ class ClusterSummary:
     waiting_cells: int
     #: Hosts with no replica placed on them, in name order.
     idle_hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMemoryView:
+    """One GPU of a host and its memory, in bytes (``Scheduler.device_memory``)."""
+
+    device: int
+    capacity: int
+    #: The share of the cell bound here (its kernel's ``KERNEL_VRAM_GB`` / its GPUs).
+    committed: int
+    #: ``((kernel_id, replica_id), bytes)`` that replicas keep here between cells.
+    held: tuple[tuple[tuple[str, str], int], ...]
+    #: The holder an eviction in flight was sent to.
+    evicting: tuple[str, str] | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(size for _, size in self.held)
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionWait:
+    """What a cell waited for before it started (``BindGpus.evicted``): memory moved off
+    ``devices`` (by another kernel's replica when ``others``, else by its own replica)."""
+
+    devices: tuple[int, ...]
+    freed_bytes: int
+    #: The longest of the evictions it waited for, as the gateway measured them.
+    seconds: float
+    others: bool
