@@ -350,3 +350,56 @@ def test_a_huge_list_costs_no_more_than_the_limit() -> None:
     framework = TorchFramework(torch, FakeDevices())
     assert find_arrays([huge, t], [framework], limit=100) == [(framework, t)]
     assert find_arrays([[huge, [t]]], [framework], limit=1000) == []  # past the limit
+
+
+def test_gpu_tensors_travel_as_host_copies_and_follow_the_next_binding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Item 4 of issue 12: GPU memory reaches the other replicas as host bytes (they have no
+    GPU bound), stays in host memory there, and the first cell run there with GPUs moves it
+    onto the bound device. The executor's GPU is faked: storages listed in ``on_gpu`` are
+    reported as living on physical GPU 1."""
+    from nbcluster.kernel import _pickling
+    from nbcluster.kernel._kernel import _SyncedHostCopies
+    from nbcluster.kernel._rebuild import host_copy_origin
+    from nbcluster.kernel._sync import StateSynchronizer, decode_payload, encode_payload
+    from nbcluster.store import InMemoryStore
+
+    store = InMemoryStore()
+    executor_ns: dict[str, Any] = {"__name__": "__main__"}
+    follower_ns: dict[str, Any] = {"__name__": "__main__"}
+    executor = StateSynchronizer(executor_ns, set(), store)
+    follower = StateSynchronizer(follower_ns, set(), store)
+    model, optimizer = trained_pair()
+    executor_ns.update(model=model, optimizer=optimizer)
+    on_gpu = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    monkeypatch.setattr(_pickling, "device_origin", lambda s: 1 if s.data_ptr() in on_gpu else None)
+
+    first = executor.capture(1, "model, optimizer\n", "<cell-1>")
+    assert first.payload is not None
+    follower.apply(decode_payload(encode_payload(first.payload)))
+    copy, copied_optimizer = follower_ns["model"], follower_ns["optimizer"]
+    parameters = list(copy.parameters())
+    assert all(host_copy_origin(p) == 1 for p in parameters)
+    assert all(torch.equal(a, b) for a, b in zip(parameters, model.parameters(), strict=True))
+    # the optimizer still holds the model's parameters (one object on the follower too)
+    assert copied_optimizer.param_groups[0]["params"][0] is parameters[0]
+    # host bytes pickle the same at every capture: a cell that only mentions the model does
+    # not ship it again
+    again = executor.capture(2, "print(model)\n", "<cell-2>")
+    shipped = {s for e in (again.payload or {"set": []})["set"] for s in e["slots"]}
+    assert "model" not in shipped
+
+    devices = FakeDevices()
+    memory = NamespaceDeviceMemory(
+        lambda: list(follower_ns.values()),
+        lambda: [TorchFramework(torch, devices)],
+        host_copies=_SyncedHostCopies(),
+    )
+    restore = memory.begin_cell((0,))
+    assert restore is not None and restore.devices == (0,)
+    parameters = list(follower_ns["model"].parameters())
+    assert all(devices.device(p) == 0 for p in parameters)
+    assert copied_optimizer.param_groups[0]["params"][0] is parameters[0]
+    assert all(host_copy_origin(p) is None for p in parameters)
+    memory.end_cell()

@@ -45,6 +45,7 @@ __all__ = [
     "DeviceBusyError",
     "DeviceFramework",
     "Eviction",
+    "HostCopies",
     "Move",
     "NamespaceDeviceMemory",
     "Restore",
@@ -219,6 +220,16 @@ def _children(obj: object) -> Iterator[object]:
 # -- the namespace's device memory -------------------------------------------------------------
 
 
+class HostCopies(Protocol):
+    """The tensors that arrived from another replica as host copies of its GPU memory
+    (``_rebuild``): where each lived there, so that the first cell run here with GPUs moves
+    them onto its bound devices."""
+
+    def origin(self, array: Any) -> int | None: ...
+
+    def forget(self, array: Any) -> None: ...
+
+
 class NamespaceDeviceMemory:
     """The device memory held by the objects reachable from a namespace, and its moves.
 
@@ -232,10 +243,13 @@ class NamespaceDeviceMemory:
         roots: Callable[[], Iterable[object]],
         frameworks: Callable[[], Sequence[DeviceFramework]],
         limit: int = WALK_LIMIT,
+        *,
+        host_copies: HostCopies | None = None,
     ) -> None:
         self._roots = roots
         self._frameworks = frameworks
         self._limit = limit
+        self._host_copies = host_copies
         self._lock = threading.Lock()
         # id -> (a weak reference, the physical device it was evicted from)
         self._evicted: dict[int, tuple[weakref.ref[Any], int]] = {}
@@ -331,9 +345,13 @@ class NamespaceDeviceMemory:
             device = framework.device_of(array)
             if device is None:
                 entry = self._evicted.get(id(array))
-                if entry is None or entry[0]() is not array:
+                if entry is not None and entry[0]() is array:
+                    device = entry[1]
+                elif self._host_copies is not None:
+                    # Arrived from the replica that ran earlier cells, where it was on a GPU.
+                    device = self._host_copies.origin(array)
+                if device is None:
                     continue  # host memory by the user's choice
-                device = entry[1]
             elif device in bound:
                 continue
             planned.append((framework, array, device))
@@ -345,6 +363,9 @@ class NamespaceDeviceMemory:
         for framework, group in _by_framework([(f, a) for f, a, _ in planned]):
             sources = {id(a): d for f, a, d in planned if f is framework}
             moved += framework.move([(a, target[sources[id(a)]]) for a in group])
+        if self._host_copies is not None:
+            for _, array, _ in planned:
+                self._host_copies.forget(array)
         if moved.objects == 0:
             return None
         devices = tuple(sorted(set(target.values())))

@@ -78,6 +78,20 @@ CATCH_UP_TIMEOUT = 5.0
 _Request = TypeVar("_Request", bound=ControlRequest)
 
 
+class _SyncedHostCopies:
+    """The state synchroniser's record of tensors that arrived as host copies of GPU memory."""
+
+    def origin(self, array: Any) -> int | None:
+        from ._rebuild import host_copy_origin
+
+        return host_copy_origin(array)
+
+    def forget(self, array: Any) -> None:
+        from ._rebuild import forget_host_copy
+
+        forget_host_copy(array)
+
+
 class ReplicaKernel(IPythonKernel):
     """One replica of a distributed kernel. Started by a host daemon via :mod:`nbcluster.kernel`."""
 
@@ -110,7 +124,9 @@ class ReplicaKernel(IPythonKernel):
         # start on the bound device.
         init_driver()
         install_import_hook()
-        self.device_memory = NamespaceDeviceMemory(self._namespace_values, default_frameworks)
+        self.device_memory = NamespaceDeviceMemory(
+            self._namespace_values, default_frameworks, host_copies=_SyncedHostCopies()
+        )
 
     @property
     def kernel_info(self) -> dict[str, Any]:
