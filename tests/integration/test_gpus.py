@@ -143,6 +143,60 @@ async def test_interrupting_a_waiting_cell_cancels_the_wait(
             assert again.status == "ok" and again.stream_text() == "False\n"
 
 
+async def test_a_cpu_cell_runs_at_once_while_every_gpu_is_busy(
+    gpu_cluster: Cluster, tmp_path: Path
+) -> None:
+    """``%%cpu``: a GPU kernel's cell that needs no GPU does not wait for one, sees none, and
+    is an ordinary cell otherwise (history, outputs, state)."""
+    release = tmp_path / "release"
+    async with GatewayClient(gpu_cluster.url, gpu_cluster.token) as gw:
+        hogs = [await gw.start_kernel(env=ONE_GPU) for _ in range(3)]
+        kernel = await gw.start_kernel(env=ONE_GPU)
+        async with (
+            gw.channels(hogs[0]["id"]) as h0,
+            gw.channels(hogs[1]["id"]) as h1,
+            gw.channels(hogs[2]["id"]) as h2,
+            gw.channels(kernel["id"]) as k,
+        ):
+            busy = [
+                asyncio.create_task(h.execute(TIMED_CELL.format(release=str(release)), 90))
+                for h in (h0, h1, h2)
+            ]
+            await async_wait_for(
+                lambda: gpu_cluster.metric("nbcluster_cluster_gpus", state="committed") == 3,
+                30,
+                "the hogs to hold every GPU",
+            )
+            cpu = await asyncio.wait_for(
+                k.execute(
+                    "%%cpu\nimport os\nrows = [1, 2, 3]\n"
+                    "print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))\nsum(rows)\n",
+                    30,
+                ),
+                30,
+            )
+            assert cpu.status == "ok", cpu.reply
+            assert cpu.stream_text() == "''\n"  # ran while every GPU was busy, and saw none
+            assert "Waiting for" not in _waiting_text(cpu)
+            assert [
+                o["content"]["data"]["text/plain"]
+                for o in cpu.outputs
+                if o["msg_type"] == "execute_result"
+            ] == ["6"]
+            # the next ordinary cell waits for its GPU, and sees what the %%cpu cell bound
+            gpu_cell = asyncio.create_task(k.execute("print(rows)", 60))
+            await async_wait_for(
+                lambda: gpu_cluster.metric("nbcluster_cells_waiting_for_gpus") == 1,
+                30,
+                "the ordinary cell to wait for a GPU",
+            )
+            release.touch()
+            for task in busy:
+                assert (await task).status == "ok"
+            result = await gpu_cell
+            assert result.status == "ok" and result.stream_text() == "[1, 2, 3]\n"
+
+
 async def test_bad_requests_are_refused_with_the_field_named(gpu_cluster: Cluster) -> None:
     async with GatewayClient(gpu_cluster.url, gpu_cluster.token) as gw:
         for env, status, words in [

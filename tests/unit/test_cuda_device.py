@@ -215,3 +215,20 @@ def test_a_framework_imported_by_the_cell_starts_on_the_bound_device(
         assert fakegpu_nbc.current is None  # executed as usual
     finally:
         sys.modules.pop("fakegpu_nbc", None)
+
+
+@pytest.mark.parametrize(
+    ("lines", "kept"),
+    [
+        (["%%cpu\n", "x = 1\n"], ["x = 1\n"]),
+        (["# note\n", "%%cpu\n", "x = 1\n"], ["# note\n", "x = 1\n"]),
+        (["x = 1\n", "%%cpu\n"], ["x = 1\n", "%%cpu\n"]),
+        (["%%cpus\n"], ["%%cpus\n"]),
+    ],
+)
+def test_the_cpu_line_is_dropped_before_ipython_reads_the_cell(
+    lines: list[str], kept: list[str]
+) -> None:
+    from nbcluster.kernel._gpus import strip_cpu_magic
+
+    assert strip_cpu_magic(lines) == kept

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcluster.gateway._execution import Execution, Executions
+from nbcluster.gateway._execution import Execution, Executions, cell_gpus
 
 Book = Executions[str, str]
 
@@ -183,3 +184,20 @@ def test_terms_are_unique_and_the_last_replied_term_never_passes_the_last_one_gi
         assert book.next_term == len(given_terms) + 1
         assert sorted(book.waiting_terms()) == book.waiting_terms()
         assert {e.term for e in book} == {t for t in given_terms if book.at(t) is not None}
+
+
+@pytest.mark.parametrize(
+    ("code", "gpus"),
+    [
+        ("%%cpu\nprint(1)\n", 0),
+        ("\n# setup\n%%cpu\nx = 1\n", 0),
+        ("%%cpu", 0),
+        ("print(1)\n%%cpu\n", None),
+        ("%%cpus\n", None),
+        ("%cpu\n", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_a_cpu_cell_asks_for_no_gpu(code: object, gpus: int | None) -> None:
+    assert cell_gpus(code) == gpus

@@ -135,6 +135,22 @@ def test_parse_request_names_the_bad_field(name: str, value: str) -> None:
 # ----------------------------------------------------------------- scenarios
 
 
+def test_a_cell_that_needs_no_gpu_does_not_wait_for_one() -> None:
+    """``%%cpu``: a GPU kernel's cell that says it needs no GPU runs at once while every GPU is
+    busy, commits none, and a later GPU cell of the same kernel still waits for its GPU."""
+    s = cluster(3)
+    for k in range(4):
+        one(s.handle(KernelRequested(f"k{k}", ONE_GPU)), PlaceReplicas)
+    for k in range(3):
+        assert of_type(s.handle(ExecutionRequested(f"k{k}", term=1)), BindGpus)
+    [bind] = of_type(s.handle(ExecutionRequested("k3", term=1, gpus=0)), BindGpus)
+    assert bind.device_indices == () and s.summary().committed_gpus == 3
+    assert not s.waiting
+    s.handle(ExecutionFinished("k3", 1))
+    assert of_type(s.handle(ExecutionRequested("k3", term=2)), WaitForGpus)
+    assert list(s.waiting) == [("k3", 2)]
+
+
 def test_oversubscription_then_waiting_then_binding() -> None:
     """3 hosts x 1 GPU, 6 kernels x 1 GPU: all place, 3 cells bind, the 4th waits."""
     s = cluster(3)
@@ -599,15 +615,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         if view and view.replicas:
             self.apply(ReplicaStopped(kernel, view.replicas[index % len(view.replicas)][0]))
 
-    @rule(kernel=st.sampled_from(KERNELS), prefer=st.integers(0, 3))
-    def execute(self, kernel: str, prefer: int) -> None:
+    @rule(
+        kernel=st.sampled_from(KERNELS),
+        prefer=st.integers(0, 3),
+        cpu_only=st.sampled_from([False, False, True]),
+    )
+    def execute(self, kernel: str, prefer: int, cpu_only: bool) -> None:
         self.term += 1
         view = self.s.kernels.get(kernel)
         preferred = None
         if view and prefer < len(view.replicas):
             preferred = view.replicas[prefer][0]
         self.terms.setdefault(kernel, []).append(self.term)
-        self.apply(ExecutionRequested(kernel, self.term, preferred))
+        # ``cpu_only``: a ``%%cpu`` cell, which asks for no GPU whatever the kernel's request.
+        actions = self.apply(
+            ExecutionRequested(kernel, self.term, preferred, gpus=0 if cpu_only else None)
+        )
+        if cpu_only:
+            for bind in (a for a in actions if isinstance(a, BindGpus)):
+                if bind.term == self.term:
+                    assert bind.device_indices == (), "a %%cpu cell was given GPUs"
 
     @rule(kernel=st.sampled_from(KERNELS), which=st.integers(0, 3), cancel=st.booleans())
     def finish(self, kernel: str, which: int, cancel: bool) -> None:

@@ -391,8 +391,10 @@ class SchedulerDriver:
 
     # (On every cell's path: straight to the scheduler, without ``handle``'s check.)
 
-    def execution_requested(self, kernel: GatewayKernel, term: int, preferred: str | None) -> None:
-        self.carry_out(self._scheduler.handle(ExecutionRequested(kernel.id, term, preferred)))
+    def execution_requested(
+        self, kernel: GatewayKernel, term: int, preferred: str | None, gpus: int | None = None
+    ) -> None:
+        self.carry_out(self._scheduler.handle(ExecutionRequested(kernel.id, term, preferred, gpus)))
 
     def execution_finished(self, kernel: GatewayKernel, term: int) -> None:
         self._failed_migrations.pop((kernel.id, term), None)

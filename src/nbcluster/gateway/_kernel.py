@@ -40,7 +40,7 @@ from ..protocol import (
     read_yielded,
 )
 from ._errors import KernelUnavailable
-from ._execution import Execution, Executions
+from ._execution import Execution, Executions, cell_gpus
 from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
 from ._replies import error_replies, status_message
@@ -80,8 +80,11 @@ class ExecutionGate(Protocol):
     those GPUs), :meth:`GatewayKernel.show_waiting` or :meth:`GatewayKernel.cancel_waiting`.
     """
 
-    def execution_requested(self, kernel: GatewayKernel, term: int, preferred: str | None) -> None:
-        """A cell arrived, or must run again elsewhere (its replica was lost)."""
+    def execution_requested(
+        self, kernel: GatewayKernel, term: int, preferred: str | None, gpus: int | None = None
+    ) -> None:
+        """A cell arrived, or must run again elsewhere (its replica was lost). ``gpus``: what
+        the cell asks for itself (``%%cpu``: 0), None for the kernel's request."""
 
     def execution_finished(self, kernel: GatewayKernel, term: int) -> None:
         """The cell's reply arrived, or it was answered without running."""
@@ -315,7 +318,9 @@ class GatewayKernel:
         if self._gate is None:
             self.dispatch(execution.term, executor.replica_id, None)
         else:
-            self._gate.execution_requested(self, execution.term, executor.replica_id)
+            self._gate.execution_requested(
+                self, execution.term, executor.replica_id, cell_gpus(msg.content_dict.get("code"))
+            )
 
     def dispatch(self, term: int, replica_id: str, devices: tuple[int, ...] | None) -> bool:
         """Run cell ``term`` on ``replica_id`` with GPU ``devices`` (None: say nothing of GPUs).
@@ -432,7 +437,10 @@ class GatewayKernel:
             if self._gate is None:
                 self.dispatch(execution.term, target.replica_id, execution.devices)
             else:
-                self._gate.execution_requested(self, execution.term, target.replica_id)
+                code = execution.request.content_dict.get("code")
+                self._gate.execution_requested(
+                    self, execution.term, target.replica_id, cell_gpus(code)
+                )
         self.fail_pending(
             "ReplicaLost",
             f"{reason}. The cell it was running is lost; the kernel continues on its other "

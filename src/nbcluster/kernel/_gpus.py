@@ -35,11 +35,13 @@ from .. import envvars, runtime
 from ..protocol import METADATA_KEY, check_gpus
 
 __all__ = [
+    "CPU_MAGIC",
     "CUDA_ENV",
     "DEVICE_ORDER_ENV",
     "bound_gpus",
     "cell_gpus",
     "parse_cell_gpus",
+    "strip_cpu_magic",
     "use_nvml_device_order",
 ]
 
@@ -114,3 +116,23 @@ def cell_gpus(metadata: Any, warn: Callable[[str], None]) -> Iterator[tuple[int,
         return
     with bound_gpus(devices):
         yield devices
+
+
+#: The first line of a cell that needs no GPU (the gateway binds none to it and runs it at
+#: once, see ``gateway._execution.cell_gpus``); the replica drops the line before IPython
+#: reads the cell, so the cell runs as any other (history, outputs, state capture).
+CPU_MAGIC = "%%cpu"
+
+
+def strip_cpu_magic(lines: list[str]) -> list[str]:
+    """An IPython input transformer (``input_transformers_cleanup``): a cell whose first
+    line that is neither blank nor a comment is ``%%cpu`` runs without that line."""
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        words = stripped.split(maxsplit=1)
+        if words[0] == CPU_MAGIC:
+            return lines[:index] + lines[index + 1 :]
+        return lines
+    return lines

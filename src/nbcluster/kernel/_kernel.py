@@ -63,7 +63,7 @@ from ._device_memory import (
     describe_restore,
     gpu_framework_imported,
 )
-from ._gpus import cell_gpus, use_nvml_device_order
+from ._gpus import cell_gpus, strip_cpu_magic, use_nvml_device_order
 from ._records import Proposal
 
 __all__ = ["ReplicaKernel"]
@@ -110,6 +110,8 @@ class ReplicaKernel(IPythonKernel):
             from ._magics import JobMagics
 
             self.shell.register_magics(JobMagics(self.shell))  # %%job and %jobs
+            # ``%%cpu``: the gateway ran the cell without GPUs; here it is a plain cell.
+            self.shell.input_transformers_cleanup.insert(0, strip_cpu_magic)
         self.shell_handlers[RaftStartRequest.msg_type] = self.nbcluster_raft_start_request
         self.shell_handlers[MembershipRequest.msg_type] = self.nbcluster_membership_request
         # On control: a long cell on shell must not hold a checkpoint up.

@@ -135,11 +135,14 @@ class ReplicaStopped:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionRequested:
-    """An ``execute_request`` for ``term`` arrived; ``preferred_replica`` ran the last cell."""
+    """An ``execute_request`` for ``term`` arrived; ``preferred_replica`` ran the last cell.
+    ``gpus``: how many GPUs this cell needs when it says (``%%cpu``: 0), else the kernel's
+    request."""
 
     kernel_id: str
     term: int
     preferred_replica: str | None = None
+    gpus: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,8 @@ class _Kernel:
     #: Replicas placed as replacements that have not caught up yet: they cannot execute.
     starting: set[str] = field(default_factory=set)
     next_replica: int = 0
+    #: term -> the GPUs that cell asked for itself (``%%cpu``: 0), until it ends
+    cell_gpus: dict[int, int] = field(default_factory=dict)
 
     def new_replica_id(self, name: Callable[[str, int], str]) -> str:
         while True:
@@ -159,6 +161,8 @@ class _Wait:
     kernel_id: str
     term: int
     preferred: str | None
+    #: the cell's own GPU count (``%%cpu``: 0), None: the kernel's request
+    gpus: int | None = None
 
 
 class Scheduler:
@@ -553,17 +557,21 @@ class Scheduler:
             return [BindGpus(kernel.kernel_id, event.term, b.replica_id, b.host, b.device_indices)]
         if b is not None and b.term == event.term:
             return []
-        if kernel.request.gpus == 0 and not kernel.waiting:
-            # 0-GPU kernels wait for nothing but a ready replica: nothing is committed.
+        if event.gpus is not None:
+            kernel.cell_gpus[event.term] = event.gpus
+        gpus = kernel.request.gpus if event.gpus is None else event.gpus
+        if gpus == 0 and not kernel.waiting and (b is None or not b.device_indices):
+            # Cells that need no GPU wait for nothing but a ready replica: nothing is
+            # committed. (Behind a cell that holds GPUs they wait their turn: cells run in
+            # order.)
             kernel.binding = b = None
-            bound = self._try_bind(kernel, event.term, event.preferred_replica)
+            bound = self._try_bind(kernel, event.term, event.preferred_replica, gpus)
             if bound is not None:
                 return bound
         elif b is None and not kernel.waiting:
-            bound = self._try_bind(kernel, event.term, event.preferred_replica)
+            bound = self._try_bind(kernel, event.term, event.preferred_replica, gpus)
             if bound is not None:
                 return bound
-        gpus = kernel.request.gpus
         behind = b is not None or bool(kernel.waiting)
         if behind:
             reason = "the kernel's previous cell still holds its GPUs"
@@ -572,7 +580,7 @@ class Scheduler:
         else:
             reason = f"no host has {gpus} idle GPUs"
         kernel.waiting.append(event.term)
-        self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica))
+        self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica, event.gpus))
         actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason, behind)]
         if b is None and kernel.replicas and max(self._by_free, default=0) < gpus:
             actions.append(ScaleOut(1, f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"))
@@ -582,6 +590,7 @@ class Scheduler:
         kernel = self._kernels.get(event.kernel_id)
         if kernel is None:
             return []
+        kernel.cell_gpus.pop(event.term, None)
         b = kernel.binding
         if b is not None and b.term == event.term:
             actions = [self._release(kernel), *self._retry_waiting()]
@@ -612,6 +621,7 @@ class Scheduler:
         if event.term not in kernel.waiting:
             return []
         self._unqueue(kernel, event.term)
+        kernel.cell_gpus.pop(event.term, None)
         return [CancelWait(kernel.kernel_id, event.term)]
 
     def _kernel_stopped(self, event: KernelStopped) -> list[Action]:
@@ -663,12 +673,15 @@ class Scheduler:
 
     # ----------------------------------------------------------------- binding
 
-    def _try_bind(self, kernel: _Kernel, term: int, preferred: str | None) -> list[Action] | None:
-        """Bind the cell's GPUs on a replica's host, else migrate, else None (wait).
+    def _try_bind(
+        self, kernel: _Kernel, term: int, preferred: str | None, gpus: int | None = None
+    ) -> list[Action] | None:
+        """Bind the cell's GPUs (``gpus``, default the kernel's request) on a replica's host,
+        else migrate, else None (wait).
 
         NotebookOS ``FindReadyReplica``: the previous executor if its host can commit now,
         else the replica whose host has the most idle GPUs."""
-        gpus = kernel.request.gpus
+        gpus = kernel.request.gpus if gpus is None else gpus
         usable = [
             (rid, self._hosts[h])
             for rid, h in kernel.replicas.items()
@@ -688,7 +701,8 @@ class Scheduler:
             chosen = next((r for r in ready if r[0] == preferred), None)
             if chosen is None:
                 chosen = max(ready, key=lambda r: len(r[1].free))
-            return self._gate(self._bind(kernel, term, chosen[0], chosen[1]))
+            devices = () if gpus == 0 else None
+            return self._gate(self._bind(kernel, term, chosen[0], chosen[1], devices))
         # A lone replica has no peer to catch up from: it waits for its own host.
         if not kernel.policy.migrates or len(usable) < 2:
             return None
@@ -765,11 +779,12 @@ class Scheduler:
         most_free = max(self._by_free, default=0)
         for wait in list(self._queue):
             kernel = self._kernels[wait.kernel_id]
-            if kernel.request.gpus > most_free:
+            gpus = kernel.request.gpus if wait.gpus is None else wait.gpus
+            if gpus > most_free:
                 continue  # cheap skip: no host has that many idle GPUs
             if kernel.binding is not None or kernel.waiting[0] != wait.term:
                 continue
-            bound = self._try_bind(kernel, wait.term, wait.preferred)
+            bound = self._try_bind(kernel, wait.term, wait.preferred, gpus)
             if bound is not None:
                 self._unqueue(kernel, wait.term)
                 actions += bound
@@ -780,7 +795,7 @@ class Scheduler:
         """Put a cell that was bound but never started back at the head of the queue."""
         if term not in kernel.waiting:
             kernel.waiting.insert(0, term)
-            self._queue.appendleft(_Wait(kernel.kernel_id, term, None))
+            self._queue.appendleft(_Wait(kernel.kernel_id, term, None, kernel.cell_gpus.get(term)))
 
     def _unqueue(self, kernel: _Kernel, term: int) -> None:
         kernel.waiting.remove(term)
