@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbcluster.client import GatewayClient
-from nbcluster.store import LocalDirectoryStore
+from nbcluster.store import LocalDirectoryStore, tombstone_key
 
 from ..cluster import async_wait_for, running_cluster
 
@@ -42,8 +42,12 @@ async def test_kernel_objects_are_listed_kept_and_deleted_with_the_kernel(tmp_pa
             await async_wait_for(lambda: any(store.list(prefix)), 30, "the value to be stored")
             [stored] = list(store.list(prefix))
             assert stored.size > 3 * 2**20
-            # An object of a kernel that no longer exists (a gateway crashed before deleting).
+            # An object of a kernel that was shut down (its gateway stopped before deleting
+            # it: the deletion mark stays), and one of a kernel this gateway does not know
+            # (maybe another gateway's): only the first is proven orphaned.
             store.put("kernels/ghost/values/x", b"left behind")
+            store.put(tombstone_key("ghost"), b"1")
+            store.put("kernels/unknown/values/x", b"not ours")
 
             listing = _cli("store", "ls", "kernels/", state_dir=state)
             assert listing.returncode == 0, listing.stderr
@@ -59,7 +63,10 @@ async def test_kernel_objects_are_listed_kept_and_deleted_with_the_kernel(tmp_pa
             gc = _cli("store", "gc", state_dir=state)
             assert gc.returncode == 0, gc.stderr
             assert "deleted 1 object(s)" in gc.stdout
+            assert "kept the objects of 1 kernel(s)" in gc.stdout and "unknown" in gc.stdout
             assert list(store.list("kernels/ghost/")) == []
+            assert list(store.list(tombstone_key("ghost"))) == []
+            assert [i.key for i in store.list("kernels/unknown/")] == ["kernels/unknown/values/x"]
             assert [i.key for i in store.list(prefix)] == [stored.key]  # a live kernel's stay
 
             await gw.shutdown_kernel(kid)
@@ -141,3 +148,41 @@ async def test_an_unreachable_store_warns_and_the_value_is_stored_once_it_is_bac
                 finally:
                     server.terminate()
                     await asyncio.wait_for(server.wait(), 10)
+
+
+async def test_gc_on_a_store_shared_by_two_gateways_keeps_the_others_keys(
+    tmp_path: Path,
+) -> None:
+    shared = tmp_path / "shared-store"
+    store = LocalDirectoryStore(shared)
+    url = shared.resolve().as_uri()
+    with (
+        running_cluster(
+            tmp_path / "a",
+            hosts=1,
+            gateway_args=["--store", url, "--store-retention", "600"],
+        ) as a,
+        running_cluster(tmp_path / "b", hosts=1, gateway_args=["--store", url]) as b,
+    ):
+        async with GatewayClient(a.url, a.token) as gw_a, GatewayClient(b.url, b.token) as gw_b:
+            gone = (await gw_a.start_kernel())["id"]
+            theirs = (await gw_b.start_kernel())["id"]
+            # What their replicas stored (large values).
+            store.put(f"kernels/{gone}/values/v", b"a's, shut down")
+            store.put(f"kernels/{theirs}/values/v", b"b's, alive")
+            await gw_a.shutdown_kernel(gone)  # kept for the retention, marked deleted
+            await async_wait_for(
+                lambda: any(store.list(tombstone_key(gone))), 30, "the deletion mark"
+            )
+            gc = _cli("store", "gc", "--store", url, state_dir=tmp_path / "a")
+            assert gc.returncode == 0, gc.stderr
+            assert "deleted 1 object(s)" in gc.stdout, gc.stdout
+            assert list(store.list(f"kernels/{gone}/")) == []
+            assert [i.key for i in store.list(f"kernels/{theirs}/")] == [
+                f"kernels/{theirs}/values/v"
+            ]
+            # B's own gc keeps them too (its kernel is alive), and A's mark is gone.
+            gc_b = _cli("store", "gc", "--store", url, state_dir=tmp_path / "b")
+            assert gc_b.returncode == 0, gc_b.stderr
+            assert store.get(f"kernels/{theirs}/values/v") == b"b's, alive"
+            assert list(store.list("gc/")) == []

@@ -631,7 +631,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         actions = self.apply(
             ExecutionRequested(kernel, self.term, preferred, gpus=0 if cpu_only else None)
         )
-        if cpu_only:
+        # (Under ``reservation`` the kernel's GPUs are its own for its life: %%cpu changes
+        # nothing there.)
+        if cpu_only and view is not None and view.policy != "reservation":
             for bind in (a for a in actions if isinstance(a, BindGpus)):
                 if bind.term == self.term:
                     assert bind.device_indices == (), "a %%cpu cell was given GPUs"

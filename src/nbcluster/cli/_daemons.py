@@ -135,6 +135,49 @@ def _token(value: str | None) -> str:
     type=click.IntRange(0, 4096),
     help="Virtual GPUs of each host the auto-scaler starts.",
 )
+@click.option(
+    "--max-body-mb",
+    default=16.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Largest request body (MiB); larger: 413.",
+)
+@click.option(
+    "--max-upload-mb",
+    default=256.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Largest upload to POST /api/jobs/inputs (MiB); larger: 413.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a connection may take to send a complete request header; then it is closed.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@click.option(
+    "--max-connections",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Open connections at once (HTTP and websockets); requests past it get 503.",
+)
+@click.option(
+    "--subscriber-buffer-mb",
+    default=4.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Job events buffered for one SSE/log-follow client (MiB); a client that falls this "
+    "far behind is disconnected.",
+)
 @click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
 @click.option("--parent-pid", default=0, hidden=True, type=int)
 def gateway_command(
@@ -160,6 +203,12 @@ def gateway_command(
     scaling_buffer: int,
     scaling_interval: float,
     scaling_gpus_per_host: int,
+    max_body_mb: float,
+    max_upload_mb: float,
+    header_timeout: float,
+    keep_alive_timeout: int,
+    max_connections: int,
+    subscriber_buffer_mb: float,
     log_level: str,
     parent_pid: int,
 ) -> None:
@@ -203,6 +252,12 @@ def gateway_command(
         scaling_buffer=scaling_buffer,
         scaling_interval=scaling_interval,
         scaling_gpus_per_host=scaling_gpus_per_host,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        header_timeout=header_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_connections=max_connections,
+        subscriber_buffer_bytes=int(subscriber_buffer_mb * 2**20),
     )
     url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
     write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid(), "store": store_url})

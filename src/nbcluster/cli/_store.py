@@ -106,10 +106,12 @@ def store_gc(
     token: str | None,
     dry_run: bool,
 ) -> None:
-    """Delete the objects of kernels the gateway no longer has (and leftovers of interrupted
-    writes). Needs the gateway, to know which kernels exist."""
+    """Delete the objects of kernels that were shut down (and leftovers of interrupted
+    writes). Only what is proven orphaned goes: a kernel's objects are deleted when the store
+    holds its deletion mark (written by the gateway that shut it down) and the gateway does not
+    know it. Anything else is kept, as it may be another gateway's on a shared store."""
     from ..client import GatewayClient, GatewayError
-    from ..store import StoreError
+    from ..store import TOMBSTONE_PREFIX, StoreError, tombstone_key
 
     url, token = resolve_gateway(url, token, state_dir)
 
@@ -127,9 +129,17 @@ def store_gc(
         ) from None
     store = _open(store_url, state_dir)
     deleted = freed = 0
+    kept: set[str] = set()
     try:
+        tombstoned = {
+            info.key[len(TOMBSTONE_PREFIX) :] for info in store.list(TOMBSTONE_PREFIX)
+        } - known
         for info in list(store.list("kernels/")):
-            if _owner(info.key) in known:
+            owner = _owner(info.key)
+            if owner in known:
+                continue
+            if owner not in tombstoned:
+                kept.add(owner)
                 continue
             if not dry_run:
                 store.delete(info.key)
@@ -137,6 +147,8 @@ def store_gc(
             freed += info.size
         extra = ""
         if not dry_run:
+            for kernel_id in tombstoned:
+                store.delete(tombstone_key(kernel_id))
             for cleanup in ("remove_stale_temporaries", "gc_orphans"):
                 method = getattr(store, cleanup, None)
                 if method is not None:
@@ -144,6 +156,11 @@ def store_gc(
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     verb = "would delete" if dry_run else "deleted"
-    click.echo(
-        f"{verb} {deleted} object(s) ({_size(freed)}) of kernels that no longer exist{extra}"
-    )
+    click.echo(f"{verb} {deleted} object(s) ({_size(freed)}) of kernels that were shut down{extra}")
+    if kept:
+        click.echo(
+            f"kept the objects of {len(kept)} kernel(s) this gateway does not know and that "
+            "were not shut down (another gateway's on a shared store, or lost): "
+            + ", ".join(sorted(kept)[:10])
+            + (" ..." if len(kept) > 10 else "")
+        )

@@ -6,6 +6,7 @@ from ._config import GatewayConfig
 from ._errors import (
     ApiError,
     CheckpointError,
+    HostMessageTooLarge,
     HostProviderError,
     HostRefused,
     HostRequestError,
@@ -20,6 +21,8 @@ from ._errors import (
     NbclusterError,
     NoSuchJob,
     NoSuchKernel,
+    RequestTimedOut,
+    RequestTooLarge,
 )
 from ._hosts import HostEntry, HostRegistry, HostSession
 from ._kernel import GatewayKernel, error_replies
@@ -39,6 +42,7 @@ __all__ = [
     "GatewayConfig",
     "GatewayKernel",
     "HostEntry",
+    "HostMessageTooLarge",
     "HostProvider",
     "HostProviderError",
     "HostRefused",
@@ -66,6 +70,8 @@ __all__ = [
     "PendingRequest",
     "PendingRequests",
     "ReplicaRecord",
+    "RequestTimedOut",
+    "RequestTooLarge",
     "StateStore",
     "create_app",
     "error_replies",

@@ -62,6 +62,7 @@ class Gateway:
             self.metrics,
             config.store_url or config.store_dir.as_uri(),
             yield_to_cells=config.jobs_yield_to_cells,
+            subscriber_buffer=config.subscriber_buffer_bytes,
         )
         self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values(), self.scheduling)
         self._background = BackgroundTasks("gateway", log)

@@ -1,5 +1,5 @@
-"""The gateway's ASGI app: the REST routers, token auth, JSON errors and request metrics
-around one :class:`Gateway`.
+"""The gateway's ASGI app: the REST routers, token auth, JSON errors, request metrics and
+body limits around one :class:`Gateway`.
 
 Kept apart from ``_app.py`` (the wiring of the gateway's parts) so that the routers, which
 read the gateway, and the app, which includes them, import in one direction only:
@@ -26,7 +26,8 @@ from ._auth import TokenAuthMiddleware
 from ._config import GatewayConfig
 from ._errors import NbclusterError
 from ._http import FOREIGN_ERRORS, describe_validation, error_response, error_status
-from ._jobs_api import build_jobs_router
+from ._jobs_api import UPLOAD_PATHS, build_jobs_router
+from ._limits import BodyLimitMiddleware
 from ._metrics import GatewayMetrics
 from ._state import StateStore
 
@@ -80,6 +81,13 @@ def create_app(
         if foreign is not RequestValidationError:
             app.add_exception_handler(foreign, _gateway_error)
 
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=config.max_body_bytes,
+        upload_limit=config.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+        body_timeout=config.body_timeout,
+    )
     app.add_middleware(_RequestMetricsMiddleware, metrics=gateway.metrics)
     app.add_middleware(TokenAuthMiddleware, token=config.token)
     return app

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..jobs import JobLimits
+
 __all__ = ["GatewayConfig"]
 
 
@@ -62,3 +64,28 @@ class GatewayConfig:
     jobs_yield_to_cells: bool = True
     #: Virtual GPUs of each host the auto-scaler starts.
     scaling_gpus_per_host: int = 8
+    # -- limits (docs/security.md, "Limits") ---------------------------------------------------
+    #: Bytes of one request body; larger: 413 (Content-Length checked first, then counted
+    #: while it is read, never buffered whole).
+    max_body_bytes: int = 16 * 2**20
+    #: Bytes of one upload to ``POST /api/jobs/inputs`` (the only upload endpoint).
+    max_upload_bytes: int = 256 * 2**20
+    #: Seconds a request body may stop arriving before the request fails (408).
+    body_timeout: float = 60.0
+    #: Bytes of one ``KERNEL_*`` value, and of all of them (names and values) together.
+    max_env_value_bytes: int = 64 * 2**10
+    max_env_bytes: int = 512 * 2**10
+    #: Caps on a job spec (source, command, env, inputs).
+    job_limits: JobLimits = field(default_factory=JobLimits)
+    #: Seconds a connection may take, from being opened (or from its last response), to send
+    #: a complete request header; then it is closed.
+    header_timeout: float = 10.0
+    #: Bytes of one request header (request line and fields); larger: 431.
+    max_header_bytes: int = 64 * 2**10
+    #: Seconds an idle keep-alive connection stays open.
+    keep_alive_timeout: int = 5
+    #: Open connections (HTTP and websockets) at once; a request past it is answered 503.
+    max_connections: int = 1000
+    #: Bytes of job events buffered for one SSE / log-follow subscriber; a subscriber that
+    #: falls this far behind is dropped (its stream closes; it may reconnect).
+    subscriber_buffer_bytes: int = 4 * 2**20

@@ -11,6 +11,8 @@ The message (``str(exc)``) says what went wrong for a person.
     ├── NoSuchKernel             404  LookupError
     ├── NoSuchJob                404  LookupError
     ├── KernelRequestError       400  ValueError: bad kernelspec name or KERNEL_* value
+    ├── RequestTooLarge          413  ValueError: a request body over its limit
+    ├── RequestTimedOut          408  a request body that stopped arriving
     ├── KernelSpecError          500  ValueError: an operator's kernelspec is invalid
     ├── KernelStartError         503  RuntimeError
     │   └── KernelRejected       400 if permanent (no host could ever take it), else 503
@@ -22,7 +24,8 @@ The message (``str(exc)``) says what went wrong for a person.
     └── HostRequestError         502  RuntimeError: a host did not carry out a request
         ├── HostUnreachable      502  not connected, or its websocket closed
         ├── HostRefused          502  it answered with an error (the message is its answer)
-        └── HostTimedOut         504  it did not answer in time
+        ├── HostTimedOut         504  it did not answer in time
+        └── HostMessageTooLarge  413  the request is over the host's message cap: never sent
 
 The builtin bases (``LookupError``, ``ValueError``, ``RuntimeError``) are those the classes had
 before they were gathered here, so ``except ValueError`` and the like still catch them.
@@ -33,6 +36,7 @@ from __future__ import annotations
 __all__ = [
     "ApiError",
     "CheckpointError",
+    "HostMessageTooLarge",
     "HostProviderError",
     "HostRefused",
     "HostRequestError",
@@ -48,6 +52,8 @@ __all__ = [
     "NbclusterError",
     "NoSuchJob",
     "NoSuchKernel",
+    "RequestTimedOut",
+    "RequestTooLarge",
 ]
 
 
@@ -89,6 +95,21 @@ class KernelRequestError(NbclusterError, ValueError):
 
     status = 400
     reason = "bad request"
+
+
+class RequestTooLarge(NbclusterError, ValueError):
+    """A request body is over its size limit (the message names the limit and the setting).
+    Raised while the body is read, before it is all buffered."""
+
+    status = 413
+    reason = "request too large"
+
+
+class RequestTimedOut(NbclusterError):
+    """A request body stopped arriving for longer than the body timeout."""
+
+    status = 408
+    reason = "request timed out"
 
 
 class KernelSpecError(NbclusterError, ValueError):
@@ -177,3 +198,12 @@ class HostTimedOut(HostRequestError):
 
     status = 504
     reason = "host timed out"
+
+
+class HostMessageTooLarge(HostRequestError):
+    """The request would be a frame over the host's websocket message cap
+    (``hostproto.MAX_FRAME_BYTES``): it is refused here and never sent, since a host closes
+    its connection on a frame over its cap."""
+
+    status = 413
+    reason = "request too large for a host"

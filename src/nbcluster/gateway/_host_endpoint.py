@@ -1,4 +1,10 @@
-"""The websocket host daemons connect to (``/api/cluster/hosts/connect``)."""
+"""The websocket host daemons connect to (``/api/cluster/hosts/connect``).
+
+A host speaks only for itself: a replica exit it reports must be of a replica it runs, and job
+output and ends must be of the job's current run on that host (``JobManager`` fences them);
+anything else is refused (logged, counted in ``nbcluster_host_events_refused_total``) and
+changes nothing. A run that is not the job's current one is told to stop.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._tasks import BackgroundTasks
 from ..hostproto import (
+    CancelJob,
     Heartbeat,
     Hello,
     HostProtocolError,
@@ -24,7 +31,7 @@ from ..hostproto import (
     encode,
 )
 from ._hosts import HostRegistry, HostRequestError, HostSession
-from ._jobs import JobManager
+from ._jobs import JobManager, Verdict
 from ._manager import KernelManager
 
 __all__ = ["serve_host"]
@@ -73,13 +80,27 @@ async def serve_host(
         len(hello.replicas),
     )
     orphans = kernels.on_host_hello(entry, hello.replicas)
+    stale_runs: list[tuple[str, int | None]] = []
     if jobs is not None:
-        jobs.on_worker_hello(entry, hello.jobs)
+        stale_runs = jobs.on_worker_hello(entry, hello.jobs, hello.job_attempts)
     for orphan in orphans:
         log.info("stopping replica %s on %s: it belongs to no known kernel", orphan, hello.name)
     stopping = BackgroundTasks(f"host {hello.name}", log)
     for orphan in orphans:
         stopping.spawn(f"stop orphan {orphan}", _stop_orphan(session, orphan))
+    #: Runs this connection already asked the host to stop.
+    stopped: set[tuple[str, int | None]] = set()
+
+    async def act(verdict: Verdict) -> None:
+        if verdict.ack is not None:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await send_frame(encode(verdict.ack))
+        if verdict.stop is not None and verdict.stop not in stopped:
+            stopped.add(verdict.stop)
+            stopping.spawn(f"stop stale run {verdict.stop}", _stop_run(session, *verdict.stop))
+
+    for run in stale_runs:
+        await act(Verdict(stop=run))
     try:
         while True:
             frame = await websocket.receive_text()
@@ -101,13 +122,23 @@ async def serve_host(
             if isinstance(message, Reply):
                 session.on_reply(message)
             elif isinstance(message, ReplicaExited):
-                kernels.on_replica_exited(hello.name, message)
+                if _runs_replica(kernels, hello.name, message):
+                    kernels.on_replica_exited(hello.name, message)
+                else:
+                    kernels.metrics.host_events_refused.labels("foreign").inc()
+                    log.warning(
+                        "host %s reported the exit of replica %s of kernel %s, which it does "
+                        "not run; ignored",
+                        hello.name,
+                        message.replica_id,
+                        message.kernel_id,
+                    )
             elif isinstance(message, JobOutput):
                 if jobs is not None:
-                    jobs.on_output(hello.name, message)
+                    await act(jobs.on_output(hello.name, message))
             elif isinstance(message, JobExited):
                 if jobs is not None:
-                    jobs.on_exited(hello.name, message)
+                    await act(jobs.on_exited(hello.name, message))
             elif isinstance(message, Heartbeat):
                 pass
             else:
@@ -120,6 +151,26 @@ async def serve_host(
         log.warning("host %s disconnected", hello.name)
         if entry.state == "disconnected":
             await kernels.on_host_disconnected(entry)
+
+
+def _runs_replica(kernels: KernelManager, host: str, event: ReplicaExited) -> bool:
+    """Whether ``host`` runs (or ran) the replica it reports: the kernel's record says so, or
+    the launcher started it there."""
+    kernel = kernels.kernels.get(event.kernel_id)
+    replica = kernel.replica(event.replica_id) if kernel is not None else None
+    if replica is not None:
+        return replica.host == host
+    return kernels.launcher.host_of(event.replica_id) == host
+
+
+async def _stop_run(session: HostSession, job_id: str, attempt: int | None) -> None:
+    with contextlib.suppress(HostRequestError):
+        await session.request(
+            lambda rid: CancelJob(
+                request_id=rid, job_id=job_id, attempt=attempt, stale=True, grace=2.0
+            ),
+            timeout=30,
+        )
 
 
 async def _stop_orphan(session: HostSession, replica_id: str) -> None:

@@ -143,6 +143,11 @@ class HostDaemonLauncher:
             self._processes[replica_id] = process
         return process
 
+    def host_of(self, replica_id: str) -> str | None:
+        """The host a replica not known to have exited was started on (or attached at)."""
+        process = self._processes.get(replica_id)
+        return process.host if process is not None else None
+
     def host_reported_exit(self, host: str, event: ReplicaExited) -> None:
         """A host daemon reported that one of its replicas exited."""
         process = self._processes.get(event.replica_id)

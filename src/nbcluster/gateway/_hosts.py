@@ -17,11 +17,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ..hostproto import Hello, HostResources, Reply, encode
-from ._errors import HostRefused, HostRequestError, HostTimedOut, HostUnreachable
+from ..hostproto import MAX_FRAME_BYTES, Hello, HostResources, Reply, encode
+from ._errors import (
+    HostMessageTooLarge,
+    HostRefused,
+    HostRequestError,
+    HostTimedOut,
+    HostUnreachable,
+)
 
 __all__ = [
     "HostEntry",
+    "HostMessageTooLarge",
     "HostRefused",
     "HostRegistry",
     "HostRequestError",
@@ -42,21 +49,34 @@ class HostSession:
 
     _ids = itertools.count(1)
 
-    def __init__(self, name: str, send_frame: Callable[[str], Any]) -> None:
+    def __init__(
+        self, name: str, send_frame: Callable[[str], Any], max_frame: int = MAX_FRAME_BYTES
+    ) -> None:
         self.name = name
         self._send_frame = send_frame
+        #: The host's websocket message cap: a larger request is refused, never sent.
+        self.max_frame = max_frame
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self.closed = False
 
     async def request(self, build: Callable[[str], BaseModel], timeout: float) -> dict[str, Any]:
         """Send the request ``build(request_id)`` and return the host's result. Raises
         :class:`HostUnreachable` (not connected, or it went away), :class:`HostTimedOut` or
-        :class:`HostRefused` (it answered with an error)."""
+        :class:`HostRefused` (it answered with an error); :class:`HostMessageTooLarge`
+        (never sent) when the request would be over the host's message cap."""
         if self.closed:
             raise HostUnreachable(f"host {self.name} is not connected")
         request_id = f"{self.name}-{next(self._ids)}"
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        frame = encode(build(request_id))
+        message = build(request_id)
+        frame = encode(message)
+        size = _frame_size(frame, self.max_frame)
+        if size > self.max_frame:
+            raise HostMessageTooLarge(
+                f"the {getattr(message, 'type', type(message).__name__)} request for host "
+                f"{self.name} would be {size} bytes, over the hosts' message limit of "
+                f"{self.max_frame} bytes; it was not sent"
+            )
         self._waiting[request_id] = future
         try:
             try:
@@ -82,6 +102,13 @@ class HostSession:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(HostUnreachable(f"host {self.name} disconnected"))
+
+
+def _frame_size(frame: str, limit: int) -> int:
+    """The UTF-8 size of ``frame``, computed only when its length leaves it in doubt."""
+    if len(frame) > limit or len(frame) * 4 <= limit:
+        return len(frame)
+    return len(frame.encode())
 
 
 @dataclass

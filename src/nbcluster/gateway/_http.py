@@ -10,7 +10,7 @@ from elsewhere (the object store, pydantic, Starlette) get theirs from :data:`FO
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
@@ -88,11 +88,13 @@ def parse_body(
     subject: str = "request body",
     expect: str = "",
     empty_is_object: bool = True,
+    context: dict[str, Any] | None = None,
 ) -> BodyModel:
     """``raw`` (JSON, whatever the content type said: clients differ) as a ``model``, or an
     :class:`ApiError` 400 saying what is wrong: not JSON, not an object (``expect`` names what
     was expected), or which fields are invalid (``invalid <subject>: ...``). An empty body is
-    ``{}`` when ``empty_is_object``."""
+    ``{}`` when ``empty_is_object``. ``context`` goes to the model's validators (e.g. the
+    size caps of a job spec)."""
     try:
         data = orjson.loads(raw) if raw.strip() or not empty_is_object else {}
     except orjson.JSONDecodeError as exc:
@@ -101,7 +103,7 @@ def parse_body(
         what = f" ({expect})" if expect else ""
         raise ApiError(400, f"request body must be a JSON object{what}", "bad request")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ApiError(400, describe_validation(exc, subject), "bad request") from None
 
@@ -113,6 +115,7 @@ async def json_body(
     subject: str = "request body",
     expect: str = "",
     empty_is_object: bool = True,
+    context: dict[str, Any] | None = None,
 ) -> BodyModel:
     """The request's body as a ``model``: :func:`parse_body` of its bytes."""
     return parse_body(
@@ -121,4 +124,5 @@ async def json_body(
         subject=subject,
         expect=expect,
         empty_is_object=empty_is_object,
+        context=context,
     )

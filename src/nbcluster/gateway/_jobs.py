@@ -7,12 +7,18 @@ host events tell it of lost workers. GPU jobs take their devices through the sam
 kernel cells (``SchedulerDriver.reserve_job_gpus``, the scheduler's ``JobGpusRequested`` and
 ``JobGpusReleased`` events), so a GPU is never given to a job and a cell at once; while cells
 wait for GPUs, GPU jobs wait (``jobs_yield_to_cells``).
+
+Runs are fenced: every start of a job is a new attempt (``Job.attempts``), the worker tags the
+run's output and end with it, and only the current attempt on the job's current worker is
+heard. Anything else (a run the gateway gave up on when its worker was lost, a host speaking
+of a job it was never given) is dropped and counted, and the host is told to stop that run.
+Output is acknowledged by offset, so that a worker resends after a reconnect what the gateway
+may not have, and the gateway skips what it already has.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -21,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._tasks import BackgroundTasks
-from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
+from ..hostproto import CancelJob, JobExited, JobOutput, JobOutputAck, StartJob
 from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs
 from ._driver import SchedulerDriver
 from ._errors import HostRequestError, HostUnreachable, JobError, NoSuchJob
 from ._hosts import HostEntry, HostRegistry
 from ._metrics import GatewayMetrics
+from ._subscribers import Subscription
 
 __all__ = ["JobError", "JobManager", "NoSuchJob"]
 
@@ -42,12 +49,23 @@ class _Live:
 
     job: Job
     #: Subscribers of its events (status changes and output).
-    watchers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
+    watchers: set[Subscription] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
     #: A fast job's output (it is not stored).
     output: bytearray = field(default_factory=bytearray)
     submitted_at: float = field(default_factory=time.monotonic)
+    #: Bytes of the current attempt's output received (None: not known yet, after a restart).
+    received: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the host endpoint does about an event of a worker: answer with ``ack``, or, when
+    the event was refused, ask the worker to stop the run (``stop``: its job and attempt)."""
+
+    ack: JobOutputAck | None = None
+    stop: tuple[str, int | None] | None = None
 
 
 class JobManager:
@@ -59,6 +77,7 @@ class JobManager:
         metrics: GatewayMetrics,
         object_store_url: str,
         yield_to_cells: bool = True,
+        subscriber_buffer: int = 4 * 2**20,
     ) -> None:
         #: Where job records and logs are kept (files or Redis).
         self.job_store = job_store
@@ -68,6 +87,8 @@ class JobManager:
         #: The object store jobs read their inputs from and write their outputs to.
         self.object_store_url = object_store_url
         self.yield_to_cells = yield_to_cells
+        #: Bytes of events one subscriber may have buffered before it is dropped.
+        self.subscriber_buffer = subscriber_buffer
         self.jobs: dict[str, _Live] = {}
         self._background = BackgroundTasks("job manager", log)
 
@@ -137,9 +158,10 @@ class JobManager:
             self._finish(live, "cancelled", None, "cancelled before it started")
             return job, "cancelled before it started"
         assert job.worker is not None
+        attempt = job.attempts or None
         try:
             await self.hosts.session(job.worker).request(
-                lambda rid: CancelJob(request_id=rid, job_id=job_id), timeout=30
+                lambda rid: CancelJob(request_id=rid, job_id=job_id, attempt=attempt), timeout=30
             )
         except HostRequestError as exc:
             raise JobError(f"could not reach worker {job.worker} to cancel it: {exc}") from None
@@ -153,27 +175,36 @@ class JobManager:
             return bytes(live.output[offset:])
         return self.job_store.read_log(job_id, offset)
 
-    async def follow(self, job_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        """Events of a job (status changes, output) from now until it ends."""
+    def subscribe(self, job_id: str) -> Subscription:
+        """A new subscriber of a job's events, its buffer starting with the job's status;
+        read it with :meth:`follow`. Past ``subscriber_buffer`` bytes behind it is dropped
+        (its ``dropped`` event is set)."""
         live = self.jobs.get(job_id)
         if live is None:
             raise NoSuchJob(f"no job with id {job_id}")
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
-        live.watchers.add(queue)
+        subscriber = Subscription(self.subscriber_buffer)
+        subscriber.offer({"type": "status", "status": live.job.status})
+        live.watchers.add(subscriber)
+        return subscriber
+
+    async def follow(
+        self, job_id: str, subscriber: Subscription | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Events of a job (status changes, output) from now until it ends, or until the
+        subscriber is dropped for falling behind (``subscriber.dropped``)."""
+        live = self.jobs.get(job_id)
+        if live is None:
+            raise NoSuchJob(f"no job with id {job_id}")
+        if subscriber is None:
+            subscriber = self.subscribe(job_id)
         try:
-            yield {"type": "status", "status": live.job.status}
-            while not (live.job.terminal and queue.empty()):
-                getter = asyncio.ensure_future(queue.get())
-                waiter = asyncio.ensure_future(live.done.wait())
-                done, pending = await asyncio.wait(
-                    {getter, waiter}, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in pending:
-                    task.cancel()
-                if getter in done:
-                    yield getter.result()
+            while not (live.job.terminal and subscriber.empty()):
+                event = await subscriber.next(live.done)
+                if event is None:  # dropped, or the job ended with nothing left to read
+                    return
+                yield event
         finally:
-            live.watchers.discard(queue)
+            live.watchers.discard(subscriber)
 
     def workers(self) -> list[dict[str, Any]]:
         """Worker health: a worker is healthy while it heartbeats (its record expires after
@@ -231,10 +262,13 @@ class JobManager:
             job.started = time.time()
             job.exit_code = None
             job.error = ""
+            # The new attempt's output follows what the log holds now.
+            job.log_base = self._log_size(live)
+            live.received = 0
             self._save(job)
             self._publish(live, {"type": "status", "status": "running", "worker": worker})
             self._background.spawn(
-                f"start job {live.job.id}", self._start_on(live, worker, devices)
+                f"start job {live.job.id}", self._start_on(live, worker, devices, job.attempts)
             )
 
     def _capacities(self) -> list[WorkerCapacity]:
@@ -264,8 +298,12 @@ class JobManager:
         if job.spec.resources.gpus:
             self.scheduling.release_job_gpus(job.id)
 
-    async def _start_on(self, live: _Live, worker: str, devices: tuple[int, ...]) -> None:
+    async def _start_on(
+        self, live: _Live, worker: str, devices: tuple[int, ...], attempt: int | None = None
+    ) -> None:
         job = live.job
+        if attempt is None:
+            attempt = job.attempts
         try:
             reply = await self.hosts.session(worker).request(
                 lambda rid: StartJob(
@@ -274,6 +312,7 @@ class JobManager:
                     spec=job.spec.model_dump(mode="json"),
                     gpus=list(devices),
                     store_url=self.object_store_url,
+                    attempt=attempt,
                 ),
                 timeout=60,
             )
@@ -298,12 +337,82 @@ class JobManager:
 
     # -- worker events ------------------------------------------------------------------------
 
-    def on_output(self, host: str, event: JobOutput) -> None:
-        live = self.jobs.get(event.job_id)
+    def _current(self, host: str, job_id: str, attempt: int) -> _Live | None:
+        """The job, if ``attempt`` on ``host`` is its current run (attempt 0: a host that does
+        not say, taken as the current one); else None."""
+        live = self.jobs.get(job_id)
         if live is None:
-            return
-        data = event.data.encode()
+            return None
+        job = live.job
+        if job.status != "running" or job.worker != host:
+            return None
+        if attempt and attempt != job.attempts:
+            return None
+        return live
+
+    def _refuse(self, host: str, kind: str, job_id: str, attempt: int) -> Verdict:
+        live = self.jobs.get(job_id)
+        if live is None:
+            reason = "foreign"
+        elif attempt and attempt < live.job.attempts:
+            reason = "stale"
+        elif live.job.worker != host:
+            reason = "foreign"
+        else:
+            reason = "stale"
+        self.metrics.host_events_refused.labels(reason).inc()
+        log.warning(
+            "dropped %s of job %s attempt %s from host %s (%s: the job's current run is "
+            "attempt %s on %s)",
+            kind,
+            job_id,
+            attempt or "?",
+            host,
+            reason,
+            live.job.attempts if live is not None else "-",
+            (live.job.worker or "no host") if live is not None else "-",
+        )
+        return Verdict(stop=(job_id, attempt or None))
+
+    def _log_size(self, live: _Live) -> int:
         if live.job.spec.fast:
+            return len(live.output)
+        try:
+            return self.job_store.log_size(live.job.id)
+        except Exception as exc:
+            log.warning("could not measure the log of job %s: %s", live.job.id, exc)
+            return live.job.log_base
+
+    def on_output(self, host: str, event: JobOutput) -> Verdict:
+        live = self._current(host, event.job_id, event.attempt)
+        if live is None:
+            return self._refuse(host, "output", event.job_id, event.attempt)
+        job = live.job
+        if live.received is None:
+            live.received = max(0, self._log_size(live) - job.log_base)
+        data = event.data.encode()
+        if event.offset is not None:
+            start = event.offset
+            end = event.end if event.end is not None else start + len(data)
+            if end <= live.received:
+                # Sent again after a reconnect, and already here.
+                return Verdict(ack=self._ack(job, live.received))
+            if start > live.received:
+                log.warning(
+                    "job %s: output %d..%d arrived after only %d bytes; keeping it",
+                    job.id,
+                    start,
+                    end,
+                    live.received,
+                )
+            elif start < live.received:
+                data = data[live.received - start :]
+            live.received = end
+        else:
+            live.received += len(data)
+        if not data:
+            return Verdict(ack=self._ack(job, live.received))
+        if job.spec.fast:
             if len(live.output) < _FAST_LOG_LIMIT:
                 live.output += data[: _FAST_LOG_LIMIT - len(live.output)]
         else:
@@ -311,13 +420,28 @@ class JobManager:
                 self.job_store.append_log(event.job_id, data)
             except Exception as exc:
                 log.warning("could not store output of job %s: %s", event.job_id, exc)
-        self._publish(live, {"type": "log", "data": event.data})
+        self._publish(live, {"type": "log", "data": data.decode("utf-8", "replace")})
+        return Verdict(ack=self._ack(job, live.received) if event.offset is not None else None)
 
-    def on_exited(self, host: str, event: JobExited) -> None:
+    @staticmethod
+    def _ack(job: Job, offset: int, exited: bool = False) -> JobOutputAck:
+        return JobOutputAck(job_id=job.id, attempt=job.attempts, offset=offset, exited=exited)
+
+    def on_exited(self, host: str, event: JobExited) -> Verdict:
         live = self.jobs.get(event.job_id)
-        if live is None or live.job.terminal or live.job.worker != host:
-            return  # a repeat, or a run this gateway already gave up on
+        if (
+            live is not None
+            and live.job.terminal
+            and live.job.worker == host
+            and event.attempt in (0, live.job.attempts)
+        ):
+            # A repeat (its acknowledgement was lost): acknowledged again.
+            return Verdict(ack=self._ack(live.job, live.received or 0, exited=True))
+        live = self._current(host, event.job_id, event.attempt)
+        if live is None:
+            return self._refuse(host, "end", event.job_id, event.attempt)
         job = live.job
+        ack = self._ack(job, live.received or 0, exited=True)
         job.log_tail = event.log_tail
         job.output_keys = dict(event.outputs)
         job.result = event.result
@@ -332,16 +456,30 @@ class JobManager:
                 job.exit_code = event.exit_code
             else:
                 self._finish(live, "failed", event.exit_code, why)
+        return Verdict(ack=ack)
 
-    def on_worker_hello(self, entry: HostEntry, running: list[str]) -> None:
-        """A worker (re)connected: jobs we think it runs but it does not were lost with its
-        previous life."""
-        still = set(running)
+    def on_worker_hello(
+        self, entry: HostEntry, running: list[str], attempts: dict[str, int] | None = None
+    ) -> list[tuple[str, int | None]]:
+        """A worker (re)connected. Jobs we think it runs but it does not were lost with its
+        previous life (they run again); runs it has that are not the jobs' current attempt
+        there are stale: returned (job id, attempt), for the caller to stop them."""
+        attempts = attempts or {}
+        mine: set[str] = set()
+        stale: list[tuple[str, int | None]] = []
+        for job_id in running:
+            attempt = attempts.get(job_id, 0)
+            if self._current(entry.name, job_id, attempt) is not None:
+                mine.add(job_id)
+            else:
+                self._refuse(entry.name, "run", job_id, attempt)
+                stale.append((job_id, attempt or None))
         for live in list(self.jobs.values()):
             job = live.job
-            if job.status == "running" and job.worker == entry.name and job.id not in still:
+            if job.status == "running" and job.worker == entry.name and job.id not in mine:
                 self._requeue_or_fail(live, f"worker {entry.name} restarted without it")
         self.dispatch()
+        return stale
 
     def on_worker_lost(self, name: str) -> None:
         """A worker stopped heartbeating (its health record expired): its jobs run again."""
@@ -396,9 +534,16 @@ class JobManager:
             log.exception("could not save job %s", job.id)
 
     def _publish(self, live: _Live, event: dict[str, Any]) -> None:
-        for queue in tuple(live.watchers):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(event)
+        for subscriber in tuple(live.watchers):
+            if not subscriber.offer(event):
+                # It stopped reading: drop it rather than buffer without end.
+                live.watchers.discard(subscriber)
+                self.metrics.job_subscribers_dropped.inc()
+                log.warning(
+                    "job %s: dropped a subscriber %d bytes behind (subscriber buffer limit)",
+                    live.job.id,
+                    subscriber.limit,
+                )
 
     async def close(self) -> None:
         await self._background.close()

@@ -3,6 +3,8 @@ worker health and statistics. Documented in the gateway's OpenAPI."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from ..jobs import Job, JobSpec
 from ..store import ObjectNotFoundError, StoreError, validate_key
@@ -21,7 +24,11 @@ from ._jobs import JobManager
 if TYPE_CHECKING:
     from ._app import Gateway
 
-__all__ = ["build_jobs_router"]
+__all__ = ["UPLOAD_PATHS", "build_jobs_router"]
+
+#: Endpoints whose body is an upload: their limit is ``max_upload_bytes``, not
+#: ``max_body_bytes``.
+UPLOAD_PATHS = frozenset({"/api/jobs/inputs"})
 
 
 class CancelResult(BaseModel):
@@ -50,8 +57,14 @@ def build_jobs_router() -> APIRouter:
         },
     )
     async def submit(request: Request) -> Any:
+        gateway: Gateway = request.app.state.gateway
         spec = await json_body(
-            request, JobSpec, subject="job", expect="a job spec", empty_is_object=False
+            request,
+            JobSpec,
+            subject="job",
+            expect="a job spec",
+            empty_is_object=False,
+            context={"job_limits": gateway.config.job_limits},
         )
         job = await _jobs(request).submit(spec)
         status = 200 if spec.fast else 201
@@ -87,8 +100,10 @@ def build_jobs_router() -> APIRouter:
         except ValueError as exc:
             raise ApiError(400, f"name: {exc}", "bad request") from None
         gateway: Gateway = request.app.state.gateway
+        store = gateway.kernels.object_store()
         try:
-            gateway.kernels.object_store().put(key, data)
+            # Off the event loop: a large upload must not stall every other request.
+            await asyncio.to_thread(store.put, key, data)
         except StoreError as exc:
             raise http_error(exc, f"the object store did not take it: {exc}") from None
         return {"key": key, "size": len(data)}
@@ -114,14 +129,16 @@ def build_jobs_router() -> APIRouter:
         manager = _jobs(request)
         _job(request, job_id)
         if not follow:
-            return Response(manager.read_log(job_id, offset), media_type="text/plain")
+            data = await asyncio.to_thread(manager.read_log, job_id, offset)
+            return Response(data, media_type="text/plain")
+        subscriber = manager.subscribe(job_id)
 
         async def stream() -> AsyncIterator[bytes]:
             position = offset
-            events = manager.follow(job_id)
+            events = manager.follow(job_id, subscriber)
             try:
                 async for event in events:
-                    chunk = manager.read_log(job_id, position)
+                    chunk = await asyncio.to_thread(manager.read_log, job_id, position)
                     if chunk:
                         position += len(chunk)
                         yield chunk
@@ -131,13 +148,14 @@ def build_jobs_router() -> APIRouter:
                         "cancelled",
                     ):
                         break
-                chunk = manager.read_log(job_id, position)
-                if chunk:
-                    yield chunk
+                if not subscriber.dropped.is_set():
+                    chunk = await asyncio.to_thread(manager.read_log, job_id, position)
+                    if chunk:
+                        yield chunk
             finally:
                 await events.aclose()
 
-        return StreamingResponse(stream(), media_type="text/plain")
+        return _DroppableStream(stream(), subscriber.dropped, media_type="text/plain")
 
     @router.get(
         "/api/jobs/{job_id}/events",
@@ -148,11 +166,13 @@ def build_jobs_router() -> APIRouter:
         manager = _jobs(request)
         _job(request, job_id)
 
+        subscriber = manager.subscribe(job_id)
+
         async def stream() -> AsyncIterator[bytes]:
-            async for event in manager.follow(job_id):
+            async for event in manager.follow(job_id, subscriber):
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return _DroppableStream(stream(), subscriber.dropped, media_type="text/event-stream")
 
     @router.get("/api/jobs/{job_id}/outputs", summary="A job's outputs: name -> store key")
     async def outputs(request: Request, job_id: str) -> dict[str, Any]:
@@ -175,8 +195,9 @@ def build_jobs_router() -> APIRouter:
                 "output not found",
             )
         gateway: Gateway = request.app.state.gateway
+        store = gateway.kernels.object_store()
         try:
-            data = gateway.kernels.object_store().get(key)
+            data = await asyncio.to_thread(store.get, key)
         except ObjectNotFoundError as exc:
             raise http_error(exc, f"output {name!r} is no longer in the store") from None
         except StoreError as exc:
@@ -188,3 +209,34 @@ def build_jobs_router() -> APIRouter:
         return _jobs(request).get(job_id)
 
     return router
+
+
+class _DroppableStream(StreamingResponse):
+    """A streamed response that is abandoned when ``dropped`` is set (its subscriber fell too
+    far behind): the send blocked on a client that stopped reading is cancelled and the
+    response left unfinished, so the server closes the connection and nothing more is
+    buffered for it."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], dropped: asyncio.Event, media_type: str
+    ) -> None:
+        super().__init__(content, media_type=media_type)
+        self._dropped = dropped
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sending = asyncio.ensure_future(super().__call__(scope, receive, send))
+        dropped = asyncio.ensure_future(self._dropped.wait())
+        try:
+            await asyncio.wait({sending, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropped.cancel()
+            if not sending.done():
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
+        if not sending.cancelled():
+            sending.result()  # its exception, if it failed
+        iterator = self.body_iterator
+        if hasattr(iterator, "aclose"):
+            with contextlib.suppress(Exception):
+                await iterator.aclose()

@@ -28,7 +28,7 @@ from typing import Any
 from .._tasks import BackgroundTasks
 from ..hostproto import ReplicaExited, ReplicaReport
 from ..scheduling import DEFAULT_REQUEST, KernelStopped, Migrate, parse_request, policy_named
-from ..store import ObjectStore, StoreError, open_store
+from ..store import ObjectStore, StoreError, open_store, tombstone_key
 from ._config import GatewayConfig
 from ._driver import HostSupply, SchedulerDriver
 from ._errors import (
@@ -65,12 +65,19 @@ RESOURCE_ENV = {
 }
 
 
-def validate_env(env: Mapping[str, Any]) -> dict[str, str]:
+def validate_env(
+    env: Mapping[str, Any],
+    max_value_bytes: int = 64 * 2**10,
+    max_total_bytes: int = 512 * 2**10,
+) -> dict[str, str]:
     """The part of a client's ``env`` that reaches the kernel: ``KERNEL_*`` variables.
 
-    Raises :class:`KernelRequestError` naming the first bad variable.
+    Raises :class:`KernelRequestError` naming the first bad variable, or the limit a value
+    (``max_value_bytes``, UTF-8) or all accepted variables together (``max_total_bytes``,
+    names and values) are over.
     """
     accepted: dict[str, str] = {}
+    total = 0
     for name, value in env.items():
         if not isinstance(name, str) or not _ENV_NAME.match(name):
             raise KernelRequestError(f"env: {name!r} is not a valid environment variable name")
@@ -91,6 +98,18 @@ def validate_env(env: Mapping[str, Any]) -> dict[str, str]:
                     f"env.{name}: must be a finite, non-negative number, got {value!r}"
                 )
         if name.startswith("KERNEL_"):
+            size = len(value.encode())
+            if size > max_value_bytes:
+                raise KernelRequestError(
+                    f"env.{name}: {size} bytes is over the limit of {max_value_bytes} bytes "
+                    "per KERNEL_* value"
+                )
+            total += size + len(name)
+            if total > max_total_bytes:
+                raise KernelRequestError(
+                    f"env: the KERNEL_* variables are over the limit of {max_total_bytes} "
+                    "bytes together"
+                )
             accepted[name] = value
     return accepted
 
@@ -196,7 +215,7 @@ class KernelManager:
             raise KernelRequestError(
                 f"unknown kernelspec {name!r}; available: {', '.join(self.specs.names)}"
             )
-        kernel_env = validate_env(env)
+        kernel_env = validate_env(env, self.config.max_env_value_bytes, self.config.max_env_bytes)
         try:
             request = parse_request(kernel_env, DEFAULT_REQUEST)
         except ValueError as exc:
@@ -266,7 +285,7 @@ class KernelManager:
             for client in tuple(kernel.clients):
                 client.close(1000, "kernel shut down")
             kernel.close()
-        self._spawn(self._delete_objects(kernel_id, self.config.store_retention))
+        self._spawn(self._delete_objects(kernel_id, self.config.store_retention, tombstone=True))
         log.info("kernel %s shut down", kernel_id)
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
@@ -304,10 +323,19 @@ class KernelManager:
             self._object_store = open_store(self.config.store_url or self.config.store_dir.as_uri())
         return self._object_store
 
-    async def _delete_objects(self, kernel_id: str, delay: float) -> None:
+    async def _delete_objects(self, kernel_id: str, delay: float, tombstone: bool = False) -> None:
         """Delete what a kernel's replicas put in the object store (its large values), after
-        ``delay`` seconds (the retention). A gateway stopped before then leaves them to
-        ``nbcluster store gc``."""
+        ``delay`` seconds (the retention). With ``tombstone`` (the kernel is gone for good),
+        first mark it deleted in the store (``store.tombstone_key``; removed last): a gateway
+        stopped before then leaves them to ``nbcluster store gc``, which deletes only the
+        objects of kernels marked so."""
+        if tombstone:
+            try:
+                await asyncio.to_thread(
+                    self.object_store().put, tombstone_key(kernel_id), str(time.time()).encode()
+                )
+            except (StoreError, ValueError) as exc:
+                log.warning("could not mark kernel %s deleted in the store: %s", kernel_id, exc)
         if delay > 0:
             await asyncio.sleep(delay)
         prefix = f"kernels/{kernel_id}/"
@@ -317,6 +345,8 @@ class KernelManager:
             keys = [info.key for info in store.list(prefix)]
             for key in keys:
                 store.delete(key)
+            if tombstone:
+                store.delete(tombstone_key(kernel_id))
             return len(keys)
 
         try:

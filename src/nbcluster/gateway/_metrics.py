@@ -193,6 +193,11 @@ class GatewayMetrics:
             ["status"],
             registry=self.registry,
         )
+        self.job_subscribers_dropped = Counter(
+            "nbcluster_job_subscribers_dropped",
+            "Job event subscribers (SSE, followed logs) dropped for falling behind.",
+            registry=self.registry,
+        )
         self.jobs_requeued = Counter(
             "nbcluster_jobs_requeued",
             "Jobs put back in their queue (worker lost, or a failure retried).",
@@ -204,6 +209,13 @@ class GatewayMetrics:
             ["kind"],
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300),
+        )
+        self.host_events_refused = Counter(
+            "nbcluster_host_events_refused",
+            "Events of host daemons dropped, by reason: stale (a job run that is no longer the "
+            "job's current attempt), foreign (a replica or job not assigned to that host).",
+            ["reason"],
+            registry=self.registry,
         )
         self.reclaims = Counter(
             "nbcluster_kernels_reclaimed",

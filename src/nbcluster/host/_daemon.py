@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from .._tasks import BackgroundTasks
 from ..hostproto import (
+    MAX_FRAME_BYTES,
     CancelJob,
     GatewayRequest,
     Heartbeat,
@@ -27,6 +28,7 @@ from ..hostproto import (
     HostResources,
     JobExited,
     JobOutput,
+    JobOutputAck,
     ReplicaExited,
     Reply,
     StartJob,
@@ -119,7 +121,7 @@ class HostDaemon:
             ws = await connect(
                 _ws_url(self.config.gateway_url),
                 additional_headers=headers,
-                max_size=16 * 2**20,
+                max_size=MAX_FRAME_BYTES,
                 open_timeout=10,
             )
         except InvalidStatus as exc:
@@ -136,14 +138,16 @@ class HostDaemon:
                 resources=self.resources,
                 replicas=self.supervisor.reports(),
                 jobs=self.jobs.job_ids(),
+                job_attempts=self.jobs.job_attempts(),
             )
             await ws.send(encode(hello))
             first = await asyncio.wait_for(ws.recv(), 10)
             welcome = self._parse_welcome(first)
+            # Unacknowledged output and ends go again on this connection.
+            self.jobs.on_connected()
             self._ws = ws
             self.connected.set()
             log.info("registered with the gateway as %s", self.config.name)
-            self._tasks.spawn("resend job ends", self.jobs.resend_unreported())
             heartbeat = asyncio.create_task(self._heartbeat(welcome.heartbeat_interval))
             stopper = asyncio.create_task(self._stopping.wait())
             try:
@@ -179,6 +183,9 @@ class HostDaemon:
                 continue
             if isinstance(message, Welcome):
                 continue
+            if isinstance(message, JobOutputAck):
+                self.jobs.on_ack(message)
+                continue
             self._tasks.spawn(f"handle {message.type}", self._handle(message))
 
     async def _handle(self, request: GatewayRequest) -> None:
@@ -210,15 +217,17 @@ class HostDaemon:
         await self._send(encode(event))
 
     async def _send_event(self, event: JobOutput | JobExited) -> bool:
-        if self._ws is None:
-            return False
-        await self._send(encode(event))
-        return self._ws is not None
+        return await self._send(encode(event))
 
-    async def _send(self, frame: str) -> None:
+    async def _send(self, frame: str) -> bool:
+        """Send a frame; False when disconnected (the next hello tells the gateway what
+        still runs, and jobs send again what the gateway did not acknowledge)."""
         ws = self._ws
         if ws is None:
-            return  # the next hello tells the gateway what still runs
+            return False
         async with self._send_lock:
-            with contextlib.suppress(websockets.ConnectionClosed):
+            try:
                 await ws.send(frame)
+            except websockets.ConnectionClosed:
+                return False
+        return self._ws is ws

@@ -1,9 +1,15 @@
 """A host daemon as a batch-job worker: runs the jobs the gateway assigns it, streams their
 output back, collects their outputs into the object store and reports their end.
 
-Owned by :class:`~._daemon.HostDaemon`, which hands it ``StartJob``/``CancelJob`` requests
-and gives it a function that sends events to the gateway (dropped while disconnected: the
-next hello lists the jobs that still run, and a job's end is reported again on reconnect).
+Owned by :class:`~._daemon.HostDaemon`, which hands it ``StartJob``/``CancelJob`` requests and
+the gateway's ``JobOutputAck`` messages, and gives it a function that sends events to the gateway.
+
+Every run is one *attempt* of its job (``StartJob.attempt``): its output, end and stored outputs
+carry the attempt, so that the gateway can drop those of a run that is no longer the job's.
+Output is sent from the last offset the gateway acknowledged: after a reconnect, whatever was
+sent but not acknowledged is sent again (the gateway skips what it already has), so no output
+is lost and none is doubled. A job's end is kept, with its log, until the gateway acknowledged
+it; the hello after a reconnect lists such jobs too.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .. import envvars
-from ..hostproto import CancelJob, JobExited, JobOutput, StartJob
+from .._tasks import BackgroundTasks
+from ..hostproto import CancelJob, JobExited, JobOutput, JobOutputAck, StartJob
 from ..jobs import JobHandle, JobRuntime, JobSpec, ProcessRuntime, optional_runtimes
 
 __all__ = ["JobRunner"]
@@ -41,13 +48,45 @@ Send = Callable[[JobOutput | JobExited], Awaitable[bool]]
 
 
 class _RunningJob:
-    def __init__(self, job_id: str, spec: JobSpec, workdir: Path, handle: JobHandle) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        attempt: int,
+        spec: JobSpec,
+        workdir: Path,
+        handle: JobHandle,
+        log_path: Path,
+    ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self.spec = spec
         self.workdir = workdir
         self.handle = handle
+        self.log_path = log_path
         self.cancelled = False
+        #: Stopped because the run is no longer the job's: nothing of it is reported.
+        self.stale = False
         self.task: asyncio.Task[None] | None = None
+        #: Output the gateway acknowledged, and output sent on the current connection.
+        self.acked = 0
+        self.sent = 0
+        #: One flush (or delivery of the end) at a time.
+        self.lock = asyncio.Lock()
+        #: Its end, once it ended, until the gateway acknowledged it.
+        self.exited: JobExited | None = None
+
+
+def _complete_utf8(chunk: bytes) -> bytes:
+    """``chunk`` without a multi-byte UTF-8 character cut at its end (sent with the next)."""
+    for back in range(1, min(4, len(chunk)) + 1):
+        byte = chunk[-back]
+        if byte & 0xC0 == 0x80:
+            continue  # a continuation byte: look further back for the lead byte
+        if byte < 0x80:
+            return chunk
+        need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+        return chunk if need <= back else chunk[:-back]
+    return chunk
 
 
 class JobRunner:
@@ -57,9 +96,11 @@ class JobRunner:
         self.runtimes: dict[str, JobRuntime] = {"process": ProcessRuntime()}
         self._add_optional_runtimes()
         self.running: dict[str, _RunningJob] = {}
-        #: Ends that could not be sent (disconnected): sent again after a reconnect.
-        self.unreported: dict[str, JobExited] = {}
-        self._offsets: dict[str, int] = {}
+        #: Jobs that ended and whose end the gateway has not acknowledged yet.
+        self.finished: dict[str, _RunningJob] = {}
+        #: Counts connections: a send on an earlier one does not advance what was sent.
+        self._generation = 0
+        self._tasks = BackgroundTasks("job runner", log)
 
     def _add_optional_runtimes(self) -> None:
         """Container and Kubernetes runtimes, when their modules are there; their clients
@@ -67,12 +108,25 @@ class JobRunner:
         self.runtimes.update(optional_runtimes())
 
     def job_ids(self) -> list[str]:
-        return sorted(self.running)
+        """Jobs that run here, or ended here without the gateway knowing it yet."""
+        return sorted({*self.running, *self.finished})
+
+    def job_attempts(self) -> dict[str, int]:
+        return {
+            job.job_id: job.attempt for job in (*self.finished.values(), *self.running.values())
+        }
 
     async def start(self, request: StartJob) -> dict[str, Any]:
         """Prepare the job's directory and inputs, start it; returns once it runs."""
-        if request.job_id in self.running:
-            raise ValueError(f"job {request.job_id} already runs here")
+        existing = self.running.get(request.job_id)
+        if existing is not None:
+            if not (existing.attempt and request.attempt > existing.attempt):
+                raise ValueError(f"job {request.job_id} already runs here")
+            # An older run of the job is stale now: it stops before the new one starts.
+            await self._stop_stale(existing, 2.0)
+        old = self.finished.pop(request.job_id, None)
+        if old is not None:
+            log.info("job %s: dropping the end of its attempt %d", old.job_id, old.attempt)
         try:
             spec = JobSpec.model_validate(request.spec)
         except ValidationError as exc:
@@ -88,9 +142,9 @@ class JobRunner:
         env = self._env(request, spec)
         log_path = workdir / "output.log"
         handle = await runtime.start(request.job_id, spec, workdir, env, log_path)
-        job = _RunningJob(request.job_id, spec, workdir, handle)
+        job = _RunningJob(request.job_id, request.attempt, spec, workdir, handle, log_path)
         self.running[request.job_id] = job
-        job.task = asyncio.create_task(self._supervise(job, log_path, request.store_url))
+        job.task = asyncio.create_task(self._supervise(job, request.store_url))
         return {"started": time.time()}
 
     @staticmethod
@@ -127,15 +181,36 @@ class JobRunner:
     async def cancel(self, request: CancelJob) -> dict[str, Any]:
         job = self.running.get(request.job_id)
         if job is None:
+            ended = self.finished.get(request.job_id)
+            if ended is not None and request.stale and request.attempt in (None, ended.attempt):
+                # It ended, but its end is no longer wanted: forget it.
+                self._forget(ended)
+                return {}
             raise LookupError(f"job {request.job_id} does not run here")
+        if request.attempt is not None and request.attempt != job.attempt:
+            raise LookupError(
+                f"job {request.job_id} runs here as attempt {job.attempt}, not {request.attempt}"
+            )
+        if request.stale:
+            log.warning(
+                "job %s: attempt %d is no longer the job's; stopping it", job.job_id, job.attempt
+            )
+            await self._stop_stale(job, request.grace)
+            return {}
         job.cancelled = True
         await job.handle.cancel(request.grace)
         return {}
 
-    async def _supervise(
-        self, job: _RunningJob, log_path: Path, object_store_url: str | None
-    ) -> None:
-        streamer = asyncio.create_task(self._stream_output(job.job_id, log_path))
+    async def _stop_stale(self, job: _RunningJob, grace: float) -> None:
+        job.cancelled = job.stale = True
+        with contextlib.suppress(Exception):
+            await job.handle.cancel(grace)
+        if job.task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(job.task), grace + 10)
+
+    async def _supervise(self, job: _RunningJob, object_store_url: str | None) -> None:
+        streamer = asyncio.create_task(self._stream_output(job))
         error = ""
         code: int | None
         try:
@@ -149,7 +224,9 @@ class JobRunner:
             streamer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await streamer
-        await self._flush(job.job_id, log_path, final=True)
+        if job.stale:
+            self._forget(job)
+            return
         if job.cancelled and not error:
             error = "cancelled"
         outputs: dict[str, str] = {}
@@ -157,20 +234,40 @@ class JobRunner:
             outputs = await asyncio.to_thread(self._collect_outputs, job, object_store_url)
         except Exception as exc:  # the store: the job's end is reported all the same
             error = error or f"could not store its outputs: {exc}"
-        tail = _tail(log_path, 4096)
-        result = _tail(log_path, _RESULT_LIMIT) if job.spec.fast else None
-        exited = JobExited(
+        tail = _tail(job.log_path, 4096)
+        result = _tail(job.log_path, _RESULT_LIMIT) if job.spec.fast else None
+        job.exited = JobExited(
             job_id=job.job_id,
+            attempt=job.attempt,
             exit_code=code,
             error=error,
             log_tail=tail,
             outputs=outputs,
             result=result,
         )
-        self.running.pop(job.job_id, None)
-        if not await self._send(exited):
-            self.unreported[job.job_id] = exited
-        shutil.rmtree(job.workdir, ignore_errors=True)
+        if self.running.get(job.job_id) is job:
+            del self.running[job.job_id]
+        if job.stale:
+            self._forget(job)
+            return
+        self.finished[job.job_id] = job
+        await self._deliver_end(job)
+
+    async def _deliver_end(self, job: _RunningJob) -> None:
+        """Send the rest of the output, then the end (kept until acknowledged)."""
+        async with job.lock:
+            if job.exited is None or self.finished.get(job.job_id) is not job:
+                return
+            if await self._flush_locked(job, final=True):
+                await self._send(job.exited)
+
+    def _forget(self, job: _RunningJob) -> None:
+        if self.finished.get(job.job_id) is job:
+            del self.finished[job.job_id]
+        if self.running.get(job.job_id) is job:
+            del self.running[job.job_id]
+        if not any(j.workdir == job.workdir for j in (*self.running.values(),)):
+            shutil.rmtree(job.workdir, ignore_errors=True)
 
     @staticmethod
     def _collect_outputs(job: _RunningJob, object_store_url: str | None) -> dict[str, str]:
@@ -182,42 +279,68 @@ class JobRunner:
         from ..store import open_store
 
         object_store = open_store(object_store_url)
+        # Each attempt has its own keys: a stale run can never overwrite the current one's.
+        base = f"jobs/{job.job_id}/attempts/{job.attempt}" if job.attempt else f"jobs/{job.job_id}"
         keys = {}
         for name in found:
-            key = f"jobs/{job.job_id}/outputs/{name}"
+            key = f"{base}/outputs/{name}"
             object_store.put(key, (job.workdir / name).read_bytes())
             keys[name] = key
         return keys
 
-    async def _stream_output(self, job_id: str, log_path: Path) -> None:
+    async def _stream_output(self, job: _RunningJob) -> None:
         while True:
             await asyncio.sleep(_FLUSH_INTERVAL)
-            await self._flush(job_id, log_path)
+            async with job.lock:
+                await self._flush_locked(job)
 
-    async def _flush(self, job_id: str, log_path: Path, final: bool = False) -> None:
-        offset = self._offsets.get(job_id, 0)
+    async def _flush_locked(self, job: _RunningJob, final: bool = False) -> bool:
+        """Send the job's output after what was sent on this connection; False when it could
+        not all be sent (disconnected: it is sent again, from the acknowledged offset)."""
+        generation = self._generation
         try:
-            with log_path.open("rb") as f:
-                f.seek(offset)
-                while chunk := f.read(_CHUNK):
-                    offset += len(chunk)
-                    await self._send(
-                        JobOutput(job_id=job_id, data=chunk.decode("utf-8", "replace"))
+            with job.log_path.open("rb") as f:
+                while True:
+                    f.seek(job.sent)
+                    chunk = f.read(_CHUNK)
+                    if not final:
+                        chunk = _complete_utf8(chunk)
+                    if not chunk:
+                        return True
+                    event = JobOutput(
+                        job_id=job.job_id,
+                        attempt=job.attempt,
+                        data=chunk.decode("utf-8", "replace"),
+                        offset=job.sent,
+                        end=job.sent + len(chunk),
                     )
+                    if not await self._send(event) or generation != self._generation:
+                        return False
+                    job.sent = max(job.sent, event.end or 0)
         except FileNotFoundError:
-            pass
-        if final:
-            self._offsets.pop(job_id, None)
-        else:
-            self._offsets[job_id] = offset
+            return True
 
-    async def resend_unreported(self) -> None:
-        """After a reconnect: report the ends the gateway may have missed."""
-        for exited in list(self.unreported.values()):
-            if await self._send(exited):
-                self.unreported.pop(exited.job_id, None)
+    def on_ack(self, ack: JobOutputAck) -> None:
+        """The gateway has the output of a run up to ``ack.offset``."""
+        job = self.running.get(ack.job_id) or self.finished.get(ack.job_id)
+        if job is None or job.attempt != ack.attempt:
+            return
+        job.acked = max(job.acked, ack.offset)
+        job.sent = max(job.sent, job.acked)
+        if ack.exited and self.finished.get(job.job_id) is job:
+            self._forget(job)
+
+    def on_connected(self) -> None:
+        """A new connection: what was sent but not acknowledged is sent again, and the ends
+        not acknowledged are reported again."""
+        self._generation += 1
+        for job in (*self.running.values(), *self.finished.values()):
+            job.sent = job.acked
+        for job in list(self.finished.values()):
+            self._tasks.spawn(f"report the end of job {job.job_id}", self._deliver_end(job))
 
     async def stop_all(self) -> None:
+        await self._tasks.cancel_all()
         for job in list(self.running.values()):
             job.cancelled = True
             with contextlib.suppress(Exception):

@@ -1,6 +1,7 @@
 """The control protocol between the gateway and host daemons (JSON frames on a websocket)."""
 
 from ._models import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     CancelJob,
     ConnectionInfo,
@@ -15,6 +16,7 @@ from ._models import (
     HostResources,
     JobExited,
     JobOutput,
+    JobOutputAck,
     ReplicaExited,
     ReplicaReport,
     Reply,
@@ -29,6 +31,7 @@ from ._models import (
 )
 
 __all__ = [
+    "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "CancelJob",
     "ConnectionInfo",
@@ -43,6 +46,7 @@ __all__ = [
     "HostResources",
     "JobExited",
     "JobOutput",
+    "JobOutputAck",
     "ReplicaExited",
     "ReplicaReport",
     "Reply",

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 __all__ = [
+    "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "ConnectionInfo",
     "GatewayMessage",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+
+#: The largest frame a host daemon accepts (its websocket ``max_size``); the gateway refuses
+#: to send a larger one (a host closes its connection on it).
+MAX_FRAME_BYTES = 16 * 2**20
 
 
 class _Model(BaseModel):
@@ -95,6 +100,9 @@ class Hello(_Model):
     replicas: list[ReplicaReport] = Field(default_factory=list)
     #: Ids of the batch jobs it still runs.
     jobs: list[str] = Field(default_factory=list)
+    #: The attempt of each job it runs (``StartJob.attempt``): a run of an older attempt than
+    #: the job's current one is stale, and the gateway tells the host to stop it.
+    job_attempts: dict[str, int] = Field(default_factory=dict)
 
 
 class Heartbeat(_Model):
@@ -124,11 +132,20 @@ class ReplicaExited(_Model):
 
 
 class JobOutput(_Model):
-    """Output a running job wrote since the last one (stdout and stderr, interleaved)."""
+    """Output a running job wrote since the last one (stdout and stderr, interleaved).
+
+    ``offset`` and ``end`` are the byte range of this attempt's output that ``data`` holds;
+    the gateway answers with a :class:`JobOutputAck`, and the host sends again, after a
+    reconnect, everything after the last acknowledged offset (the gateway skips what it
+    already has)."""
 
     type: Literal["job_output"] = "job_output"
     job_id: str
     data: str
+    #: The run this output belongs to (``StartJob.attempt``); 0: unknown (an older host).
+    attempt: int = Field(0, ge=0)
+    offset: int | None = Field(None, ge=0)
+    end: int | None = Field(None, ge=0)
 
 
 class JobExited(_Model):
@@ -136,6 +153,8 @@ class JobExited(_Model):
 
     type: Literal["job_exited"] = "job_exited"
     job_id: str
+    #: The run that ended (``StartJob.attempt``); 0: unknown (an older host).
+    attempt: int = Field(0, ge=0)
     exit_code: int | None
     #: Why it ended other than by exiting (timed out, cancelled, could not start ...).
     error: str = ""
@@ -156,6 +175,18 @@ HostMessage = Annotated[
 class Welcome(_Model):
     type: Literal["welcome"] = "welcome"
     heartbeat_interval: float
+
+
+class JobOutputAck(_Model):
+    """The gateway has the output of a job's attempt up to byte ``offset``: the host need
+    never send it again."""
+
+    type: Literal["job_output_ack"] = "job_output_ack"
+    job_id: str
+    attempt: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    #: The gateway also has the run's end (``JobExited``): the host can forget the run.
+    exited: bool = False
 
 
 class StartReplica(_Model):
@@ -203,6 +234,9 @@ class StartJob(_Model):
     gpus: list[int] = Field(default_factory=list)
     #: Where its inputs are and its outputs go.
     store_url: str | None = None
+    #: Which run of the job this is (1, 2, ...): its events and outputs carry it, and the
+    #: gateway drops those of a run that is no longer the job's current one.
+    attempt: int = Field(0, ge=0)
 
 
 class CancelJob(_Model):
@@ -212,19 +246,24 @@ class CancelJob(_Model):
     request_id: str
     job_id: str
     grace: float = 5.0
+    #: Stop only this run of the job (None: whichever runs).
+    attempt: int | None = None
+    #: The run is no longer the job's (it was requeued and runs, or ran, elsewhere): stop it
+    #: without collecting its outputs or reporting its end.
+    stale: bool = False
 
 
 GatewayRequest = StartReplica | StopReplica | SignalReplica | StartJob | CancelJob
 
 GatewayMessage = Annotated[
-    Welcome | StartReplica | StopReplica | SignalReplica | StartJob | CancelJob,
+    Welcome | JobOutputAck | StartReplica | StopReplica | SignalReplica | StartJob | CancelJob,
     Field(discriminator="type"),
 ]
 
 HostEvent = Hello | Heartbeat | Reply | ReplicaExited | JobOutput | JobExited
 
 _host_adapter: TypeAdapter[HostEvent] = TypeAdapter(HostMessage)
-_gateway_adapter: TypeAdapter[Welcome | GatewayRequest] = TypeAdapter(GatewayMessage)
+_gateway_adapter: TypeAdapter[Welcome | JobOutputAck | GatewayRequest] = TypeAdapter(GatewayMessage)
 
 
 class HostProtocolError(ValueError):
@@ -247,7 +286,7 @@ def decode_host_message(frame: str | bytes) -> HostEvent:
         raise HostProtocolError(f"invalid host message: {_describe(exc)}") from None
 
 
-def decode_gateway_message(frame: str | bytes) -> Welcome | GatewayRequest:
+def decode_gateway_message(frame: str | bytes) -> Welcome | JobOutputAck | GatewayRequest:
     """Parse a frame the gateway sent; raises :class:`HostProtocolError` naming what is wrong."""
     try:
         return _gateway_adapter.validate_json(frame)

@@ -7,7 +7,7 @@ adds the container and Kubernetes ones).
 """
 
 from ._filestore import FileJobStore, JobStoreError
-from ._model import FAST_INPUT_LIMIT, TERMINAL, Job, JobResources, JobSpec
+from ._model import FAST_INPUT_LIMIT, TERMINAL, Job, JobLimits, JobResources, JobSpec
 from ._optional import optional_runtimes
 from ._queue import WorkerCapacity, assign_jobs
 from ._runtime import JobHandle, JobRuntime, ProcessRuntime, job_argv
@@ -19,6 +19,7 @@ __all__ = [
     "FileJobStore",
     "Job",
     "JobHandle",
+    "JobLimits",
     "JobResources",
     "JobRuntime",
     "JobSpec",

@@ -234,6 +234,13 @@ class FileJobStore:
         finally:
             os.close(fd)
 
+    def log_size(self, job_id: str) -> int:
+        """How many bytes the job's log holds (0 when it has none)."""
+        try:
+            return self._log(job_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def read_log(self, job_id: str, offset: int = 0) -> bytes:
         """The job's log from byte ``offset`` on; empty when there is nothing more (or no log).
         At most the cap plus the notice, so bounded. The API calls it to show or follow logs."""

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "FAST_INPUT_LIMIT",
     "TERMINAL",
     "Job",
+    "JobLimits",
     "JobResources",
     "JobSpec",
     "JobStatus",
@@ -29,6 +38,65 @@ RuntimeName = Literal["process", "docker", "kubernetes", "tfjob", "pytorchjob"]
 FAST_INPUT_LIMIT = 1 * 2**20
 
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Size caps on a submitted job spec (bytes, UTF-8), checked at the API: the gateway
+    validates ``POST /api/jobs`` with ``JobSpec.model_validate(data, context={"job_limits":
+    limits})``. Without that context (a stored job read back) no cap is checked, so raising
+    or lowering a cap never makes stored jobs unreadable."""
+
+    #: ``source``.
+    source_bytes: int = 4 * 2**20
+    #: ``command``, all arguments together.
+    command_bytes: int = 1 * 2**20
+    #: One ``env`` value.
+    env_value_bytes: int = 64 * 2**10
+    #: All of ``env``, names and values.
+    env_bytes: int = 512 * 2**10
+    #: Entries of ``inputs``, ``inline_inputs`` and ``outputs`` together.
+    inputs: int = 1024
+    #: One name or store key in ``inputs`` / ``outputs``.
+    name_bytes: int = 1024
+    #: All of ``inline_inputs``.
+    inline_bytes: int = FAST_INPUT_LIMIT
+
+
+def _over(what: str, size: int, limit: int, unit: str = "bytes") -> ValueError:
+    return ValueError(f"{what}: {size} {unit} is over the limit of {limit} {unit}")
+
+
+def check_job_limits(spec: JobSpec, limits: JobLimits) -> None:
+    """Raise ``ValueError`` naming the first part of ``spec`` over its cap in ``limits``."""
+    if spec.source is not None and (n := len(spec.source.encode())) > limits.source_bytes:
+        raise _over("source", n, limits.source_bytes)
+    if spec.command is not None:
+        n = sum(len(a.encode()) for a in spec.command)
+        if n > limits.command_bytes:
+            raise _over("command", n, limits.command_bytes)
+    total = 0
+    for name, value in spec.env.items():
+        n = len(value.encode())
+        if n > limits.env_value_bytes:
+            raise _over(f"env.{name}", n, limits.env_value_bytes)
+        total += n + len(name.encode())
+    if total > limits.env_bytes:
+        raise _over("env (all variables)", total, limits.env_bytes)
+    entries = len(spec.inputs) + len(spec.inline_inputs) + len(spec.outputs)
+    if entries > limits.inputs:
+        raise _over("inputs, inline_inputs and outputs", entries, limits.inputs, "entries")
+    for where, names in (
+        ("inputs", [*spec.inputs, *spec.inputs.values()]),
+        ("inline_inputs", list(spec.inline_inputs)),
+        ("outputs", spec.outputs),
+    ):
+        for name in names:
+            if (n := len(name.encode())) > limits.name_bytes:
+                raise _over(f"{where}: {name[:40]!r}...", n, limits.name_bytes)
+    inline = sum(len(v.encode()) for v in spec.inline_inputs.values())
+    if inline > limits.inline_bytes:
+        raise _over("inline_inputs", inline, limits.inline_bytes)
 
 
 class _Model(BaseModel):
@@ -125,6 +193,13 @@ class JobSpec(_Model):
             raise ValueError("workers: more than 1 needs the tfjob or pytorchjob runtime")
         return self
 
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> JobSpec:
+        limits = info.context.get("job_limits") if isinstance(info.context, dict) else None
+        if isinstance(limits, JobLimits):
+            check_job_limits(self, limits)
+        return self
+
     @property
     def queue_name(self) -> QueueName:
         if self.queue is not None:
@@ -139,7 +214,12 @@ class Job(_Model):
     spec: JobSpec
     status: JobStatus = "queued"
     #: How many times it was started (1 + requeues after a worker died or a failure retried).
+    #: It is also the current run's attempt number: events and outputs of any other run are
+    #: dropped (fencing).
     attempts: int = 0
+    #: Size of its stored log when the current attempt started (that attempt's output
+    #: follows it).
+    log_base: int = 0
     worker: str | None = None
     exit_code: int | None = None
     error: str = ""

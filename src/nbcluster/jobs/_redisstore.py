@@ -232,6 +232,14 @@ class RedisJobStore:
             lambda: self._append(keys=[key], args=args),
         )
 
+    def log_size(self, job_id: str) -> int:
+        """How many bytes the job's log holds (0 when it has none)."""
+        key = self._log_key(job_id)
+        return self._retry(
+            f"measuring the log of job {job_id}",
+            lambda: int(self._client.strlen(key)),
+        )
+
     def read_log(self, job_id: str, offset: int = 0) -> bytes:
         """The job's log from byte ``offset`` on; empty when there is nothing more (or no log).
         The API calls it to show or follow a job's output."""

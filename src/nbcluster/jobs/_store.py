@@ -40,6 +40,10 @@ class JobStore(Protocol):
         """The job's log from byte ``offset`` on (empty when there is nothing more)."""
         ...
 
+    def log_size(self, job_id: str) -> int:
+        """How many bytes the job's stored log holds (0 when it has none)."""
+        ...
+
 
 def open_job_store(redis_url: str | None, directory: Path) -> JobStore:
     """The gateway's job store: in Redis at ``redis_url`` (its ``?prefix=`` query names the

@@ -18,9 +18,11 @@ from ._interface import (
 from ._local import LocalDirectoryStore
 from ._memory import InMemoryStore
 from ._retry import retrying
+from ._tombstones import TOMBSTONE_PREFIX, tombstone_key
 from ._url import open_store, store_url_for_directory
 
 __all__ = [
+    "TOMBSTONE_PREFIX",
     "InMemoryStore",
     "LocalDirectoryStore",
     "ObjectCorruptedError",
@@ -31,5 +33,6 @@ __all__ = [
     "open_store",
     "retrying",
     "store_url_for_directory",
+    "tombstone_key",
     "validate_key",
 ]
