@@ -10,14 +10,13 @@ import pytest
 
 from nbcluster.kernel._cuda import DeviceNumbering
 from nbcluster.kernel._device_memory import (
-    CudaTorchLayer,
     DeviceBusyError,
     NamespaceDeviceMemory,
     Restore,
-    TorchFramework,
     describe_restore,
     find_arrays,
 )
+from nbcluster.kernel._device_torch import CudaTorchLayer, TorchFramework
 
 torch = pytest.importorskip("torch")
 
@@ -359,9 +358,8 @@ def test_gpu_tensors_travel_as_host_copies_and_follow_the_next_binding(
     GPU bound), stays in host memory there, and the first cell run there with GPUs moves it
     onto the bound device. The executor's GPU is faked: storages listed in ``on_gpu`` are
     reported as living on physical GPU 1."""
-    from nbcluster.kernel import _pickling
-    from nbcluster.kernel._kernel import _SyncedHostCopies
-    from nbcluster.kernel._rebuild import host_copy_origin
+    from nbcluster.kernel import _host_copies
+    from nbcluster.kernel._host_copies import SyncedHostCopies, host_copy_origin
     from nbcluster.kernel._sync import StateSynchronizer, decode_payload, encode_payload
     from nbcluster.store import InMemoryStore
 
@@ -373,7 +371,9 @@ def test_gpu_tensors_travel_as_host_copies_and_follow_the_next_binding(
     model, optimizer = trained_pair()
     executor_ns.update(model=model, optimizer=optimizer)
     on_gpu = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    monkeypatch.setattr(_pickling, "device_origin", lambda s: 1 if s.data_ptr() in on_gpu else None)
+    monkeypatch.setattr(
+        _host_copies, "device_origin", lambda s: 1 if s.data_ptr() in on_gpu else None
+    )
 
     first = executor.capture(1, "model, optimizer\n", "<cell-1>")
     assert first.payload is not None
@@ -394,7 +394,7 @@ def test_gpu_tensors_travel_as_host_copies_and_follow_the_next_binding(
     memory = NamespaceDeviceMemory(
         lambda: list(follower_ns.values()),
         lambda: [TorchFramework(torch, devices)],
-        host_copies=_SyncedHostCopies(),
+        host_copies=SyncedHostCopies(),
     )
     restore = memory.begin_cell((0,))
     assert restore is not None and restore.devices == (0,)

@@ -155,7 +155,8 @@ def test_reading_device_memory_from_an_execute_reply() -> None:
 #: A cell that gives the kernel the fake device layer of ``test_device_memory`` and puts
 #: ``t`` (4000 bytes) "on GPU 0".
 FAKE_LAYER = """
-from nbcluster.kernel._device_memory import NamespaceDeviceMemory, TorchFramework
+from nbcluster.kernel._device_memory import NamespaceDeviceMemory
+from nbcluster.kernel._device_torch import TorchFramework
 
 class FakeDevices:
     def __init__(self):

@@ -57,13 +57,10 @@ from ..protocol import (
     parse_request,
 )
 from ._cuda import init_driver, install_import_hook, make_current
-from ._device_memory import (
-    NamespaceDeviceMemory,
-    default_frameworks,
-    describe_restore,
-    gpu_framework_imported,
-)
+from ._device_memory import NamespaceDeviceMemory, describe_restore
+from ._device_torch import default_frameworks, gpu_framework_imported
 from ._gpus import cell_gpus, strip_cpu_magic, use_nvml_device_order
+from ._host_copies import SyncedHostCopies
 from ._records import Proposal
 
 __all__ = ["ReplicaKernel"]
@@ -76,20 +73,6 @@ PROPOSE_TIMEOUT = 10.0
 CATCH_UP_TIMEOUT = 5.0
 
 _Request = TypeVar("_Request", bound=ControlRequest)
-
-
-class _SyncedHostCopies:
-    """The state synchroniser's record of tensors that arrived as host copies of GPU memory."""
-
-    def origin(self, array: Any) -> int | None:
-        from ._rebuild import host_copy_origin
-
-        return host_copy_origin(array)
-
-    def forget(self, array: Any) -> None:
-        from ._rebuild import forget_host_copy
-
-        forget_host_copy(array)
 
 
 class ReplicaKernel(IPythonKernel):
@@ -127,7 +110,7 @@ class ReplicaKernel(IPythonKernel):
         init_driver()
         install_import_hook()
         self.device_memory = NamespaceDeviceMemory(
-            self._namespace_values, default_frameworks, host_copies=_SyncedHostCopies()
+            self._namespace_values, default_frameworks, host_copies=SyncedHostCopies()
         )
 
     @property

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import cloudpickle  # type: ignore[import-untyped]
 import cloudpickle.cloudpickle as cloudpickle_impl  # type: ignore[import-untyped]
 
+from . import _host_copies
 from ._graph import numpy_view_root
 from ._rebuild import (
     _EMPTY,
@@ -69,7 +70,6 @@ from ._rebuild import (
     _no_traceback,
     _rebuild_cached_property,
     _rebuild_from_state,
-    _rebuild_host_copy,
     _rebuild_lru_cache,
     _rebuild_singledispatch,
     _rebuild_tensor,
@@ -268,13 +268,13 @@ class SyncPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is 
         key = (storage.data_ptr(), str(storage.device), storage.nbytes())
         holder = self._storages.get(key)
         if holder is None:
-            origin = device_origin(storage)
+            origin = _host_copies.device_origin(storage)
             if origin is None:
                 holder = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
             else:
                 # GPU memory travels as host bytes: the other replicas have no GPU bound and
                 # keep it in host memory until they run a cell with GPUs (``_rebuild``).
-                holder = _HostCopy(origin, _host_bytes(torch, storage))
+                holder = _host_copies.HostCopy(origin, _host_copies.host_bytes(torch, storage))
             self._storages[key] = holder
         return _rebuild_tensor, (
             holder,
@@ -494,38 +494,3 @@ def loads(data: bytes, namespace: dict[str, Any] | None) -> Any:
         return work()
     except RecursionError:
         return _on_deep_stack(work)
-
-
-def device_origin(storage: Any) -> int | None:
-    """The physical GPU a torch storage lives on (None: host memory, or a device that is not
-    CUDA: those are pickled torch's own way)."""
-    device = storage.device
-    if device.type != "cuda":
-        return None
-    from ._cuda import numbering
-
-    ordinal = device.index or 0
-    physical = numbering().physical(ordinal)
-    return ordinal if physical is None else physical
-
-
-def _host_bytes(torch: Any, storage: Any) -> bytes:
-    host = storage.cpu()
-    if host.nbytes() == 0:
-        return b""
-    return bytes(torch.empty(0, dtype=torch.uint8).set_(host).numpy().tobytes())
-
-
-class _HostCopy:
-    """A GPU storage's bytes, copied to the host at capture; pickled as those bytes (not by
-    torch, whose pickles name the storage's address: the digest would change at every
-    capture although the values did not)."""
-
-    __slots__ = ("data", "origin")
-
-    def __init__(self, origin: int, data: bytes) -> None:
-        self.origin = origin
-        self.data = data
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuild_host_copy, (self.origin, self.data)

@@ -21,11 +21,12 @@ import sys
 import threading
 import types
 import typing
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle.cloudpickle as cloudpickle_impl  # type: ignore[import-untyped]
+
+from ._host_copies import HostHolder, note_host_copy
 
 #: The namespace that notebook functions unpickled by ``loads`` are bound to.
 TARGET_NAMESPACE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
@@ -235,60 +236,6 @@ def _new_context_var(name: str, default: Any, has_default: bool) -> Any:
     return contextvars.ContextVar(name)
 
 
-class HostHolder:
-    """A GPU storage's bytes as they arrive on another replica: a CPU ``uint8`` tensor over
-    them and the physical GPU it lived on at the executor (see ``_pickling``)."""
-
-    __slots__ = ("origin", "tensor")
-
-    def __init__(self, tensor: Any, origin: int) -> None:
-        self.tensor = tensor
-        self.origin = origin
-
-
-def _rebuild_host_copy(origin: int, data: bytes) -> HostHolder:
-    import torch
-
-    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0)
-    return HostHolder(tensor.to(torch.uint8), origin)
-
-
-#: id(tensor) -> (weak reference, physical GPU it lived on at the executor), for the tensors
-#: that arrived as host copies of GPU memory: a replica holds them in host memory (it has no
-#: GPU bound) until it runs a cell with GPUs, when ``_device_memory`` moves them there.
-_HOST_COPIES: dict[int, tuple[weakref.ref[Any], int]] = {}
-_HOST_COPIES_LOCK = threading.Lock()
-
-
-def _note_host_copy(tensor: Any, origin: int) -> None:
-    key = id(tensor)
-
-    def forget(_: weakref.ref[Any]) -> None:
-        with _HOST_COPIES_LOCK:
-            _HOST_COPIES.pop(key, None)
-
-    with _HOST_COPIES_LOCK:
-        _HOST_COPIES[key] = (weakref.ref(tensor, forget), origin)
-
-
-def host_copy_origin(tensor: object) -> int | None:
-    """The physical GPU a tensor lived on at the executor, if it arrived here as a host copy
-    of GPU memory and has not been moved to a device since (``forget_host_copy``)."""
-    with _HOST_COPIES_LOCK:
-        entry = _HOST_COPIES.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
-        return None
-    return entry[1]
-
-
-def forget_host_copy(tensor: object) -> None:
-    """The tensor was moved onto a device: it is an ordinary tensor from now on."""
-    with _HOST_COPIES_LOCK:
-        entry = _HOST_COPIES.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            del _HOST_COPIES[id(tensor)]
-
-
 def _rebuild_tensor(
     holder: Any,
     dtype: Any,
@@ -302,7 +249,7 @@ def _rebuild_tensor(
     import torch
 
     origin = None
-    if isinstance(holder, HostHolder):
+    if isinstance(holder, HostHolder):  # GPU memory of the executor, in host memory here
         origin, holder = holder.origin, holder.tensor
     tensor = torch.empty(0, dtype=dtype, device=holder.device)
     tensor.set_(holder.untyped_storage(), offset, size, stride)
@@ -313,7 +260,7 @@ def _rebuild_tensor(
     if grad is not None:
         tensor.grad = grad
     if origin is not None:
-        _note_host_copy(tensor, origin)
+        note_host_copy(tensor, origin)
     return tensor
 
 
