@@ -4,9 +4,10 @@ reservation refusal, migration to a host with free GPUs, manual migration, auto-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,30 @@ def gpu_cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def _waiting_text(result: Any) -> str:
     return str(result.stream_text("stderr"))
+
+
+@contextlib.asynccontextmanager
+async def _every_gpu_held(
+    gw: GatewayClient, cluster: Cluster, release: Path
+) -> AsyncIterator[list[asyncio.Task[Any]]]:
+    """Three 1-GPU kernels whose cells hold the cluster's three GPUs until ``release``
+    exists; yields those cells (to await once released)."""
+    hogs = [await gw.start_kernel(env=ONE_GPU) for _ in range(3)]
+    async with (
+        gw.channels(hogs[0]["id"]) as h0,
+        gw.channels(hogs[1]["id"]) as h1,
+        gw.channels(hogs[2]["id"]) as h2,
+    ):
+        busy = [
+            asyncio.create_task(h.execute(TIMED_CELL.format(release=str(release)), 90))
+            for h in (h0, h1, h2)
+        ]
+        await async_wait_for(
+            lambda: cluster.metric("nbcluster_cluster_gpus", state="committed") == 3,
+            30,
+            "the hogs to hold every GPU",
+        )
+        yield busy
 
 
 async def test_six_kernels_share_three_gpus_at_most_three_cells_at_once(
@@ -103,23 +128,11 @@ async def test_interrupting_a_waiting_cell_cancels_the_wait(
 ) -> None:
     release = tmp_path / "release"
     async with GatewayClient(gpu_cluster.url, gpu_cluster.token) as gw:
-        hogs = [await gw.start_kernel(env={"KERNEL_GPUS": "1"}) for _ in range(3)]
         waiter = await gw.start_kernel(env=ONE_GPU)
         async with (
-            gw.channels(hogs[0]["id"]) as h0,
-            gw.channels(hogs[1]["id"]) as h1,
-            gw.channels(hogs[2]["id"]) as h2,
             gw.channels(waiter["id"]) as w,
+            _every_gpu_held(gw, gpu_cluster, release) as busy,
         ):
-            busy = [
-                asyncio.create_task(h.execute(TIMED_CELL.format(release=str(release)), 90))
-                for h in (h0, h1, h2)
-            ]
-            await async_wait_for(
-                lambda: gpu_cluster.metric("nbcluster_cluster_gpus", state="committed") == 3,
-                30,
-                "the hogs to hold every GPU",
-            )
             cell = asyncio.create_task(w.execute("x = 1\nprint('ran')", 60))
             await async_wait_for(
                 lambda: gpu_cluster.metric("nbcluster_cells_waiting_for_gpus") == 1,
@@ -150,23 +163,11 @@ async def test_a_cpu_cell_runs_at_once_while_every_gpu_is_busy(
     is an ordinary cell otherwise (history, outputs, state)."""
     release = tmp_path / "release"
     async with GatewayClient(gpu_cluster.url, gpu_cluster.token) as gw:
-        hogs = [await gw.start_kernel(env=ONE_GPU) for _ in range(3)]
         kernel = await gw.start_kernel(env=ONE_GPU)
         async with (
-            gw.channels(hogs[0]["id"]) as h0,
-            gw.channels(hogs[1]["id"]) as h1,
-            gw.channels(hogs[2]["id"]) as h2,
             gw.channels(kernel["id"]) as k,
+            _every_gpu_held(gw, gpu_cluster, release) as busy,
         ):
-            busy = [
-                asyncio.create_task(h.execute(TIMED_CELL.format(release=str(release)), 90))
-                for h in (h0, h1, h2)
-            ]
-            await async_wait_for(
-                lambda: gpu_cluster.metric("nbcluster_cluster_gpus", state="committed") == 3,
-                30,
-                "the hogs to hold every GPU",
-            )
             cpu = await asyncio.wait_for(
                 k.execute(
                     "%%cpu\nimport os\nrows = [1, 2, 3]\n"

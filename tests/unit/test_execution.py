@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcluster.gateway._execution import Execution, Executions, cell_gpus
+from nbcluster.gateway._execution import Execution, Executions, requested_gpus
 
 Book = Executions[str, str]
 
@@ -200,4 +200,4 @@ def test_terms_are_unique_and_the_last_replied_term_never_passes_the_last_one_gi
     ],
 )
 def test_a_cpu_cell_asks_for_no_gpu(code: object, gpus: int | None) -> None:
-    assert cell_gpus(code) == gpus
+    assert requested_gpus(code) == gpus

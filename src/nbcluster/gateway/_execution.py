@@ -18,25 +18,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["CPU_MAGIC", "Execution", "Executions", "cell_gpus"]
+from ..protocol import cpu_magic_line
 
-#: A cell that starts with this line needs no GPU: it runs at once, with none bound, even
-#: when the kernel asks for GPUs and none is free (the replica runs the rest of the cell).
-CPU_MAGIC = "%%cpu"
+__all__ = ["Execution", "Executions", "requested_gpus"]
 
 
-def cell_gpus(code: object) -> int | None:
-    """How many GPUs a cell asks for itself: 0 for a ``%%cpu`` cell, else None (the
-    kernel's request). Comment and blank lines before the magic are allowed."""
+def requested_gpus(code: object) -> int | None:
+    """How many GPUs a cell asks for itself: 0 for a ``%%cpu`` cell (it runs at once, with
+    none bound, even when the kernel asks for GPUs and none is free), else None (the
+    kernel's request)."""
     if not isinstance(code, str):
         return None
-    for line in code.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        words = stripped.split(maxsplit=1)
-        return 0 if words[0] == CPU_MAGIC else None
-    return None
+    return None if cpu_magic_line(code.splitlines()) is None else 0
 
 
 Request = TypeVar("Request")

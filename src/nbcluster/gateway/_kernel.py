@@ -40,7 +40,7 @@ from ..protocol import (
     read_yielded,
 )
 from ._errors import KernelUnavailable
-from ._execution import Execution, Executions, cell_gpus
+from ._execution import Execution, Executions, requested_gpus
 from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
 from ._replies import error_replies, status_message
@@ -319,7 +319,10 @@ class GatewayKernel:
             self.dispatch(execution.term, executor.replica_id, None)
         else:
             self._gate.execution_requested(
-                self, execution.term, executor.replica_id, cell_gpus(msg.content_dict.get("code"))
+                self,
+                execution.term,
+                executor.replica_id,
+                requested_gpus(msg.content_dict.get("code")),
             )
 
     def dispatch(self, term: int, replica_id: str, devices: tuple[int, ...] | None) -> bool:
@@ -439,7 +442,7 @@ class GatewayKernel:
             else:
                 code = execution.request.content_dict.get("code")
                 self._gate.execution_requested(
-                    self, execution.term, target.replica_id, cell_gpus(code)
+                    self, execution.term, target.replica_id, requested_gpus(code)
                 )
         self.fail_pending(
             "ReplicaLost",

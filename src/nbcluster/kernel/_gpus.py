@@ -32,10 +32,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from .. import envvars, runtime
-from ..protocol import METADATA_KEY, check_gpus
+from ..protocol import METADATA_KEY, check_gpus, cpu_magic_line
 
 __all__ = [
-    "CPU_MAGIC",
     "CUDA_ENV",
     "DEVICE_ORDER_ENV",
     "bound_gpus",
@@ -118,21 +117,9 @@ def cell_gpus(metadata: Any, warn: Callable[[str], None]) -> Iterator[tuple[int,
         yield devices
 
 
-#: The first line of a cell that needs no GPU (the gateway binds none to it and runs it at
-#: once, see ``gateway._execution.cell_gpus``); the replica drops the line before IPython
-#: reads the cell, so the cell runs as any other (history, outputs, state capture).
-CPU_MAGIC = "%%cpu"
-
-
 def strip_cpu_magic(lines: list[str]) -> list[str]:
-    """An IPython input transformer (``input_transformers_cleanup``): a cell whose first
-    line that is neither blank nor a comment is ``%%cpu`` runs without that line."""
-    for index, line in enumerate(lines):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        words = stripped.split(maxsplit=1)
-        if words[0] == CPU_MAGIC:
-            return lines[:index] + lines[index + 1 :]
-        return lines
-    return lines
+    """An IPython input transformer (``input_transformers_cleanup``): a ``%%cpu`` cell
+    (``protocol.cpu_magic_line``; the gateway ran it without GPUs) runs without that line,
+    as any other cell (history, outputs, state capture)."""
+    index = cpu_magic_line(lines)
+    return lines if index is None else lines[:index] + lines[index + 1 :]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._cell_reads import free_reads, side_effect
-from ._payload import RecomputeRecord, SyncPayload
+from ._payload import RecomputeRecord, SyncPayload, output_number
 from ._touched import bound_names
 
 __all__ = ["Layouts", "Pending", "Plan", "Rebuilds", "Rerun", "plan", "rerun", "same_value"]
@@ -58,7 +58,8 @@ class Plan:
 
 
 def _history_slot(slot: str) -> bool:
-    return slot.startswith("Out[") or slot in ("_", "__", "___")
+    """``Out[N]`` and ``_``/``__``/``___``: IPython's outputs, not names a cell binds."""
+    return output_number(slot) is not None or slot in ("_", "__", "___")
 
 
 def _module(namespace: Mapping[str, object], slot: str) -> bool:

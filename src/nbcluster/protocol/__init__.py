@@ -7,6 +7,7 @@ messages carried inside them (group formation, membership, checkpoints, eviction
 metadata of an ``execute_request``) are pydantic models (``_control``).
 """
 
+from ._cells import CPU_MAGIC, cpu_magic_line
 from ._control import (
     CONTROL_ERROR_ENAME,
     METADATA_KEY,
@@ -44,6 +45,7 @@ from ._zmq_wire import DELIMITER, Signer, decode_zmq, encode_zmq
 __all__ = [
     "CLIENT_CHANNELS",
     "CONTROL_ERROR_ENAME",
+    "CPU_MAGIC",
     "DELIMITER",
     "KERNEL_CHANNELS",
     "METADATA_KEY",
@@ -71,6 +73,7 @@ __all__ = [
     "RestorePoint",
     "Signer",
     "check_gpus",
+    "cpu_magic_line",
     "decode_legacy",
     "decode_v1",
     "decode_zmq",
