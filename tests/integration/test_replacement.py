@@ -58,14 +58,13 @@ async def test_three_executors_killed_in_turn_and_the_state_lives_on(cluster4: C
                 os.kill(executor["pid"], signal.SIGKILL)
                 wait_for(lambda pid=executor["pid"]: process_gone(pid), 10, "the executor to die")
                 # the gateway notices, starts a replacement, which joins and catches up
-                wait_for(
-                    lambda gone=executor["replica_id"]: (
-                        len(_running(cluster4, kid)) == 3
-                        and gone not in {r["replica_id"] for r in _running(cluster4, kid)}
-                    ),
-                    30,
-                    "a replacement replica to join",
-                )
+                # One snapshot per check: two reads can straddle the moment the gateway marks
+                # the killed replica dead, and see three running before the replacement joined.
+                def replaced(gone: str = executor["replica_id"]) -> bool:
+                    running = {r["replica_id"] for r in _running(cluster4, kid)}
+                    return len(running) == 3 and gone not in running
+
+                wait_for(replaced, 30, "a replacement replica to join")
             # every original replica has been replaced by now
             assert not original & {r["replica_id"] for r in _running(cluster4, kid)}
             result = await channels.execute("step(); print(history)")

@@ -203,13 +203,21 @@ class Membership:
     async def _join_new_replica(
         self, kernel: GatewayKernel, host: str, replica_id: str
     ) -> ReplicaRecord:
-        running = [r for r in kernel.record.replicas if r.state == "running"]
-        if not running:
+        if not self._linked_running(kernel):
             raise KernelStartError("no running replica is left to add it to")
+        new = await self._replicas.launch(kernel, host, replica_id, joining=True)
+        # Read after the launch: another replica may have died while it started (its record
+        # says dead and its link is gone by now).
+        running = self._linked_running(kernel)
+        if not running:
+            raise KernelStartError("every running replica was lost while it started")
         # Replicas a restarted gateway has not confirmed yet stay members: they are presumed
         # alive until their host says otherwise.
-        live = [r for r in kernel.record.replicas if r.state in ("running", "unknown")]
-        new = await self._replicas.launch(kernel, host, replica_id, joining=True)
+        live = [
+            r
+            for r in kernel.record.replicas
+            if r.state in ("running", "unknown") and r.replica_id != new.replica_id
+        ]
         # A standby replica does the membership change: the executor may be busy.
         helper = next((r for r in running if r.replica_id != kernel.executor), running[0])
         helper_link = kernel.links[helper.replica_id]
@@ -249,6 +257,15 @@ class Membership:
                 f"{sorted(peers)}"
             )
         return new
+
+    @staticmethod
+    def _linked_running(kernel: GatewayKernel) -> list[ReplicaRecord]:
+        """The replicas confirmed running that the gateway can still reach."""
+        return [
+            r
+            for r in kernel.record.replicas
+            if r.state == "running" and r.replica_id in kernel.links
+        ]
 
     @staticmethod
     async def _raft_members(kernel: GatewayKernel, link: ReplicaLink) -> list[str]:
