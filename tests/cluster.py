@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Any
 import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+
+from .tls_files import TlsFiles
 
 __all__ = [
     "Cluster",
@@ -117,8 +120,11 @@ class Cluster:
         replicas: int = 1,
         ip: str = "127.0.0.1",
         gateway_args: Sequence[str] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         self.state_dir = state_dir
+        #: The gateway serves https/wss with ``tls.cert``; hosts verify it with ``tls.ca``.
+        self.tls = tls
         #: The address the gateway listens on (hosts in other network namespaces need one
         #: they can reach, e.g. a bridge's).
         self.ip = ip
@@ -128,21 +134,31 @@ class Cluster:
         self.n_hosts = hosts
         self.gpus_per_host = gpus_per_host
         self.token = token
+        #: What host daemons join with (the gateway reads it too, from its environment).
+        self.join_token = "test-join-token"
         self.port = free_port(ip)
-        self.url = f"http://{ip}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{ip}:{self.port}"
         self.host_lost_timeout = host_lost_timeout
         self.heartbeat_interval = heartbeat_interval
         self.gateway: subprocess.Popen[bytes] | None = None
         self.hosts: dict[str, subprocess.Popen[bytes]] = {}
         self.http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"token {token}"}, timeout=60
+            base_url=self.url,
+            headers={"Authorization": f"token {token}"},
+            timeout=60,
+            verify=ssl.create_default_context(cafile=tls.ca) if tls else True,
         )
         self.log_dir = state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "NBCLUSTER_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
+        return {
+            **os.environ,
+            "NBCLUSTER_TOKEN": self.token,
+            "NBCLUSTER_JOIN_TOKEN": self.join_token,
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def _spawn(
         self, name: str, args: list[str], prefix: Sequence[str] = ()
@@ -176,14 +192,31 @@ class Cluster:
                 "--log-level",
                 "debug",
                 *self.gateway_args,
+                *(
+                    ["--certfile", str(self.tls.cert), "--keyfile", str(self.tls.key)]
+                    if self.tls
+                    else []
+                ),
             ],
         )
         wait_for(lambda: self.http.get("/api").status_code == 200, 30, "the gateway to answer")
 
-    def start_host(self, name: str, address: str | None = None, prefix: Sequence[str] = ()) -> None:
+    def start_host(
+        self,
+        name: str,
+        address: str | None = None,
+        prefix: Sequence[str] = (),
+        ca: Path | bool = True,
+    ) -> None:
         """Start a host daemon; ``address`` is its ``--address`` (where its replicas listen),
-        ``prefix`` goes before the command (e.g. ``ip netns exec NS``, which execs it)."""
+        ``prefix`` goes before the command (e.g. ``ip netns exec NS``, which execs it).
+        ``ca``: the ``--ca`` it verifies a TLS gateway with (True: the cluster's CA, False:
+        none, the system's trust store)."""
         extra = ["--address", address] if address is not None else []
+        if ca is True and self.tls is not None:
+            extra += ["--ca", str(self.tls.ca)]
+        elif isinstance(ca, Path):
+            extra += ["--ca", str(ca)]
         self.hosts[name] = self._spawn(
             name,
             [

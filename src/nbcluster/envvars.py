@@ -20,14 +20,17 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALL",
+    "CA",
     "CHECKPOINT_EVERY",
     "CHECKPOINT_INTERVAL",
     "CUDA_DEVICE_ORDER",
     "CUDA_VISIBLE_DEVICES",
+    "GATEWAY_CA",
     "GATEWAY_TOKEN",
     "GATEWAY_URL",
     "GPUS",
     "JOB_ID",
+    "JOIN_TOKEN",
     "KERNEL_ID",
     "PARENT_PID",
     "PREFIX",
@@ -100,10 +103,20 @@ class EnvVar:
 TOKEN = EnvVar(
     "NBCLUSTER_TOKEN",
     "str",
-    "The gateway's API token (hosts authenticate with it too).",
-    set_by="the operator; `nbcluster up` for the gateway and hosts it starts; the gateway's "
-    "host provider for the local host daemons it starts",
-    read_by="`nbcluster gateway|host|status|migrate|store|job` (when --token is not given)",
+    "An API token: the admin token the gateway is started with, or a user's token "
+    "(`nbcluster user add`) for the command-line clients.",
+    set_by="the operator; `nbcluster up` for the gateway it starts",
+    read_by="`nbcluster gateway|status|migrate|store|job` (when --token is not given)",
+    secret=True,
+)
+JOIN_TOKEN = EnvVar(
+    "NBCLUSTER_JOIN_TOKEN",
+    "str",
+    "The token host daemons join the cluster with (good for nothing else). The gateway makes "
+    "one at its first start (`nbcluster join-token` prints it) unless this is set.",
+    set_by="the operator; `nbcluster up` and the gateway's host provider for the host daemons "
+    "they start",
+    read_by="`nbcluster host` (when --join-token-file is not given), `nbcluster gateway`",
     secret=True,
 )
 URL = EnvVar(
@@ -112,6 +125,16 @@ URL = EnvVar(
     "The gateway the command-line clients talk to.",
     set_by="the operator",
     read_by="`nbcluster status|migrate|store|job` (when --url is not given)",
+)
+CA = EnvVar(
+    "NBCLUSTER_CA",
+    "path (PEM file)",
+    "The CA certificates that the gateway's TLS certificate is verified against (default: the "
+    "system's trust store).",
+    set_by="the operator; `nbcluster up --ca` for the gateway and hosts it starts (the "
+    "gateway's auto-scaled local hosts inherit it)",
+    read_by="`nbcluster host|status|migrate|store|job` (when --ca is not given); "
+    "nbcluster.client.GatewayClient",
 )
 STATE_DIR = EnvVar(
     "NBCLUSTER_STATE_DIR",
@@ -184,14 +207,25 @@ GATEWAY_URL = EnvVar(
     "NBCLUSTER_GATEWAY_URL",
     "URL",
     "The gateway's job API, for the kernel's `%%job` and `%jobs` magics.",
-    set_by="the gateway",
+    set_by="the gateway; the host daemon replaces it with the URL it reaches the gateway at "
+    "(reachable from its machine, and the name the gateway's certificate carries)",
     read_by="`%%job`, `%jobs` in the replica",
 )
 GATEWAY_TOKEN = EnvVar(
     "NBCLUSTER_GATEWAY_TOKEN",
     "str",
-    "The token for GATEWAY_URL.",
+    "The kernel's own token for GATEWAY_URL: it may only submit and follow this kernel's "
+    "jobs, for the kernel's owner (not a user's or the admin's token).",
     set_by="the gateway",
+    read_by="`%%job`, `%jobs` in the replica",
+    secret=True,
+)
+GATEWAY_CA = EnvVar(
+    "NBCLUSTER_GATEWAY_CA",
+    "path (PEM file)",
+    "The CA file the host daemon verifies the gateway with, for GATEWAY_URL when it is https "
+    "(unset: the system's trust store).",
+    set_by="the host daemon (its --ca), for each replica and job it starts",
     read_by="`%%job`, `%jobs` in the replica",
 )
 GPUS = EnvVar(
@@ -254,7 +288,9 @@ CUDA_DEVICE_ORDER = EnvVar(
 #: Every variable declared here, in the order above.
 ALL: tuple[EnvVar, ...] = (
     TOKEN,
+    JOIN_TOKEN,
     URL,
+    CA,
     STATE_DIR,
     KERNEL_ID,
     REPLICA_ID,
@@ -265,6 +301,7 @@ ALL: tuple[EnvVar, ...] = (
     STORE_THRESHOLD,
     GATEWAY_URL,
     GATEWAY_TOKEN,
+    GATEWAY_CA,
     GPUS,
     CHECKPOINT_EVERY,
     CHECKPOINT_INTERVAL,

@@ -208,8 +208,18 @@ def test_up_on_a_busy_port_fails_fast(state_dir: Path) -> None:
 
 
 def test_host_with_a_bad_gateway_url(state_dir: Path) -> None:
+    join_token = state_dir / "join-token"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    join_token.write_text("nbj_t")
+    join_token.chmod(0o600)
     result = nbcluster(
-        "host", "--gateway", "notaurl", "--token", "t", "--state-dir", str(state_dir)
+        "host",
+        "--gateway",
+        "notaurl",
+        "--join-token-file",
+        str(join_token),
+        "--state-dir",
+        str(state_dir),
     )
     assert result.returncode == 2
     assert "'notaurl' is not an http(s) URL" in result.stderr

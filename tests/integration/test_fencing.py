@@ -131,7 +131,7 @@ async def test_a_host_cannot_speak_for_another_hosts_replica_or_job(tmp_path: Pa
             attempt = (await gw.get_job(jid))["attempts"]
             ws_url = c.url.replace("http://", "ws://") + "/api/cluster/hosts/connect"
             async with connect(
-                ws_url, additional_headers={"Authorization": f"token {c.token}"}
+                ws_url, additional_headers={"Authorization": f"token {c.join_token}"}
             ) as ws:
                 hello = Hello(
                     name="intruder",

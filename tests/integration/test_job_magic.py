@@ -31,7 +31,7 @@ async def test_a_job_cell_streams_downloads_its_output_and_sets_job(tmp_path: Pa
                 assert result.status == "ok", (result.reply, out, result.stream_text("stderr"))
                 assert "submitted to the cpu queue" in out
                 assert "hello from a job" in out
-                [job] = await gw.list_jobs(owner=kernel["id"])
+                [job] = await gw.list_jobs(kernel_id=kernel["id"])
                 assert f"[nbcluster] job {job['id']} succeeded" in out
                 assert f"output out.txt saved to {work / 'out.txt'}" in out
                 assert (work / "out.txt").read_text() == "42"
@@ -49,7 +49,7 @@ async def test_a_job_cell_streams_downloads_its_output_and_sets_job(tmp_path: Pa
                 bad = await channels.execute("%%job gpus=many\nprint(1)\n")
                 assert bad.status == "error" and bad.reply["ename"] == "UsageError"
                 assert "option 'gpus'" in bad.reply["evalue"]
-                assert len(await gw.list_jobs(owner=kernel["id"])) == 1
+                assert len(await gw.list_jobs(kernel_id=kernel["id"])) == 1
             await gw.shutdown_kernel(kernel["id"])
 
 
@@ -68,7 +68,7 @@ async def test_interrupting_a_job_cell_and_answering_c_cancels_the_job(tmp_path:
                 )
 
                 async def started() -> bool:
-                    jobs = await gw.list_jobs(owner=kernel["id"])
+                    jobs = await gw.list_jobs(kernel_id=kernel["id"])
                     return bool(jobs) and "started" in await gw.job_logs(jobs[0]["id"])
 
                 await async_wait_for(started, 60, "the job to start")
@@ -79,7 +79,7 @@ async def test_interrupting_a_job_cell_and_answering_c_cancels_the_job(tmp_path:
                 assert result.status == "error", (result.reply, out)
                 assert result.reply["ename"] == "JobError", result.reply
                 assert "started" in out and "cancellation requested" in out
-                [job] = await gw.list_jobs(owner=kernel["id"])
+                [job] = await gw.list_jobs(kernel_id=kernel["id"])
                 assert job["spec"]["name"] == "sleeper"
                 await async_wait_for(
                     lambda: c.http.get(f"/api/jobs/{job['id']}").json()["status"] == "cancelled",

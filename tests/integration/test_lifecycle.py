@@ -286,6 +286,11 @@ async def test_replica_ignores_badly_signed_messages(cluster: Cluster, tmp_path:
     context = zmq.Context()
     shell = context.socket(zmq.DEALER)
     shell.linger = 0
+    if connection.get("curve_publickey"):
+        # CurveZMQ is on (the default): this test is about signatures, so it gets in.
+        public, secret = zmq.curve_keypair()
+        shell.curve_publickey, shell.curve_secretkey = public, secret
+        shell.curve_serverkey = connection["curve_publickey"].encode()
     try:
         shell.connect(f"tcp://{connection['ip']}:{connection['shell_port']}")
         bad = Session(key=b"wrong", signature_scheme="hmac-sha256")
@@ -429,8 +434,14 @@ def test_rest_needs_the_token(cluster: Cluster) -> None:
     assert cluster.http.get("/api/kernels").json() == []
 
 
-def test_host_with_a_wrong_token_exits_with_code_2(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["wrong", "admin"])
+def test_host_with_a_wrong_token_exits_with_code_2(
+    cluster: Cluster, tmp_path: Path, which: str
+) -> None:
+    """A host joins with the join token only: a wrong one, and the admin token (good for
+    everything but joining), are refused."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBCLUSTER_")}
+    env["NBCLUSTER_JOIN_TOKEN"] = "wrong" if which == "wrong" else cluster.token
     started = time.monotonic()
     proc = subprocess.run(
         [
@@ -440,8 +451,6 @@ def test_host_with_a_wrong_token_exits_with_code_2(cluster: Cluster, tmp_path: P
             "host",
             "--gateway",
             cluster.url,
-            "--token",
-            "wrong",
             "--name",
             "intruder",
             "--state-dir",

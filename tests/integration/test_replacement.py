@@ -57,6 +57,7 @@ async def test_three_executors_killed_in_turn_and_the_state_lives_on(cluster4: C
                 )
                 os.kill(executor["pid"], signal.SIGKILL)
                 wait_for(lambda pid=executor["pid"]: process_gone(pid), 10, "the executor to die")
+
                 # the gateway notices, starts a replacement, which joins and catches up
                 # One snapshot per check: two reads can straddle the moment the gateway marks
                 # the killed replica dead, and see three running before the replacement joined.

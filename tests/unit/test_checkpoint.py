@@ -10,9 +10,10 @@ from nbcluster.kernel._checkpoint import (
     checkpoint_key,
     decode_checkpoint,
     encode_checkpoint,
+    legacy_checkpoint_key,
     log_key,
     rebuild,
-    term_of_log_key,
+    term_of_key,
 )
 from nbcluster.kernel._records import Done, Proposal, encode_record
 from nbcluster.kernel._sync import encode_payload
@@ -36,10 +37,12 @@ def _values(snapshot: bytes) -> dict[str, bytes]:
 
 
 def test_keys() -> None:
-    assert checkpoint_key("k") == "kernels/k/checkpoint"
+    assert checkpoint_key("k", 3) == "kernels/k/checkpoints/000000000003"
+    assert legacy_checkpoint_key("k") == "kernels/k/checkpoint"
     assert log_key("k", 7) == "kernels/k/log/000000000007"
-    assert term_of_log_key(log_key("k", 7)) == 7
-    assert term_of_log_key("kernels/k/log/junk") is None
+    assert term_of_key(log_key("k", 7)) == 7
+    assert term_of_key(checkpoint_key("k", 3)) == 3
+    assert term_of_key("kernels/k/log/junk") is None
 
 
 def test_log_alone_rebuilds_in_term_order() -> None:

@@ -272,5 +272,6 @@ def test_status_has_the_same_keys_as_the_raft_log() -> None:
         "has_quorum",
         "ready",
         "closed",
+        "refused_connections",
     }
     assert logs[0].status()["leader"] == "m1"

@@ -36,7 +36,7 @@ def on_term(signum, frame):
         sys.exit(0)
 
 signal.signal(signal.SIGTERM, on_term)
-record = {{"argv": sys.argv, "pid": os.getpid(), "token": os.environ.get("NBCLUSTER_TOKEN")}}
+record = {{"argv": sys.argv, "pid": os.getpid(), "token": os.environ.get("NBCLUSTER_JOIN_TOKEN"), "admin": os.environ.get("NBCLUSTER_TOKEN")}}
 tmp = here / (name + ".tmp")
 tmp.write_text(json.dumps(record))
 tmp.rename(here / (name + ".json"))
@@ -79,7 +79,7 @@ def write_stand_in(tmp_path: Path, ignore_term: bool = False) -> Path:
 def make_provider(tmp_path: Path, script: Path, **kwargs: Any) -> LocalProcessHostProvider:
     return LocalProcessHostProvider(
         gateway_url="http://127.0.0.1:8889",
-        token=TOKEN,
+        join_token=TOKEN,
         state_dir=tmp_path / "state",
         gpus_per_host=2,
         argv_prefix=[sys.executable, str(script)],
@@ -111,8 +111,9 @@ def test_default_command_is_nbcluster(tmp_path: Path) -> None:
 
 
 async def test_start_names_argv_and_token(
-    provider: LocalProcessHostProvider, tmp_path: Path
+    provider: LocalProcessHostProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("NBCLUSTER_TOKEN", "the-admin-token")
     assert await provider.start_hosts(2) == ["auto-1", "auto-2"]
     assert provider.started() == ["auto-1", "auto-2"]
     assert provider.owns("auto-1") and provider.owns("auto-2")
@@ -131,6 +132,8 @@ async def test_start_names_argv_and_token(
         "--parent-pid": str(os.getpid()),
     }
     assert record["token"] == TOKEN
+    # The join token only: an admin token in the gateway's environment stays there.
+    assert record["admin"] is None
     assert all(TOKEN not in arg for arg in argv)
 
     # Numbers keep counting up, even after a host has gone.

@@ -3,6 +3,7 @@ skipped, a stale or foreign run's events are refused and change nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from nbcluster.gateway._jobs import JobManager
@@ -14,6 +15,7 @@ from nbcluster.hostproto import (
     decode_gateway_message,
     encode,
 )
+from nbcluster.store import InMemoryStore
 
 from .test_job_start_errors import _manager, _running
 
@@ -25,35 +27,37 @@ def _fenced(tmp_path: Path) -> tuple[JobManager, str]:
     return manager, live.job.id
 
 
-def test_resent_output_is_skipped_and_acknowledged(tmp_path: Path) -> None:
+async def test_resent_output_is_skipped_and_acknowledged(tmp_path: Path) -> None:
     manager, jid = _fenced(tmp_path)
-    first = manager.on_output(
+    first = await manager.on_output(
         "w1", JobOutput(job_id=jid, attempt=1, data="a\nb\n", offset=0, end=4)
     )
     assert first.ack == JobOutputAck(job_id=jid, attempt=1, offset=4)
     # After a reconnect the worker sends again from its last acknowledged offset (0).
-    again = manager.on_output(
+    again = await manager.on_output(
         "w1", JobOutput(job_id=jid, attempt=1, data="a\nb\nc\n", offset=0, end=6)
     )
     assert again.ack is not None and again.ack.offset == 6
-    same = manager.on_output("w1", JobOutput(job_id=jid, attempt=1, data="c\n", offset=4, end=6))
+    same = await manager.on_output(
+        "w1", JobOutput(job_id=jid, attempt=1, data="c\n", offset=4, end=6)
+    )
     assert same.ack is not None and same.ack.offset == 6
-    assert manager.read_log(jid) == b"a\nb\nc\n"
+    assert await manager.read_log(jid) == b"a\nb\nc\n"
 
 
-def test_stale_and_foreign_events_are_refused(tmp_path: Path) -> None:
+async def test_stale_and_foreign_events_are_refused(tmp_path: Path) -> None:
     manager, jid = _fenced(tmp_path)
     manager.jobs[jid].job.attempts = 2
-    stale = manager.on_output("w1", JobOutput(job_id=jid, attempt=1, data="old\n", offset=0))
+    stale = await manager.on_output("w1", JobOutput(job_id=jid, attempt=1, data="old\n", offset=0))
     assert stale.ack is None and stale.stop == (jid, 1)
-    foreign = manager.on_exited("w2", JobExited(job_id=jid, attempt=2, exit_code=0))
+    foreign = await manager.on_exited("w2", JobExited(job_id=jid, attempt=2, exit_code=0))
     assert foreign.stop == (jid, 2)
     assert manager.jobs[jid].job.status == "running"
-    assert manager.read_log(jid) == b""
+    assert await manager.read_log(jid) == b""
     refused = manager.metrics.host_events_refused
     assert refused.labels("stale")._value.get() == 1
     assert refused.labels("foreign")._value.get() == 1
-    ended = manager.on_exited("w1", JobExited(job_id=jid, attempt=2, exit_code=0))
+    ended = await manager.on_exited("w1", JobExited(job_id=jid, attempt=2, exit_code=0))
     assert ended.ack is not None and ended.ack.exited
     assert manager.jobs[jid].job.status == "succeeded"
 
@@ -77,3 +81,30 @@ def test_ack_round_trips_and_utf8_is_never_cut() -> None:
         kept = _complete_utf8(text[:cut])
         kept.decode("utf-8")  # never a partial character
         assert text.startswith(kept) and cut - len(kept) < 4
+
+
+async def test_a_finished_jobs_earlier_attempts_outputs_are_deleted(tmp_path: Path) -> None:
+    """Only the last run's outputs can be downloaded: a failed run's files go."""
+    store = InMemoryStore()
+    manager, jid = _fenced(tmp_path)
+    manager._object_store = lambda: store
+    for key in (
+        f"jobs/{jid}/attempts/1/model.pt",
+        f"jobs/{jid}/attempts/2/model.pt",
+        f"jobs/{jid}/attempts/2/sub/log.txt",
+        "jobs/other/attempts/1/model.pt",
+    ):
+        store.put(key, b"x")
+    manager.jobs[jid].job.attempts = 2
+    ended = await manager.on_exited("w1", JobExited(job_id=jid, attempt=2, exit_code=0))
+    assert ended.ack is not None
+    # The deletion runs in the background, off the event loop.
+    deadline = asyncio.get_running_loop().time() + 10
+    while any(o.key.endswith("attempts/1/model.pt") for o in store.list(f"jobs/{jid}/")):
+        assert asyncio.get_running_loop().time() < deadline, "earlier attempt not deleted"
+        await asyncio.sleep(0.01)
+    assert sorted(o.key for o in store.list("jobs/")) == [
+        f"jobs/{jid}/attempts/2/model.pt",
+        f"jobs/{jid}/attempts/2/sub/log.txt",
+        "jobs/other/attempts/1/model.pt",
+    ]

@@ -109,3 +109,31 @@ async def test_a_job_that_moved_on_meanwhile_is_left_alone(tmp_path: Path) -> No
     live.job.status = "cancelled"
     await manager._start_on(live, "w1", ())
     assert live.job.status == "cancelled"
+
+
+class _Recording:
+    """A worker session that answers every request and records its kind."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def request(self, build: Any, timeout: float) -> dict[str, Any]:
+        self.sent.append(type(build("r1")).__name__)
+        return {"started": time.time()}
+
+
+async def test_a_job_cancelled_while_its_start_is_on_its_way_is_cancelled_once_started(
+    tmp_path: Path,
+) -> None:
+    """The worker does not know the run before it answers the start: the cancellation waits
+    for that answer instead of failing with "does not run here"."""
+    manager = _manager(tmp_path, RuntimeError("unused"))
+    session = _Recording()
+    manager.hosts._session = session  # type: ignore[attr-defined]
+    live = _running(manager)
+    live.starting = True
+    _, message = await manager.cancel(live.job.id)
+    assert "as soon as it has started" in message and session.sent == []
+    await manager._start_on(live, "w1", ())
+    assert session.sent == ["StartJob", "CancelJob"]
+    assert not live.starting

@@ -39,6 +39,7 @@ from nbcluster.hostproto import (
     StopReplica,
     decode_gateway_message,
 )
+from nbcluster.identity import KernelTokens
 
 from .fakes import make_kernel
 
@@ -259,9 +260,12 @@ class FakeLauncher:
         return process
 
 
+KERNEL_TOKENS = KernelTokens(b"k" * 32)
+
+
 def replicas_with(launcher: ReplicaLauncher, **config: Any) -> Replicas:
     settings: dict[str, Any] = {"token": "tok", "store_dir": Path("/tmp/nbc-store"), **config}
-    return Replicas(GatewayConfig(**settings), KernelSpecRegistry(), launcher)
+    return Replicas(GatewayConfig(**settings), KernelSpecRegistry(), launcher, KERNEL_TOKENS)
 
 
 def test_the_launch_spec_carries_the_kernelspec_the_client_env_and_nbcluster_s_variables() -> None:
@@ -281,7 +285,9 @@ def test_the_launch_spec_carries_the_kernelspec_the_client_env_and_nbcluster_s_v
     assert env[envvars.STORE_THRESHOLD.name] == "123"
     # A wildcard address is reached on loopback.
     assert env[envvars.GATEWAY_URL.name] == "http://127.0.0.1:9000"
-    assert env[envvars.GATEWAY_TOKEN.name] == "tok"
+    # The kernel's own token, never the admin's.
+    assert env[envvars.GATEWAY_TOKEN.name] == KERNEL_TOKENS.issue(kernel.id) != "tok"
+    assert KERNEL_TOKENS.kernel_of(env[envvars.GATEWAY_TOKEN.name]) == kernel.id
     assert env[envvars.GPUS.name] == env[envvars.CUDA_VISIBLE_DEVICES.name] == "0,2"
     without = replicas_with(FakeLauncher()).launch_spec(kernel, "h2", "r9")
     assert envvars.GPUS.name not in without.env

@@ -131,11 +131,10 @@ def test_options_build_the_spec() -> None:
     options = parse_job_options(
         "gpus=2 cpus=0.5 memory_mb=2048 outputs=a.pt,sub/b.csv name='my run' timeout=60 retries=2"
     )
-    spec = build_spec(options, "print(1)\n", KERNEL_ID)
+    spec = build_spec(options, "print(1)\n")
     assert spec == {
         "source": "print(1)\n",
         "runtime": "process",
-        "owner": KERNEL_ID,
         "resources": {"gpus": 2, "cpus": 0.5, "memory_mb": 2048},
         "outputs": ["a.pt", "sub/b.csv"],
         "name": "my run",
@@ -143,11 +142,7 @@ def test_options_build_the_spec() -> None:
         "retries": 2,
     }
     assert JobSpec.model_validate(spec).queue_name == "gpu"
-    assert build_spec({}, "1", KERNEL_ID) == {
-        "source": "1",
-        "runtime": "process",
-        "owner": KERNEL_ID,
-    }
+    assert build_spec({}, "1") == {"source": "1", "runtime": "process"}
 
 
 @pytest.mark.parametrize(
@@ -160,7 +155,7 @@ def test_options_build_the_spec() -> None:
     ],
 )
 def test_runtime_follows_framework_and_image(line: str, runtime: str) -> None:
-    spec = build_spec(parse_job_options(line), "1", KERNEL_ID)
+    spec = build_spec(parse_job_options(line), "1")
     assert spec["runtime"] == runtime
     JobSpec.model_validate(spec)
 
@@ -224,7 +219,7 @@ def test_a_job_streams_downloads_outputs_and_sets_job(
     api.streams = [[b"epoch 1\n", "caf\u00e9 ".encode()[:4], "caf\u00e9 ".encode()[4:], b"done\n"]]
     run_job(shell, "gpus=1 outputs=model.pt,sub/metrics.csv name=train", "train()\n")
     [spec] = api.submitted
-    assert spec["source"] == "train()\n" and spec["owner"] == KERNEL_ID
+    assert spec["source"] == "train()\n" and "owner" not in spec
     assert spec["resources"] == {"gpus": 1} and spec["outputs"] == ["model.pt", "sub/metrics.csv"]
     assert api.headers[0]["authorization"] == "token secret"
     assert api.log_requests == [{"follow": "true", "offset": "0"}]
@@ -354,7 +349,7 @@ def test_jobs_lists_this_kernels_jobs_as_a_table(
     shell: InteractiveShell, api: FakeJobApi, capsys: pytest.CaptureFixture[str]
 ) -> None:
     shell.run_line_magic("jobs", "")
-    assert api.list_params == [{"owner": KERNEL_ID}]
+    assert api.list_params == [{"kernel_id": KERNEL_ID}]
     assert capsys.readouterr().out == "no jobs from this kernel\n"
     api.submitted.append({"source": "1", "name": "train", "resources": {"gpus": 1}})
     first = api.job(id="aaaa", status="succeeded", exit_code=0)

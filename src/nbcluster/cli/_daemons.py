@@ -43,9 +43,35 @@ def _token(value: str | None) -> str:
     return token
 
 
+def _join_token(path: Path | None) -> str:
+    """The join token from ``path``, else ``$NBCLUSTER_JOIN_TOKEN`` (never from argv)."""
+    token = path.read_text().strip() if path is not None else envvars.JOIN_TOKEN.get()
+    if not token:
+        raise click.UsageError(
+            "a join token is required: pass --join-token-file or set NBCLUSTER_JOIN_TOKEN "
+            "(`nbcluster join-token` on the gateway's machine prints it)"
+        )
+    return token
+
+
 @click.command("gateway")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8889, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--certfile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="TLS certificate chain (PEM): serve https and wss (with --keyfile).",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The certificate's private key (PEM).",
+)
+@click.option(
+    "--no-curve",
+    is_flag=True,
+    help="Do not encrypt the ZMQ traffic between the gateway and replicas (CurveZMQ).",
+)
 @click.option("--token", help="API token (default: $NBCLUSTER_TOKEN).")
 @click.option(
     "--state-dir",
@@ -178,11 +204,39 @@ def _token(value: str | None) -> str:
     help="Job events buffered for one SSE/log-follow client (MiB); a client that falls this "
     "far behind is disconnected.",
 )
+@click.option(
+    "--jupyterhub-api-url",
+    metavar="URL",
+    help="Also accept users' JupyterHub API tokens, checked against this Hub API "
+    "(http://hub:8081/hub/api). Default: $JUPYTERHUB_API_URL when JupyterHub runs the gateway "
+    "as a service.",
+)
+@click.option(
+    "--jupyterhub-service-name",
+    metavar="NAME",
+    help="The gateway's service name in the Hub; tokens need access:services!service=NAME. "
+    "Default: $JUPYTERHUB_SERVICE_NAME, else nbcluster.",
+)
+@click.option(
+    "--jupyterhub-cache-seconds",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="How long the Hub's answer for a token is trusted (a revoked token works this long).",
+)
+@click.option(
+    "--no-jupyterhub-admins",
+    is_flag=True,
+    help="Hub admins are plain users here (by default they are nbcluster admins).",
+)
 @click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
 @click.option("--parent-pid", default=0, hidden=True, type=int)
 def gateway_command(
     ip: str,
     port: int,
+    certfile: Path | None,
+    keyfile: Path | None,
+    no_curve: bool,
     token: str | None,
     state_dir: Path | None,
     kernelspec_dirs: tuple[Path, ...],
@@ -209,6 +263,10 @@ def gateway_command(
     keep_alive_timeout: int,
     max_connections: int,
     subscriber_buffer_mb: float,
+    jupyterhub_api_url: str | None,
+    jupyterhub_service_name: str | None,
+    jupyterhub_cache_seconds: float,
+    no_jupyterhub_admins: bool,
     log_level: str,
     parent_pid: int,
 ) -> None:
@@ -217,7 +275,7 @@ def gateway_command(
         raise click.BadParameter(
             f"--min-hosts {min_hosts} is above --max-hosts {max_hosts}", param_hint="--min-hosts"
         )
-    from ..gateway import GatewayConfig, run
+    from ..gateway import GatewayConfig, join_token_path, run
     from ..store import StoreError, open_store
 
     die_with_parent(parent_pid)
@@ -228,10 +286,16 @@ def gateway_command(
         open_store(store_url)
     except (ValueError, StoreError) as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from None
+    _check_transport(certfile, keyfile, no_curve)
+    hub_api_url, hub_service_name = _jupyterhub(jupyterhub_api_url, jupyterhub_service_name)
     config = GatewayConfig(
         token=_token(token),
+        join_token=envvars.JOIN_TOKEN.get() or "",
         ip=ip,
         port=port,
+        certfile=certfile.resolve() if certfile else None,
+        keyfile=keyfile.resolve() if keyfile else None,
+        curve=not no_curve,
         state_dir=root / "gateway",
         kernelspec_dirs=kernelspec_dirs,
         heartbeat_interval=heartbeat_interval,
@@ -258,10 +322,19 @@ def gateway_command(
         keep_alive_timeout=keep_alive_timeout,
         max_connections=max_connections,
         subscriber_buffer_bytes=int(subscriber_buffer_mb * 2**20),
+        hub_api_url=hub_api_url,
+        hub_service_name=hub_service_name,
+        hub_cache_seconds=jupyterhub_cache_seconds,
+        hub_admin_is_admin=not no_jupyterhub_admins,
     )
-    url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
+    url = f"{config.scheme}://{ip if ':' not in ip else f'[{ip}]'}:{port}"
     write_runtime(root, {"url": url, "token": config.token, "pid": os.getpid(), "store": store_url})
     log.info("gateway listening on %s (state in %s)", url, config.state_dir)
+    if not config.join_token:
+        log.info(
+            "host daemons join with the token in %s (`nbcluster join-token` prints it)",
+            join_token_path(config.state_dir),
+        )
     # uvicorn shuts down on SIGTERM, then raises it again: with the default disposition that
     # would kill us before the runtime file is removed (below). Exit normally instead.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -271,6 +344,53 @@ def gateway_command(
         raise click.ClickException(str(exc)) from None
     finally:
         remove_runtime(root, os.getpid())
+
+
+def _jupyterhub(api_url: str | None, service_name: str | None) -> tuple[str | None, str]:
+    """The Hub settings: the flags, else those JupyterHub gives a service it runs."""
+    from ..identity import check_api_url, hub_settings_from_env
+
+    env_url, env_name = hub_settings_from_env(os.environ)
+    url = api_url or env_url
+    if url is not None:
+        try:
+            url = check_api_url(url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--jupyterhub-api-url") from None
+    return url, service_name or env_name or "nbcluster"
+
+
+def _check_transport(certfile: Path | None, keyfile: Path | None, no_curve: bool) -> None:
+    """TLS files that work together (both or neither), and CURVE unless turned off."""
+    from .._curve import CurveUnavailable, require_curve
+    from .._tls import TlsConfigError, check_server_files
+
+    if (certfile is None) != (keyfile is None):
+        raise click.UsageError("--certfile and --keyfile go together")
+    if certfile is not None and keyfile is not None:
+        try:
+            check_server_files(certfile, keyfile)
+        except TlsConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--certfile/--keyfile") from None
+    if not no_curve:
+        try:
+            require_curve()
+        except CurveUnavailable as exc:
+            raise click.UsageError(f"{exc}; or pass --no-curve") from None
+
+
+def _ca(value: Path | None) -> Path | None:
+    """``--ca``, else ``$NBCLUSTER_CA``; checked to be a CA file that loads."""
+    from .._tls import TlsConfigError, client_context
+
+    ca = value or (Path(env) if (env := envvars.CA.get()) else None)
+    if ca is None:
+        return None
+    try:
+        client_context(ca)
+    except TlsConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ca") from None
+    return ca
 
 
 def _parse_devices(value: str | None) -> tuple[int, ...] | None:
@@ -288,7 +408,18 @@ def _parse_devices(value: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--gateway", "gateway_url", required=True, help="Gateway URL, e.g. http://10.0.0.1:8889."
 )
-@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN).")
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CA certificates (PEM) to verify an https gateway with (default: $NBCLUSTER_CA, "
+    "else the system's trust store).",
+)
+@click.option(
+    "--join-token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File holding the cluster's join token (default: $NBCLUSTER_JOIN_TOKEN); "
+    "`nbcluster join-token` on the gateway's machine prints it.",
+)
 @click.option(
     "--name", default=lambda: socket.gethostname(), help="Host name (default: the hostname)."
 )
@@ -310,7 +441,8 @@ def _parse_devices(value: str | None) -> tuple[int, ...] | None:
 @click.option("--parent-pid", default=0, hidden=True, type=int)
 def host_command(
     gateway_url: str,
-    token: str | None,
+    ca: Path | None,
+    join_token_file: Path | None,
     name: str,
     address: str,
     state_dir: Path | None,
@@ -332,7 +464,8 @@ def host_command(
     root = state_dir or default_state_dir()
     config = HostConfig(
         gateway_url=gateway_url,
-        token=_token(token),
+        ca=_ca(ca),
+        token=_join_token(join_token_file),
         name=name,
         address=address,
         state_dir=root / "hosts" / name,

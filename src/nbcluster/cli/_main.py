@@ -10,6 +10,7 @@ from ._job import job_group
 from ._status import migrate_command, status_command
 from ._store import store_group
 from ._up import up_command
+from ._users import join_token_command, user_group
 
 __all__ = ["cli", "main"]
 
@@ -27,6 +28,8 @@ cli.add_command(status_command)
 cli.add_command(migrate_command)
 cli.add_command(store_group)
 cli.add_command(job_group)
+cli.add_command(user_group)
+cli.add_command(join_token_command)
 
 
 def main() -> None:

@@ -78,9 +78,15 @@ def status_command(
 
     url, token = resolve_gateway(url, token, state_dir)
 
-    async def fetch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def fetch() -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
         async with GatewayClient(url, token, timeout=10) as client:
-            return await client.hosts(), await client.cluster_kernels()
+            kernels = await client.cluster_kernels()
+            try:
+                return await client.hosts(), kernels
+            except GatewayError as exc:
+                if exc.status != 403:
+                    raise
+                return None, kernels  # the hosts are the operator's view
 
     try:
         hosts, kernels = asyncio.run(fetch())
@@ -92,23 +98,10 @@ def status_command(
         click.echo(json.dumps({"hosts": hosts, "kernels": kernels}, indent=2))
         return
     console = Console()
-    host_table = Table(title=f"Hosts ({url})")
-    columns = ("host", "state", "address", "CPUs", "memory", "GPUs", "GPUs in use", "replicas")
-    for column in columns:
-        host_table.add_column(column)
-    for h in hosts:
-        in_use = "-" if h.get("gpus_committed") is None else str(h["gpus_committed"])
-        host_table.add_row(
-            h["name"],
-            h["state"],
-            h["address"],
-            str(h["cpus"]),
-            f"{h['memory_mb'] / 1024:.1f} GiB",
-            _gpus(h),
-            in_use,
-            str(len(h["replicas"])),
-        )
-    console.print(host_table)
+    if hosts is None:
+        console.print(f"Hosts ({url}): only an admin may list them", highlight=False)
+    else:
+        _print_hosts(console, url, hosts)
     kernel_table = Table(title="Kernels")
     kernel_columns = (
         "kernel",
@@ -141,6 +134,26 @@ def status_command(
             # Escaped: a failure's reason may contain brackets that rich would take as markup.
             text = escape(f"kernel {k['id']}: {_repair_text(k)}")
             console.print(f"[yellow]{text}[/yellow]", highlight=False)
+
+
+def _print_hosts(console: Console, url: str, hosts: list[dict[str, Any]]) -> None:
+    host_table = Table(title=f"Hosts ({url})")
+    columns = ("host", "state", "address", "CPUs", "memory", "GPUs", "GPUs in use", "replicas")
+    for column in columns:
+        host_table.add_column(column)
+    for h in hosts:
+        in_use = "-" if h.get("gpus_committed") is None else str(h["gpus_committed"])
+        host_table.add_row(
+            h["name"],
+            h["state"],
+            h["address"],
+            str(h["cpus"]),
+            f"{h['memory_mb'] / 1024:.1f} GiB",
+            _gpus(h),
+            in_use,
+            str(len(h["replicas"])),
+        )
+    console.print(host_table)
 
 
 @click.command("migrate")

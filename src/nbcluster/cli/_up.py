@@ -23,6 +23,8 @@ from rich.panel import Panel
 
 from .. import envvars
 from .._net import free_port, port_is_free
+from .._tls import TlsConfigError, client_context
+from ..identity import JOIN_TOKEN_PREFIX, new_token
 from ._common import default_state_dir, policy_option, store_option, subscription_option
 
 __all__ = ["up_command"]
@@ -102,6 +104,28 @@ def _partition_real_gpus(hosts: int) -> list[str | None]:
     help="Virtual GPUs per host (default: real GPUs shared out if NVML finds any, else 8).",
 )
 @click.option("--port", default=8889, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--certfile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="TLS certificate chain (PEM) for the gateway: https and wss (with --keyfile; it must "
+    "name 127.0.0.1).",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The certificate's private key (PEM).",
+)
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CA certificates (PEM) the hosts and clients verify the gateway with (default: "
+    "$NBCLUSTER_CA, else the system's trust store).",
+)
+@click.option(
+    "--no-curve",
+    is_flag=True,
+    help="Do not encrypt the ZMQ traffic between the gateway and replicas (CurveZMQ).",
+)
 @click.option("--token", help="API token (default: $NBCLUSTER_TOKEN, else a random one).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -142,6 +166,10 @@ def up_command(
     hosts: int,
     gpus_per_host: int | None,
     port: int,
+    certfile: Path | None,
+    keyfile: Path | None,
+    ca: Path | None,
+    no_curve: bool,
     token: str | None,
     state_dir: Path | None,
     replicas: str | None,
@@ -179,8 +207,31 @@ def up_command(
         raise click.ClickException(f"port {port} on {ip} is in use; choose another with --port")
     token = token or envvars.TOKEN.get() or secrets.token_urlsafe(24)
     root = (state_dir or default_state_dir()).resolve()
-    url = f"http://{ip}:{port}"
-    env = {**os.environ, envvars.TOKEN.name: token}
+    if (certfile is None) != (keyfile is None):
+        raise click.UsageError("--certfile and --keyfile go together")
+    url = f"{'https' if certfile else 'http'}://{ip}:{port}"
+    ca = ca or (Path(value) if (value := envvars.CA.get()) else None)
+    try:
+        verify = client_context(ca) if certfile else None
+    except TlsConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ca") from None
+    # Passed on to the gateway (its options, and its env for the hosts it starts itself) and
+    # to the hosts and JupyterLab this command starts, which verify the gateway with ``ca``.
+    transport_args = [
+        *(
+            ["--certfile", str(certfile.resolve()), "--keyfile", str(keyfile.resolve())]
+            if certfile and keyfile
+            else []
+        ),
+        *(["--no-curve"] if no_curve else []),
+    ]
+    ca_args = ["--ca", str(ca.resolve())] if ca and certfile else []
+    # The gateway gets the admin token and the join token; the hosts only the join token.
+    join_token = envvars.JOIN_TOKEN.get() or new_token(JOIN_TOKEN_PREFIX)
+    env = {**os.environ, envvars.TOKEN.name: token, envvars.JOIN_TOKEN.name: join_token}
+    host_env = {k: v for k, v in env.items() if k != envvars.TOKEN.name}
+    if ca_args:
+        env |= {envvars.CA.name: ca_args[1], "JUPYTER_GATEWAY_CA_CERTS": ca_args[1]}
     me = str(os.getpid())
     python = [sys.executable, "-m", "nbcluster"]
     children = _Children()
@@ -209,6 +260,7 @@ def up_command(
                 str(replicas),
                 "--policy",
                 policy,
+                *transport_args,
                 "--max-subscription-ratio",
                 str(max_subscription_ratio),
                 *(["--store", store_url] if store_url else []),
@@ -232,7 +284,12 @@ def up_command(
             ],
             env,
         )
-        http = httpx.Client(base_url=url, headers={"Authorization": f"token {token}"}, timeout=2)
+        http = httpx.Client(
+            base_url=url,
+            headers={"Authorization": f"token {token}"},
+            timeout=2,
+            verify=verify or True,
+        )
         _wait_until(
             "Starting the gateway", lambda: http.get("/api").status_code == 200, children, 60
         )
@@ -244,6 +301,7 @@ def up_command(
                 "host",
                 "--gateway",
                 url,
+                *ca_args,
                 "--name",
                 name,
                 "--state-dir",
@@ -260,7 +318,7 @@ def up_command(
                 argv += ["--gpu-devices", share]
             else:
                 argv += ["--gpus", "0"]
-            children.start(name, argv, env)
+            children.start(name, argv, host_env)
 
         def hosts_ready() -> bool:
             listed = http.get("/api/cluster/hosts").json()
@@ -268,6 +326,8 @@ def up_command(
 
         _wait_until(f"Starting {hosts} host daemon(s)", hosts_ready, children, 60)
         lab_line = f"jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}"
+        if ca_args:
+            lab_line += f" --GatewayClient.ca_certs={ca_args[1]}"
         lines = [
             f"[bold]Gateway[/]     {url}",
             f"[bold]Token[/]       {token}",
@@ -324,11 +384,19 @@ def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, p
             "--no-browser",
             "--ip=127.0.0.1",
             f"--port={port}",
-            f"--IdentityProvider.token={lab_token}",
             f"--gateway-url={url}",
-            f"--GatewayClient.auth_token={token}",
         ],
-        {k: v for k, v in env.items() if k != envvars.TOKEN.name},
+        # Both tokens by environment, never on the command line (``ps`` shows argv to
+        # every user of the machine); nbcluster's own secrets stay out of it.
+        {
+            **{
+                k: v
+                for k, v in env.items()
+                if k not in (envvars.TOKEN.name, envvars.JOIN_TOKEN.name)
+            },
+            "JUPYTER_TOKEN": lab_token,
+            "JUPYTER_GATEWAY_AUTH_TOKEN": token,
+        },
     )
     lab_url = f"http://127.0.0.1:{port}/lab?token={lab_token}"
     probe = httpx.Client(timeout=2)

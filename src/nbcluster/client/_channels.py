@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_module
 import time
 import uuid
 from collections import defaultdict
@@ -55,8 +56,20 @@ class ExecutionResult:
 
 
 class KernelChannels:
-    def __init__(self, url: str, token: str, kernel_id: str, *, v1: bool = False) -> None:
+    """``ssl`` verifies a wss gateway (default: the system's trust store); pass
+    :attr:`GatewayClient.ssl` to verify it as the REST client does."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        kernel_id: str,
+        *,
+        v1: bool = False,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         base = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        self._ssl = ssl if base.startswith("wss://") else None
         self._url = f"{base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
         self._token = token
         self.v1 = v1
@@ -86,6 +99,7 @@ class KernelChannels:
             subprotocols=[V1_SUBPROTOCOL] if self.v1 else None,  # type: ignore[list-item]
             max_size=None,
             compression=None,
+            ssl=self._ssl,
         )
         self._reader = asyncio.create_task(self._read())
 

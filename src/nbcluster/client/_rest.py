@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from .. import envvars
+from .._tls import client_context
 from ._channels import KernelChannels
 
 __all__ = ["GatewayClient", "GatewayError"]
@@ -23,15 +27,26 @@ class GatewayError(RuntimeError):
 
 
 class GatewayClient:
-    """``async with GatewayClient(url, token) as gw: kernel = await gw.start_kernel()``."""
+    """``async with GatewayClient(url, token) as gw: kernel = await gw.start_kernel()``.
 
-    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+    An https gateway's certificate is verified against ``ca`` (a PEM file), else
+    ``$NBCLUSTER_CA``, else the system's trust store; a certificate that does not verify
+    fails every call (``httpx.ConnectError``), it is never ignored."""
+
+    def __init__(
+        self, url: str, token: str, timeout: float = 60.0, ca: str | Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        #: Verifies an https gateway (REST and channels); None for plain http.
+        self.ssl: ssl.SSLContext | None = (
+            client_context(ca or envvars.CA.get()) if self.url.startswith("https://") else None
+        )
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers={"Authorization": f"token {token}"},
             timeout=timeout,
+            verify=self.ssl or True,
         )
 
     async def __aenter__(self) -> GatewayClient:
@@ -103,7 +118,7 @@ class GatewayClient:
 
     def channels(self, kernel_id: str, *, v1: bool = False) -> KernelChannels:
         """A websocket to the kernel's channels; use as ``async with``."""
-        return KernelChannels(self.url, self.token, kernel_id, v1=v1)
+        return KernelChannels(self.url, self.token, kernel_id, v1=v1, ssl=self.ssl)
 
     async def migrate_replica(
         self, kernel_id: str, replica_id: str, host: str | None = None

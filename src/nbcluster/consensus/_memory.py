@@ -271,6 +271,7 @@ class InMemoryLog:
             "has_quorum": reachable,
             "ready": reachable,
             "closed": self.closed,
+            "refused_connections": 0,  # no port to attack
         }
 
     async def close(self) -> None:

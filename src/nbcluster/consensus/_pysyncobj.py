@@ -59,6 +59,7 @@ from typing import Any, Final
 import pysyncobj
 
 from ._interface import LogError, LogStateMachine
+from ._raft_port import GuardedTransport
 
 __all__ = ["PySyncObjLog"]
 
@@ -218,7 +219,10 @@ class _RaftNode(_SyncObj):  # type: ignore[misc]  # untyped base
         #: The membership of a dump being loaded, as pysyncobj stored it.
         self._dump_members: frozenset[str] | None = None
         consumer.members_at_snapshot = self._members_at_last_applied
-        super().__init__(self_address, others, conf, consumers=[consumer])
+        # The Raft port checks a peer's frames' sizes and password before it buffers them.
+        super().__init__(
+            self_address, others, conf, consumers=[consumer], transportClass=GuardedTransport
+        )
 
     # -- the view -----------------------------------------------------------------------------
 
@@ -539,6 +543,8 @@ class PySyncObjLog:
             "has_quorum": bool(obj.hasQuorum),
             "ready": bool(obj.isReady()),
             "closed": self._closed,
+            # Raft-port connections closed for what they sent (docs/security.md).
+            "refused_connections": int(getattr(obj._SyncObj__transport, "refused_count", 0)),
         }
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from ._errors import (
     RequestTooLarge,
 )
 from ._hosts import HostEntry, HostRegistry, HostSession
+from ._identity import GatewayIdentity, join_token_path
 from ._kernel import GatewayKernel, error_replies
 from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpec, KernelSpecError, KernelSpecRegistry
 from ._manager import KernelManager, validate_env
@@ -40,6 +41,7 @@ __all__ = [
     "FileStateStore",
     "Gateway",
     "GatewayConfig",
+    "GatewayIdentity",
     "GatewayKernel",
     "HostEntry",
     "HostMessageTooLarge",
@@ -75,6 +77,7 @@ __all__ = [
     "StateStore",
     "create_app",
     "error_replies",
+    "join_token_path",
     "run",
     "serve",
     "validate_env",

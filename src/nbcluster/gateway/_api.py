@@ -15,13 +15,15 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
 from .._version import __version__
+from ._auth import principal_of
 from ._channels import serve_channels
 from ._errors import ApiError
 from ._host_endpoint import serve_host
-from ._http import json_body
+from ._http import ERROR_RESPONSES, json_body
 
 if TYPE_CHECKING:
     from ._app import Gateway
+    from ._kernel import GatewayKernel
 
 __all__ = ["ApiError", "build_router"]
 
@@ -58,13 +60,14 @@ def _gateway(request: Request | WebSocket) -> Gateway:
     return gateway
 
 
-def _kernel(gateway: Gateway, kernel_id: str) -> Any:
-    """The kernel, or the kernel manager's ``NoSuchKernel`` (404 through the status table)."""
-    return gateway.kernels.get(kernel_id)
+def _kernel(request: Request, kernel_id: str) -> GatewayKernel:
+    """The kernel if the caller may touch it, else ``NoSuchKernel`` (404 through the status
+    table)."""
+    return _gateway(request).access.kernel(principal_of(request), kernel_id)
 
 
 def build_router() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(responses=ERROR_RESPONSES)
 
     @router.get("/api", summary="API version")
     async def api_version() -> dict[str, str]:
@@ -72,25 +75,33 @@ def build_router() -> APIRouter:
 
     @router.get("/api/kernelspecs", summary="List kernelspecs")
     async def list_kernelspecs(request: Request) -> dict[str, Any]:
-        return _gateway(request).specs.models()
+        gateway = _gateway(request)
+        names = gateway.access.spec_names(principal_of(request))
+        return gateway.specs.models(names)
 
     @router.get("/api/kernelspecs/{name}", summary="One kernelspec")
     async def get_kernelspec(request: Request, name: str) -> dict[str, Any]:
-        specs = _gateway(request).specs
-        if specs.get(name) is None:
-            raise ApiError(404, f"no kernelspec named {name!r}", "kernelspec not found")
-        return specs.model(name)
+        gateway = _gateway(request)
+        gateway.access.spec(principal_of(request), name)
+        return gateway.specs.model(name)
 
-    @router.get("/kernelspecs/{name}/{filename}", summary="Kernelspec resource (logo)")
+    @router.get(
+        "/kernelspecs/{name}/{filename}",
+        summary="Kernelspec resource (logo)",
+        response_class=FileResponse,
+        responses={200: {"description": "The file", "content": {"*/*": {}}}},
+    )
     async def kernelspec_resource(request: Request, name: str, filename: str) -> FileResponse:
-        path = _gateway(request).specs.resource_path(name, filename)
+        gateway = _gateway(request)
+        gateway.access.spec(principal_of(request), name)
+        path = gateway.specs.resource_path(name, filename)
         if path is None:
             raise ApiError(404, f"kernelspec {name!r} has no resource {filename!r}", "not found")
         return FileResponse(path)
 
     @router.get("/api/kernels", summary="List kernels", response_model=list[KernelModel])
     async def list_kernels(request: Request) -> list[dict[str, Any]]:
-        return [k.model() for k in _gateway(request).kernels.kernels.values()]
+        return [k.model() for k in _gateway(request).access.kernels(principal_of(request))]
 
     @router.post(
         "/api/kernels",
@@ -105,17 +116,19 @@ def build_router() -> APIRouter:
     )
     async def start_kernel(request: Request) -> dict[str, Any]:
         body = await json_body(request, StartKernelBody)
-        kernel = await _gateway(request).kernels.start_kernel(body.name, body.env)
+        gateway = _gateway(request)
+        owner = gateway.access.admit_kernel(principal_of(request), body.name, body.env)
+        kernel = await gateway.kernels.start_kernel(body.name, body.env, owner)
         return kernel.model()
 
     @router.get("/api/kernels/{kernel_id}", summary="One kernel", response_model=KernelModel)
     async def get_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
-        return _kernel(_gateway(request), kernel_id).model()  # type: ignore[no-any-return]
+        return _kernel(request, kernel_id).model()
 
     @router.delete("/api/kernels/{kernel_id}", status_code=204, summary="Shut a kernel down")
     async def delete_kernel(request: Request, kernel_id: str) -> Response:
         gateway = _gateway(request)
-        _kernel(gateway, kernel_id)
+        _kernel(request, kernel_id)
         await gateway.kernels.shutdown_kernel(kernel_id)
         return Response(status_code=204)
 
@@ -124,7 +137,7 @@ def build_router() -> APIRouter:
     )
     async def interrupt_kernel(request: Request, kernel_id: str) -> Response:
         gateway = _gateway(request)
-        _kernel(gateway, kernel_id)
+        _kernel(request, kernel_id)
         await gateway.kernels.interrupt_kernel(kernel_id)
         return Response(status_code=204)
 
@@ -133,7 +146,7 @@ def build_router() -> APIRouter:
     )
     async def restart_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
         gateway = _gateway(request)
-        _kernel(gateway, kernel_id)
+        _kernel(request, kernel_id)
         kernel = await gateway.kernels.restart_kernel(kernel_id)
         return kernel.model()
 
@@ -141,8 +154,8 @@ def build_router() -> APIRouter:
     async def channels(websocket: WebSocket, kernel_id: str) -> None:
         gateway = _gateway(websocket)
         try:
-            kernel = gateway.kernels.get(kernel_id)
-        except LookupError:  # NoSuchKernel
+            kernel = gateway.access.kernel(principal_of(websocket), kernel_id)
+        except LookupError:  # NoSuchKernel: unknown, or not the caller's
             await websocket.close(1008, f"no kernel with id {kernel_id}")
             return
         await serve_channels(websocket, kernel, gateway.metrics, gateway.config.client_queue_limit)
@@ -164,15 +177,15 @@ def build_router() -> APIRouter:
 
     @router.get("/api/cluster/kernels", summary="Kernels and where their replicas run")
     async def cluster_kernels(request: Request) -> list[dict[str, Any]]:
-        return _gateway(request).kernel_summaries()
+        gateway = _gateway(request)
+        return [gateway.kernel_summary(k) for k in gateway.access.kernels(principal_of(request))]
 
     @router.get(
         "/api/cluster/kernels/{kernel_id}",
         summary="One kernel: where its replicas run, and whether it runs degraded",
     )
     async def cluster_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
-        gateway = _gateway(request)
-        return gateway.kernel_summary(_kernel(gateway, kernel_id))
+        return _gateway(request).kernel_summary(_kernel(request, kernel_id))
 
     @router.post(
         "/api/cluster/kernels/{kernel_id}/replicas/{replica_id}/migrate",
@@ -182,7 +195,7 @@ def build_router() -> APIRouter:
     async def migrate_replica(request: Request, kernel_id: str, replica_id: str) -> dict[str, Any]:
         body = await json_body(request, MigrateBody)
         gateway = _gateway(request)
-        _kernel(gateway, kernel_id)
+        _kernel(request, kernel_id)
         return await gateway.kernels.migrate_replica(kernel_id, replica_id, body.host)
 
     @router.post(
@@ -191,10 +204,16 @@ def build_router() -> APIRouter:
     )
     async def checkpoint_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
         gateway = _gateway(request)
-        _kernel(gateway, kernel_id)
+        _kernel(request, kernel_id)
         return await gateway.kernels.checkpoint_kernel(kernel_id)
 
-    @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        include_in_schema=True,
+        response_class=Response,
+        responses={200: {"description": "The metrics", "content": {"text/plain": {}}}},
+    )
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

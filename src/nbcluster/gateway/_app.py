@@ -13,9 +13,11 @@ from typing import Any
 from .._tasks import BackgroundTasks
 from ..jobs import JobStore, open_job_store
 from ..scheduling import HostView, KernelView, ScaleIn, ScaleOut, ScalingConfig
+from ._access import Access
 from ._autoscaler import Autoscaler
 from ._config import GatewayConfig
 from ._hosts import HostRegistry
+from ._identity import GatewayIdentity
 from ._jobs import JobManager
 from ._kernel import GatewayKernel
 from ._kernelspecs import KernelSpecRegistry
@@ -40,6 +42,8 @@ class Gateway:
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
+        #: Who may call what: admin token, users, kernel tokens, the join token.
+        self.identity = GatewayIdentity(config, self._owner_of)
         self.hosts = HostRegistry(config.host_lost_timeout)
         self.specs = KernelSpecRegistry(config.kernelspec_dirs)
         #: Where kernel records are kept (``--state-dir``).
@@ -51,7 +55,14 @@ class Gateway:
         #: (``request_hosts`` and friends), which answers for it when there is none.
         self.autoscaler: Autoscaler | None = None
         self.kernels = KernelManager(
-            config, self.hosts, self.specs, self.state_store, self.metrics, host_supply=self
+            config,
+            self.hosts,
+            self.specs,
+            self.state_store,
+            self.metrics,
+            host_supply=self,
+            kernel_tokens=self.identity.kernel_tokens,
+            gpu_quota_of=lambda user: self.identity.quotas_of(user).gpus,
         )
         #: The one driver of the scheduler (owned by the kernel manager): views for readers.
         self.scheduling = self.kernels.scheduling
@@ -63,9 +74,16 @@ class Gateway:
             config.store_url or config.store_dir.as_uri(),
             yield_to_cells=config.jobs_yield_to_cells,
             subscriber_buffer=config.subscriber_buffer_bytes,
+            object_store=self.kernels.object_store,
         )
+        #: What each caller may see and touch, and the quotas (the API's checks).
+        self.access = Access(config, self.identity, self.kernels, self.specs, self.jobs)
         self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values(), self.scheduling)
         self._background = BackgroundTasks("gateway", log)
+
+    def _owner_of(self, kernel_id: str) -> str | None:
+        kernel = self.kernels.kernels.get(kernel_id)
+        return None if kernel is None else kernel.record.owner
 
     async def start(self) -> None:
         self.kernels.restore()
@@ -109,8 +127,8 @@ class Gateway:
             ip = config.ip if config.ip not in ("0.0.0.0", "::", "") else "127.0.0.1"
             host = f"[{ip}]" if ":" in ip else ip
             provider = LocalProcessHostProvider(
-                gateway_url=f"http://{host}:{config.port}",
-                token=config.token,
+                gateway_url=f"{config.scheme}://{host}:{config.port}",
+                join_token=self.identity.join_token,
                 state_dir=config.state_dir.parent,
                 gpus_per_host=config.scaling_gpus_per_host,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
@@ -136,6 +154,7 @@ class Gateway:
         await self._background.close()
         await self.kernels.close()
         await self.jobs.close()
+        await self.identity.aclose()
         if self.autoscaler is not None:
             await self.autoscaler.close()
 
@@ -179,9 +198,6 @@ class Gateway:
             for h in sorted(self.hosts.hosts.values(), key=lambda h: h.name)
         ]
 
-    def kernel_summaries(self) -> list[dict[str, Any]]:
-        return [self.kernel_summary(k) for k in self.kernels.kernels.values()]
-
     def kernel_summary(self, k: GatewayKernel) -> dict[str, Any]:
         """One kernel for the cluster API: where its replicas run, and whether it runs with
         fewer than configured (``degraded``; ``repair`` says what is done about it)."""
@@ -190,6 +206,7 @@ class Gateway:
             **_scheduling_state(k.record.policy, view),
             **k.model(),
             "created": k.record.created.isoformat(),
+            "owner": k.record.owner,
             "executor": k.executor,
             "execution_count": k.execution_count,
             "dead_reason": k.record.dead_reason,

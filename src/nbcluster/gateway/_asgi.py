@@ -22,7 +22,7 @@ from .._version import __version__
 from ..jobs import JobStore
 from ._api import build_router
 from ._app import Gateway
-from ._auth import TokenAuthMiddleware
+from ._auth import AuthMiddleware
 from ._config import GatewayConfig
 from ._errors import NbclusterError
 from ._http import FOREIGN_ERRORS, describe_validation, error_response, error_status
@@ -89,7 +89,7 @@ def create_app(
         body_timeout=config.body_timeout,
     )
     app.add_middleware(_RequestMetricsMiddleware, metrics=gateway.metrics)
-    app.add_middleware(TokenAuthMiddleware, token=config.token)
+    app.add_middleware(AuthMiddleware, identity=gateway.identity)
     return app
 
 

@@ -64,6 +64,33 @@ class GatewayConfig:
     jobs_yield_to_cells: bool = True
     #: Virtual GPUs of each host the auto-scaler starts.
     scaling_gpus_per_host: int = 8
+    # -- identities (docs/security.md, "Users and credentials") -------------------------------
+    #: The name of the admin user ``token`` authenticates.
+    admin_name: str = "admin"
+    #: The users file (``nbcluster user add``); None: ``users.json`` in ``state_dir``.
+    users_file: Path | None = None
+    #: The token host daemons join with; empty: the one in ``state_dir/join-token``, made at
+    #: the first start (``nbcluster join-token`` prints it).
+    join_token: str = ""
+    #: Users who may start no kernel of any kernelspec (the Gateway Provisioners default).
+    unauthorized_users: tuple[str, ...] = ("root",)
+    #: JupyterHub's API (``http://hub:8081/hub/api``): the gateway then also accepts users' Hub
+    #: API tokens that may access the Hub service ``hub_service_name`` (docs/security.md,
+    #: "JupyterHub"). None: Hub tokens are not accepted.
+    hub_api_url: str | None = None
+    hub_service_name: str = "nbcluster"
+    #: Hub admins are admins here too (else plain users).
+    hub_admin_is_admin: bool = True
+    #: Seconds the Hub's answer for a token is trusted: a revoked Hub token, a removed user or
+    #: a demoted admin keeps working this long.
+    hub_cache_seconds: float = 60.0
+    # -- transport (docs/security.md, "Encrypted transport") ----------------------------------
+    #: The TLS certificate chain and key (PEM) the gateway serves https and wss with; None:
+    #: plain http (a bind beyond loopback then logs a loud warning).
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: CurveZMQ on every ZMQ socket between the gateway and replicas (a keypair per replica).
+    curve: bool = True
     # -- limits (docs/security.md, "Limits") ---------------------------------------------------
     #: Bytes of one request body; larger: 413 (Content-Length checked first, then counted
     #: while it is read, never buffered whole).
@@ -89,3 +116,8 @@ class GatewayConfig:
     #: Bytes of job events buffered for one SSE / log-follow subscriber; a subscriber that
     #: falls this far behind is dropped (its stream closes; it may reconnect).
     subscriber_buffer_bytes: int = 4 * 2**20
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the gateway serves TLS, else ``http`` (``wss``/``ws`` alike)."""
+        return "https" if self.certfile is not None else "http"

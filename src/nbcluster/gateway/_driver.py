@@ -32,7 +32,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,6 +74,7 @@ from ..scheduling import (
     ScaleOut,
     Scheduler,
     SchedulerConfig,
+    UserQuotaSet,
     WaitForGpus,
 )
 from ._kernel import GatewayKernel
@@ -272,6 +273,7 @@ class SchedulerDriver:
         mover: ReplicaMover | None = None,
         hosts: HostRequester | None = None,
         evictor: Evictor | None = None,
+        gpu_quota_of: Callable[[str], int | None] | None = None,
     ) -> None:
         self._scheduler = Scheduler(
             SchedulerConfig(
@@ -290,6 +292,20 @@ class SchedulerDriver:
         self._migrating: dict[str, BindGpus | None] = {}
         self._failed_migrations: dict[tuple[str, int], int] = {}
         self._background = BackgroundTasks("scheduler driver", log)
+        #: Users' GPU quotas as the identities say now, and as the scheduler was last told.
+        self._gpu_quota_of = gpu_quota_of
+        self._quotas_told: dict[str, int | None] = {}
+
+    def _tell_quota(self, user: str) -> None:
+        """Tell the scheduler ``user``'s GPU quota if it changed since it was last told (the
+        users file can change while the gateway runs): before their kernel is placed and
+        before each of their cells asks for GPUs."""
+        if self._gpu_quota_of is None or not user:
+            return
+        quota = self._gpu_quota_of(user)
+        if self._quotas_told.get(user, None) != quota or user not in self._quotas_told:
+            self._quotas_told[user] = quota
+            self.carry_out(self._scheduler.handle(UserQuotaSet(user, quota)))
 
     # -- views --------------------------------------------------------------------------------
 
@@ -331,10 +347,18 @@ class SchedulerDriver:
     # -- requests with an answer --------------------------------------------------------------
 
     def place_kernel(
-        self, kernel_id: str, request: Resources, replicas: int | None, policy: str
+        self,
+        kernel_id: str,
+        request: Resources,
+        replicas: int | None,
+        policy: str,
+        owner: str = "",
     ) -> Placement | Refusal:
         """Where a new (or restarted, or restored) kernel's replicas go."""
-        actions = self._scheduler.handle(KernelRequested(kernel_id, request, replicas, policy))
+        self._tell_quota(owner)
+        actions = self._scheduler.handle(
+            KernelRequested(kernel_id, request, replicas, policy, owner)
+        )
         return self._placement(kernel_id, self.carry_out(actions))
 
     def place_replica(self, kernel_id: str, holding: str | None = None) -> Placement | Refusal:
@@ -378,9 +402,14 @@ class SchedulerDriver:
         ok = await task
         return MigrationResult(migrate, ok, time.monotonic() - started)
 
-    def reserve_job_gpus(self, job_id: str, host: str, devices: tuple[int, ...]) -> bool:
-        """Commit these devices of ``host`` to a batch job; False: they are not all free."""
-        answers = self.carry_out(self._scheduler.handle(JobGpusRequested(job_id, host, devices)))
+    def reserve_job_gpus(
+        self, job_id: str, host: str, devices: tuple[int, ...], owner: str = ""
+    ) -> bool:
+        """Commit these devices of ``host`` to a batch job of ``owner``; False: they are not
+        all free."""
+        answers = self.carry_out(
+            self._scheduler.handle(JobGpusRequested(job_id, host, devices, owner))
+        )
         return answers.job is not None
 
     def release_job_gpus(self, job_id: str) -> None:
@@ -394,6 +423,7 @@ class SchedulerDriver:
     def execution_requested(
         self, kernel: GatewayKernel, term: int, preferred: str | None, gpus: int | None = None
     ) -> None:
+        self._tell_quota(kernel.record.owner)
         self.carry_out(self._scheduler.handle(ExecutionRequested(kernel.id, term, preferred, gpus)))
 
     def execution_finished(self, kernel: GatewayKernel, term: int) -> None:

@@ -49,7 +49,7 @@ async def serve_host(
     """Register the host, then process its replies and events until it disconnects."""
     await websocket.accept()
     try:
-        first = await asyncio.wait_for(websocket.receive_text(), 10)
+        first = await asyncio.wait_for(_receive_frame(websocket), 10)
         hello = decode_host_message(first)
         if not isinstance(hello, Hello):
             raise HostProtocolError(f"expected a hello first, got {hello.type!r}")
@@ -103,9 +103,8 @@ async def serve_host(
         await act(Verdict(stop=run))
     try:
         while True:
-            frame = await websocket.receive_text()
             try:
-                message = decode_host_message(frame)
+                message = decode_host_message(await _receive_frame(websocket))
             except HostProtocolError as exc:
                 log.error("host %s: %s", hello.name, exc)
                 kernels.metrics.reject("host", str(exc))
@@ -135,10 +134,10 @@ async def serve_host(
                     )
             elif isinstance(message, JobOutput):
                 if jobs is not None:
-                    await act(jobs.on_output(hello.name, message))
+                    await act(await jobs.on_output(hello.name, message))
             elif isinstance(message, JobExited):
                 if jobs is not None:
-                    await act(jobs.on_exited(hello.name, message))
+                    await act(await jobs.on_exited(hello.name, message))
             elif isinstance(message, Heartbeat):
                 pass
             else:
@@ -151,6 +150,21 @@ async def serve_host(
         log.warning("host %s disconnected", hello.name)
         if entry.state == "disconnected":
             await kernels.on_host_disconnected(entry)
+
+
+async def _receive_frame(websocket: WebSocket) -> str:
+    """The next frame's text. A binary frame is a :class:`HostProtocolError` (the protocol is
+    JSON text; it once failed the connection with an unhandled ``KeyError``)."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    if text is None:
+        size = len(message.get("bytes") or b"")
+        raise HostProtocolError(
+            f"invalid host message: a binary frame ({size} bytes); the protocol is JSON text"
+        )
+    return str(text)
 
 
 def _runs_replica(kernels: KernelManager, host: str, event: ReplicaExited) -> bool:

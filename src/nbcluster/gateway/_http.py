@@ -16,14 +16,16 @@ import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..store import ObjectNotFoundError, StoreError
 from ._errors import ApiError, NbclusterError
 
 __all__ = [
+    "ERROR_RESPONSES",
     "FOREIGN_ERRORS",
+    "ErrorBody",
     "describe_validation",
     "error_response",
     "error_status",
@@ -40,6 +42,26 @@ FOREIGN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (ObjectNotFoundError, 410, "gone"),
     (StoreError, 503, "store error"),
 )
+
+
+class ErrorBody(BaseModel):
+    """What every error answer of the REST API holds (``error_response``)."""
+
+    message: str = Field(description="What is wrong, for a person.")
+    reason: str = Field(description="A short reason: `not found`, `bad request` ...")
+    timestamp: str | None = Field(None, description="When (ISO 8601).")
+
+
+#: The error answers every route may give, for the OpenAPI document (``APIRouter(responses=
+#: ...)``): whatever the status, the body is an :class:`ErrorBody`.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Refused: the message says what is wrong."},
+    "5XX": {
+        "model": ErrorBody,
+        "description": "Something the gateway depends on (hosts, the object store, the "
+        "identity source) cannot serve the request now.",
+    },
+}
 
 
 def error_status(exc: BaseException) -> tuple[int, str] | None:

@@ -26,16 +26,18 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._tasks import BackgroundTasks
 from ..hostproto import CancelJob, JobExited, JobOutput, JobOutputAck, StartJob
-from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs
+from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs, job_prefix
+from ..store import ObjectStore
 from ._driver import SchedulerDriver
 from ._errors import HostRequestError, HostUnreachable, JobError, NoSuchJob
 from ._hosts import HostEntry, HostRegistry
+from ._job_io import JobStoreIO
 from ._metrics import GatewayMetrics
 from ._subscribers import Subscription
 
@@ -61,6 +63,8 @@ class _Live:
     submitted_at: float = field(default_factory=time.monotonic)
     #: Bytes of the current attempt's output received (None: not known yet, after a restart).
     received: int | None = None
+    #: Its ``StartJob`` is on its way to the worker (not answered yet).
+    starting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +86,12 @@ class JobManager:
         object_store_url: str,
         yield_to_cells: bool = True,
         subscriber_buffer: int = 4 * 2**20,
+        object_store: Callable[[], ObjectStore] | None = None,
     ) -> None:
-        #: Where job records and logs are kept (files or Redis).
+        #: Where job records and logs are kept (files or Redis); every call but the start-up
+        #: load goes through ``io`` (one worker thread, in order).
         self.job_store = job_store
+        self.io = JobStoreIO(job_store)
         self.hosts = hosts
         self.scheduling = scheduling
         self.metrics = metrics
@@ -93,6 +100,8 @@ class JobManager:
         self.yield_to_cells = yield_to_cells
         #: Bytes of events one subscriber may have buffered before it is dropped.
         self.subscriber_buffer = subscriber_buffer
+        #: Where the outputs of earlier attempts are deleted when a job ends (None: kept).
+        self._object_store = object_store
         self.jobs: dict[str, _Live] = {}
         self._background = BackgroundTasks("job manager", log)
 
@@ -117,7 +126,9 @@ class JobManager:
         live = _Live(job)
         self.jobs[job.id] = live
         if not spec.fast:
-            self._save(job)
+            # Stored before it is queued and answered: a job the API accepted survives a
+            # gateway restart.
+            await self.io.save(job)
         self.metrics.jobs_submitted.labels(
             spec.queue_name, "fast" if spec.fast else "standard"
         ).inc()
@@ -138,7 +149,11 @@ class JobManager:
         return live.job
 
     def list_jobs(
-        self, status: str | None = None, queue: str | None = None, owner: str | None = None
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        owner: str | None = None,
+        kernel_id: str | None = None,
     ) -> list[Job]:
         found = [
             live.job
@@ -146,6 +161,7 @@ class JobManager:
             if (status is None or live.job.status == status)
             and (queue is None or live.job.spec.queue_name == queue)
             and (owner is None or live.job.spec.owner == owner)
+            and (kernel_id is None or live.job.spec.kernel_id == kernel_id)
         ]
         return sorted(found, key=lambda j: j.created)
 
@@ -162,22 +178,32 @@ class JobManager:
             self._finish(live, "cancelled", None, "cancelled before it started")
             return job, "cancelled before it started"
         assert job.worker is not None
-        attempt = job.attempts or None
+        if live.starting:
+            # The worker does not know the run yet: it is cancelled once it says it started
+            # (``_start_on``).
+            return job, "cancellation requested; the job stops as soon as it has started"
+        await self._cancel_run(live)
+        return job, "cancellation requested; the job is stopping"
+
+    async def _cancel_run(self, live: _Live) -> None:
+        job = live.job
+        assert job.worker is not None
+        job_id, attempt = job.id, job.attempts or None
         try:
             await self.hosts.session(job.worker).request(
                 lambda rid: CancelJob(request_id=rid, job_id=job_id, attempt=attempt), timeout=30
             )
         except HostRequestError as exc:
             raise JobError(f"could not reach worker {job.worker} to cancel it: {exc}") from None
-        return job, "cancellation requested; the job is stopping"
 
-    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+    async def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """The job's output from ``offset``: every chunk stored before this call included."""
         live = self.jobs.get(job_id)
         if live is None:
             raise NoSuchJob(f"no job with id {job_id}")
         if live.job.spec.fast:
             return bytes(live.output[offset:])
-        return self.job_store.read_log(job_id, offset)
+        return await self.io.read_log(job_id, offset)
 
     def subscribe(self, job_id: str) -> Subscription:
         """A new subscriber of a job's events, its buffer starting with the job's status;
@@ -258,7 +284,9 @@ class JobManager:
         gpus_allowed = not (self.yield_to_cells and self.scheduling.waiting)
         for job, worker, devices in assign_jobs(queued, workers, gpus_allowed):
             live = self.jobs[job.id]
-            if devices and not self.scheduling.reserve_job_gpus(job.id, worker, devices):
+            if devices and not self.scheduling.reserve_job_gpus(
+                job.id, worker, devices, job.spec.owner
+            ):
                 continue
             job.status = "running"
             job.worker = worker
@@ -266,9 +294,8 @@ class JobManager:
             job.started = time.time()
             job.exit_code = None
             job.error = ""
-            # The new attempt's output follows what the log holds now.
-            job.log_base = self._log_size(live)
             live.received = 0
+            live.starting = True
             self._save(job)
             self._publish(live, {"type": "status", "status": "running", "worker": worker})
             self._background.spawn(
@@ -308,6 +335,12 @@ class JobManager:
         job = live.job
         if attempt is None:
             attempt = job.attempts
+        # The new attempt's output follows what the log holds now (measured before the run
+        # is started, so none of its output is in it yet).
+        job.log_base = await self._log_size(live)
+        if job.status != "running" or job.worker != worker or job.attempts != attempt:
+            live.starting = False
+            return  # requeued meanwhile
         try:
             reply = await self.hosts.session(worker).request(
                 lambda rid: StartJob(
@@ -321,10 +354,12 @@ class JobManager:
                 timeout=60,
             )
         except HostUnreachable:
+            live.starting = False
             if job.status == "running" and job.worker == worker:
                 self._requeue_or_fail(live, f"worker {worker} went away before it started")
             return
         except HostRequestError as exc:
+            live.starting = False
             # The worker refused it (bad runtime, inputs missing ...) or did not answer in
             # time: no point retrying.
             if job.status == "running" and job.worker == worker:
@@ -333,11 +368,18 @@ class JobManager:
         self.metrics.job_start_latency.labels("fast" if job.spec.fast else "standard").observe(
             time.monotonic() - live.submitted_at
         )
+        live.starting = False
         if job.status == "running" and job.worker == worker:
             # When its process really started (the worker's clock: the same machine's, or
             # NTP-close), not when it was assigned.
             job.started = float(reply.get("started") or job.started or time.time())
             self._save(job)
+            if live.cancel_requested:
+                # Cancelled while its start was on its way: the worker knows it now.
+                try:
+                    await self._cancel_run(live)
+                except JobError as exc:
+                    log.warning("job %s: %s", job.id, exc)
 
     # -- worker events ------------------------------------------------------------------------
 
@@ -378,22 +420,24 @@ class JobManager:
         )
         return Verdict(stop=(job_id, attempt or None))
 
-    def _log_size(self, live: _Live) -> int:
+    async def _log_size(self, live: _Live) -> int:
         if live.job.spec.fast:
             return len(live.output)
         try:
-            return self.job_store.log_size(live.job.id)
+            return await self.io.log_size(live.job.id)
         except Exception as exc:
             log.warning("could not measure the log of job %s: %s", live.job.id, exc)
             return live.job.log_base
 
-    def on_output(self, host: str, event: JobOutput) -> Verdict:
+    async def on_output(self, host: str, event: JobOutput) -> Verdict:
+        """Output of a run. Called by the host endpoint, one event of a host at a time; the
+        acknowledgement is sent once the output is stored."""
         live = self._current(host, event.job_id, event.attempt)
         if live is None:
             return self._refuse(host, "output", event.job_id, event.attempt)
         job = live.job
         if live.received is None:
-            live.received = max(0, self._log_size(live) - job.log_base)
+            live.received = max(0, await self._log_size(live) - job.log_base)
         data = event.data.encode()
         if event.offset is not None:
             start = event.offset
@@ -421,7 +465,7 @@ class JobManager:
                 live.output += data[: _FAST_LOG_LIMIT - len(live.output)]
         else:
             try:
-                self.job_store.append_log(event.job_id, data)
+                await self.io.append_log(event.job_id, data)
             except Exception as exc:
                 log.warning("could not store output of job %s: %s", event.job_id, exc)
         self._publish(live, {"type": "log", "data": data.decode("utf-8", "replace")})
@@ -431,7 +475,15 @@ class JobManager:
     def _ack(job: Job, offset: int, exited: bool = False) -> JobOutputAck:
         return JobOutputAck(job_id=job.id, attempt=job.attempts, offset=offset, exited=exited)
 
-    def on_exited(self, host: str, event: JobExited) -> Verdict:
+    async def on_exited(self, host: str, event: JobExited) -> Verdict:
+        """A run ended. Acknowledged once its new state is stored (the host forgets the run
+        then)."""
+        verdict = self._exited(host, event)
+        if verdict.ack is not None:
+            await self.io.flush()
+        return verdict
+
+    def _exited(self, host: str, event: JobExited) -> Verdict:
         live = self.jobs.get(event.job_id)
         if (
             live is not None
@@ -521,6 +573,10 @@ class JobManager:
         job.error = error
         job.finished = time.time()
         self._save(job)
+        if self._object_store is not None and job.attempts > 1:
+            self._background.spawn(
+                f"drop earlier attempts of job {job.id}", self._drop_earlier_attempts(job)
+            )
         self.metrics.jobs_finished.labels(status).inc()
         event: dict[str, Any] = {"type": "status", "status": status, "exit_code": exit_code}
         if error:
@@ -529,13 +585,31 @@ class JobManager:
         live.done.set()
         self.dispatch()
 
-    def _save(self, job: Job) -> None:
-        if job.spec.fast:
-            return
+    async def _drop_earlier_attempts(self, job: Job) -> None:
+        """Outputs of a job's runs other than its last: a failed or stale run's files, which
+        nobody can download (the job's outputs are its last run's)."""
+        assert self._object_store is not None
+        store = self._object_store()
+        prefix = f"{job_prefix(job.id)}attempts/"
+        keep = f"{prefix}{job.attempts}/"
+
+        def drop() -> int:
+            stale = [o.key for o in store.list(prefix) if not o.key.startswith(keep)]
+            for key in stale:
+                store.delete(key)
+            return len(stale)
+
         try:
-            self.job_store.save(job)
-        except Exception:
-            log.exception("could not save job %s", job.id)
+            dropped = await asyncio.to_thread(drop)
+        except Exception as exc:  # the store is down: they stay, nothing else is affected
+            log.warning("job %s: could not delete earlier attempts' outputs: %s", job.id, exc)
+            return
+        if dropped:
+            log.info("job %s: deleted %d output(s) of earlier attempts", job.id, dropped)
+
+    def _save(self, job: Job) -> None:
+        if not job.spec.fast:
+            self.io.save_later(job)
 
     def _publish(self, live: _Live, event: dict[str, Any]) -> None:
         for subscriber in tuple(live.watchers):
@@ -551,3 +625,5 @@ class JobManager:
 
     async def close(self) -> None:
         await self._background.close()
+        # The last saves land before the gateway exits.
+        await asyncio.to_thread(self.io.close)

@@ -15,16 +15,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from ..jobs import Job, JobSpec
+from ..jobs import Job, JobSpec, input_prefix
 from ..store import ObjectNotFoundError, StoreError, validate_key
+from ._auth import principal_of
 from ._errors import ApiError
-from ._http import http_error, json_body
+from ._http import ERROR_RESPONSES, http_error, json_body
 from ._jobs import JobManager
 
 if TYPE_CHECKING:
     from ._app import Gateway
 
-__all__ = ["UPLOAD_PATHS", "build_jobs_router"]
+__all__ = ["MAX_LOG_OFFSET", "UPLOAD_PATHS", "build_jobs_router"]
+
+#: The largest ``offset`` of ``GET /api/jobs/{id}/logs``: far past any log (they are capped
+#: at a few MiB), and under every filesystem's largest file, past which a seek fails (a larger
+#: offset once answered 500).
+MAX_LOG_OFFSET = 2**40
 
 #: Endpoints whose body is an upload: their limit is ``max_upload_bytes``, not
 #: ``max_body_bytes``.
@@ -42,16 +48,21 @@ def _jobs(request: Request) -> JobManager:
 
 
 def build_jobs_router() -> APIRouter:
-    router = APIRouter(tags=["jobs"])
+    router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
     @router.post(
         "/api/jobs",
         summary="Submit a job (standard: returns at once; fast: returns its result)",
         response_model=Job,
         status_code=201,
+        responses={200: {"model": Job, "description": "A fast job, finished, with its result"}},
         openapi_extra={
             "requestBody": {
-                "content": {"application/json": {"schema": JobSpec.model_json_schema()}},
+                # A reference, not the model's own schema: that one's "#/$defs/..." references
+                # resolve against the OpenAPI document, which has no "$defs".
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}
+                },
                 "required": True,
             }
         },
@@ -66,7 +77,18 @@ def build_jobs_router() -> APIRouter:
             empty_is_object=False,
             context={"job_limits": gateway.config.job_limits},
         )
-        job = await _jobs(request).submit(spec)
+        spec = gateway.access.admit_job(principal_of(request), spec)
+        try:
+            job = await _jobs(request).submit(spec)
+        except TimeoutError:
+            # Only a fast job is waited for; it once answered 500.
+            raise ApiError(
+                504,
+                f"the fast job did not finish in time (its timeout of {spec.timeout:g} s, and "
+                "the time to be placed on a worker and started); it was given up. A job that "
+                "may wait for a worker is a standard job (fast: false)",
+                "fast job timed out",
+            ) from None
         status = 200 if spec.fast else 201
         return JSONResponse(job.model_dump(mode="json"), status_code=status)
 
@@ -76,8 +98,11 @@ def build_jobs_router() -> APIRouter:
         status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
         queue: Literal["cpu", "gpu"] | None = None,
         owner: str | None = None,
+        kernel_id: str | None = None,
     ) -> list[Job]:
-        return _jobs(request).list_jobs(status, queue, owner)
+        gateway: Gateway = request.app.state.gateway
+        found = _jobs(request).list_jobs(status, queue, owner, kernel_id)
+        return gateway.access.jobs(principal_of(request), found)
 
     @router.get("/api/jobs/workers", summary="Workers and their health")
     async def workers(request: Request) -> list[dict[str, Any]]:
@@ -91,10 +116,18 @@ def build_jobs_router() -> APIRouter:
         "/api/jobs/inputs",
         summary="Upload an input (raw body) to the object store; use the returned key in "
         "a job's inputs",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                }
+            }
+        },
     )
     async def upload_input(request: Request, name: str = Query(...)) -> dict[str, Any]:
         data = await request.body()
-        key = f"jobs/inputs/{secrets.token_hex(8)}/{name}"
+        # Under the uploader's own prefix: a job may read inputs only from its owner's uploads.
+        key = f"{input_prefix(principal_of(request).user)}{secrets.token_hex(8)}/{name}"
         try:
             validate_key(key)
         except ValueError as exc:
@@ -122,14 +155,18 @@ def build_jobs_router() -> APIRouter:
         "/api/jobs/{job_id}/logs",
         summary="A job's output (text); with follow=true, streamed until the job ends",
         response_class=Response,
+        responses={200: {"description": "The output", "content": {"text/plain": {}}}},
     )
     async def logs(
-        request: Request, job_id: str, follow: bool = False, offset: int = Query(0, ge=0)
+        request: Request,
+        job_id: str,
+        follow: bool = False,
+        offset: int = Query(0, ge=0, le=MAX_LOG_OFFSET, description="Bytes of the output to skip."),
     ) -> Response:
         manager = _jobs(request)
         _job(request, job_id)
         if not follow:
-            data = await asyncio.to_thread(manager.read_log, job_id, offset)
+            data = await manager.read_log(job_id, offset)
             return Response(data, media_type="text/plain")
         subscriber = manager.subscribe(job_id)
 
@@ -138,7 +175,7 @@ def build_jobs_router() -> APIRouter:
             events = manager.follow(job_id, subscriber)
             try:
                 async for event in events:
-                    chunk = await asyncio.to_thread(manager.read_log, job_id, position)
+                    chunk = await manager.read_log(job_id, position)
                     if chunk:
                         position += len(chunk)
                         yield chunk
@@ -149,7 +186,7 @@ def build_jobs_router() -> APIRouter:
                     ):
                         break
                 if not subscriber.dropped.is_set():
-                    chunk = await asyncio.to_thread(manager.read_log, job_id, position)
+                    chunk = await manager.read_log(job_id, position)
                     if chunk:
                         yield chunk
             finally:
@@ -161,6 +198,7 @@ def build_jobs_router() -> APIRouter:
         "/api/jobs/{job_id}/events",
         summary="Server-sent events of a job: status changes and output, until it ends",
         response_class=Response,
+        responses={200: {"description": "The events", "content": {"text/event-stream": {}}}},
     )
     async def events(request: Request, job_id: str) -> Response:
         manager = _jobs(request)
@@ -183,6 +221,7 @@ def build_jobs_router() -> APIRouter:
         "/api/jobs/{job_id}/outputs/{name:path}",
         summary="The bytes of one output",
         response_class=Response,
+        responses={200: {"description": "The bytes", "content": {"application/octet-stream": {}}}},
     )
     async def output(request: Request, job_id: str, name: str) -> Response:
         job = _job(request, job_id)
@@ -205,8 +244,10 @@ def build_jobs_router() -> APIRouter:
         return Response(data, media_type="application/octet-stream")
 
     def _job(request: Request, job_id: str) -> Job:
-        """The job, or ``NoSuchJob`` (404 through the status table)."""
-        return _jobs(request).get(job_id)
+        """The job if the caller may see it, else ``NoSuchJob`` (404 through the status
+        table)."""
+        gateway: Gateway = request.app.state.gateway
+        return gateway.access.job(principal_of(request), job_id)
 
     return router
 

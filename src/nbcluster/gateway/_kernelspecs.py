@@ -120,9 +120,11 @@ class KernelSpecRegistry:
         }
         return {"name": name, "spec": spec.model_dump(), "resources": resources}
 
-    def models(self) -> dict[str, Any]:
-        """``GET /api/kernelspecs``."""
+    def models(self, names: list[str] | None = None) -> dict[str, Any]:
+        """``GET /api/kernelspecs``: every spec, or those of ``names`` (the ones the caller
+        may start)."""
+        shown = self.names if names is None else [n for n in self.names if n in names]
         return {
             "default": DEFAULT_KERNEL_NAME,
-            "kernelspecs": {name: self.model(name) for name in self.names},
+            "kernelspecs": {name: self.model(name) for name in shown},
         }

@@ -65,6 +65,8 @@ class LaunchSpec:
     working_dir: str | None = None
     #: Seconds the replica has to report its ports.
     launch_timeout: float = 30.0
+    #: The CurveZMQ server secret key of the replica's sockets (``_curve``); None: plain.
+    curve_secretkey: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

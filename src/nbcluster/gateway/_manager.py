@@ -22,11 +22,12 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from .._tasks import BackgroundTasks
 from ..hostproto import ReplicaExited, ReplicaReport
+from ..identity import KernelTokens
 from ..scheduling import DEFAULT_REQUEST, KernelStopped, Migrate, parse_request, policy_named
 from ..store import ObjectStore, StoreError, open_store, tombstone_key
 from ._config import GatewayConfig
@@ -126,6 +127,8 @@ class KernelManager:
         state_store: StateStore,
         metrics: GatewayMetrics,
         host_supply: HostSupply | None = None,
+        kernel_tokens: KernelTokens | None = None,
+        gpu_quota_of: Callable[[str], int | None] | None = None,
     ) -> None:
         self.config = config
         self.hosts = hosts
@@ -147,10 +150,16 @@ class KernelManager:
             mover=self,
             hosts=host_supply,
             evictor=ReplicaEvictor(self.kernels),
+            gpu_quota_of=gpu_quota_of,
         )
         #: Replicas are started through the host daemons; their exits come back here.
         self.launcher = HostDaemonLauncher(hosts, on_exit=self._replica_exited)
-        self.replicas = Replicas(config, specs, self.launcher)
+        self.replicas = Replicas(
+            config,
+            specs,
+            self.launcher,
+            kernel_tokens if kernel_tokens is not None else KernelTokens(secrets.token_bytes(32)),
+        )
         self.membership = Membership(config, hosts, self.replicas, self.scheduling, host_supply)
         self.recovery = Recovery(
             self.kernels,
@@ -209,7 +218,11 @@ class KernelManager:
 
     # -- start --------------------------------------------------------------------------------
 
-    async def start_kernel(self, name: str | None, env: Mapping[str, Any]) -> GatewayKernel:
+    async def start_kernel(
+        self, name: str | None, env: Mapping[str, Any], owner: str = ""
+    ) -> GatewayKernel:
+        """Start a kernel of kernelspec ``name`` for ``owner`` (the API checked that they may:
+        kernelspec access and quotas)."""
         name = name or DEFAULT_KERNEL_NAME
         if self.specs.get(name) is None:
             raise KernelRequestError(
@@ -225,6 +238,7 @@ class KernelManager:
             id=str(uuid.uuid4()),
             name=name,
             key=secrets.token_hex(32),
+            owner=owner or self.config.admin_name,
             raft_password=secrets.token_hex(16),
             env=kernel_env,
             working_dir=kernel_env.get("KERNEL_WORKING_DIR"),

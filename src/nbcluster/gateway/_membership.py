@@ -83,7 +83,7 @@ class Membership:
         record = kernel.record
         request = resource_request(record)
         placed = self._scheduling.place_kernel(
-            record.id, request, record.replica_count, record.policy
+            record.id, request, record.replica_count, record.policy, record.owner
         )
         scaling = isinstance(placed, Refusal) and placed.scaling
         if (
@@ -92,7 +92,7 @@ class Membership:
             and await self._host_supply.wait_for_hosts(self._config.launch_timeout)
         ):
             placed = self._scheduling.place_kernel(
-                record.id, request, record.replica_count, record.policy
+                record.id, request, record.replica_count, record.policy, record.owner
             )
         if isinstance(placed, Refusal):
             connected = len(self._hosts.connected())

@@ -151,6 +151,12 @@ class GatewayMetrics:
             ["source"],
             registry=self.registry,
         )
+        self.state_refused = Counter(
+            "nbcluster_state_refused",
+            "Stored state objects (checkpoints, log entries) a restore refused as forged, "
+            "altered or unsigned.",
+            registry=self.registry,
+        )
         self.http_latency = Histogram(
             "nbcluster_http_request_duration_seconds",
             "Latency of HTTP API requests.",

@@ -67,8 +67,8 @@ class LocalProcessHostProvider:
     """Host daemons as child processes of the gateway, on this machine.
 
     Each child runs ``<argv_prefix> host --gateway URL --name NAME --gpus N --state-dir DIR
-    --log-level L --parent-pid <gateway pid>`` with the token in ``NBCLUSTER_TOKEN`` (never on
-    the command line), stdin from ``/dev/null`` and the gateway's stdout and stderr. Names are
+    --log-level L --parent-pid <gateway pid>`` with the join token in ``NBCLUSTER_JOIN_TOKEN``
+    (never on the command line), stdin from ``/dev/null`` and the gateway's stdout and stderr. Names are
     ``<name_prefix>-<n>`` with ``n`` counting up from 1, never reused while the provider lives.
 
     Children are spawned from the event loop's thread: ``--parent-pid`` makes them die with
@@ -81,7 +81,7 @@ class LocalProcessHostProvider:
     def __init__(
         self,
         gateway_url: str,
-        token: str,
+        join_token: str,
         state_dir: Path,
         gpus_per_host: int,
         log_level: str = "warning",
@@ -106,7 +106,7 @@ class LocalProcessHostProvider:
         if not self.argv_prefix:
             raise ValueError("argv_prefix must not be empty")
         self.stop_grace = stop_grace
-        self._token = token
+        self._join_token = join_token
         self._numbers = itertools.count(1)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._reapers: dict[str, asyncio.Task[None]] = {}
@@ -143,7 +143,10 @@ class LocalProcessHostProvider:
             raise HostProviderError(f"cannot start {count} hosts")
         if self._closed:
             raise HostProviderError("the local host provider is closed")
-        env = {**os.environ, envvars.TOKEN.name: self._token}
+        env = {
+            **{k: v for k, v in os.environ.items() if k != envvars.TOKEN.name},
+            envvars.JOIN_TOKEN.name: self._join_token,
+        }
         names: list[str] = []
         for _ in range(count):
             name = f"{self.name_prefix}-{next(self._numbers)}"

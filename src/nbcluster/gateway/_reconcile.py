@@ -177,6 +177,8 @@ class Reconciler:
     def reattach(self) -> None:
         """Load persisted kernels at start-up and reconnect to their replicas' sockets."""
         for record in self._state_store.load_all():
+            # Kernels started before there were users belong to the admin.
+            record.owner = record.owner or self._config.admin_name
             kernel = self._new_kernel(record)
             self._kernels[record.id] = kernel
             if record.dead_reason:
@@ -187,7 +189,7 @@ class Reconciler:
                 continue
             # Its cells wait until a host's hello brings back one of its replicas.
             self._scheduling.handle(
-                KernelAdopted(record.id, resource_request(record), record.policy)
+                KernelAdopted(record.id, resource_request(record), record.policy, record.owner)
             )
             for replica in record.replicas:
                 if replica.state in ("running", "starting", "unknown") and replica.connection:

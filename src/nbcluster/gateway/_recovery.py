@@ -335,6 +335,8 @@ class Recovery:
                 self._state_store.save(kernel.record)
                 log.error("kernel %s could not be restored: %s", kernel.id, exc)
                 return
+            if point.refused:  # forged or altered objects in the store (docs/security.md)
+                self._metrics.state_refused.inc(len(point.refused))
             kernel.end_restore(point.term, restore_notice(reason, point, headline))
             self._state_store.save(kernel.record)
             self._metrics.restores.observe(time.monotonic() - started)
@@ -389,9 +391,17 @@ def restore_notice(reason: str, point: RestorePoint, headline: str | None = None
     later = point.later_cells
     tail = f" and {later} later cell(s)" if later else ""
     count = point.execution_count
+    refused = (
+        f"[nbcluster] the object store held {len(point.refused)} object(s) of this kernel that "
+        "failed authentication or their checksum (forged, altered or damaged); they were not "
+        f"loaded: {', '.join(point.refused)}\n"
+        if point.refused
+        else ""
+    )
     if headline is not None:
-        return f"[nbcluster] {headline} from {when}{tail}, up to cell [{count}].\n"
+        return f"[nbcluster] {headline} from {when}{tail}, up to cell [{count}].\n{refused}"
     return (
         f"[nbcluster] This kernel lost all its replicas ({reason}) and was restored from "
         f"{when}{tail}, up to cell [{count}]. Variables set by cells after that are lost.\n"
+        f"{refused}"
     )

@@ -4,7 +4,8 @@ The gateway talks to replicas directly (no hop through the host daemon): DEALER 
 replica's shell, control and stdin ROUTERs, a SUB socket to its IOPub and a REQ for heartbeats.
 Shell and stdin share one identity, as in jupyter_client, so the replica's ``input_request``
 reaches us. Sockets are read from the event loop's reader callbacks rather than one task per
-socket: fewer wake-ups on the execute path.
+socket: fewer wake-ups on the execute path. When the replica's connection names a CurveZMQ
+server key, every socket (the heartbeat's too) is a CURVE client of it (``_curve``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
+from .._curve import apply_client_keys
 from ..hostproto import ConnectionInfo
 from ..protocol import Message, ProtocolError, Signer, decode_zmq, encode_zmq
 
@@ -56,6 +58,11 @@ class ReplicaLink:
         c = self.connection
         return f"{c.transport}://{c.ip}:{port}" if c.transport == "tcp" else f"ipc://{c.ip}-{port}"
 
+    def _secure(self, sock: zmq.Socket[bytes]) -> None:
+        """Encrypt ``sock``'s traffic when the replica's sockets are CURVE servers."""
+        if self.connection.curve_publickey is not None:
+            apply_client_keys(sock, self.connection.curve_publickey)
+
     def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         identity = uuid.uuid4().hex.encode()
@@ -72,6 +79,7 @@ class ReplicaLink:
                 sock.identity = identity
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
+            self._secure(sock)
             sock.connect(self._url(port))
             self._sockets[channel] = sock
             self._loop.add_reader(int(sock.getsockopt(zmq.FD)), self._drain, channel)
@@ -126,6 +134,7 @@ class ReplicaLink:
         sock = async_context.socket(zmq.REQ)
         sock.linger = 0
         try:
+            self._secure(sock)  # type: ignore[arg-type]  # an async socket is a zmq.Socket
             sock.connect(self._url(self.connection.hb_port))
             await sock.send(b"ping")
             return bool(await asyncio.wait_for(sock.recv(), timeout))

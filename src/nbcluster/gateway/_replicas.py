@@ -17,7 +17,9 @@ import logging
 import zmq
 
 from .. import envvars
+from .._curve import new_server_secret
 from ..hostproto import ConnectionInfo
+from ..identity import KernelTokens
 from ._config import GatewayConfig
 from ._errors import KernelStartError, KernelUnavailable
 from ._kernel import GatewayKernel
@@ -34,9 +36,15 @@ class Replicas:
     """Owned by the kernel manager; used by its start, membership and recovery modules."""
 
     def __init__(
-        self, config: GatewayConfig, specs: KernelSpecRegistry, launcher: ReplicaLauncher
+        self,
+        config: GatewayConfig,
+        specs: KernelSpecRegistry,
+        launcher: ReplicaLauncher,
+        kernel_tokens: KernelTokens,
     ) -> None:
         self._config = config
+        #: Each kernel's replicas get a token scoped to that kernel (its %%job magics).
+        self._kernel_tokens = kernel_tokens
         self._specs = specs
         self._launcher = launcher
         #: The ZMQ context of every replica link.
@@ -63,8 +71,8 @@ class Replicas:
             envvars.RAFT_PASSWORD.name: kernel.record.raft_password,
             envvars.STORE_URL.name: config.store_url or config.store_dir.as_uri(),
             envvars.STORE_THRESHOLD.name: str(config.store_threshold),
-            envvars.GATEWAY_URL.name: f"http://{gateway_ip}:{config.port}",
-            envvars.GATEWAY_TOKEN.name: config.token,
+            envvars.GATEWAY_URL.name: f"{config.scheme}://{gateway_ip}:{config.port}",
+            envvars.GATEWAY_TOKEN.name: self._kernel_tokens.issue(kernel.id),
         }
         if devices is not None:
             visible = ",".join(map(str, devices))
@@ -78,6 +86,8 @@ class Replicas:
             key=kernel.record.key,
             working_dir=kernel.record.working_dir,
             launch_timeout=config.launch_timeout,
+            # A fresh keypair per replica; only the public half comes back (ConnectionInfo).
+            curve_secretkey=new_server_secret() if config.curve else None,
         )
 
     async def launch(

@@ -6,6 +6,12 @@ seconds of being opened or of its previous response (a slow-header client is clo
 held open forever), and a request header over ``max_header_bytes`` is answered 431. The
 connection cap (``max_connections``: a request past it gets 503) and the keep-alive timeout
 are uvicorn's own settings.
+
+With ``certfile``/``keyfile`` uvicorn serves https and wss (TLS 1.2 or later, Python's server
+defaults); the header clock starts once the TLS handshake is done (asyncio bounds the
+handshake itself at 60 s). Listening beyond loopback without TLS is allowed but logged loudly:
+tokens and everything users type would cross the network in clear (``docs/security.md``,
+"Encrypted transport").
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from typing import Any, ClassVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .._tls import is_loopback
 from ._asgi import create_app
 from ._config import GatewayConfig
 
-__all__ = ["header_limited_protocol", "serve"]
+__all__ = ["clear_text_warnings", "header_limited_protocol", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +121,29 @@ def header_limited_protocol(header_timeout: float, max_header_bytes: int) -> typ
     )
 
 
+def clear_text_warnings(config: GatewayConfig) -> list[str]:
+    """What this configuration sends in clear text beyond this machine (empty: nothing)."""
+    if is_loopback(config.ip):
+        return []
+    warnings = []
+    if config.certfile is None:
+        warnings.append(
+            f"the gateway listens on {config.ip}, beyond loopback, WITHOUT TLS: API tokens, "
+            "join tokens, kernels' code and outputs cross the network in clear. Pass "
+            "--certfile and --keyfile (docs/security.md, 'Encrypted transport')."
+        )
+    if not config.curve:
+        warnings.append(
+            "CurveZMQ is off (--no-curve): replicas on other machines send every cell's code "
+            "and output to the gateway in clear."
+        )
+    return warnings
+
+
 async def serve(config: GatewayConfig) -> None:
     """Serve until cancelled or until SIGINT/SIGTERM (uvicorn installs the handlers)."""
+    for warning in clear_text_warnings(config):
+        log.warning("!!! %s !!!", warning)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(config)
     server = uvicorn.Server(
@@ -133,6 +161,8 @@ async def serve(config: GatewayConfig) -> None:
             ws_ping_timeout=30,
             lifespan="on",
             loop=_loop_name(),
+            ssl_certfile=config.certfile,
+            ssl_keyfile=config.keyfile,
         )
     )
     await server.serve()

@@ -38,6 +38,8 @@ class KernelRecord(BaseModel):
     id: str
     name: str
     key: str
+    #: The user who started it (records from before users existed: the admin's).
+    owner: str = ""
     raft_password: str = ""
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: str | None = None

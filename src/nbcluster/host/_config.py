@@ -28,3 +28,6 @@ class HostConfig:
     cpus: int | None = None
     memory_mb: int | None = None
     reconnect_max_delay: float = 5.0
+    #: CA certificates (PEM) the gateway's TLS certificate is verified against; None: the
+    #: system's trust store. Used only with an https gateway URL.
+    ca: Path | None = None

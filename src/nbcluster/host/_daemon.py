@@ -3,6 +3,10 @@
 It registers (hello), heartbeats, runs the gateway's start/stop/signal requests on its replicas
 and reports replica exits. When the gateway goes away it keeps its replicas running and
 reconnects, listing them in its next hello so that a restarted gateway can re-attach.
+
+With an https gateway URL the websocket is wss and the gateway's certificate is verified
+(against ``HostConfig.ca``, else the system's trust store); a certificate that does not verify
+ends the daemon with :class:`HostRejected`, since retrying cannot help.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from .. import envvars
 from .._tasks import BackgroundTasks
+from .._tls import client_context, is_loopback, unverified_reason
 from ..hostproto import (
     MAX_FRAME_BYTES,
     CancelJob,
@@ -75,12 +83,21 @@ class HostDaemon:
             memory_mb=config.memory_mb,
         )
         state = config.state_dir
+        https = config.gateway_url.startswith("https://")
+        #: Verifies the gateway (wss); None for a plain ws:// gateway.
+        self._ssl: ssl.SSLContext | None = client_context(config.ca) if https else None
+        # Replicas call the gateway's job API as this host reaches it: a URL that works from
+        # this machine and matches the gateway's certificate, and the CA that verifies it.
+        gateway_env = {envvars.GATEWAY_URL.name: config.gateway_url.rstrip("/")}
+        if https and config.ca is not None:
+            gateway_env[envvars.GATEWAY_CA.name] = str(config.ca.resolve())
         self.supervisor = ReplicaSupervisor(
             address=config.address,
             run_dir=state / "run",
             log_dir=state / "logs",
             default_working_dir=config.working_dir,
             on_exit=self._report_exit,
+            gateway_env=gateway_env,
         )
         self.jobs = JobRunner(state / "jobs", self._send_event)
         self._ws: ClientConnection | None = None
@@ -95,6 +112,7 @@ class HostDaemon:
 
     async def run(self) -> None:
         """Connect, serve, reconnect on loss; on stop, end every replica and return."""
+        self._warn_if_clear_text()
         delay = 0.1
         try:
             while not self._stopping.is_set():
@@ -104,7 +122,10 @@ class HostDaemon:
                 except HostRejected:
                     raise
                 except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-                    log.warning("gateway connection lost or refused (%s); retrying", exc)
+                    hint = ""
+                    if self._ssl is None and isinstance(exc, websockets.InvalidMessage):
+                        hint = " (if the gateway serves TLS, use its https:// URL)"
+                    log.warning("gateway connection lost or refused (%s)%s; retrying", exc, hint)
                 if self._stopping.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -115,6 +136,16 @@ class HostDaemon:
             await self.jobs.stop_all()
             await self.supervisor.stop_all()
 
+    def _warn_if_clear_text(self) -> None:
+        host = urlsplit(self.config.gateway_url).hostname or ""
+        if self._ssl is None and not is_loopback(host):
+            log.warning(
+                "!!! the gateway %s is reached over plain http: this host's token and every "
+                "replica's keys cross the network in clear. Serve the gateway with TLS "
+                "(--certfile/--keyfile) and pass its https:// URL (docs/security.md). !!!",
+                self.config.gateway_url,
+            )
+
     async def _session(self) -> None:
         headers = {"Authorization": f"token {self.config.token}"}
         try:
@@ -123,6 +154,7 @@ class HostDaemon:
                 additional_headers=headers,
                 max_size=MAX_FRAME_BYTES,
                 open_timeout=10,
+                ssl=self._ssl,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -131,6 +163,14 @@ class HostDaemon:
                     f"the gateway refused this host's token (HTTP {status})"
                 ) from None
             raise
+        except OSError as exc:
+            reason = unverified_reason(exc)
+            if reason is None:
+                raise
+            raise HostRejected(
+                f"cannot verify the gateway's TLS certificate ({reason}): pass --ca FILE "
+                "(or set NBCLUSTER_CA) with the CA that signed it"
+            ) from None
         async with ws:
             hello = Hello(
                 name=self.config.name,

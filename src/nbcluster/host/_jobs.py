@@ -41,7 +41,7 @@ _CHUNK = 64 * 1024
 #: What a fast job returns as its result, at most.
 _RESULT_LIMIT = 1 * 2**20
 #: Environment variables of the daemon that a job must not see.
-_PRIVATE_ENV = (envvars.TOKEN.name, envvars.RAFT_PASSWORD.name)
+_PRIVATE_ENV = frozenset(v.name for v in envvars.ALL if v.secret)
 
 #: Sends an event to the gateway; False when it could not (disconnected).
 Send = Callable[[JobOutput | JobExited], Awaitable[bool]]

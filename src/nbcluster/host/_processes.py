@@ -3,6 +3,10 @@
 Each replica runs in its own session (process group), so interrupts and stops reach the
 processes its user code started too. Output goes to a log file per replica, whose tail is
 reported when the replica fails to start or exits.
+
+The connection file (owner-only, in the host's run directory) carries the kernel's HMAC key
+and, when the gateway sent one, the CurveZMQ server keypair of the replica's sockets
+(``docs/security.md``, "Encrypted transport"); neither goes on a command line or in a log.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import envvars
+from .._curve import public_key_of
 from ..hostproto import ConnectionInfo, ReplicaExited, ReplicaReport, StartReplica
 
 __all__ = ["ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
@@ -27,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _LOG_TAIL_BYTES = 4000
 #: Environment variables of the host daemon that must never reach user code.
-_SECRET_ENV = (envvars.TOKEN.name,)
+_SECRET_ENV = frozenset(v.name for v in envvars.ALL if v.secret)
 
 
 class ReplicaStartError(RuntimeError):
@@ -83,8 +88,11 @@ class ReplicaSupervisor:
         log_dir: Path,
         default_working_dir: Path,
         on_exit: Callable[[ReplicaExited], Awaitable[None]],
+        gateway_env: Mapping[str, str] | None = None,
     ) -> None:
         self._address = address
+        #: How replicas reach the gateway from this machine (URL, CA): replaces the gateway's.
+        self._gateway_env = dict(gateway_env or {})
         self._run_dir = run_dir
         self._log_dir = log_dir
         self._default_cwd = default_working_dir
@@ -106,6 +114,7 @@ class ReplicaSupervisor:
     def _env(self, request: StartReplica, report_fd: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env.update(request.env)
+        env.update(self._gateway_env)
         env.update(
             {
                 envvars.KERNEL_ID.name: request.kernel_id,
@@ -138,22 +147,26 @@ class ReplicaSupervisor:
         if request.replica_id in self.replicas:
             raise ReplicaStartError(f"replica {request.replica_id} is already running here")
         connection_file = self._run_dir / f"kernel-{request.replica_id}.json"
+        info: dict[str, str | int] = {
+            "ip": self._address,
+            "transport": "tcp",
+            "key": request.key,
+            "signature_scheme": request.signature_scheme,
+            "shell_port": 0,
+            "iopub_port": 0,
+            "stdin_port": 0,
+            "control_port": 0,
+            "hb_port": 0,
+        }
+        curve_public = None
+        if request.curve_secretkey is not None:
+            # Jupyter's convention (ipykernel >= 7.3 reads both and serves CURVE with them).
+            curve_public = public_key_of(request.curve_secretkey)
+            info["curve_publickey"] = curve_public
+            info["curve_secretkey"] = request.curve_secretkey
         fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(
-                {
-                    "ip": self._address,
-                    "transport": "tcp",
-                    "key": request.key,
-                    "signature_scheme": request.signature_scheme,
-                    "shell_port": 0,
-                    "iopub_port": 0,
-                    "stdin_port": 0,
-                    "control_port": 0,
-                    "hb_port": 0,
-                },
-                f,
-            )
+            json.dump(info, f)
         log_path = self._log_dir / f"{request.replica_id}.log"
         read_fd, write_fd = os.pipe()
         try:
@@ -170,13 +183,20 @@ class ReplicaSupervisor:
                 )
         except OSError as exc:
             os.close(read_fd)
+            connection_file.unlink(missing_ok=True)  # it holds the kernel's keys
             raise ReplicaStartError(f"could not run {request.argv[0]!r}: {exc}") from None
         finally:
             os.close(write_fd)
         try:
             report = await self._read_report(read_fd, process, request.launch_timeout)
+            if curve_public is not None and not report.get("curve"):
+                # Its sockets would be plain: the gateway could not talk to them, and must not.
+                raise ReplicaStartError(
+                    "the replica does not serve CurveZMQ (its ipykernel is older than 7.3?)"
+                )
         except ReplicaStartError as exc:
             await self._kill(process, grace=0.0)
+            connection_file.unlink(missing_ok=True)  # it holds the kernel's keys
             tail = _log_tail(log_path)
             raise ReplicaStartError(f"{exc}\n--- replica log ---\n{tail}") from None
         connection = ConnectionInfo(
@@ -188,6 +208,7 @@ class ReplicaSupervisor:
             control_port=report["control_port"],
             hb_port=report["hb_port"],
             raft_port=report.get("raft_port"),
+            curve_publickey=curve_public,
         )
         replica = ReplicaProcess(
             request.kernel_id, request.replica_id, process, connection, log_path
@@ -224,6 +245,7 @@ class ReplicaSupervisor:
             }
             if report.get("raft_port") is not None:
                 ports["raft_port"] = int(report["raft_port"])
+            ports["curve"] = int(report.get("curve") is True)
             return ports
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplicaStartError(f"replica sent an unreadable port report: {exc}") from None

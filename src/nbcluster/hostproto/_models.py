@@ -40,6 +40,9 @@ PROTOCOL_VERSION = 1
 #: to send a larger one (a host closes its connection on it).
 MAX_FRAME_BYTES = 16 * 2**20
 
+#: A CurveZMQ key in Z85 text: 32 bytes as 40 characters.
+_Z85_KEY = r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$"
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,6 +78,9 @@ class ConnectionInfo(_Model):
     hb_port: int
     #: The port the replica's Raft node listens on once it joins its group.
     raft_port: int | None = None
+    #: The CurveZMQ server key of the five sockets (Z85); None: they are not encrypted. A
+    #: client needs it to connect at all, so it is kept as secret as the kernel's HMAC key.
+    curve_publickey: str | None = Field(default=None, pattern=_Z85_KEY, repr=False)
 
 
 class ReplicaReport(_Model):
@@ -202,6 +208,9 @@ class StartReplica(_Model):
     signature_scheme: str = "hmac-sha256"
     working_dir: str | None = None
     launch_timeout: float = 30.0
+    #: The CurveZMQ server secret key (Z85) the replica's sockets use; None: no encryption.
+    #: The host writes it (and its public half) into the connection file, nowhere else.
+    curve_secretkey: str | None = Field(default=None, pattern=_Z85_KEY, repr=False)
 
 
 class StopReplica(_Model):

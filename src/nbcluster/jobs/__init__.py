@@ -7,6 +7,7 @@ adds the container and Kubernetes ones).
 """
 
 from ._filestore import FileJobStore, JobStoreError
+from ._keys import input_key_allowed, input_prefix, job_prefix
 from ._model import FAST_INPUT_LIMIT, TERMINAL, Job, JobLimits, JobResources, JobSpec
 from ._optional import optional_runtimes
 from ._queue import WorkerCapacity, assign_jobs
@@ -28,7 +29,10 @@ __all__ = [
     "ProcessRuntime",
     "WorkerCapacity",
     "assign_jobs",
+    "input_key_allowed",
+    "input_prefix",
     "job_argv",
+    "job_prefix",
     "open_job_store",
     "optional_runtimes",
 ]

@@ -134,8 +134,11 @@ class JobSpec(_Model):
     timeout: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
     retries: int = Field(0, ge=0, le=100)
     fast: bool = False
-    #: Who submitted it (the token's user, or a label the client gives).
+    #: The user it belongs to: set by the gateway from the caller's identity (what a client
+    #: sends is replaced; an admin may submit for another user by naming them).
     owner: str = Field("", max_length=200)
+    #: The kernel whose %%job magic submitted it (set by the gateway from the kernel's token).
+    kernel_id: str = Field("", max_length=200)
 
     @field_validator("command", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ reported as one JSON line on the file descriptor named by ``NBCLUSTER_REPORT_FD`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from typing import Any
@@ -27,6 +28,7 @@ class ReplicaKernelApp(IPKernelApp):
     name = "nbcluster-kernel"
 
     def initialize(self, argv: Any = None) -> None:
+        log_to_the_replica_log()  # before ipykernel takes over fd 2
         super().initialize(argv)  # type: ignore[no-untyped-call]
         self._report_ports()
 
@@ -45,10 +47,31 @@ class ReplicaKernelApp(IPKernelApp):
             "hb_port": self.hb_port,
             # pysyncobj binds it itself later, when the replica joins its group.
             "raft_port": free_port(self.ip),
+            # Whether ipykernel made its sockets CURVE servers with the connection file's keys
+            # (the host refuses a replica that was given keys and serves plain sockets).
+            "curve": getattr(self, "curve_secretkey", None) is not None,
         }
         fd = int(fd_text)
         with os.fdopen(fd, "w") as pipe:
             pipe.write(json.dumps(report) + "\n")
+
+
+def log_to_the_replica_log() -> None:
+    """nbcluster's log lines (a refused forged object, a store write that failed) go to the
+    replica's log, the stderr its host daemon gave it (``logs/<replica>.log``). ipykernel then
+    sends whatever the process writes to fd 1 and 2 to the notebook, so the handler writes to
+    a copy of fd 2 taken first; and the lines do not propagate to the root logger, whose
+    last-resort handler would print them into a cell."""
+    logger = logging.getLogger("nbcluster")
+    if any(getattr(h, "nbcluster_replica_log", False) for h in logger.handlers):
+        return
+    stream = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    handler = logging.StreamHandler(stream)
+    handler.nbcluster_replica_log = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def main() -> None:

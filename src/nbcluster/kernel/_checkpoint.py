@@ -1,15 +1,21 @@
 """Checkpoints of a kernel's synchronised state in the object store, and rebuilding that state
-from the last checkpoint plus the log tail, as pure functions (no I/O: callers read and write
-the store).
+from the last checkpoint plus the log tail, as pure functions (no I/O: ``_stored`` reads and
+writes the store).
 
-Layout, per kernel ``K`` (next to its large values, ``kernels/K/values/...``):
+Layout, per kernel ``K`` (next to its large values, ``kernels/K/values/...``); every object is
+sealed with the kernel's state key, bound to its key (``_seal``):
 
 * ``kernels/K/log/<term, 12 digits>``: the committed ``Done`` record of each cell (its state
   change, large values as pointers), written by the executor after the commit;
-* ``kernels/K/checkpoint``: the merged state up to some term (the same bytes a Raft snapshot
-  holds), written every few cells and on demand; log entries up to its term are then removed.
+* ``kernels/K/checkpoints/<term, 12 digits>``: the merged state up to that term (the same
+  bytes a Raft snapshot holds), written every few cells and on demand. The newest two are
+  kept, and the log entries up to the older one's term are removed: if the newest is refused
+  (forged, altered, damaged), the older one and the log entries after it rebuild the same
+  state.
+* ``kernels/K/checkpoint``: where nbcluster kept its one checkpoint before it signed its
+  state. Such a checkpoint is unsigned: it is refused, with a message that says so.
 
-A kernel that lost every replica is rebuilt from the checkpoint and the log entries after it
+A kernel that lost every replica is rebuilt from a checkpoint and the log entries after it
 (:func:`rebuild`), by each new replica alike, so they start identical.
 """
 
@@ -29,19 +35,30 @@ __all__ = [
     "Checkpoint",
     "Rebuilt",
     "checkpoint_key",
+    "checkpoint_prefix",
     "decode_checkpoint",
     "encode_checkpoint",
+    "legacy_checkpoint_key",
     "log_key",
     "log_prefix",
     "rebuild",
-    "term_of_log_key",
+    "term_of_key",
 ]
 
 #: 2: the state is a ``MergedState`` of components (identity-preserving synchronisation).
 _FORMAT = 2
 
 
-def checkpoint_key(kernel_id: str) -> str:
+def checkpoint_prefix(kernel_id: str) -> str:
+    return f"kernels/{kernel_id}/checkpoints/"
+
+
+def checkpoint_key(kernel_id: str, term: int) -> str:
+    return f"{checkpoint_prefix(kernel_id)}{term:012d}"
+
+
+def legacy_checkpoint_key(kernel_id: str) -> str:
+    """The one, unsigned, checkpoint of an nbcluster from before signed state."""
     return f"kernels/{kernel_id}/checkpoint"
 
 
@@ -53,7 +70,8 @@ def log_key(kernel_id: str, term: int) -> str:
     return f"{log_prefix(kernel_id)}{term:012d}"
 
 
-def term_of_log_key(key: str) -> int | None:
+def term_of_key(key: str) -> int | None:
+    """The term a log entry's or a checkpoint's key names (None: not such a key)."""
     tail = key.rsplit("/", 1)[-1]
     return int(tail) if tail.isdigit() else None
 
@@ -125,6 +143,9 @@ class Rebuilt:
     #: Log entries applied after the checkpoint, and entries skipped as unreadable.
     applied: int
     skipped: int
+    #: Stored objects not used because they were refused (forged, altered, unsigned) or
+    #: damaged: their keys (the reasons are in the replica's log).
+    refused: tuple[str, ...] = ()
 
 
 def rebuild(

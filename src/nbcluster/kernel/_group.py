@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -19,20 +20,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import envvars
 from .._tasks import BackgroundTasks
-from ..store import ObjectNotFoundError
-from ._checkpoint import (
-    Checkpoint,
-    Rebuilt,
-    checkpoint_key,
-    decode_checkpoint,
-    encode_checkpoint,
-    log_key,
-    log_prefix,
-    rebuild,
-    term_of_log_key,
-)
-from ._records import Done, Mark, Proposal, encode_record
+from ._checkpoint import Rebuilt, encode_checkpoint, log_key, rebuild
+from ._records import Done, Mark, Proposal, Record, encode_record
 from ._replication import ReplicaCoordinator
+from ._seal import Refusals
+from ._sealed import SealedLog, SealedLogState, SealedStore
+from ._stored import NoAuthenticState, read_state, write_checkpoint
 
 if TYPE_CHECKING:
     from ..consensus import ReplicatedLog
@@ -71,10 +64,24 @@ class GroupKernel(Protocol):
 
 
 class ReplicaGroup:
-    def __init__(self, kernel: GroupKernel, coordinator: ReplicaCoordinator, sync: Any) -> None:
+    """``sealed``: the coordinator as the Raft log sees it (records open before it decodes
+    them); ``log`` seals what this replica proposes, and ``sync.object_store`` is sealed
+    too, so that everything this replica loads was written by its kernel's replicas
+    (``_seal``)."""
+
+    def __init__(
+        self,
+        kernel: GroupKernel,
+        coordinator: ReplicaCoordinator,
+        sync: Any,
+        sealed: SealedLogState,
+    ) -> None:
         self.kernel = kernel
         self.coordinator = coordinator
         self.sync = sync
+        self.sealed = sealed
+        #: Forged or altered objects this replica refused (store and Raft log alike).
+        self.refusals = sealed.refusals
         self.log: ReplicatedLog = None  # type: ignore[assignment]  # set by start()
         self._tasks = BackgroundTasks("replica group", log)
         self._warned: set[str] = set()
@@ -93,8 +100,11 @@ class ReplicaGroup:
         peers: list[str],
         members: int,
         password: str,
+        state_key: bytes,
         object_store_url: str | None,
     ) -> ReplicaGroup:
+        """``state_key``: the kernel's key for its state (``_seal.derive_state_key``), the same
+        on every replica of the kernel."""
         from ..consensus import PySyncObjLog, private_random_for_pysyncobj
         from ..store import open_store
         from ._sync import StateSynchronizer
@@ -102,7 +112,12 @@ class ReplicaGroup:
         loop = asyncio.get_running_loop()
         shell = kernel.shell
         assert shell is not None
-        object_store = open_store(object_store_url or (Path.cwd() / ".nbcluster-store").as_uri())
+        refusals = Refusals()
+        object_store = SealedStore(
+            open_store(object_store_url or (Path.cwd() / ".nbcluster-store").as_uri()),
+            state_key,
+            refusals,
+        )
         # One key space per kernel, so that a kernel's objects go when it does (store gc).
         prefix = f"kernels/{kernel.kernel_id}/values/" if kernel.kernel_id else "values/"
         # Values pickled larger than this go to the store (gateway: --store-threshold-mb).
@@ -119,10 +134,16 @@ class ReplicaGroup:
         coordinator = ReplicaCoordinator(
             kernel.replica_id, members, loop, lambda p, n: group.apply_state(p, n)
         )
-        group = cls(kernel, coordinator, sync)
+        sealed = SealedLogState(coordinator, state_key, refusals)
+        group = cls(kernel, coordinator, sync, sealed)
         private_random_for_pysyncobj()  # the notebook's random.seed() is the notebook's own
-        group.log = PySyncObjLog(address, [p for p in peers if p != address], password, coordinator)
+        raft = PySyncObjLog(address, [p for p in peers if p != address], password, sealed)
+        group.log = SealedLog(raft, state_key)
         return group
+
+    async def propose(self, record: Record, timeout: float) -> None:
+        """Append a record and wait for its commit (``self.log`` seals it)."""
+        await self.log.propose(encode_record(record), timeout)
 
     async def wait_for_leader(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -133,9 +154,7 @@ class ReplicaGroup:
 
     async def catch_up(self, timeout: float) -> None:
         """Return once this replica has applied every record committed before now."""
-        await self.log.propose(
-            encode_record(Mark(self.kernel.replica_id, uuid.uuid4().hex)), timeout
-        )
+        await self.propose(Mark(self.kernel.replica_id, uuid.uuid4().hex), timeout)
 
     async def change_members(self, remove: list[str], add: list[str], timeout: float) -> None:
         """Raft membership changes, one at a time: first drop the dead, then add the new."""
@@ -148,7 +167,7 @@ class ReplicaGroup:
 
     async def elect(self, proposal: Proposal) -> str | None:
         """Propose and return the committed winner of the proposal's term and attempt."""
-        await self.log.propose(encode_record(proposal), PROPOSE_TIMEOUT)
+        await self.propose(proposal, PROPOSE_TIMEOUT)
         return await self.coordinator.decision(proposal.term, proposal.attempt, PROPOSE_TIMEOUT)
 
     def finish(self, term: int, status: str, execution_count: int, code: str) -> None:
@@ -273,7 +292,8 @@ class ReplicaGroup:
         kernel_id = self.kernel.kernel_id
         if not kernel_id:
             return
-        # The store keeps the log's tail too: it outlives every replica.
+        # The store keeps the log's tail too: it outlives every replica. (Sealed again, for
+        # its store key: a record authentic in the log cannot be stored under another term.)
         try:
             await asyncio.to_thread(
                 self.sync.object_store.put, log_key(kernel_id, record.term), data
@@ -290,9 +310,9 @@ class ReplicaGroup:
                 log.warning("could not write a checkpoint: %s", exc)
 
     async def write_checkpoint(self) -> dict[str, Any]:
-        """Write the merged state to ``kernels/K/checkpoint`` and drop the log entries it
-        covers. Called after the executor's cells (every few) and by
-        ``nbcluster_checkpoint_request`` (the gateway's checkpoint API)."""
+        """Write the merged state to ``kernels/K/checkpoints/<term>`` and drop what it makes
+        unnecessary (``_stored.write_checkpoint``). Called after the executor's cells (every
+        few) and by ``nbcluster_checkpoint_request`` (the gateway's checkpoint API)."""
         kernel_id = self.kernel.kernel_id
         if not kernel_id:
             raise RuntimeError("this replica does not know its kernel id")
@@ -305,13 +325,9 @@ class ReplicaGroup:
                 snapshot = coordinator.snapshot()
                 created = time.time()
                 data = encode_checkpoint(snapshot, term, count, self.kernel.replica_id, created)
-                object_store.put(checkpoint_key(kernel_id), data)
+                write_checkpoint(object_store, kernel_id, term, data)
                 self._cells_since_checkpoint = 0
                 self._last_checkpoint = time.monotonic()
-                for info in list(object_store.list(log_prefix(kernel_id))):
-                    covered = term_of_log_key(info.key)
-                    if covered is not None and covered <= term:
-                        object_store.delete(info.key)
                 return term, count, created, len(data)
 
         term, count, created, size = await asyncio.to_thread(write)
@@ -321,37 +337,45 @@ class ReplicaGroup:
     async def restore_from_store(self, timeout: float) -> Rebuilt | None:
         """Rebuild this replica's state from the store's checkpoint and log tail (the kernel
         lost every replica; the gateway starts new ones with ``restore``). Every new replica
-        does the same and reads the same objects, so they start identical."""
+        does the same and reads the same objects, so they start identical.
+
+        Only authentic objects are used (``_stored`` says what happens to the others); the
+        result names every object refused, the large values refused while the state was
+        loaded included (their variables are missing). None: the store holds nothing of this
+        kernel. Raises :class:`~._stored.NoAuthenticState` when it holds nothing authentic."""
         kernel_id = self.kernel.kernel_id
         object_store = self.sync.object_store
+        mark = self.refusals.mark()
 
-        def read() -> Rebuilt | None:
-            try:
-                checkpoint: Checkpoint | None = decode_checkpoint(
-                    object_store.get(checkpoint_key(kernel_id))
-                )
-            except ObjectNotFoundError:
-                checkpoint = None
-            entries = [
-                object_store.get(info.key) for info in object_store.list(log_prefix(kernel_id))
-            ]
-            return rebuild(checkpoint, entries, self.coordinator.election.members)
+        def read() -> tuple[Rebuilt | None, dict[str, str]]:
+            stored = read_state(object_store, kernel_id)
+            members = self.coordinator.election.members
+            return rebuild(stored.checkpoint, stored.entries, members), stored.refused
 
-        rebuilt = await asyncio.to_thread(read)
+        rebuilt, refused = await asyncio.to_thread(read)
         if rebuilt is None:
+            if refused:
+                raise NoAuthenticState(
+                    "nothing of this kernel in the object store is authentic: "
+                    + "; ".join(f"{key}: {why}" for key, why in refused.items())
+                )
             return None
         self.coordinator.restore(rebuilt.snapshot)
         await self.coordinator.caught_up(rebuilt.term, timeout)
+        # Values the restored state points to were opened as it was loaded, just now.
+        later = [k for k in self.refusals.since(mark) if k not in refused]
+        rebuilt = dataclasses.replace(rebuilt, refused=(*refused, *later))
         # New members get the restored state from a snapshot, not from an empty log.
         compact = getattr(self.log, "compact", None)
         if compact is not None:
             with contextlib.suppress(Exception):
                 compact()
         log.info(
-            "restored from the store: term %d (checkpoint %s, %d later cells)",
+            "restored from the store: term %d (checkpoint %s, %d later cells, %d refused)",
             rebuilt.term,
             "none" if rebuilt.checkpoint_created is None else "found",
             rebuilt.applied,
+            len(rebuilt.refused),
         )
         return rebuilt
 

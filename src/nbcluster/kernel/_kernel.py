@@ -62,6 +62,7 @@ from ._device_torch import default_frameworks, gpu_framework_imported
 from ._gpus import cell_gpus, strip_cpu_magic, use_nvml_device_order
 from ._host_copies import SyncedHostCopies
 from ._records import Proposal
+from ._seal import derive_state_key
 
 __all__ = ["ReplicaKernel"]
 
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 PROPOSE_TIMEOUT = 10.0
 #: How long the executor waits for earlier cells' state before running anyway (with a warning).
 CATCH_UP_TIMEOUT = 5.0
+#: Refused objects a restore names to the gateway at most (the replica's log has them all).
+MAX_REFUSED_NAMED = 100
 
 _Request = TypeVar("_Request", bound=ControlRequest)
 
@@ -140,6 +143,9 @@ class ReplicaKernel(IPythonKernel):
                     peers=request.peers,
                     members=request.members,
                     password=envvars.RAFT_PASSWORD.get() or "",
+                    # The kernel's Jupyter key (connection file), which every replica of the
+                    # kernel is given: the state key is derived from it (``_seal``).
+                    state_key=derive_state_key(self.session.key if self.session else b""),
                     object_store_url=envvars.STORE_URL.get() or None,
                 )
             await self.replication.wait_for_leader(request.timeout)
@@ -154,6 +160,7 @@ class ReplicaKernel(IPythonKernel):
                         execution_count=rebuilt.execution_count,
                         checkpoint_created=rebuilt.checkpoint_created,
                         later_cells=rebuilt.applied,
+                        refused=list(rebuilt.refused[:MAX_REFUSED_NAMED]),
                     )
                 )
                 return RaftStartReply(log=self._log_status(), restored=restored)
@@ -324,9 +331,7 @@ class ReplicaKernel(IPythonKernel):
                 # attempt ever comes, and waiting for one ended in ReplicaGroupUnavailable
                 # after the proposal timeout. Once our lead has committed, every record
                 # before it is applied here, so an earlier winner is known by then.
-                from ._records import encode_record
-
-                await group.log.propose(encode_record(proposal), PROPOSE_TIMEOUT)
+                await group.propose(proposal, PROPOSE_TIMEOUT)
                 winner = earlier_winner()
                 decided_earlier = winner is not None
                 if winner is None:

@@ -160,8 +160,9 @@ def parse_job_options(line: str) -> dict[str, Any]:
     return options
 
 
-def build_spec(options: dict[str, Any], source: str, owner: str) -> dict[str, Any]:
-    """The ``JobSpec`` (as JSON) of a ``%%job`` cell: ``source`` is the cell's body."""
+def build_spec(options: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``JobSpec`` (as JSON) of a ``%%job`` cell: ``source`` is the cell's body. Its
+    owner and kernel are not in it: the gateway sets them from the kernel's token."""
     framework = options.get("framework")
     if framework is not None:
         runtime = _FRAMEWORKS[framework]
@@ -169,7 +170,7 @@ def build_spec(options: dict[str, Any], source: str, owner: str) -> dict[str, An
         runtime = "docker"
     else:
         runtime = "process"
-    spec: dict[str, Any] = {"source": source, "runtime": runtime, "owner": owner}
+    spec: dict[str, Any] = {"source": source, "runtime": runtime}
     resources = {k: options[k] for k in ("gpus", "cpus", "memory_mb") if k in options}
     if resources:
         spec["resources"] = resources
@@ -225,11 +226,16 @@ class JobMagics(Magics):
                 f"{', '.join(missing)}), so it cannot submit or list jobs; start it from the "
                 "gateway, or use `nbcluster job submit` from a shell"
             )
+        # An https gateway is verified with the CA this replica's host verifies it with.
+        from .._tls import client_context
+
+        https = url.startswith("https://")
         return httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"token {token}"},
             timeout=httpx.Timeout(30.0),
             transport=self._transport,
+            verify=client_context(envvars.GATEWAY_CA.get()) if https else True,
         )
 
     @staticmethod
@@ -279,7 +285,7 @@ class JobMagics(Magics):
         job's record is then ``_job``. Interrupt the cell to cancel the job or detach from it.
         """
         options = parse_job_options(line)
-        spec = build_spec(options, cell, self._kernel_id())
+        spec = build_spec(options, cell)
         with self._client() as client:
             job: dict[str, Any] = self._call(client, "POST", "/api/jobs", "submit", json=spec)
             job_id = str(job["id"])
@@ -426,7 +432,7 @@ class JobMagics(Magics):
         kernel_id = self._kernel_id()
         with self._client() as client:
             jobs: list[dict[str, Any]] = self._call(
-                client, "GET", "/api/jobs", "list jobs", params={"owner": kernel_id}
+                client, "GET", "/api/jobs", "list jobs", params={"kernel_id": kernel_id}
             )
         if not jobs:
             print("no jobs from this kernel")

@@ -27,7 +27,10 @@ a job of their own live in the modules named above.
 
 Not thread-safe: one caller at a time, and nothing may run cells in the namespace while
 ``capture`` or ``apply`` is in progress. Unpickling runs code from the payload: only apply
-payloads from the kernel's own replicas.
+payloads from the kernel's own replicas. In a replica group they are: the records that carry
+them and the store this synchroniser reads large values from are sealed with the kernel's
+state key (``_seal``, ``_sealed``), and a value that does not open is refused like a damaged
+one (its slot is reported in ``failed``).
 """
 
 from __future__ import annotations
@@ -128,8 +131,8 @@ def _close_figures(replaced: Iterable[object]) -> None:
 
 def _digest(data: bytes) -> str:
     # XXH3-128: a 200 MB array is hashed in ~15 ms. The digest detects changed values and
-    # damaged objects; nothing here needs it to resist forgery (the Raft traffic that carries
-    # it is authenticated and encrypted).
+    # damaged objects; it need not resist forgery: the records that carry it and the stored
+    # objects it names are sealed with the kernel's state key (``_seal``).
     return str(xxhash.xxh3_128_hexdigest(data))
 
 

@@ -145,6 +145,9 @@ class RestorePoint(_Ours):
     checkpoint_created: float | None = None
     #: Cells of the store's log tail applied after the checkpoint.
     later_cells: int = Field(0, ge=0)
+    #: Store keys of objects left out because they failed authentication (forged, altered,
+    #: unsigned) or their checksum (docs/security.md, "Signed state").
+    refused: list[str] = Field(default_factory=list)
 
 
 # -- requests (gateway → replica) and their ok replies ----------------------------------------

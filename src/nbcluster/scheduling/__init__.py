@@ -42,6 +42,7 @@ from ._events import (
     ReplicaReady,
     ReplicaRequested,
     ReplicaStopped,
+    UserQuotaSet,
 )
 from ._policies import BATCH, NOTEBOOKOS, POLICIES, RESERVATION, Policy, policy_named
 from ._resources import DEFAULT_REQUEST, Resources, parse_request
@@ -101,6 +102,7 @@ __all__ = [
     "ScalingConfig",
     "Scheduler",
     "SchedulerConfig",
+    "UserQuotaSet",
     "WaitForGpus",
     "parse_request",
     "policy_named",

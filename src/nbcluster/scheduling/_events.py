@@ -32,6 +32,7 @@ __all__ = [
     "ReplicaReady",
     "ReplicaRequested",
     "ReplicaStopped",
+    "UserQuotaSet",
 ]
 
 
@@ -74,6 +75,8 @@ class KernelRequested:
     request: Resources
     replicas: int | None = None
     policy: str = "notebookos"
+    #: The user it belongs to (their GPU quota bounds its cells: ``UserQuotaSet``).
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,7 @@ class KernelAdopted:
     kernel_id: str
     request: Resources
     policy: str = "notebookos"
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,18 @@ class JobGpusRequested:
     job_id: str
     host: str
     device_indices: tuple[int, ...]
+    #: The job's owner: its GPUs count against their quota while it holds them.
+    owner: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UserQuotaSet:
+    """``user`` may hold at most ``gpus`` GPUs at once across their cells and jobs (None: no
+    limit). A cell that would pass it waits, like a cell for which no host has GPUs, until the
+    user's other cells or jobs release theirs."""
+
+    user: str
+    gpus: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,4 +262,5 @@ Event = (
     | JobGpusReleased
     | DeviceMemoryReported
     | EvictionFinished
+    | UserQuotaSet
 )

@@ -76,6 +76,7 @@ from ._events import (
     ReplicaReady,
     ReplicaRequested,
     ReplicaStopped,
+    UserQuotaSet,
 )
 from ._policies import Policy, policy_named
 from ._resources import Resources
@@ -147,6 +148,8 @@ class _Kernel:
     next_replica: int = 0
     #: term -> the GPUs that cell asked for itself (``%%cpu``: 0), until it ends
     cell_gpus: dict[int, int] = field(default_factory=dict)
+    #: The user it belongs to (``UserQuotaSet``).
+    owner: str = ""
 
     def new_replica_id(self, name: Callable[[str, int], str]) -> str:
         while True:
@@ -185,6 +188,9 @@ class Scheduler:
         # never matches an entry left from its earlier life.
         self._versions = 0
         self._vram = VramLedger()
+        #: Users' GPU quotas (``UserQuotaSet``) and the owners of jobs holding GPUs.
+        self._quotas: dict[str, int] = {}
+        self._job_owners: dict[str, str] = {}
 
     # ----------------------------------------------------------------- views
 
@@ -291,7 +297,9 @@ class Scheduler:
                         policy = policy_named(event.policy)
                     except ValueError:
                         policy = policy_named("notebookos")
-                    self._kernels[event.kernel_id] = _Kernel(event.kernel_id, event.request, policy)
+                    self._kernels[event.kernel_id] = _Kernel(
+                        event.kernel_id, event.request, policy, owner=event.owner
+                    )
                 return []
             case ReplicaAdopted():
                 return self._replica_adopted(event)
@@ -325,6 +333,12 @@ class Scheduler:
                 return []
             case EvictionFinished():
                 return self._eviction_finished(event)
+            case UserQuotaSet():
+                if event.gpus is None:
+                    self._quotas.pop(event.user, None)
+                else:
+                    self._quotas[event.user] = event.gpus
+                return self._retry_waiting()
         raise TypeError(f"not a scheduler event: {event!r}")
 
     def _host_added(self, event: HostAdded) -> list[Action]:
@@ -350,6 +364,7 @@ class Scheduler:
         self._max_spec = None
         for job_id in host.jobs:
             del self._jobs[job_id]
+            self._job_owners.pop(job_id, None)
         self._vram.remove_host(event.name)
         actions: list[Action] = []
         requeued = False
@@ -401,7 +416,7 @@ class Scheduler:
         too_big = self._too_big(request)
         if too_big is not None:
             return [RejectKernel(kid, too_big)]
-        kernel = _Kernel(kid, request, policy)
+        kernel = _Kernel(kid, request, policy, owner=event.owner)
         if policy.commit_at_placement and request.gpus > 0:
             if count != 1:
                 return [RejectKernel(kid, f"policy {policy.name} runs 1 replica, got {count}")]
@@ -560,6 +575,7 @@ class Scheduler:
         if event.gpus is not None:
             kernel.cell_gpus[event.term] = event.gpus
         gpus = kernel.request.gpus if event.gpus is None else event.gpus
+        over: str | None = None  # why the owner's GPU quota holds the cell back
         if gpus == 0 and not kernel.waiting and (b is None or not b.device_indices):
             # Cells that need no GPU wait for nothing but a ready replica: nothing is
             # committed. (Behind a cell that holds GPUs they wait their turn: cells run in
@@ -569,12 +585,17 @@ class Scheduler:
             if bound is not None:
                 return bound
         elif b is None and not kernel.waiting:
-            bound = self._try_bind(kernel, event.term, event.preferred_replica, gpus)
+            over = self._over_quota(kernel, gpus)
+            bound = (
+                None if over else self._try_bind(kernel, event.term, event.preferred_replica, gpus)
+            )
             if bound is not None:
                 return bound
         behind = b is not None or bool(kernel.waiting)
         if behind:
             reason = "the kernel's previous cell still holds its GPUs"
+        elif over is not None:
+            reason = over
         elif len(kernel.starting) == len(kernel.replicas):
             reason = "the kernel has no running replica"
         else:
@@ -582,9 +603,32 @@ class Scheduler:
         kernel.waiting.append(event.term)
         self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica, event.gpus))
         actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason, behind)]
-        if b is None and kernel.replicas and max(self._by_free, default=0) < gpus:
+        if over is None and b is None and kernel.replicas and max(self._by_free, default=0) < gpus:
             actions.append(ScaleOut(1, f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"))
         return actions
+
+    def _over_quota(self, kernel: _Kernel, gpus: int) -> str | None:
+        """Why a cell of ``kernel`` needing ``gpus`` GPUs would pass its owner's quota now
+        (None: it would not). Counted when asked: only users with a quota pay for it."""
+        limit = self._quotas.get(kernel.owner) if gpus > 0 else None
+        if limit is None:
+            return None
+        held = sum(
+            len(k.binding.device_indices)
+            for k in self._kernels.values()
+            if k.owner == kernel.owner and k.binding is not None
+        )
+        held += sum(
+            len(self._hosts[host].jobs.get(job_id, ()))
+            for job_id, host in self._jobs.items()
+            if self._job_owners.get(job_id) == kernel.owner and host in self._hosts
+        )
+        if held + gpus <= limit:
+            return None
+        return (
+            f"user {kernel.owner!r} holds {held} of their {limit} GPU(s) (quota) in other "
+            "cells and jobs"
+        )
 
     def _execution_finished(self, event: ExecutionFinished) -> list[Action]:
         kernel = self._kernels.get(event.kernel_id)
@@ -654,6 +698,8 @@ class Scheduler:
             ]
         host.free.difference_update(devices)
         host.jobs[job_id] = devices
+        if event.owner:
+            self._job_owners[job_id] = event.owner
         host.pending = host.pending + Resources(gpus=len(devices))
         self._jobs[job_id] = host.name
         self._reindex(host)
@@ -662,6 +708,7 @@ class Scheduler:
 
     def _job_gpus_released(self, event: JobGpusReleased) -> list[Action]:
         name = self._jobs.pop(event.job_id, None)
+        self._job_owners.pop(event.job_id, None)
         if name is None:
             return []
         host = self._hosts[name]
@@ -783,6 +830,8 @@ class Scheduler:
             if gpus > most_free:
                 continue  # cheap skip: no host has that many idle GPUs
             if kernel.binding is not None or kernel.waiting[0] != wait.term:
+                continue
+            if self._over_quota(kernel, gpus) is not None:
                 continue
             bound = self._try_bind(kernel, wait.term, wait.preferred, gpus)
             if bound is not None:
