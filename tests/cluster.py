@@ -121,8 +121,11 @@ class Cluster:
         ip: str = "127.0.0.1",
         gateway_args: Sequence[str] = (),
         tls: TlsFiles | None = None,
+        host_args: Sequence[str] = (),
     ) -> None:
         self.state_dir = state_dir
+        #: More ``nbcluster host`` flags, for every host (``--container-runtime docker`` ...).
+        self.host_args = list(host_args)
         #: The gateway serves https/wss with ``tls.cert``; hosts verify it with ``tls.ca``.
         self.tls = tls
         #: The address the gateway listens on (hosts in other network namespaces need one
@@ -207,11 +210,14 @@ class Cluster:
         address: str | None = None,
         prefix: Sequence[str] = (),
         ca: Path | bool = True,
+        extra: Sequence[str] = (),
     ) -> None:
         """Start a host daemon; ``address`` is its ``--address`` (where its replicas listen),
         ``prefix`` goes before the command (e.g. ``ip netns exec NS``, which execs it).
         ``ca``: the ``--ca`` it verifies a TLS gateway with (True: the cluster's CA, False:
-        none, the system's trust store)."""
+        none, the system's trust store). ``extra``: more flags for this host only
+        (``--pool a``)."""
+        flags = list(extra)
         extra = ["--address", address] if address is not None else []
         if ca is True and self.tls is not None:
             extra += ["--ca", str(self.tls.ca)]
@@ -231,7 +237,9 @@ class Cluster:
                 str(self.gpus_per_host),
                 "--log-level",
                 "debug",
+                *self.host_args,
                 *extra,
+                *flags,
             ],
             prefix,
         )

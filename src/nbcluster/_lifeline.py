@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-__all__ = ["die_with_parent", "set_parent_death_signal"]
+__all__ = ["die_with_lifeline", "die_with_parent", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -56,3 +56,31 @@ def _start_poller(parent_pid: int, sig: int) -> None:
         os.kill(os.getpid(), sig)
 
     threading.Thread(target=poll, name="nbcluster-lifeline", daemon=True).start()
+
+
+def die_with_lifeline(path: str, sig: int = signal.SIGKILL) -> None:
+    """Arrange for ``sig`` to reach this process when the FIFO at ``path`` reaches end of file.
+
+    For replicas in containers, which cannot see their host daemon's pid: the daemon opens the
+    FIFO (read-write, so it never blocks) and keeps it open for the replica's life; when the
+    daemon dies, the kernel closes it, the last writer is gone and a read here returns end of
+    file. A FIFO that cannot be opened means the daemon is not there: the signal is raised now.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        os.kill(os.getpid(), sig)
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(fd, 64):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="nbcluster-lifeline", daemon=True).start()

@@ -32,11 +32,13 @@ __all__ = [
     "JOB_ID",
     "JOIN_TOKEN",
     "KERNEL_ID",
+    "LIFELINE_PATH",
     "PARENT_PID",
     "PREFIX",
     "RAFT_PASSWORD",
     "REPLICA_ID",
     "REPORT_FD",
+    "REPORT_PATH",
     "STATE_DIR",
     "STORE_THRESHOLD",
     "STORE_URL",
@@ -169,6 +171,22 @@ REPORT_FD = EnvVar(
     set_by="the host daemon, for each replica it starts",
     read_by="the replica's app, once at start-up",
 )
+REPORT_PATH = EnvVar(
+    "NBCLUSTER_REPORT_PATH",
+    "path (a FIFO)",
+    "For a replica in a container (no fd can be inherited): the FIFO, in the directory the "
+    "host daemon mounts into the container, on which it reports its ports as one JSON line.",
+    set_by="the host daemon, for each replica it starts as a container",
+    read_by="the replica's app, once at start-up",
+)
+LIFELINE_PATH = EnvVar(
+    "NBCLUSTER_LIFELINE_PATH",
+    "path (a FIFO)",
+    "For a replica in a container (it cannot see the daemon's pid): a FIFO the host daemon "
+    "holds open for writing; end of file means the daemon is gone, and the replica exits.",
+    set_by="the host daemon, for each replica it starts as a container",
+    read_by="the replica's app, which watches it on a thread",
+)
 PARENT_PID = EnvVar(
     "NBCLUSTER_PARENT_PID",
     "int (process id)",
@@ -295,6 +313,8 @@ ALL: tuple[EnvVar, ...] = (
     KERNEL_ID,
     REPLICA_ID,
     REPORT_FD,
+    REPORT_PATH,
+    LIFELINE_PATH,
     PARENT_PID,
     RAFT_PASSWORD,
     STORE_URL,

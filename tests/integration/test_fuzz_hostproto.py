@@ -364,11 +364,6 @@ def test_events_of_a_fake_workers_job(cluster: Cluster) -> None:
     @given(sent=st.lists(frames(st.just(THE_JOB) | job_ids), min_size=1, max_size=6))
     def worker(sent: list[str | bytes]) -> None:
         note(f"frames: {sent!r}")
-        submitted = cluster.http.post(
-            "/api/jobs", json={"command": ["true"], "resources": {"gpus": 16}, "retries": 0}
-        )
-        assert submitted.status_code == 201, submitted.text
-        job_id = submitted.json()["id"]
         name = next(_names)
         hello = {
             "type": "hello",
@@ -383,6 +378,12 @@ def test_events_of_a_fake_workers_job(cluster: Cluster) -> None:
         with _connect(cluster) as ws:
             ws.send(json.dumps(hello))
             assert json.loads(ws.recv(timeout=15))["type"] == "welcome"
+            # Submitted once the host is known: a job larger than every host is refused.
+            submitted = cluster.http.post(
+                "/api/jobs", json={"command": ["true"], "resources": {"gpus": 16}, "retries": 0}
+            )
+            assert submitted.status_code == 201, submitted.text
+            job_id = submitted.json()["id"]
             try:
                 deadline = time.monotonic() + 15
                 while job_id not in given_jobs and time.monotonic() < deadline:

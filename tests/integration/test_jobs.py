@@ -160,9 +160,10 @@ async def test_outputs_logs_follow_cancel_and_gateway_restart(tmp_path: Path) ->
                 30,
                 "the sleeper to run",
             )
-            queued = await gw.submit_job(
-                {"command": ["true"], "resources": {"memory_mb": 10**9}}
-            )  # fits nowhere: stays queued
+            # Every CPU of the host: it fits only once the sleeper is gone, so it stays queued
+            # (a job that fits no host at all is refused).
+            [host] = c.http.get("/api/cluster/hosts").json()
+            queued = await gw.submit_job({"command": ["true"], "resources": {"cpus": host["cpus"]}})
             # A restarted gateway keeps every standard job.
             c.kill_gateway()
             c.start_gateway()
@@ -171,12 +172,12 @@ async def test_outputs_logs_follow_cancel_and_gateway_restart(tmp_path: Path) ->
             assert restored[queued["id"]] == "queued"
             assert restored[sleeper["id"]] == "running"
             await async_wait_for(lambda: "host-1" in c.connected_hosts(), 30, "the worker back")
+            cancelled = await gw.cancel_job(queued["id"])  # first: the sleeper holds it back
+            assert cancelled["job"]["status"] == "cancelled"
             cancelled = await gw.cancel_job(sleeper["id"])
             assert "stopping" in cancelled["message"]
             [done] = await _wait_jobs(gw, [sleeper["id"]], 30)
             assert done["status"] == "cancelled"
-            cancelled = await gw.cancel_job(queued["id"])
-            assert cancelled["job"]["status"] == "cancelled"
 
 
 def test_the_job_cli(tmp_path: Path) -> None:
@@ -234,8 +235,17 @@ async def test_jobs_in_redis_survive_a_gateway_restart(tmp_path: Path) -> None:
                 done = await gw.submit_job({"command": ["echo", "kept"]})
                 [finished] = await _wait_jobs(gw, [done["id"]], 60)
                 assert finished["status"] == "succeeded"
+                # Every CPU of the host while a sleeper holds one: it stays queued (a job that
+                # fits no host at all is refused).
+                sleeper = await gw.submit_job({"command": ["sleep", "60"]})
+                await async_wait_for(
+                    lambda: c.http.get(f"/api/jobs/{sleeper['id']}").json()["status"] == "running",
+                    30,
+                    "the sleeper to run",
+                )
+                [host] = c.http.get("/api/cluster/hosts").json()
                 waiting = await gw.submit_job(
-                    {"command": ["true"], "resources": {"memory_mb": 10**9}}
+                    {"command": ["true"], "resources": {"cpus": host["cpus"]}}
                 )
                 assert client.exists(f"{prefix}job/{done['id']}")
                 c.kill_gateway()

@@ -11,6 +11,13 @@ Topology, built per test and removed afterwards (root is required; the tests ski
   other end ``nbv<pid>t<n>h<i>`` is a port of the bridge. Hosts reach each other and the
   gateway only through the bridge; there is no default route out of a namespace.
 
+Before a test relies on it, :meth:`Network.check_passage` checks that packets do pass: from a
+namespace to another across the bridge, and to the gateway's address. A Docker engine started
+with its iptables rules sets the FORWARD policy to DROP, and with ``br_netfilter`` loaded that
+drops bridged packets too; the check fails naming that cause (start ``dockerd
+--iptables=false``, as ``deploy/docker/engine-up.sh`` does) instead of the cluster failing to
+form for no visible reason.
+
 Cutting a host takes its bridge port down: packets to and from it are dropped silently, as
 with a pulled cable, and every TCP connection it has (its websocket to the gateway, the
 gateway's ZMQ links to its replicas, Raft between replicas) stays open on both ends without
@@ -24,8 +31,10 @@ import itertools
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +72,54 @@ def _ip_ok(*args: str) -> None:
     done = _ip(*args)
     if done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+#: Connects to ADDRESS:PORT within TIMEOUT seconds: an answer, even a refusal (a reset), shows
+#: that packets pass both ways; a timeout or an ICMP error shows they do not.
+_PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+except ConnectionRefusedError:
+    pass
+except OSError as exc:
+    sys.exit(f"{type(exc).__name__}: {exc}")
+"""
+#: A port nothing listens on in a new namespace (the discard service).
+_PROBE_PORT = 9
+
+
+def _bridge_filtering() -> str:
+    """What can drop packets on a Linux bridge here: br_netfilter and the FORWARD chain."""
+    facts = []
+    nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    if nf.exists():
+        value = nf.read_text().strip()
+        facts.append(
+            f"net.bridge.bridge-nf-call-iptables={value}"
+            + (
+                " (br_netfilter: bridged packets go through iptables' FORWARD chain)"
+                if value == "1"
+                else ""
+            )
+        )
+    else:
+        facts.append("br_netfilter is not loaded")
+    iptables = shutil.which("iptables")
+    if iptables is None:
+        facts.append("no iptables command to read the FORWARD chain with")
+    else:
+        rules = subprocess.run(
+            [iptables, "-S", "FORWARD"], capture_output=True, text=True, timeout=10, check=False
+        )
+        chain = (rules.stdout or rules.stderr).strip()
+        facts.append(f"`iptables -S FORWARD`: {chain!r}")
+        if "-P FORWARD DROP" in chain:
+            facts.append(
+                "the FORWARD policy is DROP: dockerd sets it unless it runs with "
+                "--iptables=false (deploy/docker/engine-up.sh starts it so)"
+            )
+    return "; ".join(facts)
 
 
 class Network:
@@ -124,6 +181,40 @@ class Network:
             _ip_ok("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
             _ip_ok("-n", ns, "link", "set", "eth0", "up")
             _ip_ok("-n", ns, "link", "set", "lo", "up")
+
+    def check_passage(self, timeout: float = 3.0) -> None:
+        """Fail, naming the likely cause, unless packets pass from the first namespace to the
+        second across the bridge (forwarded by the bridge) and to the gateway's address."""
+        paths = [
+            (self.address(1), f"{self.namespaces[1]} across the bridge {self.bridge}"),
+            (self.gateway_ip, f"the gateway's address {self.gateway_ip} on {self.bridge}"),
+        ]
+        for address, what in paths:
+            done = subprocess.run(
+                [
+                    *self.exec_prefix(0),
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    _PROBE,
+                    address,
+                    str(_PROBE_PORT),
+                    str(timeout),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout + 15,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise AssertionError(
+                    f"packets do not pass from {self.namespaces[0]} to {what} "
+                    f"({done.stderr.strip() or done.returncode}): the partition tests cannot "
+                    f"run on this machine's network filtering. {_bridge_filtering()}. "
+                    "Fix: run dockerd with --iptables=false, or allow the test bridges "
+                    "(`iptables -I FORWARD -i 'nbb+' -o 'nbb+' -j ACCEPT`), or "
+                    "`sysctl net.bridge.bridge-nf-call-iptables=0`."
+                )
 
     def cut(self, i: int) -> None:
         """Partition host ``i`` from everything: its bridge port goes down."""
@@ -201,6 +292,7 @@ def net() -> Iterator[Network]:
     network = Network(HOSTS)
     try:
         network.create()
+        network.check_passage()
         yield network
     finally:
         network.destroy()

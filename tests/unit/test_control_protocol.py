@@ -497,6 +497,9 @@ def test_a_replica_answers_malformed_control_requests_and_keeps_serving(tmp_path
     )
     client = BlockingKernelClient(connection_file=connection_file)
     client.load_connection_file()
+    # A busy machine can delay the new kernel's heartbeat past jupyter_client's 1 s, which
+    # wait_for_ready takes for a dead kernel.
+    client.hb_channel.time_to_dead = 30.0
     client.start_channels()
     try:
         client.wait_for_ready(timeout=60)

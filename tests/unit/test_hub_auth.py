@@ -159,9 +159,10 @@ async def test_an_unknown_token_is_not_a_hub_token(hub: FakeHub, clock: Clock) -
 @pytest.mark.parametrize(
     "token",
     [
-        new_token("nbu_"),
-        new_token("nbk_"),
-        new_token("nbj_"),
+        # Fixed ids: parallel test workers must collect the same tests.
+        pytest.param(new_token("nbu_"), id="user-token"),
+        pytest.param(new_token("nbk_"), id="kernel-token"),
+        pytest.param(new_token("nbj_"), id="join-token"),
         "short",
         "has space inside it",
         "line\r\nbreak-injection",

@@ -23,7 +23,12 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from nbcluster.jobs import _kubernetes as kube_mod
-from nbcluster.jobs._docker import DockerRuntime, container_env, gpu_ids
+from nbcluster.jobs._docker import (
+    DockerRuntime,
+    container_env,
+    gpu_device_requests,
+    gpu_ids,
+)
 from nbcluster.jobs._kubernetes import (
     KubernetesJobRuntime,
     TrainingJobRuntime,
@@ -61,6 +66,9 @@ class FakeContainer:
         if not block:
             self.stopped.set()
 
+    def start(self) -> None:
+        self.calls.append(("start", {}))
+
     def logs(self, **kwargs: Any) -> Iterator[bytes]:
         self.calls.append(("logs", kwargs))
         return iter(self.chunks)
@@ -86,18 +94,30 @@ class FakeContainers:
     def __init__(self, container: FakeContainer, error: Exception | None = None) -> None:
         self.container = container
         self.error = error
-        self.runs: list[dict[str, Any]] = []
+        self.runs: list[dict[str, Any]] = []  # the kwargs of each create
 
-    def run(self, **kwargs: Any) -> FakeContainer:
+    def create(self, **kwargs: Any) -> FakeContainer:
         self.runs.append(kwargs)
         if self.error is not None:
             raise self.error
         return self.container
 
 
+class FakeImages:
+    """No registry: every pull fails as the engine's does."""
+
+    def __init__(self) -> None:
+        self.pulls: list[str] = []
+
+    def pull(self, name: str) -> None:
+        self.pulls.append(name)
+        raise docker.errors.APIError(f"pull access denied for {name}")
+
+
 class FakeDockerClient:
     def __init__(self, container: FakeContainer, error: Exception | None = None) -> None:
         self.containers = FakeContainers(container, error)
+        self.images = FakeImages()
 
 
 def docker_runtime(
@@ -113,7 +133,7 @@ def docker_runtime(
         made.append(1)
         return fake
 
-    return DockerRuntime(factory), fake, made
+    return DockerRuntime(factory, user=(1000, 1000)), fake, made
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +171,8 @@ async def test_docker_start_passes_exact_kwargs_with_gpus(tmp_path: Path) -> Non
     assert fake.containers.runs == [
         {
             "image": "python:3.11-slim",
-            "command": ["python", "train.py"],
+            "entrypoint": ["python"],  # the command replaces the image's entrypoint
+            "command": ["train.py"],
             "environment": {
                 "FOO": "bar",
                 "NBCLUSTER_JOB_ID": "j1",
@@ -160,10 +181,12 @@ async def test_docker_start_passes_exact_kwargs_with_gpus(tmp_path: Path) -> Non
             },
             "working_dir": "/job",
             "volumes": {resolved(tmp_path): {"bind": "/job", "mode": "rw"}},
-            "detach": True,
-            "labels": {"nbcluster.job": "j1"},
+            "labels": {"nbcluster.job": "j1", "nbcluster.worker": runtime.worker_id},
+            "user": "1000:1000",
+            "init": True,
             "mem_limit": "2048m",
             "nano_cpus": 1_500_000_000,
+            "network_mode": "host",
             "device_requests": [
                 docker.types.DeviceRequest(device_ids=["0", "2"], capabilities=[["gpu"]])
             ],
@@ -174,6 +197,7 @@ async def test_docker_start_passes_exact_kwargs_with_gpus(tmp_path: Path) -> Non
     assert await handle.wait() == 0
     container = fake.containers.container
     assert ("logs", {"stream": True, "follow": True}) in container.calls
+    assert container.names()[:2] == ["start", "logs"]
     assert container.names()[-1] == "remove"
     assert log_path.read_bytes() == b"epoch 1\ndone\n"
 
@@ -194,7 +218,8 @@ async def test_docker_source_job_runs_job_py_in_the_container(tmp_path: Path) ->
     runtime, fake, _ = docker_runtime()
     job = JobSpec(source="print('hi')", image="python:3.11-slim", runtime="docker")
     handle = await runtime.start("j3", job, tmp_path, {}, tmp_path / "log")
-    assert fake.containers.runs[0]["command"] == ["python", "/job/job.py"]
+    run = fake.containers.runs[0]
+    assert [*run["entrypoint"], *run["command"]] == ["python", "/job/job.py"]
     assert (tmp_path / "job.py").read_text() == "print('hi')"
     assert await handle.wait() == 0
 
@@ -209,11 +234,12 @@ async def test_docker_gpus_asked_but_not_bound(tmp_path: Path) -> None:
 
 async def test_docker_image_not_found_names_image(tmp_path: Path) -> None:
     error = docker.errors.ImageNotFound("No such image: nope:1")
-    runtime, _, _ = docker_runtime(error=error)
-    with pytest.raises(ValueError, match=r"^image: 'nope:1' not found"):
+    runtime, fake, _ = docker_runtime(error=error)
+    with pytest.raises(ValueError, match=r"^image: 'nope:1' is not on this host and could not"):
         await runtime.start(
             "j5", spec(runtime="docker", image="nope:1"), tmp_path, {}, tmp_path / "l"
         )
+    assert fake.images.pulls == ["nope:1"]  # the engine lacked it: a pull was tried
 
 
 async def test_docker_engine_unreachable(tmp_path: Path) -> None:
@@ -238,6 +264,88 @@ async def test_docker_cancel_stops_then_removes(tmp_path: Path) -> None:
     assert ("remove", {"force": True}) in container.calls
     assert await asyncio.wait_for(waiter, 5) == 137
     assert (tmp_path / "log").read_bytes() == b"working\n"
+
+
+@pytest.mark.parametrize("devices", [["3"], ["0", "2"], ["1", "4", "5", "7"]])
+def test_docker_gpu_request_for_n_gpus(tmp_path: Path, devices: list[str]) -> None:
+    """A job with gpus=N whose worker bound N devices: one device request for exactly those
+    devices, in the form `docker run --gpus '"device=..."'` sends it, and the devices
+    numbered from 0 inside the container."""
+    runtime, _, _ = docker_runtime()
+    job = spec(runtime="docker", resources=JobResources(gpus=len(devices)))
+    env = {"NBCLUSTER_GPUS": ",".join(devices), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
+    kwargs = runtime.create_kwargs("g1", job, tmp_path, env)
+    assert kwargs["device_requests"] == gpu_device_requests(devices)
+    (request,) = kwargs["device_requests"]
+    # The API's DeviceRequest, as the docker CLI (28.x) builds it for --gpus device=...
+    assert dict(request) == {
+        "Driver": "",
+        "Count": 0,
+        "DeviceIDs": devices,
+        "Capabilities": [["gpu"]],
+        "Options": {},
+    }
+    assert kwargs["environment"]["CUDA_VISIBLE_DEVICES"] == ",".join(
+        str(i) for i in range(len(devices))
+    )
+    assert kwargs["environment"]["NBCLUSTER_GPUS"] == ",".join(devices)
+    assert gpu_device_requests([]) == []
+
+
+async def test_docker_wait_after_cancel_returns_the_status(tmp_path: Path) -> None:
+    """The worker's timeout path: cancel, then wait (the container is removed by then)."""
+    runtime, fake, _ = docker_runtime(block=True)
+    handle = await runtime.start("j8", spec(runtime="docker"), tmp_path, {}, tmp_path / "log")
+    await handle.cancel(grace=1.0)
+    assert await asyncio.wait_for(handle.wait(), 5) == 137
+    assert await asyncio.wait_for(handle.wait(), 5) == 137  # and again
+    assert fake.containers.container.names().count("wait") == 1
+
+
+async def test_docker_start_refused_removes_the_container(tmp_path: Path) -> None:
+    runtime, fake, _ = docker_runtime()
+    container = fake.containers.container
+
+    def refuse() -> None:
+        container.calls.append(("start", {}))
+        raise docker.errors.APIError(
+            "500 Server Error",
+            explanation='could not select device driver "" with capabilities: [[gpu]]',
+        )
+
+    container.start = refuse  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"could not select device driver"):
+        await runtime.start("j9", spec(runtime="docker"), tmp_path, {}, tmp_path / "log")
+    assert container.names() == ["start", "remove"]
+
+
+async def test_docker_lost_container_ends_with_125(tmp_path: Path) -> None:
+    runtime, fake, _ = docker_runtime()
+    container = fake.containers.container
+
+    def gone() -> dict[str, Any]:
+        raise docker.errors.NotFound("No such container: c0ffee")
+
+    container.wait = gone  # type: ignore[method-assign]
+    handle = await runtime.start("j10", spec(runtime="docker"), tmp_path, {}, tmp_path / "log")
+    assert await asyncio.wait_for(handle.wait(), 5) == 125
+    assert "lost the container" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a root worker only")
+async def test_docker_root_worker_gives_the_job_dir_to_the_container_user(
+    tmp_path: Path,
+) -> None:
+    runtime, fake, _ = docker_runtime()
+    workdir = tmp_path / "job"
+    (workdir / "data").mkdir(parents=True)
+    (workdir / "data" / "in.csv").write_text("1\n")
+    job = JobSpec(source="print(1)", image="img", runtime="docker")
+    await runtime.start("j11", job, workdir, {}, tmp_path / "log")
+    assert fake.containers.runs[0]["user"] == "1000:1000"
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in (workdir, *workdir.rglob("*"))}
+    assert owners == {(1000, 1000)}  # job.py and the inputs too
+    assert DockerRuntime(lambda: None).user == (1000, 1000)  # never root in the container
 
 
 def test_docker_env_helpers() -> None:

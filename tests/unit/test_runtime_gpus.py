@@ -291,6 +291,9 @@ class _Kernel:
         )
         self.client = BlockingKernelClient(connection_file=connection_file)
         self.client.load_connection_file()
+        # A busy machine can delay the new kernel's heartbeat past jupyter_client's 1 s, which
+        # wait_for_ready takes for a dead kernel.
+        self.client.hb_channel.time_to_dead = 30.0
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
 
@@ -300,7 +303,11 @@ class _Kernel:
         msg = self.client.session.msg("execute_request", content, metadata=metadata or {})
         self.client.shell_channel.send(msg)
         msg_id = msg["header"]["msg_id"]
+        # wait_for_ready may have sent several kernel_info requests to a slow-starting kernel:
+        # their late replies come first.
         reply = self.client.get_shell_msg(timeout=30)
+        while reply["msg_type"] == "kernel_info_reply":
+            reply = self.client.get_shell_msg(timeout=30)
         assert reply["parent_header"]["msg_id"] == msg_id
         streams = {"stdout": "", "stderr": ""}
         deadline = time.monotonic() + 30

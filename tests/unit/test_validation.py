@@ -355,3 +355,48 @@ def test_memory_store_round_trip_with_copies() -> None:
     store.delete("k1")
     store.delete("k1")
     assert store.load_all() == []
+
+
+@pytest.mark.parametrize(
+    ("metadata", "image"),
+    [
+        ({}, None),
+        (
+            {"kernel_provisioner": {"config": {"image_name": "nbcluster:latest"}}},
+            "nbcluster:latest",
+        ),
+        (
+            {"nbcluster": {"image": "registry.example:5000/team/k@sha256:ab12"}},
+            "registry.example:5000/team/k@sha256:ab12",
+        ),
+        (
+            {
+                "kernel_provisioner": {"config": {"image_name": "first:1"}},
+                "nbcluster": {"image": "second:2"},
+            },
+            "first:1",
+        ),
+    ],
+)
+def test_a_kernelspec_names_its_image(
+    tmp_path: Path, metadata: dict[str, Any], image: str | None
+) -> None:
+    path = _write_spec(tmp_path, "k", {**GOOD_SPEC, "metadata": metadata})
+    assert KernelSpecRegistry.load_file(path).image == image
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("-v /:/host", "is not a container image reference"),
+        ("has space:1", "is not a container image reference"),
+        (5, "image_name must be a string, not int"),
+    ],
+)
+def test_a_bad_image_skips_the_kernelspec_with_the_reason(
+    tmp_path: Path, image: object, expected: str
+) -> None:
+    metadata = {"kernel_provisioner": {"config": {"image_name": image}}}
+    path = _write_spec(tmp_path, "k", {**GOOD_SPEC, "metadata": metadata})
+    with pytest.raises(KernelSpecError, match=re.escape(expected)):
+        KernelSpecRegistry.load_file(path)

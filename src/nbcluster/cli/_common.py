@@ -19,6 +19,7 @@ __all__ = [
     "policy_option",
     "read_runtime",
     "remove_runtime",
+    "runtime_path",
     "setup_logging",
     "store_option",
     "subscription_option",
@@ -61,14 +62,15 @@ def default_state_dir() -> Path:
     return Path(data_home) / "nbcluster"
 
 
-def _runtime_path(state_dir: Path) -> Path:
+def runtime_path(state_dir: Path) -> Path:
+    """Where a running gateway records its URL and token (``nbcluster status`` reads it)."""
     return state_dir / "gateway" / "runtime.json"
 
 
 def write_runtime(state_dir: Path, info: dict[str, Any]) -> None:
     """Record where the running gateway listens and its token (owner-readable only), so that
     ``nbcluster status`` works without flags."""
-    path = _runtime_path(state_dir)
+    path = runtime_path(state_dir)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -77,7 +79,7 @@ def write_runtime(state_dir: Path, info: dict[str, Any]) -> None:
 
 def read_runtime(state_dir: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(_runtime_path(state_dir).read_text())
+        data = json.loads(runtime_path(state_dir).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -86,7 +88,7 @@ def read_runtime(state_dir: Path) -> dict[str, Any] | None:
 def remove_runtime(state_dir: Path, pid: int) -> None:
     info = read_runtime(state_dir)
     if info is not None and info.get("pid") == pid:
-        _runtime_path(state_dir).unlink(missing_ok=True)
+        runtime_path(state_dir).unlink(missing_ok=True)
 
 
 def setup_logging(level: str) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from .. import envvars
 from .._lifeline import die_with_parent
@@ -24,6 +27,9 @@ from ._common import (
     subscription_option,
     write_runtime,
 )
+
+if TYPE_CHECKING:
+    from ..gateway import HostProviderConfig
 
 __all__ = ["gateway_command", "host_command"]
 
@@ -73,6 +79,18 @@ def _join_token(path: Path | None) -> str:
     help="Do not encrypt the ZMQ traffic between the gateway and replicas (CurveZMQ).",
 )
 @click.option("--token", help="API token (default: $NBCLUSTER_TOKEN).")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File holding the admin token (a Docker secret, say), instead of $NBCLUSTER_TOKEN.",
+)
+@click.option(
+    "--join-token-file",
+    "gateway_join_token_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File holding the join token hosts present (default: $NBCLUSTER_JOIN_TOKEN, else "
+    "the one made in the state directory).",
+)
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -142,7 +160,162 @@ def _join_token(path: Path | None) -> str:
     default=0,
     show_default=True,
     type=click.IntRange(0),
-    help="Auto-scaling ceiling; 0 turns auto-scaling off. Hosts are local host daemons.",
+    help="Auto-scaling ceiling; 0 turns auto-scaling off. Hosts come from --hosts-from.",
+)
+@click.option(
+    "--hosts-from",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "docker", "swarm", "kubernetes", "ssh"]),
+    help="What the auto-scaler starts hosts as: local processes, containers on this Docker "
+    "engine, Docker Swarm services (one per host), Kubernetes pods (one per host, from "
+    "--host-pod-template), or daemons started over ssh on --ssh-hosts machines.",
+)
+@click.option(
+    "--public-url",
+    metavar="URL",
+    help="The gateway's URL as hosts and kernels are told it: one that works where they run "
+    "(inside containers, on other nodes). Default: the listening address and port.",
+)
+@click.option(
+    "--host-image",
+    default="nbcluster:latest",
+    show_default=True,
+    help="docker/swarm: the image host daemons run (entry point `nbcluster`).",
+)
+@click.option(
+    "--host-network",
+    default="host",
+    show_default=True,
+    help="docker/swarm: `host` (the machine's network), or a Docker network to attach hosts to.",
+)
+@click.option(
+    "--host-address",
+    metavar="ADDR",
+    help="docker/swarm with host networking: the hosts' --address (where replicas listen). "
+    "Default: 127.0.0.1 (docker), the node's address (swarm).",
+)
+@click.option(
+    "--host-gpus",
+    default="virtual",
+    show_default=True,
+    type=click.Choice(["virtual", "nvidia"]),
+    help="docker/swarm: virtual GPUs (--scaling-gpus-per-host of them), or real ones: a share "
+    "of --host-gpu-devices (docker), NVIDIA-GPU generic resources (swarm).",
+)
+@click.option(
+    "--host-gpu-devices",
+    metavar="0,1,...",
+    help="docker with --host-gpus nvidia: the engine's GPUs to share out among host containers.",
+)
+@click.option(
+    "--host-constraint",
+    "host_constraints",
+    multiple=True,
+    metavar="EXPR",
+    help="swarm: a placement constraint of host services (repeatable), e.g. "
+    "node.labels.nbcluster.gpu==true.",
+)
+@click.option(
+    "--hosts-per-node",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="swarm: host daemons on one node at most.",
+)
+@click.option(
+    "--join-token-secret",
+    metavar="NAME",
+    help="swarm: the Docker secret holding the join token (default: one made from it).",
+)
+@click.option(
+    "--host-user",
+    default="1000:1000",
+    show_default=True,
+    metavar="UID:GID",
+    help="swarm: the image's user, owner of the join-token file in host containers.",
+)
+@click.option(
+    "--host-mount",
+    "host_mounts",
+    multiple=True,
+    metavar="SOURCE:TARGET[:ro]",
+    help="docker/swarm: a path or volume mounted into host containers (repeatable). A file:// "
+    "object store is mounted at its own path without it.",
+)
+@click.option(
+    "--host-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="docker/swarm: the CA (PEM) host containers verify an https gateway with.",
+)
+@click.option(
+    "--host-pod-template",
+    default="nbcluster-host",
+    show_default=True,
+    metavar="NAME",
+    help="kubernetes: the PodTemplate host pods are made from (deploy/kubernetes).",
+)
+@click.option(
+    "--host-namespace",
+    metavar="NS",
+    help="kubernetes: the namespace of host pods (default: the gateway pod's own).",
+)
+@click.option(
+    "--ssh-hosts",
+    "ssh_hosts",
+    multiple=True,
+    metavar="[USER@]HOST[:PORT][/ADDRESS],...",
+    help="ssh: the machines host daemons are started on, one each (repeatable; comma lists "
+    "too). ADDRESS: the daemon's --address (default: the address ssh reached).",
+)
+@click.option("--ssh-user", metavar="USER", help="ssh: the login user (default: ssh's).")
+@click.option(
+    "--ssh-key",
+    "ssh_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="ssh: a private key to log in with (repeatable; default: the agent, ~/.ssh/id_*).",
+)
+@click.option(
+    "--ssh-known-hosts",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="ssh: the known_hosts file machines' keys are checked against (default: "
+    "~/.ssh/known_hosts). A machine not in it is refused.",
+)
+@click.option(
+    "--ssh-accept-unknown-hosts",
+    is_flag=True,
+    help="ssh: accept (and pin for the gateway's life) the key of a machine known_hosts does "
+    "not list. Unsafe on an untrusted network; a changed key is always refused.",
+)
+@click.option(
+    "--ssh-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="ssh: an ssh_config file to read (default: none).",
+)
+@click.option(
+    "--ssh-nbcluster",
+    default="nbcluster",
+    show_default=True,
+    metavar="PATH",
+    help="ssh: the `nbcluster` program on the machines.",
+)
+@click.option("--ssh-state-dir", metavar="DIR", help="ssh: the hosts' --state-dir on the machines.")
+@click.option(
+    "--ssh-ca", metavar="FILE", help="ssh: the hosts' --ca, a path on the machines (https)."
+)
+@click.option(
+    "--ssh-host-arg",
+    "ssh_host_args",
+    multiple=True,
+    metavar="ARG",
+    help="ssh: one more argument of `nbcluster host` on the machines (repeatable).",
+)
+@click.option(
+    "--stop-hosts-on-exit",
+    is_flag=True,
+    help="docker/swarm: remove the provider's hosts when the gateway stops (by default they "
+    "wait for it, and a restarted gateway adopts them).",
 )
 @click.option(
     "--scaling-buffer",
@@ -238,6 +411,8 @@ def gateway_command(
     keyfile: Path | None,
     no_curve: bool,
     token: str | None,
+    token_file: Path | None,
+    gateway_join_token_file: Path | None,
     state_dir: Path | None,
     kernelspec_dirs: tuple[Path, ...],
     heartbeat_interval: float,
@@ -254,6 +429,32 @@ def gateway_command(
     reclaim_idle_after: float | None,
     min_hosts: int,
     max_hosts: int,
+    hosts_from: str,
+    public_url: str | None,
+    host_image: str,
+    host_network: str,
+    host_address: str | None,
+    host_gpus: str,
+    host_gpu_devices: str | None,
+    host_constraints: tuple[str, ...],
+    hosts_per_node: int,
+    join_token_secret: str | None,
+    host_user: str,
+    host_mounts: tuple[str, ...],
+    host_ca: Path | None,
+    host_pod_template: str,
+    host_namespace: str | None,
+    ssh_hosts: tuple[str, ...],
+    ssh_user: str | None,
+    ssh_keys: tuple[Path, ...],
+    ssh_known_hosts: Path | None,
+    ssh_accept_unknown_hosts: bool,
+    ssh_config: Path | None,
+    ssh_nbcluster: str,
+    ssh_state_dir: str | None,
+    ssh_ca: str | None,
+    ssh_host_args: tuple[str, ...],
+    stop_hosts_on_exit: bool,
     scaling_buffer: int,
     scaling_interval: float,
     scaling_gpus_per_host: int,
@@ -278,6 +479,37 @@ def gateway_command(
     from ..gateway import GatewayConfig, join_token_path, run
     from ..store import StoreError, open_store
 
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{public_url!r} is not an http(s) URL", param_hint="--public-url")
+    _refuse_foreign_host_options(hosts_from)
+    host_provider = _host_provider(
+        hosts_from,
+        pod_template=host_pod_template,
+        namespace=host_namespace,
+        ssh_hosts=_ssh_machines(hosts_from, ssh_hosts, ssh_user),
+        ssh_user=ssh_user,
+        ssh_keys=ssh_keys,
+        ssh_known_hosts=ssh_known_hosts,
+        ssh_accept_unknown_hosts=ssh_accept_unknown_hosts,
+        ssh_config=ssh_config,
+        ssh_nbcluster=ssh_nbcluster,
+        ssh_state_dir=ssh_state_dir,
+        ssh_ca=ssh_ca,
+        ssh_host_args=ssh_host_args,
+        image=host_image,
+        network=host_network,
+        address=host_address,
+        gpus=host_gpus,
+        gpu_devices=host_gpu_devices,
+        constraints=host_constraints,
+        hosts_per_node=hosts_per_node,
+        join_token_secret=join_token_secret,
+        user=host_user,
+        mounts=host_mounts,
+        ca=host_ca,
+        stop_on_exit=stop_hosts_on_exit,
+    )
+
     die_with_parent(parent_pid)
     setup_logging(log_level)
     root = state_dir or default_state_dir()
@@ -289,8 +521,10 @@ def gateway_command(
     _check_transport(certfile, keyfile, no_curve)
     hub_api_url, hub_service_name = _jupyterhub(jupyterhub_api_url, jupyterhub_service_name)
     config = GatewayConfig(
-        token=_token(token),
-        join_token=envvars.JOIN_TOKEN.get() or "",
+        token=_token(token or _secret_file(token_file, "--token-file")),
+        join_token=_secret_file(gateway_join_token_file, "--join-token-file")
+        or envvars.JOIN_TOKEN.get()
+        or "",
         ip=ip,
         port=port,
         certfile=certfile.resolve() if certfile else None,
@@ -316,6 +550,8 @@ def gateway_command(
         scaling_buffer=scaling_buffer,
         scaling_interval=scaling_interval,
         scaling_gpus_per_host=scaling_gpus_per_host,
+        host_provider=host_provider,
+        public_url=public_url,
         max_body_bytes=int(max_body_mb * 2**20),
         max_upload_bytes=int(max_upload_mb * 2**20),
         header_timeout=header_timeout,
@@ -344,6 +580,103 @@ def gateway_command(
         raise click.ClickException(str(exc)) from None
     finally:
         remove_runtime(root, os.getpid())
+
+
+def _secret_file(path: Path | None, option: str) -> str | None:
+    """The token in ``path`` (None without one); an empty file is an error naming it."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise click.BadParameter(f"{path} is empty", param_hint=option)
+    return token
+
+
+#: The ``--host-*`` options that only container providers read.
+_CONTAINER_HOST_OPTIONS = (
+    "host_image",
+    "host_network",
+    "host_address",
+    "host_gpus",
+    "host_gpu_devices",
+    "host_mounts",
+    "host_ca",
+    "host_constraints",
+    "hosts_per_node",
+    "join_token_secret",
+    "host_user",
+)
+
+
+def _ssh_machines(kind: str, specs: tuple[str, ...], user: str | None) -> tuple[str, ...]:
+    """``--ssh-hosts``, checked now (a bad one is named here, not in a traceback later)."""
+    if kind != "ssh":
+        if specs:
+            raise click.UsageError("--ssh-hosts goes with --hosts-from ssh")
+        return ()
+    from ..gateway import parse_ssh_machines, validate_ssh_user
+
+    if not specs:
+        raise click.UsageError("--hosts-from ssh needs --ssh-hosts (the machines to use)")
+    try:
+        parse_ssh_machines(specs)
+        if user is not None:
+            validate_ssh_user(user)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ssh-hosts/--ssh-user") from None
+    return specs
+
+
+def _refuse_foreign_host_options(kind: str) -> None:
+    """A ``--host-*`` option given for a provider that does not read it is a mistake the
+    operator should hear about, not a setting silently ignored."""
+    if kind not in ("kubernetes", "ssh"):
+        return
+    context = click.get_current_context()
+    for name in _CONTAINER_HOST_OPTIONS:
+        if kind == "ssh" and name == "host_gpus":
+            continue  # virtual GPUs, or the machines' real ones
+        source = context.get_parameter_source(name)
+        if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            flag = "--" + name.replace("_", "-").replace("host-constraints", "host-constraint")
+            flag = flag.replace("host-mounts", "host-mount")
+            how = {
+                "kubernetes": "the pod template (deploy/kubernetes) says how host pods run",
+                "ssh": "the --ssh-* options say how hosts are started",
+            }[kind]
+            raise click.UsageError(f"{flag} has no meaning with --hosts-from {kind}: {how}")
+
+
+def _host_provider(
+    kind: str,
+    *,
+    gpu_devices: str | None,
+    mounts: tuple[str, ...],
+    ca: Path | None,
+    user: str,
+    **settings: Any,
+) -> HostProviderConfig:
+    """``--hosts-from`` and the ``--host-*`` options, checked."""
+    from ..gateway import HostProviderConfig, parse_mount
+
+    if not re.fullmatch(r"\d+(:\d+)?", user):
+        raise click.BadParameter(f"{user!r} is not UID or UID:GID", param_hint="--host-user")
+    for spec in mounts:
+        try:
+            parse_mount(spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--host-mount") from None
+    devices = _parse_devices(gpu_devices, "--host-gpu-devices") or ()
+    if kind == "docker" and settings["gpus"] == "nvidia" and not devices:
+        raise click.UsageError("--hosts-from docker --host-gpus nvidia needs --host-gpu-devices")
+    return HostProviderConfig(
+        kind=kind,
+        gpu_devices=devices,
+        mounts=mounts,
+        ca=ca.resolve() if ca else None,
+        user=user,
+        **settings,
+    )
 
 
 def _jupyterhub(api_url: str | None, service_name: str | None) -> tuple[str | None, str]:
@@ -393,14 +726,14 @@ def _ca(value: Path | None) -> Path | None:
     return ca
 
 
-def _parse_devices(value: str | None) -> tuple[int, ...] | None:
+def _parse_devices(value: str | None, option: str = "--gpu-devices") -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(
-            f"{value!r} is not a comma-separated list of GPU indices", param_hint="--gpu-devices"
+            f"{value!r} is not a comma-separated list of GPU indices", param_hint=option
         ) from None
 
 
@@ -437,6 +770,21 @@ def _parse_devices(value: str | None) -> tuple[int, ...] | None:
 @click.option("--gpu-devices", help="Comma-separated NVML indices of the real GPUs to offer.")
 @click.option("--cpus", type=click.IntRange(1), help="CPUs to report (default: all).")
 @click.option("--memory-mb", type=click.IntRange(1), help="Memory to report (default: all).")
+@click.option(
+    "--container-runtime",
+    type=click.Choice(["docker"]),
+    help="Run the replicas of kernelspecs that name an image as containers of it, on this "
+    "engine (DOCKER_HOST or the local socket). Without it such kernels are refused here.",
+)
+@click.option(
+    "--container-user",
+    help="uid:gid replica containers run as (default: this daemon's, or 1000:1000 as root).",
+)
+@click.option(
+    "--pool",
+    help="The host pool this host is in (a-z, 0-9, '.', '_', '-'): kernelspecs and jobs that "
+    "name it run only on its hosts. Default: none (it takes kernels and jobs without a pool).",
+)
 @click.option("--log-level", default="info", show_default=True, type=_LOG_LEVELS)
 @click.option("--parent-pid", default=0, hidden=True, type=int)
 def host_command(
@@ -451,14 +799,23 @@ def host_command(
     gpu_devices: str | None,
     cpus: int | None,
     memory_mb: int | None,
+    container_runtime: str | None,
+    container_user: str | None,
+    pool: str | None,
     log_level: str,
     parent_pid: int,
 ) -> None:
     """Run a host daemon that starts kernel replicas for the gateway."""
     from ..host import HostConfig, HostDaemon, HostRejected
+    from ..hostproto import check_pool
 
     if not gateway_url.startswith(("http://", "https://")):
         raise click.BadParameter(f"{gateway_url!r} is not an http(s) URL", param_hint="--gateway")
+    if pool is not None:
+        try:
+            check_pool(pool)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pool") from None
     die_with_parent(parent_pid)
     setup_logging(log_level)
     root = state_dir or default_state_dir()
@@ -474,6 +831,9 @@ def host_command(
         gpu_devices=_parse_devices(gpu_devices),
         cpus=cpus,
         memory_mb=memory_mb,
+        container_runtime=container_runtime,
+        container_user=container_user,
+        pool=pool,
     )
 
     async def main() -> None:
@@ -482,11 +842,12 @@ def host_command(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.stop)
         log.info(
-            "host %s: %d CPUs, %d GPUs (%s); gateway %s",
+            "host %s: %d CPUs, %d GPUs (%s), %s; gateway %s",
             name,
             daemon.resources.cpus,
             len(daemon.resources.gpus),
             "virtual" if any(g.virtual for g in daemon.resources.gpus) else "real",
+            f"pool {pool}" if pool else "no pool",
             gateway_url,
         )
         await daemon.run()

@@ -1,10 +1,12 @@
-"""``nbcluster job submit|ls|get|logs|cancel``: the job API from a shell."""
+"""``nbcluster job submit|ls|get|logs|cancel|outputs``: the job API from a shell."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,7 +16,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from ._status import resolve_gateway
+from ._status import resolve_target
 
 __all__ = ["job_group"]
 
@@ -41,10 +43,10 @@ def _call(
 ) -> T:
     from ..client import GatewayClient, GatewayError
 
-    base, secret = resolve_gateway(url, token, state_dir)
+    target = resolve_target(url, token, state_dir)
 
     async def run() -> T:
-        async with GatewayClient(base, secret, timeout=600) as client:
+        async with GatewayClient(target.url, target.token, timeout=600) as client:
             return await action(client)
 
     try:
@@ -52,7 +54,59 @@ def _call(
     except GatewayError as exc:
         raise click.ClickException(exc.message) from None
     except (OSError, httpx.TransportError) as exc:
-        raise click.ClickException(f"cannot reach the gateway at {base}: {exc}") from None
+        raise click.ClickException(target.unreachable(exc)) from None
+
+
+#: Statuses a job does not leave.
+_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _say(text: str) -> None:
+    """A line for the person at the terminal: on stderr, so that stdout stays the job's
+    output (or what a script reads)."""
+    click.echo(text, err=True)
+
+
+async def _follow(client: Any, job_id: str) -> dict[str, Any]:
+    """Copy the job's output to stdout, byte for byte, until it ends; returns its final
+    record. A stream that ends before the job does (the gateway dropped a reader that fell
+    behind, or restarted) is followed again from the byte it stopped at."""
+    out = sys.stdout.buffer
+    position = 0
+    while True:
+        before = position
+        async for chunk in client.follow_job_output(job_id, offset=position):
+            out.write(chunk)
+            out.flush()
+            position += len(chunk)
+        job: dict[str, Any] = await client.get_job(job_id)
+        if job["status"] in _TERMINAL:
+            rest = (await client.job_logs(job_id, position)).encode()
+            out.write(rest)
+            out.flush()
+            return job
+        if position == before:
+            await asyncio.sleep(0.5)  # an empty stream: do not reconnect in a tight loop
+
+
+def _final_status(job: dict[str, Any]) -> tuple[str, int]:
+    """The line that says how a job ended, and the exit status the command ends with: 0 when
+    it succeeded, the job's own exit code when it failed with one (a signal N: 128 + N, as a
+    shell reports it), else 1."""
+    status, code, error = job["status"], job.get("exit_code"), job.get("error") or ""
+    seconds = ""
+    if job.get("started") and job.get("finished"):
+        seconds = f" in {job['finished'] - job['started']:.1f} s"
+    if status == "succeeded":
+        return f"job {job['id']} succeeded (exit code 0){seconds}", 0
+    text = f"job {job['id']} {status}"
+    if error:
+        text += f": {error}"
+    if code is not None and f"code {code}" not in error:
+        text += f" (exit code {code})"
+    if status == "failed" and isinstance(code, int) and code != 0:
+        return text + seconds, code if 0 < code < 256 else 128 + min(-code, 127)
+    return text + seconds, 1
 
 
 @click.group("job")
@@ -68,6 +122,9 @@ def job_group() -> None:
 @click.option("--memory-mb", default=1024, show_default=True, type=click.IntRange(1))
 @click.option("--queue", type=click.Choice(["cpu", "gpu"]))
 @click.option("--image", help="Container image (docker, kubernetes, tfjob, pytorchjob runtimes).")
+@click.option(
+    "--pool", help="Run only on a host of this pool (`nbcluster host --pool`); default: any host."
+)
 @click.option(
     "--runtime",
     default="process",
@@ -94,6 +151,7 @@ def job_submit(
     memory_mb: int,
     queue: str | None,
     image: str | None,
+    pool: str | None,
     runtime: str,
     workers: int,
     env_pairs: tuple[str, ...],
@@ -137,8 +195,17 @@ def job_submit(
         spec["queue"] = queue
     if image:
         spec["image"] = image
+    if pool is not None:
+        from ..hostproto import check_pool
+
+        try:
+            spec["pool"] = check_pool(pool)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pool") from None
 
     files = {Path(p).name: Path(p).read_bytes() for p in input_files}
+
+    submitted: list[str] = []
 
     async def submit(client: Any) -> dict[str, Any]:
         if fast:
@@ -147,21 +214,37 @@ def job_submit(
             spec["inputs"] = {n: await client.upload_job_input(n, d) for n, d in files.items()}
         job: dict[str, Any] = await client.submit_job(spec)
         if follow and not fast:
-            async for chunk in client.follow_job_logs(job["id"]):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-            job = await client.get_job(job["id"])
+            submitted.append(job["id"])
+            # The id first, on stderr (stdout is the job's output): with it the job can be
+            # followed again, cancelled or its outputs fetched from another shell.
+            _say(
+                f"job {job['id']} submitted ({job['status']}, {job['spec']['resources']['gpus']} "
+                "GPU(s)); its output follows. Ctrl-C stops following, not the job."
+            )
+            job = await _follow(client, job["id"])
         return job
 
-    job = _call(url, token, state_dir, submit)
+    try:
+        job = _call(url, token, state_dir, submit)
+    except KeyboardInterrupt:
+        if not submitted:
+            raise
+        job_id = submitted[0]
+        _say(
+            f"\nstopped following job {job_id}; it goes on (nbcluster job logs -f {job_id}, "
+            f"nbcluster job cancel {job_id})"
+        )
+        sys.exit(130)
     if fast:
         sys.stdout.write(job.get("result") or "")
         if job["status"] != "succeeded":
             raise click.ClickException(f"job {job['id']} {job['status']}: {job['error']}")
         return
     if follow:
-        if job["status"] != "succeeded":
-            raise click.ClickException(f"job {job['id']} {job['status']}: {job['error']}")
+        line, code = _final_status(job)
+        _say(line)
+        if code:
+            sys.exit(code)
         return
     click.echo(job["id"])
 
@@ -226,13 +309,15 @@ def job_logs(
 
     async def show(client: Any) -> None:
         if follow:
-            async for chunk in client.follow_job_logs(job_id):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
+            await _follow(client, job_id)
         else:
             sys.stdout.write(await client.job_logs(job_id))
 
-    _call(url, token, state_dir, show)
+    try:
+        _call(url, token, state_dir, show)
+    except KeyboardInterrupt:
+        _say(f"\nstopped following job {job_id}")
+        sys.exit(130)
 
 
 @job_group.command("cancel")
@@ -242,3 +327,98 @@ def job_cancel(job_id: str, url: str | None, token: str | None, state_dir: Path 
     """Cancel a job (a finished one: says so, changes nothing)."""
     result = _call(url, token, state_dir, lambda c: c.cancel_job(job_id))
     click.echo(result["message"])
+
+
+@job_group.command("outputs")
+@click.argument("job_id")
+@click.argument("names", nargs=-1)
+@click.option(
+    "--dir",
+    "directory",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write them (made if missing); an output keeps its path relative to it.",
+)
+@_gateway_options
+def job_outputs(
+    job_id: str,
+    names: tuple[str, ...],
+    directory: Path,
+    url: str | None,
+    token: str | None,
+    state_dir: Path | None,
+) -> None:
+    """Download the outputs of a finished job (those it was submitted with --output for):
+    all of them, or the NAMEs given. Prints the path of each file written; an existing file
+    is replaced."""
+
+    async def download(client: Any) -> tuple[dict[str, Any], list[Path], list[str]]:
+        job: dict[str, Any] = await client.get_job(job_id)
+        wanted = _outputs_to_fetch(job, names)
+        collected: dict[str, str] = job.get("output_keys") or {}
+        written = [
+            await _download(client, job_id, name, _destination(directory, job_id, name))
+            for name in wanted
+            if name in collected
+        ]
+        return job, written, [n for n in wanted if n not in collected]
+
+    job, written, missing = _call(url, token, state_dir, download)
+    for path in written:
+        click.echo(str(path))
+    if missing:
+        how = job["status"] + (f": {job['error']}" if job.get("error") else "")
+        raise click.ClickException(
+            f"job {job_id} ({how}) did not leave {', '.join(map(repr, missing))}: the file "
+            f"was not there when it ended (see its output: nbcluster job logs {job_id})"
+        )
+
+
+def _outputs_to_fetch(job: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    """The outputs to download (``names``, or every declared one); ``ClickException`` for a
+    job that has not ended or a name it was not submitted with."""
+    job_id, status = job["id"], job["status"]
+    declared: list[str] = list(job["spec"].get("outputs") or [])
+    if status not in _TERMINAL:
+        raise click.ClickException(
+            f"job {job_id} is {status}: its outputs are collected when it ends (wait with "
+            f"nbcluster job logs -f {job_id})"
+        )
+    if not declared:
+        raise click.ClickException(
+            f"job {job_id} has no outputs: it was submitted without --output (a job keeps "
+            "only the files named with --output NAME)"
+        )
+    unknown = [n for n in names if n not in declared]
+    if unknown:
+        raise click.ClickException(
+            f"job {job_id} has no output {', '.join(map(repr, unknown))}; its outputs: "
+            f"{', '.join(declared)}"
+        )
+    return list(dict.fromkeys(names)) if names else declared
+
+
+def _destination(directory: Path, job_id: str, name: str) -> Path:
+    """Where output ``name`` goes: under ``directory``, never outside it."""
+    root = directory.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise click.ClickException(f"output {name!r} of job {job_id} is not a relative path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def _download(client: Any, job_id: str, name: str, path: Path) -> Path:
+    """Write one output to ``path`` through a temporary file beside it, renamed when whole:
+    an interrupted download leaves no partial file under the output's name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in client.stream_job_output(job_id, name):
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

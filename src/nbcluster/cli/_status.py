@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,84 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import envvars
-from ._common import default_state_dir, read_runtime
+from ._common import default_state_dir, read_runtime, runtime_path
 
-__all__ = ["migrate_command", "status_command"]
+__all__ = [
+    "GatewayTarget",
+    "migrate_command",
+    "not_found_message",
+    "resolve_gateway",
+    "resolve_target",
+    "status_command",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTarget:
+    """The gateway a command talks to; ``runtime_file``: the runtime file its URL came from
+    (None: from --url or the environment)."""
+
+    url: str
+    token: str
+    runtime_file: Path | None = None
+
+    def unreachable(self, exc: BaseException) -> str:
+        """The error for a gateway that does not answer; one found through a runtime file may
+        have stopped without removing it (killed), which the message says."""
+        text = f"cannot reach the gateway at {self.url}: {exc}"
+        if self.runtime_file is not None:
+            text += (
+                f" (its address is from {self.runtime_file}: the gateway that wrote it may have "
+                "been stopped without removing it; start it again, or pass --state-dir DIR "
+                "or --url for another gateway)"
+            )
+        return text
+
+
+def resolve_target(url: str | None, token: str | None, state_dir: Path | None) -> GatewayTarget:
+    """URL and token from flags, else the environment, else the running gateway's runtime file
+    (``STATE_DIR/gateway/runtime.json``, written by the gateway ``nbcluster up`` starts). When
+    neither is found the error names the state directory looked in and how to point at
+    another."""
+    root = state_dir or default_state_dir()
+    runtime = read_runtime(root) or {}
+    given = url or envvars.URL.get()
+    url = given or runtime.get("url")
+    token = token or envvars.TOKEN.get() or runtime.get("token")
+    if not url or not token:
+        raise click.UsageError(not_found_message(root, state_dir, url))
+    return GatewayTarget(url, token, None if given else runtime_path(root))
 
 
 def resolve_gateway(url: str | None, token: str | None, state_dir: Path | None) -> tuple[str, str]:
-    """URL and token from flags, else the environment, else the running gateway's runtime file."""
-    runtime = read_runtime(state_dir or default_state_dir()) or {}
-    url = url or envvars.URL.get() or runtime.get("url")
-    token = token or envvars.TOKEN.get() or runtime.get("token")
-    if not url or not token:
-        raise click.UsageError(
-            "no running gateway found: pass --url and --token (or set NBCLUSTER_URL and "
-            "NBCLUSTER_TOKEN), or run this where 'nbcluster up' runs"
+    """:func:`resolve_target`'s URL and token."""
+    target = resolve_target(url, token, state_dir)
+    return target.url, target.token
+
+
+def not_found_message(root: Path, state_dir: Path | None, url: str | None) -> str:
+    """Why no gateway was found, naming the state directory looked in (and where that came
+    from) and the two ways to point at the right gateway."""
+    if state_dir is not None:
+        origin = "given with --state-dir"
+    elif envvars.STATE_DIR.get():
+        origin = f"from {envvars.STATE_DIR.name}"
+    else:
+        origin = "the default"
+    where = f"{runtime_path(root)} does not exist or cannot be read"
+    hint = (
+        f"If the gateway was started with 'nbcluster up --state-dir DIR', pass --state-dir "
+        f"DIR (or set {envvars.STATE_DIR.name}) to the directory given to nbcluster up; for "
+        f"any other gateway pass --url and --token (or set {envvars.URL.name} and "
+        f"{envvars.TOKEN.name})."
+    )
+    if url:
+        return (
+            f"no token for the gateway at {url}: pass --token or set {envvars.TOKEN.name} "
+            f"(the state directory looked in, {root} ({origin}), has no running gateway: "
+            f"{where}). {hint}"
         )
-    return url, token
+    return f"no running gateway found in the state directory {root} ({origin}): {where}. {hint}"
 
 
 def _gpus(host: dict[str, Any]) -> str:
@@ -76,7 +139,8 @@ def status_command(
     """Show hosts (CPUs, memory, GPUs) and kernels with the hosts their replicas run on."""
     from ..client import GatewayClient, GatewayError
 
-    url, token = resolve_gateway(url, token, state_dir)
+    target = resolve_target(url, token, state_dir)
+    url, token = target.url, target.token
 
     async def fetch() -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
         async with GatewayClient(url, token, timeout=10) as client:
@@ -93,7 +157,7 @@ def status_command(
     except GatewayError as exc:
         raise click.ClickException(f"gateway at {url}: {exc}") from None
     except (OSError, httpx.TransportError) as exc:
-        raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from None
+        raise click.ClickException(target.unreachable(exc)) from None
     if as_json:
         click.echo(json.dumps({"hosts": hosts, "kernels": kernels}, indent=2))
         return
@@ -138,12 +202,24 @@ def status_command(
 
 def _print_hosts(console: Console, url: str, hosts: list[dict[str, Any]]) -> None:
     host_table = Table(title=f"Hosts ({url})")
-    columns = ("host", "state", "address", "CPUs", "memory", "GPUs", "GPUs in use", "replicas")
+    columns = (
+        "pool",
+        "host",
+        "state",
+        "address",
+        "CPUs",
+        "memory",
+        "GPUs",
+        "GPUs in use",
+        "replicas",
+    )
     for column in columns:
         host_table.add_column(column)
-    for h in hosts:
+    # Grouped by pool (hosts in none last), by name within one.
+    for h in sorted(hosts, key=lambda h: (h.get("pool") is None, h.get("pool") or "", h["name"])):
         in_use = "-" if h.get("gpus_committed") is None else str(h["gpus_committed"])
         host_table.add_row(
+            h.get("pool") or "-",
             h["name"],
             h["state"],
             h["address"],
@@ -176,7 +252,8 @@ def migrate_command(
     Find the ids with ``nbcluster status --json``."""
     from ..client import GatewayClient, GatewayError
 
-    url, token = resolve_gateway(url, token, state_dir)
+    target = resolve_target(url, token, state_dir)
+    url, token = target.url, target.token
 
     async def migrate() -> dict[str, Any]:
         async with GatewayClient(url, token, timeout=120) as client:
@@ -188,7 +265,7 @@ def migrate_command(
     except GatewayError as exc:
         raise click.ClickException(f"gateway at {url}: {exc}") from None
     except (OSError, httpx.TransportError) as exc:
-        raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from None
+        raise click.ClickException(target.unreachable(exc)) from None
     click.echo(
         f"replica {result['replica_id']} moved from {result['from_host']} to "
         f"{result['to_host']} as {result['new_replica_id']} in {result['seconds']:.2f} s"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from types import FrameType
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from .. import envvars
@@ -325,29 +327,39 @@ def up_command(
             return sum(1 for h in listed if h["state"] == "connected") >= hosts
 
         _wait_until(f"Starting {hosts} host daemon(s)", hosts_ready, children, 60)
+        ca_file = ca_args[1] if ca_args else None
         lab_line = f"jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}"
-        if ca_args:
-            lab_line += f" --GatewayClient.ca_certs={ca_args[1]}"
+        if ca_file:
+            lab_line += f" --GatewayClient.ca_certs={ca_file}"
         lines = [
             f"[bold]Gateway[/]     {url}",
             f"[bold]Token[/]       {token}",
             f"[bold]Hosts[/]       {hosts}   (see them with: nbcluster status)",
             f"[bold]Replicas[/]    {replicas} per kernel, policy {policy}",
         ]
+        if state_dir is not None:
+            # The other commands find this gateway through its state directory.
+            lines[2] = f"[bold]Hosts[/]       {hosts}"
+            lines.append(
+                "[bold]Status[/]      "
+                + escape(f"nbcluster status --state-dir {shlex.quote(str(root))}")
+            )
         if max_hosts > hosts:
             lines.append(f"[bold]Scaling[/]     {min_hosts} to {max_hosts} hosts")
         if lab:
             lab_url = _start_lab(children, env, url, token, lab_port)
             lines.append(f"[bold]JupyterLab[/]  {lab_url}")
         console.print(Panel("\n".join(lines), title="nbcluster is up", expand=False))
-        # The connect line stays unwrapped so that it can be copied whole.
-        console.print("Connect JupyterLab with:", highlight=False)
-        console.print(f"  {lab_line}", soft_wrap=True, highlight=False)
+        # The connect lines stay unwrapped so that they can be copied whole.
+        for line in connect_lines(url, token, ca_file):
+            console.print(line, soft_wrap=True, highlight=False)
         console.print("Press Ctrl-C to stop everything.", highlight=False)
-        # Plain lines on stdout, for scripts.
-        click.echo(f"URL: {url}\nTOKEN: {token}\nCONNECT: {lab_line}", err=False)
-        if lab:
-            click.echo(f"LAB: {lab_url}", err=False)
+        # Plain lines on stdout, for scripts (a terminal has the panel above: the same
+        # things, and a connect line that works from any shell).
+        if not sys.stdout.isatty():
+            click.echo(f"URL: {url}\nTOKEN: {token}\nCONNECT: {lab_line}", err=False)
+            if lab:
+                click.echo(f"LAB: {lab_url}", err=False)
         while not stop_requested:
             dead = children.exited()
             if any(name == "gateway" for name, _ in dead):
@@ -364,12 +376,50 @@ def up_command(
         console.print("nbcluster stopped.")
 
 
+def venv_jupyter() -> Path | None:
+    """The ``jupyter`` command of this Python's environment (beside ``sys.executable``, not
+    resolved: a virtual environment's ``python`` is a link to the system's) when JupyterLab is
+    installed there (its ``jupyter-lab`` is beside it; ``jupyter`` alone comes with
+    jupyter_core, a dependency, and has no ``lab`` subcommand); else None. Run by its absolute
+    path it finds its subcommands beside itself, from any shell."""
+    bin_dir = Path(os.path.abspath(sys.executable)).parent
+    jupyter = bin_dir / "jupyter"
+    if not (os.access(jupyter, os.X_OK) and os.access(bin_dir / "jupyter-lab", os.X_OK)):
+        return None
+    return jupyter
+
+
+def connect_lines(url: str, token: str, ca_file: str | None) -> list[str]:
+    """How to connect JupyterLab, as lines to print: a command that works from any shell
+    (``env`` is a program, so csh and fish take it too), this environment's ``jupyter`` by its
+    absolute path, the token in JupyterLab's environment rather than on its command line
+    (which every user of the machine sees for as long as it runs). Without JupyterLab here,
+    how to install it, and the command for a JupyterLab installed elsewhere."""
+    args = f"lab --gateway-url={url}"
+    if ca_file:
+        args += f" --GatewayClient.ca_certs={shlex.quote(ca_file)}"
+    env = f"env JUPYTER_GATEWAY_AUTH_TOKEN={shlex.quote(token)}"
+    jupyter = venv_jupyter()
+    if jupyter is not None:
+        return ["Connect JupyterLab with:", f"  {env} {shlex.quote(str(jupyter))} {args}"]
+    python = shlex.quote(os.path.abspath(sys.executable))
+    return [
+        f"JupyterLab is not installed in {sys.prefix}: install it with",
+        f"  {python} -m pip install 'nbcluster[lab]'",
+        "(make up installs it), or connect any JupyterLab 4 with:",
+        f"  {env} jupyter {args}",
+    ]
+
+
 def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, port: int) -> str:
-    jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or shutil.which(
-        "jupyter"
-    )
-    if jupyter is None:
-        raise click.ClickException("JupyterLab is not installed: pip install 'nbcluster[lab]'")
+    jupyter = venv_jupyter()
+    # This environment's JupyterLab, else one on PATH.
+    command = [str(jupyter), "lab"] if jupyter else [shutil.which("jupyter-lab") or ""]
+    if not command[0]:
+        raise click.ClickException(
+            f"JupyterLab is not installed in {sys.prefix} (nor on PATH): install it with "
+            f"{shlex.quote(os.path.abspath(sys.executable))} -m pip install 'nbcluster[lab]'"
+        )
     if not port_is_free("127.0.0.1", port):
         port = free_port("127.0.0.1")
     lab_token = secrets.token_urlsafe(24)
@@ -378,8 +428,7 @@ def _start_lab(children: _Children, env: dict[str, str], url: str, token: str, p
     children.start(
         "jupyterlab",
         [
-            jupyter,
-            "lab",
+            *command,
             *as_root,
             "--no-browser",
             "--ip=127.0.0.1",

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -192,3 +193,40 @@ class GatewayClient:
     async def job_workers(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self._call("GET", "/api/jobs/workers")
         return result
+
+    async def follow_job_output(self, job_id: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """The job's output as raw bytes as it comes, from byte ``offset``, until the job ends
+        (or the gateway ends the stream: compare the bytes received with :meth:`get_job`'s
+        status and follow again from there)."""
+        async with self._http.stream(
+            "GET",
+            f"/api/jobs/{quote(job_id, safe='')}/logs",
+            params={"follow": "true", "offset": offset},
+            timeout=httpx.Timeout(self._http.timeout.connect, read=None),
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise _error(response)
+            async for chunk in response.aiter_bytes():
+                yield chunk
+
+    async def stream_job_output(self, job_id: str, name: str) -> AsyncIterator[bytes]:
+        """The bytes of one output, in chunks (an output may be larger than memory allows).
+        An unknown job or output is a ``GatewayError`` (404) with the gateway's message."""
+        path = f"/api/jobs/{quote(job_id, safe='')}/outputs/{quote(name, safe='/')}"
+        async with self._http.stream("GET", path) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise _error(response)
+            async for chunk in response.aiter_bytes():
+                yield chunk
+
+
+def _error(response: httpx.Response) -> GatewayError:
+    """A ``GatewayError`` with the gateway's message (errors are ``{"message": ...}``)."""
+    try:
+        body = response.json()
+        message = body.get("message", response.text) if isinstance(body, dict) else response.text
+    except ValueError:
+        message = response.text
+    return GatewayError(response.status_code, message)

@@ -2,7 +2,9 @@
 
 from ._app import Gateway
 from ._asgi import create_app
-from ._config import GatewayConfig
+from ._config import GatewayConfig, HostProviderConfig
+from ._container_hosts import HostTemplate, parse_mount
+from ._docker_provider import DockerHostProvider
 from ._errors import (
     ApiError,
     CheckpointError,
@@ -24,6 +26,7 @@ from ._errors import (
     RequestTimedOut,
     RequestTooLarge,
 )
+from ._host_providers import make_host_provider
 from ._hosts import HostEntry, HostRegistry, HostSession
 from ._identity import GatewayIdentity, join_token_path
 from ._kernel import GatewayKernel, error_replies
@@ -32,12 +35,16 @@ from ._manager import KernelManager, validate_env
 from ._provider import HostProvider, LocalProcessHostProvider
 from ._routing import PendingRequest, PendingRequests
 from ._server import run, serve
+from ._ssh_command import parse_machines as parse_ssh_machines
+from ._ssh_command import validate_user as validate_ssh_user
 from ._state import FileStateStore, KernelRecord, MemoryStateStore, ReplicaRecord, StateStore
+from ._swarm_provider import SwarmHostProvider
 
 __all__ = [
     "DEFAULT_KERNEL_NAME",
     "ApiError",
     "CheckpointError",
+    "DockerHostProvider",
     "FileStateStore",
     "Gateway",
     "GatewayConfig",
@@ -46,11 +53,13 @@ __all__ = [
     "HostEntry",
     "HostMessageTooLarge",
     "HostProvider",
+    "HostProviderConfig",
     "HostProviderError",
     "HostRefused",
     "HostRegistry",
     "HostRequestError",
     "HostSession",
+    "HostTemplate",
     "HostTimedOut",
     "HostUnreachable",
     "JobError",
@@ -75,10 +84,15 @@ __all__ = [
     "RequestTimedOut",
     "RequestTooLarge",
     "StateStore",
+    "SwarmHostProvider",
     "create_app",
     "error_replies",
     "join_token_path",
+    "make_host_provider",
+    "parse_mount",
+    "parse_ssh_machines",
     "run",
     "serve",
     "validate_env",
+    "validate_ssh_user",
 ]

@@ -16,6 +16,7 @@ from ..scheduling import HostView, KernelView, ScaleIn, ScaleOut, ScalingConfig
 from ._access import Access
 from ._autoscaler import Autoscaler
 from ._config import GatewayConfig
+from ._host_providers import adopt_hosts, make_host_provider, watch_hosts
 from ._hosts import HostRegistry
 from ._identity import GatewayIdentity
 from ._jobs import JobManager
@@ -23,7 +24,7 @@ from ._kernel import GatewayKernel
 from ._kernelspecs import KernelSpecRegistry
 from ._manager import KernelManager
 from ._metrics import GatewayMetrics
-from ._provider import HostProvider, LocalProcessHostProvider
+from ._provider import HostProvider
 from ._state import FileStateStore, StateStore
 
 __all__ = ["Gateway"]
@@ -96,7 +97,7 @@ class Gateway:
             self._background.spawn("idle reclamation", self.kernels.reclaim_idle())
         if self.config.max_hosts > 0:
             self.autoscaler = self._make_autoscaler()
-            self._background.spawn("auto-scaler", self.autoscaler.run())
+            self._background.spawn("auto-scaler", self._run_autoscaler(self.autoscaler))
 
     # -- hosts on demand (``HostSupply`` of the kernel manager and the scheduler driver) -----
 
@@ -124,13 +125,11 @@ class Gateway:
     def _make_autoscaler(self, provider: HostProvider | None = None) -> Autoscaler:
         config = self.config
         if provider is None:
-            ip = config.ip if config.ip not in ("0.0.0.0", "::", "") else "127.0.0.1"
-            host = f"[{ip}]" if ":" in ip else ip
-            provider = LocalProcessHostProvider(
-                gateway_url=f"{config.scheme}://{host}:{config.port}",
-                join_token=self.identity.join_token,
-                state_dir=config.state_dir.parent,
-                gpus_per_host=config.scaling_gpus_per_host,
+            # --hosts-from: local processes, docker containers or swarm services, told the
+            # gateway's advertised URL (--public-url).
+            provider = make_host_provider(
+                config,
+                self.identity.join_token,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
             )
         scaling = ScalingConfig(
@@ -149,6 +148,16 @@ class Gateway:
             config.scaling_interval,
             startup_grace=max(2 * config.host_lost_timeout, 5.0),
         )
+
+    async def _run_autoscaler(self, autoscaler: Autoscaler) -> None:
+        # Container providers first find the hosts an earlier run of this gateway started,
+        # then keep looking at them (one removed by hand no longer counts).
+        await adopt_hosts(autoscaler.provider)
+        self._background.spawn(
+            "host provider watch",
+            watch_hosts(autoscaler.provider, max(self.config.scaling_interval, 2.0)),
+        )
+        await autoscaler.run()
 
     async def stop(self) -> None:
         await self._background.close()
@@ -189,6 +198,7 @@ class Gateway:
                 "name": h.name,
                 "state": h.state,
                 "address": h.address,
+                "pool": h.resources.pool,
                 "cpus": h.resources.cpus,
                 "memory_mb": h.resources.memory_mb,
                 "gpus": [g.model_dump() for g in h.resources.gpus],
@@ -207,6 +217,7 @@ class Gateway:
             **k.model(),
             "created": k.record.created.isoformat(),
             "owner": k.record.owner,
+            "pool": k.record.pool,
             "executor": k.executor,
             "execution_count": k.execution_count,
             "dead_reason": k.record.dead_reason,

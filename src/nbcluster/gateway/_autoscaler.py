@@ -140,7 +140,13 @@ class Autoscaler:
     async def _scale_out(self, count: int, reason: str) -> None:
         async with self._lock:
             self._forget_arrived()
-            present = len(self.hosts.connected()) + len(self._starting)
+            # A host of the provider that is down for a moment (a container the engine
+            # restarts, a Swarm task being replaced) still counts: it comes back by itself.
+            present = len(
+                {h.name for h in self.hosts.connected()}
+                | set(self._starting)
+                | set(self.provider.started())
+            )
             count = min(count, self.config.max_hosts - present)
             if count <= 0:
                 log.info("cannot scale out (%s): at the maximum of %d hosts", reason, present)

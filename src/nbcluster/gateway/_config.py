@@ -7,7 +7,73 @@ from pathlib import Path
 
 from ..jobs import JobLimits
 
-__all__ = ["GatewayConfig"]
+__all__ = ["GatewayConfig", "HostProviderConfig"]
+
+
+@dataclass(frozen=True)
+class HostProviderConfig:
+    """Where the auto-scaler's hosts come from (``nbcluster gateway --hosts-from``) and what
+    the container providers start them with. ``docs/architecture.md``, "Host providers"."""
+
+    #: ``local`` (host daemons as child processes), ``docker`` (containers on one engine),
+    #: ``swarm`` (one Swarm service per host daemon), ``kubernetes`` (one pod per host) or
+    #: ``ssh`` (a daemon per machine, over ssh).
+    kind: str = "local"
+    #: The image host daemons run (its entry point is ``nbcluster``).
+    image: str = "nbcluster:latest"
+    #: ``host`` (the engine's network namespace), or a Docker network's name.
+    network: str = "host"
+    #: The ``--address`` of the hosts (where their replicas listen). None: with host
+    #: networking ``127.0.0.1`` for ``docker`` and the node's address for ``swarm``; on any
+    #: other network the container's own address.
+    address: str | None = None
+    #: ``virtual`` (``--gpus N``, N the auto-scaler's GPUs per host) or ``nvidia`` (real
+    #: devices: a share of ``gpu_devices`` per container for ``docker``, ``NVIDIA-GPU``
+    #: generic resources for ``swarm``; the host daemon finds them with NVML).
+    gpus: str = "virtual"
+    #: ``docker`` with ``gpus="nvidia"``: the engine's GPUs (NVML indices) shared out.
+    gpu_devices: tuple[int, ...] = ()
+    #: ``swarm``: placement constraints, as ``docker service create --constraint`` takes them.
+    constraints: tuple[str, ...] = ()
+    #: ``swarm``: host daemons the provider puts on one node (1: one per GPU machine).
+    hosts_per_node: int = 1
+    #: ``swarm``: the Docker secret holding the join token (the operator's); None: the
+    #: provider makes one from the gateway's join token.
+    join_token_secret: str | None = None
+    #: The uid:gid the image runs as (owner of the join-token secret file in the container).
+    user: str = "1000:1000"
+    #: Extra mounts, ``SOURCE:TARGET[:ro]`` (a path or a volume name).
+    mounts: tuple[str, ...] = ()
+    #: CA file (PEM) the hosts verify an https gateway with, given to them read-only.
+    ca: Path | None = None
+    #: Stop the provider's hosts when the gateway stops (else they wait for it, and a
+    #: restarted gateway adopts them).
+    stop_on_exit: bool = False
+    #: Host names are ``<prefix>-<n>``.
+    name_prefix: str = "auto"
+    #: ``kubernetes``: the PodTemplate host pods are made from.
+    pod_template: str = "nbcluster-host"
+    #: ``kubernetes``: the namespace of host pods; None: the gateway pod's own.
+    namespace: str | None = None
+    #: ``ssh``: the machines (``[USER@]HOST[:PORT][/ADDRESS]``), one host daemon each.
+    ssh_hosts: tuple[str, ...] = ()
+    #: ``ssh``: the login user; None: ssh's default.
+    ssh_user: str | None = None
+    #: ``ssh``: private keys to log in with; empty: the agent and ``~/.ssh/id_*``.
+    ssh_keys: tuple[Path, ...] = ()
+    #: ``ssh``: the known_hosts file; None: ``~/.ssh/known_hosts``.
+    ssh_known_hosts: Path | None = None
+    #: ``ssh``: accept (and pin) keys of machines known_hosts does not list.
+    ssh_accept_unknown_hosts: bool = False
+    #: ``ssh``: an ssh_config file to read; None: none.
+    ssh_config: Path | None = None
+    #: ``ssh``: the ``nbcluster`` program on the machines.
+    ssh_nbcluster: str = "nbcluster"
+    #: ``ssh``: the hosts' ``--state-dir`` and ``--ca``, paths on the machines.
+    ssh_state_dir: str | None = None
+    ssh_ca: str | None = None
+    #: ``ssh``: more arguments of ``nbcluster host`` on the machines.
+    ssh_host_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +130,12 @@ class GatewayConfig:
     jobs_yield_to_cells: bool = True
     #: Virtual GPUs of each host the auto-scaler starts.
     scaling_gpus_per_host: int = 8
+    #: What starts and stops the auto-scaler's hosts.
+    host_provider: HostProviderConfig = field(default_factory=HostProviderConfig)
+    #: The gateway's URL as host daemons and kernels are told it (``--public-url``): one
+    #: that works from where they run (inside a container, on another node). None: the
+    #: listening address, loopback for a wildcard one.
+    public_url: str | None = None
     # -- identities (docs/security.md, "Users and credentials") -------------------------------
     #: The name of the admin user ``token`` authenticates.
     admin_name: str = "admin"
@@ -121,3 +193,13 @@ class GatewayConfig:
     def scheme(self) -> str:
         """``https`` when the gateway serves TLS, else ``http`` (``wss``/``ws`` alike)."""
         return "https" if self.certfile is not None else "http"
+
+    @property
+    def advertised_url(self) -> str:
+        """The URL hosts and kernels reach the gateway at: ``public_url``, else the listening
+        address (loopback for a wildcard one) and port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        ip = "127.0.0.1" if self.ip in ("0.0.0.0", "::", "") else self.ip
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"{self.scheme}://{host}:{self.port}"

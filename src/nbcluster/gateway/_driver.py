@@ -131,7 +131,9 @@ def host_spec(resources: HostResources) -> tuple[Resources, tuple[int, ...]]:
 def host_added(name: str, resources: HostResources) -> HostAdded:
     """The scheduler's event for a host's hello, with each GPU's memory in bytes."""
     spec, devices = host_spec(resources)
-    return HostAdded(name, spec, devices, tuple(g.memory_mb << 20 for g in resources.gpus))
+    return HostAdded(
+        name, spec, devices, tuple(g.memory_mb << 20 for g in resources.gpus), resources.pool
+    )
 
 
 def _plural(n: int, word: str) -> str:
@@ -228,6 +230,9 @@ class Refusal:
 
     reason: str
     scaling: bool = False
+    #: The hosts it may use have no room now (a later attempt may succeed), whether or not
+    #: hosts were asked for (a pooled kernel asks for none: "Host pools" in scheduling.md).
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +254,8 @@ class Answers:
     job: BindJobGpus | None = None
     #: The reason of a ``RejectKernel``, ``MigrationRefused`` or ``JobGpusRefused``.
     refusal: str | None = None
+    #: The ``RejectKernel`` said the hosts are full now (not that no host could ever do).
+    full: bool = False
     scale_out: ScaleOut | None = None
     #: Migrations started, each with its running task (True: it succeeded).
     migrations: list[tuple[Migrate, asyncio.Task[bool]]] = field(default_factory=list)
@@ -353,11 +360,13 @@ class SchedulerDriver:
         replicas: int | None,
         policy: str,
         owner: str = "",
+        pool: str | None = None,
     ) -> Placement | Refusal:
-        """Where a new (or restarted, or restored) kernel's replicas go."""
+        """Where a new (or restarted, or restored) kernel's replicas go (only on hosts of
+        ``pool``, if set)."""
         self._tell_quota(owner)
         actions = self._scheduler.handle(
-            KernelRequested(kernel_id, request, replicas, policy, owner)
+            KernelRequested(kernel_id, request, replicas, policy, owner, pool)
         )
         return self._placement(kernel_id, self.carry_out(actions))
 
@@ -384,7 +393,7 @@ class SchedulerDriver:
         placed, reserved, scale_out = answers.placed, answers.reserved, answers.scale_out
         if placed is None:
             reason = answers.refusal or (scale_out.reason if scale_out else "no host has room")
-            return Refusal(reason, scaling=scale_out is not None)
+            return Refusal(reason, scaling=scale_out is not None, full=answers.full)
         devices = reserved.device_indices if reserved is not None else None
         return Placement(kernel_id, placed.replicas, devices)
 
@@ -463,6 +472,7 @@ class SchedulerDriver:
                     answers.placed = action  # the caller launches them
                 case RejectKernel() | MigrationRefused() | JobGpusRefused():
                     answers.refusal = action.reason
+                    answers.full = isinstance(action, RejectKernel) and action.full
                 case WaitForGpus():
                     self._announce_wait(action)
                 case CancelWait():

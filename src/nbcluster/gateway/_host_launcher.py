@@ -122,6 +122,7 @@ class HostDaemonLauncher:
                     working_dir=spec.working_dir,
                     launch_timeout=spec.launch_timeout,
                     curve_secretkey=spec.curve_secretkey,
+                    image=spec.image,
                 ),
                 # The host's own wait for the ports, and time for its answer to arrive.
                 timeout=spec.launch_timeout + 5,

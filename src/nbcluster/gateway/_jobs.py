@@ -253,6 +253,7 @@ class JobManager:
                 "cpus": h.resources.cpus,
                 "memory_mb": h.resources.memory_mb,
                 "gpus": len(h.resources.gpus),
+                "pool": h.resources.pool,
             }
             for h in sorted(self.hosts.hosts.values(), key=lambda h: h.name)
         ]
@@ -321,6 +322,7 @@ class JobManager:
                     host.resources.cpus - used_cpus[host.name],
                     host.resources.memory_mb - used_mem[host.name],
                     free,
+                    host.resources.pool,
                 )
             )
         return capacities

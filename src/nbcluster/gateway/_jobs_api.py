@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from ..jobs import Job, JobSpec, input_prefix
+from ..scheduling import HostView
 from ..store import ObjectNotFoundError, StoreError, validate_key
 from ._auth import principal_of
 from ._errors import ApiError
@@ -25,7 +26,7 @@ from ._jobs import JobManager
 if TYPE_CHECKING:
     from ._app import Gateway
 
-__all__ = ["MAX_LOG_OFFSET", "UPLOAD_PATHS", "build_jobs_router"]
+__all__ = ["MAX_LOG_OFFSET", "UPLOAD_PATHS", "build_jobs_router", "job_too_big"]
 
 #: The largest ``offset`` of ``GET /api/jobs/{id}/logs``: far past any log (they are capped
 #: at a few MiB), and under every filesystem's largest file, past which a seek fails (a larger
@@ -35,6 +36,58 @@ MAX_LOG_OFFSET = 2**40
 #: Endpoints whose body is an upload: their limit is ``max_upload_bytes``, not
 #: ``max_body_bytes``.
 UPLOAD_PATHS = frozenset({"/api/jobs/inputs"})
+
+
+def job_too_big(spec: JobSpec, hosts: Mapping[str, HostView]) -> str | None:
+    """Why none of ``hosts`` could ever run ``spec`` (a job runs on one host, which must have
+    its GPUs, CPUs and memory), or None. The hosts are those the scheduler knows, the ones a
+    kernel's request is checked against; with none yet (a cluster starting) the job is
+    queued for the hosts to come.
+
+    A job that names a pool is checked against that pool's hosts; hosts known but none in its
+    pool is a refusal too (the auto-scaler's hosts join no pool: none would come)."""
+    if not hosts:
+        return None
+    if spec.pool is not None:
+        pools = sorted({h.pool for h in hosts.values() if h.pool is not None})
+        hosts = {name: h for name, h in hosts.items() if h.pool == spec.pool}
+        if not hosts:
+            known = ", ".join(repr(p) for p in pools) if pools else "none"
+            return f"no host is in pool {spec.pool!r} (pools of the known hosts: {known})"
+    where = "" if spec.pool is None else f" in pool {spec.pool!r}"
+    r = spec.resources
+    specs = [h.spec for h in hosts.values()]
+    asked = (
+        ("GPUs", r.gpus, max(s.gpus for s in specs)),
+        ("CPUs", r.cpus, max(s.millicpus for s in specs) / 1000),
+        ("MB of memory", r.memory_mb, max(s.memory_mb for s in specs)),
+    )
+    known = f"{len(specs)} host(s) known"
+    for word, value, largest in asked:
+        if value > largest + 1e-9:
+            return (
+                f"it requests {_amount(value)} {word}; the largest host{where} has "
+                f"{_amount(largest)} ({known})"
+            )
+    if any(
+        r.gpus <= s.gpus and r.cpus * 1000 <= s.millicpus + 1e-6 and r.memory_mb <= s.memory_mb
+        for s in specs
+    ):
+        return None
+    largest_hosts = ", ".join(
+        f"{h.name}: {h.spec.gpus} GPUs, {_amount(h.spec.millicpus / 1000)} CPUs, "
+        f"{h.spec.memory_mb} MB"
+        for h in sorted(hosts.values(), key=lambda h: h.spec.gpus, reverse=True)[:3]
+    )
+    return (
+        f"it requests {r.gpus} GPUs, {_amount(r.cpus)} CPUs and {r.memory_mb} MB of memory on one "
+        f"host; no host{where} has them all ({known}; {largest_hosts})"
+    )
+
+
+def _amount(value: float) -> str:
+    """``4``, ``0.5``, ``1000000000`` (not ``1e+09``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 class CancelResult(BaseModel):
@@ -78,6 +131,11 @@ def build_jobs_router() -> APIRouter:
             context={"job_limits": gateway.config.job_limits},
         )
         spec = gateway.access.admit_job(principal_of(request), spec)
+        too_big = job_too_big(spec, gateway.scheduling.host_views())
+        if too_big is not None:
+            # Refused now, as a kernel asking for more than any host has is: queued, it would
+            # wait for ever.
+            raise ApiError(400, f"cannot run the job: {too_big}", "job request cannot be satisfied")
         try:
             job = await _jobs(request).submit(spec)
         except TimeoutError:

@@ -8,12 +8,14 @@ file and the problem; the gateway keeps serving the others.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..hostproto import IMAGE_REFERENCE, check_pool
 from ._errors import KernelSpecError
 
 __all__ = ["DEFAULT_KERNEL_NAME", "KernelSpec", "KernelSpecError", "KernelSpecRegistry"]
@@ -42,6 +44,59 @@ class KernelSpec(BaseModel):
         if not any("{connection_file}" in a for a in argv):
             raise ValueError("argv must contain '{connection_file}'")
         return argv
+
+    @field_validator("metadata")
+    @classmethod
+    def _image_is_a_reference(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        image = _image_of(metadata)
+        if image is not None and not re.fullmatch(IMAGE_REFERENCE, image):
+            raise ValueError(f"image {image!r} is not a container image reference")
+        _pool_of(metadata)  # a bad pool name raises
+        return metadata
+
+    @property
+    def image(self) -> str | None:
+        """The container image its replicas run in, or None (processes on the host).
+
+        Named as Gateway Provisioners do (``metadata.kernel_provisioner.config.image_name``) or
+        as ``metadata.nbcluster.image``; the first wins.
+        """
+        return _image_of(self.metadata)
+
+    @property
+    def pool(self) -> str | None:
+        """The host pool its replicas run in, or None (any host).
+
+        Named as ``metadata.nbcluster.pool`` or, as Gateway Provisioners' configuration,
+        ``metadata.kernel_provisioner.config.host_pool``; the first wins.
+        """
+        return _pool_of(self.metadata)
+
+
+def _pool_of(metadata: dict[str, Any]) -> str | None:
+    for section, key in (("nbcluster", "pool"), ("kernel_provisioner", "host_pool")):
+        block = metadata.get(section)
+        if section == "kernel_provisioner" and isinstance(block, dict):
+            block = block.get("config")
+        if isinstance(block, dict) and block.get(key) is not None:
+            try:
+                return check_pool(block[key])
+            except ValueError as exc:
+                raise ValueError(f"{section} {key}: {exc}") from None
+    return None
+
+
+def _image_of(metadata: dict[str, Any]) -> str | None:
+    for section, key in (("kernel_provisioner", "image_name"), ("nbcluster", "image")):
+        block = metadata.get(section)
+        if section == "kernel_provisioner" and isinstance(block, dict):
+            block = block.get("config")
+        if isinstance(block, dict) and block.get(key) is not None:
+            value = block[key]
+            if not isinstance(value, str):
+                raise ValueError(f"{section} {key} must be a string, not {type(value).__name__}")
+            return value
+    return None
 
 
 def _builtin_python3() -> tuple[KernelSpec, Path | None]:

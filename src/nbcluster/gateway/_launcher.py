@@ -67,6 +67,8 @@ class LaunchSpec:
     launch_timeout: float = 30.0
     #: The CurveZMQ server secret key of the replica's sockets (``_curve``); None: plain.
     curve_secretkey: str | None = field(default=None, repr=False)
+    #: The kernelspec's container image (the host runs the replica in it); None: a process.
+    image: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,7 +224,8 @@ class KernelManager:
         """Start a kernel of kernelspec ``name`` for ``owner`` (the API checked that they may:
         kernelspec access and quotas)."""
         name = name or DEFAULT_KERNEL_NAME
-        if self.specs.get(name) is None:
+        spec = self.specs.get(name)
+        if spec is None:
             raise KernelRequestError(
                 f"unknown kernelspec {name!r}; available: {', '.join(self.specs.names)}"
             )
@@ -247,6 +248,7 @@ class KernelManager:
             replica_count=(
                 self.config.replicas_per_kernel if policy.name == "notebookos" else policy.replicas
             ),
+            pool=spec.pool,
         )
         kernel = self._new_kernel(record)
         self.kernels[record.id] = kernel

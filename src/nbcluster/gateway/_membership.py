@@ -83,7 +83,7 @@ class Membership:
         record = kernel.record
         request = resource_request(record)
         placed = self._scheduling.place_kernel(
-            record.id, request, record.replica_count, record.policy, record.owner
+            record.id, request, record.replica_count, record.policy, record.owner, record.pool
         )
         scaling = isinstance(placed, Refusal) and placed.scaling
         if (
@@ -92,13 +92,14 @@ class Membership:
             and await self._host_supply.wait_for_hosts(self._config.launch_timeout)
         ):
             placed = self._scheduling.place_kernel(
-                record.id, request, record.replica_count, record.policy, record.owner
+                record.id, request, record.replica_count, record.policy, record.owner, record.pool
             )
         if isinstance(placed, Refusal):
             connected = len(self._hosts.connected())
             raise KernelRejected(
                 f"cannot place the kernel: {placed.reason} ({connected} host(s) connected)",
-                permanent=not scaling,
+                # 503 when the hosts are only full now; 400 when none could ever take it.
+                permanent=not (scaling or placed.full),
             )
         return placed
 

@@ -162,6 +162,7 @@ class Reconciler:
                             resource_request(kernel.record),
                             kernel.record.policy,
                             tuple(reserved) if reserved is not None else None,
+                            kernel.record.pool,
                         )
                     )
         # A new host may take the replica that a kernel lacks (also a kernel that a restarted
@@ -189,7 +190,9 @@ class Reconciler:
                 continue
             # Its cells wait until a host's hello brings back one of its replicas.
             self._scheduling.handle(
-                KernelAdopted(record.id, resource_request(record), record.policy, record.owner)
+                KernelAdopted(
+                    record.id, resource_request(record), record.policy, record.owner, record.pool
+                )
             )
             for replica in record.replicas:
                 if replica.state in ("running", "starting", "unknown") and replica.connection:

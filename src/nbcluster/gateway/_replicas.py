@@ -62,16 +62,15 @@ class Replicas:
         spec = self._specs.get(kernel.record.name)
         assert spec is not None
         config = self._config
-        # The job API for the kernel's %%job and %jobs magics (a wildcard address: loopback).
-        gateway_ip = "127.0.0.1" if config.ip in ("0.0.0.0", "::", "") else config.ip
-        gateway_ip = f"[{gateway_ip}]" if ":" in gateway_ip else gateway_ip
         env = {
             **spec.env,
             **kernel.record.env,
             envvars.RAFT_PASSWORD.name: kernel.record.raft_password,
             envvars.STORE_URL.name: config.store_url or config.store_dir.as_uri(),
             envvars.STORE_THRESHOLD.name: str(config.store_threshold),
-            envvars.GATEWAY_URL.name: f"{config.scheme}://{gateway_ip}:{config.port}",
+            # The job API for the kernel's %%job and %jobs magics: --public-url, else the
+            # listening address (a wildcard one: loopback).
+            envvars.GATEWAY_URL.name: config.advertised_url,
             envvars.GATEWAY_TOKEN.name: self._kernel_tokens.issue(kernel.id),
         }
         if devices is not None:
@@ -88,6 +87,7 @@ class Replicas:
             launch_timeout=config.launch_timeout,
             # A fresh keypair per replica; only the public half comes back (ConnectionInfo).
             curve_secretkey=new_server_secret() if config.curve else None,
+            image=spec.image,
         )
 
     async def launch(

@@ -52,6 +52,8 @@ class KernelRecord(BaseModel):
     request: dict[str, float] = Field(default_factory=dict)
     replica_count: int = 1
     reserved_devices: list[int] | None = None
+    #: The host pool its replicas run in (its kernelspec's, at start); None: any host.
+    pool: str | None = None
     #: Idle reclamation released every replica (state in the store); the next message wakes it.
     reclaimed: bool = False
 

@@ -47,6 +47,7 @@ from ..hostproto import (
     encode,
 )
 from ._config import HostConfig
+from ._containers import ContainerRuntimeError, DockerReplicaRuntime
 from ._jobs import JobRunner
 from ._processes import ReplicaStartError, ReplicaSupervisor
 from ._resources import discover_resources
@@ -81,6 +82,7 @@ class HostDaemon:
             gpu_devices=config.gpu_devices,
             cpus=config.cpus,
             memory_mb=config.memory_mb,
+            pool=config.pool,
         )
         state = config.state_dir
         https = config.gateway_url.startswith("https://")
@@ -91,6 +93,14 @@ class HostDaemon:
         gateway_env = {envvars.GATEWAY_URL.name: config.gateway_url.rstrip("/")}
         if https and config.ca is not None:
             gateway_env[envvars.GATEWAY_CA.name] = str(config.ca.resolve())
+        #: Runs the replicas of kernelspecs that name an image (``--container-runtime``).
+        self.containers: DockerReplicaRuntime | None = None
+        if config.container_runtime == "docker":
+            self.containers = DockerReplicaRuntime(
+                config.name, gpu_devices=config.gpu_devices, container_user=config.container_user
+            )
+        elif config.container_runtime is not None:
+            raise ValueError(f"unknown container runtime {config.container_runtime!r}")
         self.supervisor = ReplicaSupervisor(
             address=config.address,
             run_dir=state / "run",
@@ -98,6 +108,7 @@ class HostDaemon:
             default_working_dir=config.working_dir,
             on_exit=self._report_exit,
             gateway_env=gateway_env,
+            containers=self.containers,
         )
         self.jobs = JobRunner(state / "jobs", self._send_event)
         self._ws: ClientConnection | None = None
@@ -113,6 +124,14 @@ class HostDaemon:
     async def run(self) -> None:
         """Connect, serve, reconnect on loss; on stop, end every replica and return."""
         self._warn_if_clear_text()
+        if self.containers is not None:
+            try:
+                await self.containers.check()
+            except ContainerRuntimeError as exc:
+                raise HostRejected(f"--container-runtime docker: {exc}") from None
+            # Replicas of an earlier run of this daemon: lost with it, and not to be adopted.
+            for name in await self.containers.remove_leftovers():
+                log.warning("removed replica container %s left by an earlier run", name)
         delay = 0.1
         try:
             while not self._stopping.is_set():

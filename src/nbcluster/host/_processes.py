@@ -1,8 +1,10 @@
-"""Starting, signalling and stopping kernel replica processes on this host.
+"""Starting, signalling and stopping kernel replicas on this host.
 
-Each replica runs in its own session (process group), so interrupts and stops reach the
-processes its user code started too. Output goes to a log file per replica, whose tail is
-reported when the replica fails to start or exits.
+A replica is a process, in its own session (process group), so interrupts and stops reach the
+processes its user code started too; or, when its kernelspec names an image and this host has
+a container runtime, a container (``_containers``), handled through the same Popen-shaped
+handle. Output goes to a log file per replica, whose tail is reported when the replica fails
+to start or exits.
 
 The connection file (owner-only, in the host's run directory) carries the kernel's HMAC key
 and, when the gateway sent one, the CurveZMQ server keypair of the replica's sockets
@@ -21,12 +23,14 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .. import envvars
 from .._curve import public_key_of
 from ..hostproto import ConnectionInfo, ReplicaExited, ReplicaReport, StartReplica
+from ._containers import MOUNT, ContainerRuntimeError, DockerReplicaRuntime
 
-__all__ = ["ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
+__all__ = ["ReplicaHandle", "ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +43,59 @@ class ReplicaStartError(RuntimeError):
     """A replica did not come up; the message says why and includes the end of its log."""
 
 
+class ReplicaHandle(Protocol):
+    """A running replica, process or container, as the supervisor drives it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int:
+        """Its exit code, once it ended."""
+        ...
+
+    def send_signal(self, signum: int) -> None:
+        """Deliver a signal to the replica and what its code started."""
+        ...
+
+    async def release(self) -> None:
+        """After it ended: free what it held (its process group, its container)."""
+        ...
+
+
+class _ProcessGroup:
+    """A replica process and its session, as a :class:`ReplicaHandle`."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signum)
+
+    async def release(self) -> None:
+        # Processes the user's code started stay in the replica's group: end them too.
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass
 class ReplicaProcess:
     kernel_id: str
     replica_id: str
-    process: asyncio.subprocess.Process
+    process: ReplicaHandle
     connection: ConnectionInfo
     log_path: Path
     stop_requested: bool = False
@@ -60,6 +112,20 @@ class ReplicaProcess:
             pid=self.pid,
             connection=self.connection,
         )
+
+
+def _write_private(path: Path, info: Mapping[str, object]) -> None:
+    """Write a connection file readable by its owner only (it holds the kernel's keys)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a replica's directory (its connection file, FIFOs)."""
+    for child in path.iterdir():
+        child.unlink(missing_ok=True)
+    path.rmdir()
 
 
 def _log_tail(path: Path) -> str:
@@ -89,8 +155,11 @@ class ReplicaSupervisor:
         default_working_dir: Path,
         on_exit: Callable[[ReplicaExited], Awaitable[None]],
         gateway_env: Mapping[str, str] | None = None,
+        containers: DockerReplicaRuntime | None = None,
     ) -> None:
         self._address = address
+        #: Runs replicas whose kernelspec names an image; None: this host runs none.
+        self._containers = containers
         #: How replicas reach the gateway from this machine (URL, CA): replaces the gateway's.
         self._gateway_env = dict(gateway_env or {})
         self._run_dir = run_dir
@@ -139,14 +208,7 @@ class ReplicaSupervisor:
             )
         return self._default_cwd
 
-    async def start(self, request: StartReplica) -> ReplicaProcess:
-        """Start a replica and wait until it has bound its sockets.
-
-        Raises :class:`ReplicaStartError` if it exits or stays silent past the launch timeout.
-        """
-        if request.replica_id in self.replicas:
-            raise ReplicaStartError(f"replica {request.replica_id} is already running here")
-        connection_file = self._run_dir / f"kernel-{request.replica_id}.json"
+    def _connection_info(self, request: StartReplica) -> tuple[dict[str, str | int], str | None]:
         info: dict[str, str | int] = {
             "ip": self._address,
             "transport": "tcp",
@@ -164,9 +226,20 @@ class ReplicaSupervisor:
             curve_public = public_key_of(request.curve_secretkey)
             info["curve_publickey"] = curve_public
             info["curve_secretkey"] = request.curve_secretkey
-        fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+        return info, curve_public
+
+    async def start(self, request: StartReplica) -> ReplicaProcess:
+        """Start a replica and wait until it has bound its sockets.
+
+        Raises :class:`ReplicaStartError` if it exits or stays silent past the launch timeout.
+        """
+        if request.replica_id in self.replicas:
+            raise ReplicaStartError(f"replica {request.replica_id} is already running here")
+        if request.image is not None:
+            return await self._start_container(request, request.image)
+        connection_file = self._run_dir / f"kernel-{request.replica_id}.json"
+        info, curve_public = self._connection_info(request)
+        _write_private(connection_file, info)
         log_path = self._log_dir / f"{request.replica_id}.log"
         read_fd, write_fd = os.pipe()
         try:
@@ -187,16 +260,107 @@ class ReplicaSupervisor:
             raise ReplicaStartError(f"could not run {request.argv[0]!r}: {exc}") from None
         finally:
             os.close(write_fd)
+        handle = _ProcessGroup(process)
+        return await self._await_ready(
+            request, handle, read_fd, curve_public, log_path, cleanup=connection_file.unlink
+        )
+
+    async def _start_container(self, request: StartReplica, image: str) -> ReplicaProcess:
+        """A replica whose kernelspec names an image: a container of it (``_containers``)."""
+        if self._containers is None:
+            raise ReplicaStartError(
+                f"kernelspec image {image!r}: this host runs no containers "
+                "(start its daemon with --container-runtime docker)"
+            )
+        replica_dir, curve_public, gateway_ca = self._make_replica_dir(request)
+        # Read-write opens of a FIFO do not wait for the other end. The report's read end
+        # stays open until the replica reported; the lifeline's for the replica's life.
+        read_fd = os.open(replica_dir / "report", os.O_RDWR | os.O_NONBLOCK)
+        lifeline_fd = os.open(replica_dir / "lifeline", os.O_RDWR)
+        log_path = self._log_dir / f"{request.replica_id}.log"
+        argv = [a.replace("{connection_file}", f"{MOUNT}/connection.json") for a in request.argv]
+        env = {
+            **request.env,
+            **self._gateway_env,
+            envvars.KERNEL_ID.name: request.kernel_id,
+            envvars.REPLICA_ID.name: request.replica_id,
+            envvars.REPORT_PATH.name: f"{MOUNT}/report",
+            envvars.LIFELINE_PATH.name: f"{MOUNT}/lifeline",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if gateway_ca is not None:
+            env[envvars.GATEWAY_CA.name] = gateway_ca
         try:
-            report = await self._read_report(read_fd, process, request.launch_timeout)
+            container = await self._containers.run(
+                image=image,
+                argv=argv,
+                env=env,
+                replica_dir=replica_dir,
+                kernel_id=request.kernel_id,
+                replica_id=request.replica_id,
+                lifeline_fd=lifeline_fd,
+            )
+        except ContainerRuntimeError as exc:
+            os.close(read_fd)
+            os.close(lifeline_fd)
+            _remove_tree(replica_dir)
+            raise ReplicaStartError(str(exc)) from None
+        self._containers.follow_logs(container, log_path)
+        return await self._await_ready(
+            request,
+            container,
+            read_fd,
+            curve_public,
+            log_path,
+            cleanup=lambda: _remove_tree(replica_dir),
+        )
+
+    def _make_replica_dir(self, request: StartReplica) -> tuple[Path, str | None, str | None]:
+        """A directory per replica, mounted into its container: what a process would inherit
+        (its connection file, the FIFOs of its report and lifeline, the gateway's CA). Returns
+        it, the replica's CURVE public key and the CA's path in the container."""
+        assert self._containers is not None
+        replica_dir = self._run_dir / request.replica_id
+        if replica_dir.exists():  # left by a daemon that died
+            _remove_tree(replica_dir)
+        replica_dir.mkdir(mode=0o700)
+        info, curve_public = self._connection_info(request)
+        _write_private(replica_dir / "connection.json", info)
+        gateway_ca = self._gateway_env.get(envvars.GATEWAY_CA.name)
+        ca_in_container = None
+        if gateway_ca is not None:
+            # The CA file is a path on this host: the container gets a copy beside its keys.
+            (replica_dir / "gateway-ca.pem").write_bytes(Path(gateway_ca).read_bytes())
+            ca_in_container = f"{MOUNT}/gateway-ca.pem"
+        os.mkfifo(replica_dir / "report", 0o600)
+        os.mkfifo(replica_dir / "lifeline", 0o600)
+        owner = self._containers.owner()
+        if owner is not None:
+            for path in (replica_dir, *replica_dir.iterdir()):
+                os.chown(path, *owner)
+        return replica_dir, curve_public, ca_in_container
+
+    async def _await_ready(
+        self,
+        request: StartReplica,
+        handle: ReplicaHandle,
+        read_fd: int,
+        curve_public: str | None,
+        log_path: Path,
+        cleanup: Callable[[], object],
+    ) -> ReplicaProcess:
+        try:
+            report = await self._read_report(read_fd, handle, request.launch_timeout)
             if curve_public is not None and not report.get("curve"):
                 # Its sockets would be plain: the gateway could not talk to them, and must not.
                 raise ReplicaStartError(
                     "the replica does not serve CurveZMQ (its ipykernel is older than 7.3?)"
                 )
         except ReplicaStartError as exc:
-            await self._kill(process, grace=0.0)
-            connection_file.unlink(missing_ok=True)  # it holds the kernel's keys
+            await self._kill(handle, grace=0.0)
+            await handle.release()
+            with contextlib.suppress(OSError):
+                cleanup()  # the connection file holds the kernel's keys
             tail = _log_tail(log_path)
             raise ReplicaStartError(f"{exc}\n--- replica log ---\n{tail}") from None
         connection = ConnectionInfo(
@@ -211,14 +375,14 @@ class ReplicaSupervisor:
             curve_publickey=curve_public,
         )
         replica = ReplicaProcess(
-            request.kernel_id, request.replica_id, process, connection, log_path
+            request.kernel_id, request.replica_id, handle, connection, log_path
         )
         self.replicas[request.replica_id] = replica
-        replica.watcher = asyncio.create_task(self._watch(replica))
+        replica.watcher = asyncio.create_task(self._watch(replica, cleanup))
         return replica
 
     async def _read_report(
-        self, read_fd: int, process: asyncio.subprocess.Process, timeout: float
+        self, read_fd: int, process: ReplicaHandle, timeout: float
     ) -> dict[str, int]:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
@@ -226,13 +390,23 @@ class ReplicaSupervisor:
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), pipe
         )
+        # A pipe ends when the process exits; a container's FIFO, which this end also holds
+        # open for writing, never does: its end is watched too.
+        line_read = asyncio.ensure_future(reader.readline())
+        exited = asyncio.ensure_future(process.wait())
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout)
-        except TimeoutError:
-            raise ReplicaStartError(
-                f"replica did not report its ports within {timeout:.0f} s"
-            ) from None
+            done, _ = await asyncio.wait(
+                {line_read, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if line_read in done:
+                line = line_read.result()
+            elif exited in done:
+                line = b""
+            else:
+                raise ReplicaStartError(f"replica did not report its ports within {timeout:.0f} s")
         finally:
+            line_read.cancel()
+            exited.cancel()
             transport.close()
         if not line:
             code = await process.wait()
@@ -250,14 +424,12 @@ class ReplicaSupervisor:
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplicaStartError(f"replica sent an unreadable port report: {exc}") from None
 
-    async def _watch(self, replica: ReplicaProcess) -> None:
+    async def _watch(self, replica: ReplicaProcess, cleanup: Callable[[], object]) -> None:
         code = await replica.process.wait()
-        # Processes the user's code started stay in the replica's group: end them too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(replica.pid, signal.SIGKILL)
+        await replica.process.release()
         self.replicas.pop(replica.replica_id, None)
         with contextlib.suppress(OSError):
-            (self._run_dir / f"kernel-{replica.replica_id}.json").unlink()
+            cleanup()  # the connection file holds the kernel's keys
         event = ReplicaExited(
             kernel_id=replica.kernel_id,
             replica_id=replica.replica_id,
@@ -272,9 +444,7 @@ class ReplicaSupervisor:
             log.exception("could not report the exit of replica %s", replica.replica_id)
 
     def signal(self, replica_id: str, signum: int) -> None:
-        replica = self._get(replica_id)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(replica.pid, signum)
+        self._get(replica_id).process.send_signal(signum)
 
     async def stop(self, replica_id: str, grace: float) -> int | None:
         replica = self._get(replica_id)
@@ -298,14 +468,13 @@ class ReplicaSupervisor:
             raise LookupError(f"no replica {replica_id} runs on this host") from None
 
     @staticmethod
-    async def _kill(process: asyncio.subprocess.Process, grace: float) -> int | None:
+    async def _kill(process: ReplicaHandle, grace: float) -> int | None:
         if process.returncode is not None:
             return process.returncode
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             if grace <= 0 and sig == signal.SIGTERM:
                 continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
+            process.send_signal(sig)
             try:
                 return await asyncio.wait_for(process.wait(), wait)
             except TimeoutError:

@@ -77,6 +77,7 @@ def discover_resources(
     gpu_devices: Sequence[int] | None = None,
     cpus: int | None = None,
     memory_mb: int | None = None,
+    pool: str | None = None,
 ) -> HostResources:
     """Resources a host daemon reports in its hello.
 
@@ -91,4 +92,5 @@ def discover_resources(
         cpus=cpus if cpus is not None else (os.cpu_count() or 1),
         memory_mb=memory_mb if memory_mb is not None else psutil.virtual_memory().total // 2**20,
         gpus=gpus,
+        pool=pool,
     )

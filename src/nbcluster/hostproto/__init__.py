@@ -1,7 +1,9 @@
 """The control protocol between the gateway and host daemons (JSON frames on a websocket)."""
 
 from ._models import (
+    IMAGE_REFERENCE,
     MAX_FRAME_BYTES,
+    POOL_NAME,
     PROTOCOL_VERSION,
     CancelJob,
     ConnectionInfo,
@@ -25,13 +27,16 @@ from ._models import (
     StartReplica,
     StopReplica,
     Welcome,
+    check_pool,
     decode_gateway_message,
     decode_host_message,
     encode,
 )
 
 __all__ = [
+    "IMAGE_REFERENCE",
     "MAX_FRAME_BYTES",
+    "POOL_NAME",
     "PROTOCOL_VERSION",
     "CancelJob",
     "ConnectionInfo",
@@ -55,6 +60,7 @@ __all__ = [
     "StartReplica",
     "StopReplica",
     "Welcome",
+    "check_pool",
     "decode_gateway_message",
     "decode_host_message",
     "encode",

@@ -7,12 +7,14 @@ Events (heartbeats, replica exits) carry none.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "POOL_NAME",
     "PROTOCOL_VERSION",
     "ConnectionInfo",
     "GatewayMessage",
@@ -29,6 +31,7 @@ __all__ = [
     "StartReplica",
     "StopReplica",
     "Welcome",
+    "check_pool",
     "decode_gateway_message",
     "decode_host_message",
     "encode",
@@ -42,6 +45,23 @@ MAX_FRAME_BYTES = 16 * 2**20
 
 #: A CurveZMQ key in Z85 text: 32 bytes as 40 characters.
 _Z85_KEY = r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$"
+#: A container image reference (``[registry/]name[:tag][@digest]``): no spaces, no leading dash
+#: (it must never read as an option), at most 255 characters as Docker allows.
+IMAGE_REFERENCE = r"^[a-zA-Z0-9][a-zA-Z0-9._/:@+-]{0,254}$"
+#: A host pool's name (``nbcluster host --pool``, a kernelspec's or a job's pool).
+POOL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+def check_pool(value: object) -> str:
+    """``value`` if it is a valid pool name, else ``ValueError`` saying why."""
+    if not isinstance(value, str):
+        raise ValueError(f"a pool name must be a string, not {type(value).__name__}")
+    if not re.fullmatch(POOL_NAME[1:-1], value):
+        raise ValueError(
+            f"pool {value!r} is not a pool name (1 to 63 of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit)"
+        )
+    return value
 
 
 class _Model(BaseModel):
@@ -64,6 +84,8 @@ class HostResources(_Model):
     cpus: int
     memory_mb: int
     gpus: list[GpuInfo] = Field(default_factory=list)
+    #: The host pool it is in (``nbcluster host --pool``); None: in none (older hosts too).
+    pool: str | None = Field(default=None, pattern=POOL_NAME)
 
 
 class ConnectionInfo(_Model):
@@ -211,6 +233,9 @@ class StartReplica(_Model):
     #: The CurveZMQ server secret key (Z85) the replica's sockets use; None: no encryption.
     #: The host writes it (and its public half) into the connection file, nowhere else.
     curve_secretkey: str | None = Field(default=None, pattern=_Z85_KEY, repr=False)
+    #: The kernelspec's container image: the host runs the replica as a container of it (its
+    #: ``--container-runtime``); None: a process, as the kernelspec's argv says.
+    image: str | None = Field(default=None, pattern=IMAGE_REFERENCE)
 
 
 class StopReplica(_Model):

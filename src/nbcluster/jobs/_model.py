@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from ..hostproto import check_pool
+
 __all__ = [
     "FAST_INPUT_LIMIT",
     "TERMINAL",
@@ -139,6 +141,8 @@ class JobSpec(_Model):
     owner: str = Field("", max_length=200)
     #: The kernel whose %%job magic submitted it (set by the gateway from the kernel's token).
     kernel_id: str = Field("", max_length=200)
+    #: The host pool it runs in (``nbcluster host --pool``); None: any host.
+    pool: str | None = Field(None, description="host pool to run in (default: any host)")
 
     @field_validator("command", mode="before")
     @classmethod
@@ -164,6 +168,11 @@ class JobSpec(_Model):
             if "\x00" in v:
                 raise ValueError(f"{name}: contains a NUL character")
         return value
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pool_name(cls, value: Any) -> Any:
+        return None if value is None else check_pool(value)
 
     @field_validator("inputs", "inline_inputs", "outputs")
     @classmethod

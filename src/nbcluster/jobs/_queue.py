@@ -26,8 +26,12 @@ class WorkerCapacity:
     cpus: float
     memory_mb: int
     free_gpus: list[int] = field(default_factory=list)
+    #: Its host pool: it takes jobs of that pool and jobs that name none.
+    pool: str | None = None
 
     def fits(self, job: Job, gpus_allowed: bool) -> bool:
+        if job.spec.pool is not None and job.spec.pool != self.pool:
+            return False
         r = job.spec.resources
         if r.gpus and (not gpus_allowed or len(self.free_gpus) < r.gpus):
             return False

@@ -1,7 +1,8 @@
 """The replica's application: binds its sockets, then tells the host daemon which ports it got.
 
 Ports are bound by the kernel itself (port 0, so no race between choosing and binding) and
-reported as one JSON line on the file descriptor named by ``NBCLUSTER_REPORT_FD``.
+reported as one JSON line on the file descriptor named by ``NBCLUSTER_REPORT_FD``, or, in a
+container (which inherits no descriptor), on the FIFO named by ``NBCLUSTER_REPORT_PATH``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from ipykernel.kernelapp import IPKernelApp
 
 from .. import envvars
-from .._lifeline import die_with_parent
+from .._lifeline import die_with_lifeline, die_with_parent
 from .._net import free_port
 from ._kernel import ReplicaKernel
 
@@ -34,7 +35,8 @@ class ReplicaKernelApp(IPKernelApp):
 
     def _report_ports(self) -> None:
         fd_text = envvars.REPORT_FD.get()
-        if not fd_text:
+        report_path = envvars.REPORT_PATH.get()
+        if not fd_text and not report_path:
             return
         report = {
             "pid": os.getpid(),
@@ -51,9 +53,13 @@ class ReplicaKernelApp(IPKernelApp):
             # (the host refuses a replica that was given keys and serves plain sockets).
             "curve": getattr(self, "curve_secretkey", None) is not None,
         }
-        fd = int(fd_text)
-        with os.fdopen(fd, "w") as pipe:
-            pipe.write(json.dumps(report) + "\n")
+        if fd_text:
+            with os.fdopen(int(fd_text), "w") as pipe:
+                pipe.write(json.dumps(report) + "\n")
+        elif report_path:
+            # The host daemon holds the FIFO open for reading, so this does not block.
+            with open(report_path, "w", encoding="utf-8") as fifo:
+                fifo.write(json.dumps(report) + "\n")
 
 
 def log_to_the_replica_log() -> None:
@@ -79,4 +85,7 @@ def main() -> None:
     parent = int(envvars.PARENT_PID.get() or 0)
     # A replica must not outlive its host daemon: a dead daemon means a lost host.
     die_with_parent(parent, signal.SIGKILL)
+    lifeline = envvars.LIFELINE_PATH.get()
+    if lifeline:
+        die_with_lifeline(lifeline)
     ReplicaKernelApp.launch_instance(kernel_class=ReplicaKernel)

@@ -32,6 +32,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from .. import envvars
+from ..hostproto import check_pool
 
 # httpx is imported where the magics use it: every replica loads this module, and httpx
 # costs ~6 MB of memory in each, for kernels that may never submit a job.
@@ -109,6 +110,7 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "workers": (_int(1), "N"),
     "framework": (_framework, "pytorch|tensorflow"),
     "image": (_word, "IMAGE"),
+    "pool": (check_pool, "POOL"),
     "outputs": (_names, "a.pt,b.csv"),
     "name": (str, "NAME"),
     "timeout": (_positive_float, "SECONDS"),
@@ -174,7 +176,7 @@ def build_spec(options: dict[str, Any], source: str) -> dict[str, Any]:
     resources = {k: options[k] for k in ("gpus", "cpus", "memory_mb") if k in options}
     if resources:
         spec["resources"] = resources
-    for key in ("image", "workers", "outputs", "name", "timeout", "retries"):
+    for key in ("image", "pool", "workers", "outputs", "name", "timeout", "retries"):
         if key in options:
             spec[key] = options[key]
     return spec
@@ -278,8 +280,8 @@ class JobMagics(Magics):
         """Run this cell as a batch job on the cluster and stream its output here.
 
         Options (``key=value``): gpus=N cpus=F memory_mb=N workers=N
-        framework=pytorch|tensorflow image=IMAGE outputs=a.pt,b.csv name=NAME timeout=SECONDS
-        retries=N. ``framework`` runs a distributed training job (PyTorchJob/TFJob, needs
+        framework=pytorch|tensorflow image=IMAGE pool=POOL outputs=a.pt,b.csv name=NAME
+        timeout=SECONDS retries=N. ``pool`` runs it only on hosts of that pool. ``framework`` runs a distributed training job (PyTorchJob/TFJob, needs
         ``image``); ``image`` alone runs the cell in that container; otherwise it runs as a
         Python process on a worker. Declared outputs are downloaded here when it succeeds; the
         job's record is then ``_job``. Interrupt the cell to cancel the job or detach from it.

@@ -40,10 +40,13 @@ class PlaceReplicas:
 
 @dataclass(frozen=True, slots=True)
 class RejectKernel:
-    """Refuse the kernel at creation; ``reason`` is the user-facing error."""
+    """Refuse the kernel at creation; ``reason`` is the user-facing error. ``full``: the hosts
+    it may use have no room now (a later attempt may succeed), as opposed to a request no host
+    could ever take. (A refusal with a ``ScaleOut`` is one of those too.)"""
 
     kernel_id: str
     reason: str
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)

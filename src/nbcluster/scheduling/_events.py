@@ -42,12 +42,14 @@ class HostAdded:
 
     ``gpu_devices`` are the device indices (empty: ``0 .. spec.gpus - 1``); their count must
     equal ``spec.gpus``, else :meth:`Scheduler.handle` raises ``ValueError``. ``device_vram``:
-    each device's memory in bytes, in the same order (empty: ``spec.vram_gb`` shared evenly)."""
+    each device's memory in bytes, in the same order (empty: ``spec.vram_gb`` shared evenly).
+    ``pool``: the host pool it belongs to (None: none; only kernels without a pool go there)."""
 
     name: str
     spec: Resources
     gpu_devices: tuple[int, ...] = ()
     device_vram: tuple[int, ...] = ()
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +61,15 @@ class HostRemoved:
 
 @dataclass(frozen=True, slots=True)
 class HostResourcesChanged:
-    """A host reported new resources; one that shrinks below its bindings is drained."""
+    """A host reported new resources; one that shrinks below its bindings is drained.
+
+    ``pool`` replaces the host's pool; replicas already there stay (they are not moved)."""
 
     name: str
     spec: Resources
     gpu_devices: tuple[int, ...] = ()
     device_vram: tuple[int, ...] = ()
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,8 @@ class KernelRequested:
     policy: str = "notebookos"
     #: The user it belongs to (their GPU quota bounds its cells: ``UserQuotaSet``).
     owner: str = ""
+    #: The host pool its replicas must run in (None: any host, pooled or not).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,7 @@ class KernelAdopted:
     request: Resources
     policy: str = "notebookos"
     owner: str = ""
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +130,8 @@ class ReplicaAdopted:
     request: Resources
     policy: str = "notebookos"
     reserved_devices: tuple[int, ...] | None = None
+    #: The kernel's host pool (used when this replica creates the kernel).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

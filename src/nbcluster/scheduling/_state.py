@@ -127,6 +127,8 @@ class _Host:
     jobs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     draining: bool = False
     version: int = 0
+    #: Its host pool (``HostAdded.pool``); None: in no pool.
+    pool: str | None = None
     #: The ``_by_free`` bucket this host sits in (None: not indexed).
     free_bucket: int | None = None
 
@@ -150,6 +152,8 @@ class _Kernel:
     cell_gpus: dict[int, int] = field(default_factory=dict)
     #: The user it belongs to (``UserQuotaSet``).
     owner: str = ""
+    #: The host pool its replicas must run in (None: any host).
+    pool: str | None = None
 
     def new_replica_id(self, name: Callable[[str, int], str]) -> str:
         while True:
@@ -183,7 +187,8 @@ class Scheduler:
         self._heaps: dict[int, list[tuple[tuple[float, int, str], int]]] = {}
         # Binding and migration: non-draining hosts by number of free GPU devices.
         self._by_free: dict[int, dict[str, None]] = {}
-        self._max_spec: Resources | None = None
+        #: The largest spec of each resource, per pool (key None: every host).
+        self._max_spec: dict[str | None, Resources] = {}
         # Heap entry versions come from one counter, so that a host removed and added again
         # never matches an entry left from its earlier life.
         self._versions = 0
@@ -225,6 +230,7 @@ class Scheduler:
             tuple(k.replicas.items()),
             k.binding,
             tuple(k.waiting),
+            k.pool,
         )
 
     @property
@@ -298,7 +304,7 @@ class Scheduler:
                     except ValueError:
                         policy = policy_named("notebookos")
                     self._kernels[event.kernel_id] = _Kernel(
-                        event.kernel_id, event.request, policy, owner=event.owner
+                        event.kernel_id, event.request, policy, owner=event.owner, pool=event.pool
                     )
                 return []
             case ReplicaAdopted():
@@ -344,14 +350,16 @@ class Scheduler:
     def _host_added(self, event: HostAdded) -> list[Action]:
         if event.name in self._hosts:
             return self._host_changed(
-                HostResourcesChanged(event.name, event.spec, event.gpu_devices)
+                HostResourcesChanged(
+                    event.name, event.spec, event.gpu_devices, event.device_vram, event.pool
+                )
             )
         devices = _devices(event.spec, event.gpu_devices)
         vram = device_capacities(event.spec, event.gpu_devices, event.device_vram)
-        host = _Host(event.name, event.spec, devices, set(devices))
+        host = _Host(event.name, event.spec, devices, set(devices), pool=event.pool)
         self._hosts[event.name] = host
         self._vram.set_host(event.name, vram)
-        self._max_spec = None
+        self._max_spec.clear()
         self._reindex(host)
         return self._retry_waiting()
 
@@ -361,7 +369,7 @@ class Scheduler:
             return []
         self._unindex_free(host)
         host.version = -1  # kills its heap entry
-        self._max_spec = None
+        self._max_spec.clear()
         for job_id in host.jobs:
             del self._jobs[job_id]
             self._job_owners.pop(job_id, None)
@@ -385,7 +393,9 @@ class Scheduler:
     def _host_changed(self, event: HostResourcesChanged) -> list[Action]:
         host = self._hosts.get(event.name)
         if host is None:
-            return self._host_added(HostAdded(event.name, event.spec, event.gpu_devices))
+            return self._host_added(
+                HostAdded(event.name, event.spec, event.gpu_devices, event.device_vram, event.pool)
+            )
         devices = _devices(event.spec, event.gpu_devices)
         self._vram.set_host(
             event.name, device_capacities(event.spec, event.gpu_devices, event.device_vram)
@@ -393,7 +403,8 @@ class Scheduler:
         self._unindex_free(host)
         host.spec = event.spec
         host.devices = devices
-        self._max_spec = None
+        host.pool = event.pool
+        self._max_spec.clear()
         self._refresh_free(host)
         self._reindex(host)
         return self._retry_waiting()
@@ -409,30 +420,38 @@ class Scheduler:
         count = policy.replicas if event.replicas is None else event.replicas
         if count < 1:
             return [RejectKernel(kid, f"a kernel needs at least 1 replica, got {count}")]
-        request = event.request
-        if not self._hosts:
+        request, pool = event.request, event.pool
+        if not self._hosts and pool is None:
             reason = "the cluster has no hosts"
             return [RejectKernel(kid, reason), ScaleOut(count, reason)]
-        too_big = self._too_big(request)
+        too_big = self._too_big(request, pool)
         if too_big is not None:
             return [RejectKernel(kid, too_big)]
-        kernel = _Kernel(kid, request, policy, owner=event.owner)
+        kernel = _Kernel(kid, request, policy, owner=event.owner, pool=pool)
+        # The auto-scaler's hosts join no pool: more of them would not help a pooled kernel.
+        scale = pool is None
         if policy.commit_at_placement and request.gpus > 0:
             if count != 1:
                 return [RejectKernel(kid, f"policy {policy.name} runs 1 replica, got {count}")]
-            target = self._free_host(request, exclude=())
+            target = self._free_host(request, exclude=(), pool=pool)
             if target is None:
-                reason = f"requests {request.gpus} GPUs; no host has {request.gpus} free GPUs"
-                return [RejectKernel(kid, reason), ScaleOut(1, reason)]
+                reason = (
+                    f"requests {request.gpus} GPUs; no host{_in_pool(pool)} has "
+                    f"{request.gpus} free GPUs"
+                )
+                return [RejectKernel(kid, reason, full=True), *_scale_out(scale, 1, reason)]
             hosts = [target]
         else:
-            hosts = self._least_loaded(request, count, exclude=())
+            hosts = self._least_loaded(request, count, exclude=(), pool=pool)
             if len(hosts) < count:
                 reason = (
-                    f"{count} replicas need {count} hosts with room for {_describe(request)}; "
-                    f"{len(hosts)} have room"
+                    f"{count} replicas need {count} hosts{_in_pool(pool)} with room for "
+                    f"{_describe(request)}; {len(hosts)} have room"
                 )
-                return [RejectKernel(kid, reason), ScaleOut(count - len(hosts), reason)]
+                return [
+                    RejectKernel(kid, reason, full=True),
+                    *_scale_out(scale, count - len(hosts), reason),
+                ]
         self._kernels[kid] = kernel
         placed = tuple(
             (
@@ -454,12 +473,13 @@ class Scheduler:
         exclude = set(kernel.replicas.values())
         life_long = kernel.policy.commit_at_placement and kernel.request.gpus > 0
         if life_long:
-            target = self._free_host(kernel.request, exclude)
+            target = self._free_host(kernel.request, exclude, kernel.pool)
             hosts = [] if target is None else [target]
         else:
-            hosts = self._least_loaded(kernel.request, 1, exclude)
+            hosts = self._least_loaded(kernel.request, 1, exclude, kernel.pool)
         if not hosts:
-            return [ScaleOut(1, f"no host has room for a replica of {kernel.kernel_id}")]
+            reason = f"no host{_in_pool(kernel.pool)} has room for a replica of {kernel.kernel_id}"
+            return _scale_out(kernel.pool is None, 1, reason)
         replica_id = self._add_replica(
             kernel, kernel.new_replica_id(self._config.new_replica_id), hosts[0]
         )
@@ -481,7 +501,7 @@ class Scheduler:
             except ValueError:
                 return []
             kernel = self._kernels[event.kernel_id] = _Kernel(
-                event.kernel_id, event.request, policy
+                event.kernel_id, event.request, policy, pool=event.pool
             )
         previous = kernel.replicas.get(event.replica_id)
         if previous == event.host:
@@ -521,6 +541,16 @@ class Scheduler:
                         kid, rid, f"host {target.name} already runs a replica of kernel {kid}"
                     )
                 ]
+            if kernel.pool is not None and target.pool != kernel.pool:
+                where = "no pool" if target.pool is None else f"pool {target.pool!r}"
+                return [
+                    MigrationRefused(
+                        kid,
+                        rid,
+                        f"host {target.name} is in {where}; kernel {kid} runs only in pool "
+                        f"{kernel.pool!r}",
+                    )
+                ]
             if not self._can_place(target, kernel.request):
                 return [
                     MigrationRefused(
@@ -531,11 +561,14 @@ class Scheduler:
                     )
                 ]
         else:
-            found = self._least_loaded(kernel.request, 1, others | {source.name})
+            found = self._least_loaded(kernel.request, 1, others | {source.name}, kernel.pool)
             if not found:
                 return [
                     MigrationRefused(
-                        kid, rid, f"no other host has room for {_describe(kernel.request)}"
+                        kid,
+                        rid,
+                        f"no other host{_in_pool(kernel.pool)} has room for "
+                        f"{_describe(kernel.request)}",
                     )
                 ]
             target = found[0]
@@ -603,7 +636,13 @@ class Scheduler:
         kernel.waiting.append(event.term)
         self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica, event.gpus))
         actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason, behind)]
-        if over is None and b is None and kernel.replicas and max(self._by_free, default=0) < gpus:
+        if (
+            over is None
+            and b is None
+            and kernel.replicas
+            and kernel.pool is None  # the auto-scaler's hosts join no pool
+            and max(self._by_free, default=0) < gpus
+        ):
             actions.append(ScaleOut(1, f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"))
         return actions
 
@@ -753,7 +792,9 @@ class Scheduler:
         # A lone replica has no peer to catch up from: it waits for its own host.
         if not kernel.policy.migrates or len(usable) < 2:
             return None
-        target = self._free_host(kernel.request, exclude=set(kernel.replicas.values()))
+        target = self._free_host(
+            kernel.request, exclude=set(kernel.replicas.values()), pool=kernel.pool
+        )
         if target is None:
             return None
         ids = [rid for rid, _ in usable]
@@ -855,7 +896,10 @@ class Scheduler:
 
     # ----------------------------------------------------------------- placement
 
-    def _can_place(self, host: _Host, request: Resources) -> bool:
+    def _can_place(self, host: _Host, request: Resources, pool: str | None = None) -> bool:
+        """Whether ``host`` takes one more claim of ``request`` (only in ``pool``, if set)."""
+        if pool is not None and host.pool != pool:
+            return False
         if host.draining or not request.fits(host.spec):
             return False
         return self._ratio(host.pending + request, host.spec) <= self._config.max_subscription_ratio
@@ -871,8 +915,11 @@ class Scheduler:
             worst = max(worst, value / capacity[name] / self._config.replicas_per_kernel)
         return worst
 
-    def _least_loaded(self, request: Resources, count: int, exclude: Iterable[str]) -> list[_Host]:
-        """Up to ``count`` distinct placeable hosts, least GPU-subscribed first."""
+    def _least_loaded(
+        self, request: Resources, count: int, exclude: Iterable[str], pool: str | None = None
+    ) -> list[_Host]:
+        """Up to ``count`` distinct placeable hosts (in ``pool``, if set), least GPU-subscribed
+        first."""
         excluded = set(exclude)
         found: list[tuple[tuple[float, int, str], _Host]] = []
         for gpus, heap in self._heaps.items():
@@ -886,7 +933,7 @@ class Scheduler:
                 if host is None or host.version != entry[1]:
                     continue  # stale
                 popped.append(entry)
-                if host.name not in excluded and self._can_place(host, request):
+                if host.name not in excluded and self._can_place(host, request, pool):
                     found.append((entry[0], host))
                     eligible += 1
             for entry in popped:
@@ -896,8 +943,11 @@ class Scheduler:
         found.sort(key=lambda f: f[0])
         return [host for _, host in found[:count]]
 
-    def _free_host(self, request: Resources, exclude: Iterable[str]) -> _Host | None:
-        """A placeable host with at least ``request.gpus`` free devices, most free first."""
+    def _free_host(
+        self, request: Resources, exclude: Iterable[str], pool: str | None = None
+    ) -> _Host | None:
+        """A placeable host (in ``pool``, if set) with at least ``request.gpus`` free devices,
+        most free first."""
         excluded = set(exclude)
         for free in sorted(self._by_free, reverse=True):
             if free < request.gpus:
@@ -906,30 +956,38 @@ class Scheduler:
                 host = self._hosts[name]
                 if (
                     name not in excluded
-                    and self._can_place(host, request)
+                    and self._can_place(host, request, pool)
                     and self._vram.fits(name, host.free, vram_share(request), request.gpus)
                 ):
                     return host
         return None
 
-    def _too_big(self, request: Resources) -> str | None:
-        if self._max_spec is None:
-            specs = [h.spec for h in self._hosts.values()]
-            self._max_spec = Resources(
+    def _too_big(self, request: Resources, pool: str | None = None) -> str | None:
+        """Why no host (of ``pool``, if set) could ever hold ``request``; None: one could.
+        The cluster has at least one host."""
+        names = [h.name for h in self._hosts.values() if pool is None or h.pool == pool]
+        if not names:
+            return f"no host is in pool {pool!r}"
+        biggest = self._max_spec.get(pool)
+        if biggest is None:
+            specs = [self._hosts[name].spec for name in names]
+            biggest = self._max_spec[pool] = Resources(
                 max(s.gpus for s in specs),
                 max(s.millicpus for s in specs),
                 max(s.memory_mb for s in specs),
                 max(s.vram_gb for s in specs),
             )
-        largest = self._max_spec.fields()
+        largest = biggest.fields()
+        where = "" if pool is None else f" in pool {pool!r}"
         for name, value in request.fields().items():
             if value > largest[name] + (1e-9 if name == "vram_gb" else 0):
                 word = _FIELD_WORDS[name]
-                return f"requests {value:g} {word}; the largest host has {largest[name]:g}"
-        share, device = vram_share(request), self._vram.largest()
+                return f"requests {value:g} {word}; the largest host{where} has {largest[name]:g}"
+        share = vram_share(request)
+        device = self._vram.largest(None if pool is None else names)
         if share > device:
             return (
-                f"requests {share / GIB:.3g} GB of VRAM per GPU; the largest GPU has "
+                f"requests {share / GIB:.3g} GB of VRAM per GPU; the largest GPU{where} has "
                 f"{device / GIB:.3g} GB"
             )
         return None
@@ -1013,6 +1071,7 @@ class Scheduler:
             draining=h.draining,
             subscription_ratio=self._ratio(h.pending, h.spec),
             jobs=tuple(h.jobs.items()),
+            pool=h.pool,
         )
 
 
@@ -1028,3 +1087,12 @@ def _describe(request: Resources) -> str:
         f"{request.gpus} GPUs, {request.millicpus} millicpus, {request.memory_mb} MB, "
         f"{request.vram_gb:g} GB VRAM"
     )
+
+
+def _in_pool(pool: str | None) -> str:
+    return "" if pool is None else f" in pool {pool!r}"
+
+
+def _scale_out(wanted: bool, count: int, reason: str) -> list[Action]:
+    """A ``ScaleOut`` for a kernel without a pool (the auto-scaler's hosts join none)."""
+    return [ScaleOut(count, reason)] if wanted else []

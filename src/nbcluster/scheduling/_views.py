@@ -44,6 +44,8 @@ class HostView:
     subscription_ratio: float
     #: GPU devices committed to a batch job, by job id (``JobGpusRequested``).
     jobs: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: Its host pool (None: in no pool).
+    pool: str | None = None
 
     @property
     def committed_gpus(self) -> int:
@@ -70,6 +72,8 @@ class KernelView:
     binding: Binding | None
     #: Terms of this kernel's cells waiting for GPUs, oldest first.
     waiting: tuple[int, ...]
+    #: The host pool its replicas run in (None: any host).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

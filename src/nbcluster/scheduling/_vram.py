@@ -111,9 +111,10 @@ class VramLedger:
             del self._evicting[key]
         self._stuck = {s for s in self._stuck if s[0] != host}
 
-    def largest(self) -> int:
-        """The largest device capacity in the cluster (0: no GPU)."""
-        return max((c for caps in self._capacity.values() for c in caps.values()), default=0)
+    def largest(self, hosts: Iterable[str] | None = None) -> int:
+        """The largest device capacity in the cluster, or among ``hosts`` (0: no GPU)."""
+        names = self._capacity.keys() if hosts is None else hosts
+        return max((c for name in names for c in self._capacity.get(name, {}).values()), default=0)
 
     def fits(self, host: str, free: Iterable[int], share: int, count: int) -> bool:
         """Whether ``count`` of these free devices have ``share`` bytes each."""
