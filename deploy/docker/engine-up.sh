@@ -6,7 +6,8 @@
 #
 # * Installs Debian's docker.io (the 20.10 engine; the docker CLI already on PATH may be newer,
 #   which is fine: it negotiates the API version down) and debootstrap (deploy/docker/
-#   build-base.sh) when they are absent; `apt-get update` only if the install fails without it.
+#   build-base.sh) when they are absent (deploy/apt-install.sh: `apt-get update` only if the
+#   install fails without it).
 # * Starts dockerd in the background with --iptables=false unless `docker info` already
 #   answers: with its iptables rules dockerd sets the FORWARD policy to DROP, and with
 #   br_netfilter loaded that drops the traffic of every Linux bridge, including the ones the
@@ -41,20 +42,7 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt_install() {
-    apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold \
-      "${missing[@]}" </dev/null
-  }
-  say "installing ${missing[*]}"
-  started=$SECONDS
-  if ! apt_install; then
-    # The package lists may be missing or stale: refresh them once. Sources this machine
-    # cannot reach only warn; the Debian ones are what these packages need.
-    apt-get update -q </dev/null || say "apt-get update reported errors (continuing)"
-    apt_install
-  fi
-  say "installed in $((SECONDS - started)) s"
+  bash "$(dirname "${BASH_SOURCE[0]}")/../apt-install.sh" "${missing[@]}"
 fi
 
 if docker info >/dev/null 2>&1; then
@@ -73,7 +61,8 @@ else
     # In a session of its own (setsid), so that it outlives whatever called this script and
     # a signal to the caller's process group (a timeout, a job control stop) does not reach
     # it. containerd is started by dockerd itself, as its child.
-    setsid dockerd --iptables=false --ip-masq=false >>"$log_file" 2>&1 </dev/null &
+    # 9>&-: dockerd must not inherit the lock, or it would hold it for its life.
+    setsid dockerd --iptables=false --ip-masq=false >>"$log_file" 2>&1 </dev/null 9>&- &
     disown || true
   fi
   deadline=$((SECONDS + wait_s))

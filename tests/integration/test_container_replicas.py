@@ -17,23 +17,12 @@ import pytest
 from nbcluster.client import GatewayClient
 
 from ..cluster import Cluster, running_cluster, wait_for
-from ..engine import docker_engine, nbcluster_image
 
 # One Docker engine and one swarm node for every test that uses them: `make test` runs tests
 # on two workers (pytest-xdist), and these go to the same one, one at a time.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("engine")]
 
 LABEL_KERNEL = "nbcluster.kernel"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    return docker_engine()
-
-
-@pytest.fixture(scope="module")
-def image(engine: Any) -> str:
-    return nbcluster_image()
 
 
 @pytest.fixture

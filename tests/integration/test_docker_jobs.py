@@ -28,7 +28,7 @@ from nbcluster.client import GatewayClient
 from nbcluster.jobs._docker import LABEL_JOB, LABEL_WORKER, gpu_device_requests
 
 from ..cluster import async_wait_for, process_gone, running_cluster, wait_for
-from ..engine import TEST_LABEL, docker_engine, nbcluster_image, remove_test_containers
+from ..engine import TEST_LABEL, remove_test_containers
 
 # One Docker engine and one swarm node for every test that uses them: `make test` runs tests
 # on two workers (pytest-xdist), and these go to the same one, one at a time.
@@ -59,16 +59,6 @@ STOPPABLE = [
     "print('sleeping', flush=True)\n"
     "time.sleep(120)\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    return docker_engine()
-
-
-@pytest.fixture(scope="module")
-def image(engine: Any) -> str:
-    return nbcluster_image()
 
 
 @pytest.fixture

@@ -17,23 +17,13 @@ from nbcluster.client import GatewayClient
 from nbcluster.gateway import DockerHostProvider, HostProviderConfig, HostTemplate
 
 from ..cluster import Cluster, async_wait_for, wait_for
-from ..engine import TEST_LABEL, docker_engine, nbcluster_image
+from ..engine import TEST_LABEL
 
 # One Docker engine and one swarm node for every test that uses them: `make test` runs tests
 # on two workers (pytest-xdist), and these go to the same one, one at a time.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("engine")]
 
 JOIN = "test-join-token"  # what tests/cluster.py's gateway is given
-
-
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    return docker_engine()
-
-
-@pytest.fixture(scope="module")
-def image(engine: Any) -> str:
-    return nbcluster_image()
 
 
 @pytest.fixture

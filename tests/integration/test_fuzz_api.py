@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import CheckContext, not_a_server_error
 from schemathesis.core.failures import Failure
@@ -44,6 +44,7 @@ from nbcluster.client import GatewayClient
 from nbcluster.identity import Quotas, UsersFile
 
 from ..cluster import Cluster, running_cluster, wait_for
+from ..fuzz import fuzz_settings
 
 pytestmark = pytest.mark.integration
 
@@ -194,14 +195,7 @@ def fuzz(
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
         strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
 
-        @settings(
-            max_examples=examples,
-            derandomize=True,
-            database=None,
-            deadline=None,
-            phases=(Phase.explicit, Phase.generate),
-            suppress_health_check=list(HealthCheck),
-        )
+        @settings(fuzz_settings, max_examples=examples)
         @given(case=strategy)
         def run(case: Case) -> None:
             _prepare(case)

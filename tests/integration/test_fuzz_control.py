@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, assume, given, note, settings
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 from nbcluster.protocol import (
@@ -43,21 +43,11 @@ from nbcluster.protocol import (
     parse_request,
 )
 
+from ..fuzz import fuzz_settings
 from ..unit.strategies import json_objects, json_values
 from ..unit.test_control_protocol import mutated_request
 
 pytestmark = pytest.mark.integration
-
-EXAMPLES = 5 * int(os.environ.get("NBCLUSTER_FUZZ_EXAMPLES", "10"))
-
-fuzz_settings = settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    phases=(Phase.explicit, Phase.generate),
-    suppress_health_check=list(HealthCheck),
-)
 
 #: Each request, its channel and its ``ok`` reply.
 ROUTES: dict[type[Any], tuple[str, type[Any]]] = {

@@ -23,13 +23,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -38,20 +37,10 @@ from nbcluster.client import GatewayClient
 from nbcluster.hostproto import Hello, HostProtocolError, decode_host_message
 
 from ..cluster import Cluster, running_cluster, wait_for
+from ..fuzz import EXAMPLES, fuzz_settings
 from ..unit.strategies import json_values
 
 pytestmark = pytest.mark.integration
-
-EXAMPLES = 5 * int(os.environ.get("NBCLUSTER_FUZZ_EXAMPLES", "10"))
-
-fuzz_settings = settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    phases=(Phase.explicit, Phase.generate),
-    suppress_health_check=list(HealthCheck),
-)
 
 #: Unique names for the fake hosts (a name still connected is refused, by design).
 _names = (f"fuzz-{n}" for n in itertools.count(1))

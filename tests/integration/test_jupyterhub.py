@@ -17,19 +17,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-import pytest_asyncio
-import websockets
 
 from nbcluster.client import GatewayClient, GatewayError
 
 from ..cluster import Cluster, free_port, running_cluster, wait_for
+from ..users import refused_channels, user_client
 
 pytestmark = pytest.mark.integration
 
@@ -272,32 +271,12 @@ def tokens(hub: Hub) -> dict[str, str]:
     return made
 
 
-@pytest_asyncio.fixture
-async def alice(cluster: Cluster, tokens: dict[str, str]) -> AsyncIterator[GatewayClient]:
-    async with GatewayClient(cluster.url, tokens["alice"]) as gw:
-        yield gw
-
-
-@pytest_asyncio.fixture
-async def bob(cluster: Cluster, tokens: dict[str, str]) -> AsyncIterator[GatewayClient]:
-    async with GatewayClient(cluster.url, tokens["bob"]) as gw:
-        yield gw
+alice = user_client("alice")
+bob = user_client("bob")
 
 
 def _get(url: str, token: str, path: str = "/api/kernels") -> httpx.Response:
     return httpx.get(url + path, headers={"Authorization": f"token {token}"}, timeout=30)
-
-
-async def _refused_channels(url: str, kernel_id: str, token: str) -> bool:
-    ws_url = url.replace("http://", "ws://") + f"/api/kernels/{kernel_id}/channels?token={token}"
-    try:
-        async with websockets.connect(ws_url, open_timeout=10) as ws:
-            await ws.recv()
-    except websockets.InvalidStatus as exc:
-        return exc.response.status_code == 403
-    except websockets.ConnectionClosed as exc:
-        return exc.rcvd is not None and exc.rcvd.code == 1008
-    return False
 
 
 async def test_a_hub_users_token_makes_them_the_owner_and_others_cannot_reach_it(
@@ -316,7 +295,7 @@ async def test_a_hub_users_token_makes_them_the_owner_and_others_cannot_reach_it
             with pytest.raises(GatewayError) as caught:
                 await call
             assert caught.value.status == 404, caught.value.message
-        assert await _refused_channels(cluster.url, kid, tokens["bob"])
+        assert await refused_channels(cluster.url, kid, tokens["bob"])
         # A Hub user is a user here: the hosts are the operator's.
         with pytest.raises(GatewayError) as caught:
             await bob.hosts()

@@ -30,7 +30,7 @@ import pytest
 from nbcluster.client import GatewayClient
 
 from ..cluster import Cluster, async_wait_for, free_port, wait_for
-from ..engine import TEST_LABEL, docker_engine, nbcluster_image
+from ..engine import TEST_LABEL
 
 # One Docker engine and one swarm node for every test that uses them: `make test` runs tests
 # on two workers (pytest-xdist), and these go to the same one, one at a time.
@@ -42,16 +42,11 @@ GPU_LABEL = "nbcluster.gpu"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Any:
-    client = docker_engine()
-    state = client.info()["Swarm"]["LocalNodeState"]
+def engine(engine: Any) -> Any:
+    """The engine (conftest.py), which must be in a swarm."""
+    state = engine.info()["Swarm"]["LocalNodeState"]
     assert state == "active", f"this engine is not in a swarm ({state}): deploy/docker/engine-up.sh"
-    return client
-
-
-@pytest.fixture(scope="module")
-def image(engine: Any) -> str:
-    return nbcluster_image()
+    return engine
 
 
 @pytest.fixture(scope="module")

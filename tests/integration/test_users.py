@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
 import websockets
 
 from nbcluster.client import GatewayClient, GatewayError
 from nbcluster.identity import Quotas, UsersFile
 
 from ..cluster import Cluster, async_wait_for, running_cluster
+from ..users import refused_channels, user_client
 
 pytestmark = pytest.mark.integration
 
@@ -55,30 +55,8 @@ def tokens(cluster: Cluster) -> dict[str, str]:
     }
 
 
-@pytest_asyncio.fixture
-async def alice(cluster: Cluster, tokens: dict[str, str]) -> AsyncIterator[GatewayClient]:
-    async with GatewayClient(cluster.url, tokens["alice"]) as gw:
-        yield gw
-
-
-@pytest_asyncio.fixture
-async def bob(cluster: Cluster, tokens: dict[str, str]) -> AsyncIterator[GatewayClient]:
-    async with GatewayClient(cluster.url, tokens["bob"]) as gw:
-        yield gw
-
-
-async def _refused_channels(url: str, kernel_id: str, token: str) -> bool:
-    """Whether the channels websocket of ``kernel_id`` is refused to ``token``."""
-    ws_url = url.replace("http://", "ws://") + f"/api/kernels/{kernel_id}/channels?token={token}"
-    try:
-        async with websockets.connect(ws_url, open_timeout=10) as ws:
-            # Accepted and then closed with a reason counts as refused too.
-            await ws.recv()
-    except websockets.InvalidStatus as exc:
-        return exc.response.status_code == 403
-    except websockets.ConnectionClosed as exc:
-        return exc.rcvd is not None and exc.rcvd.code == 1008
-    return False
+alice = user_client("alice")
+bob = user_client("bob")
 
 
 async def test_a_second_user_cannot_reach_the_first_users_kernel(
@@ -104,7 +82,7 @@ async def test_a_second_user_cannot_reach_the_first_users_kernel(
                 await call
             assert caught.value.status == 404, caught.value.message
             assert f"no kernel with id {kid}" in caught.value.message
-        assert await _refused_channels(cluster.url, kid, tokens["bob"])
+        assert await refused_channels(cluster.url, kid, tokens["bob"])
         # Alice's kernel is untouched; the admin sees it with its owner.
         async with alice.channels(kid) as channels:
             result = await channels.execute("print(secret)")
@@ -146,7 +124,7 @@ async def test_the_token_a_cell_reads_is_only_good_for_its_kernels_jobs(
                 assert caught.value.status == 403, caught.value.message
                 assert f"kernel {kid} of user 'alice' may not call" in caught.value.message
             for target in (kid, other["id"]):
-                assert await _refused_channels(cluster.url, target, stolen)
+                assert await refused_channels(cluster.url, target, stolen)
             # What %%job needs works, for alice.
             job = await thief.submit_job({"fast": True, "source": "print('from the kernel')"})
             assert job["status"] == "succeeded" and job["spec"]["owner"] == "alice"

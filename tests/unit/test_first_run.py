@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -57,8 +58,12 @@ def _make_dry_run(tmp_path: Path, target: str) -> str:
     for name in ("Makefile", "pyproject.toml"):
         if not (tmp_path / name).exists():  # once: a later copy is newer than the stamps
             shutil.copy(ROOT / name, tmp_path / name)
+    # Not the make that may be running these tests (`make test`): its MAKEFLAGS/MAKELEVEL would
+    # make this one a sub-make, which prints "Entering/Leaving directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        [make, "-n", target, f"VENV={tmp_path / 'venv'}"],
+        [make, "--no-print-directory", "-n", target, f"VENV={tmp_path / 'venv'}"],
+        env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -119,6 +119,20 @@ def test_good_resource_numbers(name: str, value: str) -> None:
     assert validate_env({name: value}) == {name: value}
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["alice; touch /tmp/pwned", "$(id)", "`id`", "a b", "bob|cat", "-rf", "x\ny", "", "é" * 3],
+)
+def test_a_user_name_with_shell_metacharacters_is_refused(name: str) -> None:
+    with pytest.raises(KernelRequestError, match=r"env\.KERNEL_USERNAME: .* is not a user name"):
+        validate_env({"KERNEL_USERNAME": name})
+
+
+@pytest.mark.parametrize("name", ["alice", "a.b-c_d", "alice@example.org", "u+tag", "x" * 256])
+def test_ordinary_user_names_pass(name: str) -> None:
+    assert validate_env({"KERNEL_USERNAME": name}) == {"KERNEL_USERNAME": name}
+
+
 @given(st.dictionaries(st.text(max_size=12), st.text(max_size=8), max_size=5))
 def test_validate_env_accepts_or_names_the_problem(env: dict[str, str]) -> None:
     try:

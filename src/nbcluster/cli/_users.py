@@ -7,6 +7,8 @@ running gateway sees changes to the users file at the next request."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -30,12 +32,14 @@ _users_file_option = click.option(
 )
 
 
-def _users(state_dir: Path | None, users_file: Path | None) -> UsersFile:
-    return UsersFile(users_file or (state_dir or default_state_dir()) / "gateway" / "users.json")
-
-
-def _fail(exc: UsersFileError) -> click.ClickException:
-    return click.ClickException(str(exc))
+@contextlib.contextmanager
+def _users(state_dir: Path | None, users_file: Path | None) -> Iterator[UsersFile]:
+    """The users file; what goes wrong with it (:class:`UsersFileError`) is the command's
+    error."""
+    try:
+        yield UsersFile(users_file or (state_dir or default_state_dir()) / "gateway" / "users.json")
+    except UsersFileError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group("user")
@@ -59,13 +63,11 @@ def user_add(
     users_file: Path | None,
 ) -> None:
     """Add a user and print their token (shown this once; only its digest is kept)."""
-    users = _users(state_dir, users_file)
-    try:
-        token = users.add(name, admin, Quotas(kernels=max_kernels, gpus=max_gpus))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="NAME") from None
-    except UsersFileError as exc:
-        raise _fail(exc) from None
+    with _users(state_dir, users_file) as users:
+        try:
+            token = users.add(name, admin, Quotas(kernels=max_kernels, gpus=max_gpus))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="NAME") from None
     click.echo(token)
 
 
@@ -75,10 +77,8 @@ def user_add(
 @_users_file_option
 def user_token(name: str, state_dir: Path | None, users_file: Path | None) -> None:
     """Give a user a new token and print it; the old one stops working at once."""
-    try:
-        click.echo(_users(state_dir, users_file).replace_token(name))
-    except UsersFileError as exc:
-        raise _fail(exc) from None
+    with _users(state_dir, users_file) as users:
+        click.echo(users.replace_token(name))
 
 
 @user_group.command("set")
@@ -97,8 +97,7 @@ def user_set(
     users_file: Path | None,
 ) -> None:
     """Change a user's role or quotas."""
-    users = _users(state_dir, users_file)
-    try:
+    with _users(state_dir, users_file) as users:
         current = users.get(name)
         if current is None:
             raise UsersFileError(f"no user named {name!r} in {users.path}")
@@ -108,8 +107,6 @@ def user_set(
         if max_gpus is not None:
             quotas = quotas.model_copy(update={"gpus": None if max_gpus < 0 else max_gpus})
         users.update(name, admin=admin, quotas=quotas)
-    except UsersFileError as exc:
-        raise _fail(exc) from None
 
 
 @user_group.command("remove")
@@ -118,10 +115,8 @@ def user_set(
 @_users_file_option
 def user_remove(name: str, state_dir: Path | None, users_file: Path | None) -> None:
     """Remove a user; their token stops working at once (their kernels keep running)."""
-    try:
-        _users(state_dir, users_file).remove(name)
-    except UsersFileError as exc:
-        raise _fail(exc) from None
+    with _users(state_dir, users_file) as users:
+        users.remove(name)
 
 
 @user_group.command("list")
@@ -129,10 +124,8 @@ def user_remove(name: str, state_dir: Path | None, users_file: Path | None) -> N
 @_users_file_option
 def user_list(state_dir: Path | None, users_file: Path | None) -> None:
     """The users, their role and quotas."""
-    try:
-        users = _users(state_dir, users_file).users()
-    except UsersFileError as exc:
-        raise _fail(exc) from None
+    with _users(state_dir, users_file) as opened:
+        users = opened.users()
     table = Table("user", "role", "max kernels", "max GPUs", "created")
     for user in users:
         table.add_row(

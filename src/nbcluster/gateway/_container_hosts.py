@@ -1,6 +1,7 @@
 """What the container host providers (``_docker_provider``, ``_swarm_provider``) share: the
 labels they find their hosts by, the command a host daemon container runs, the gateway's
-provider id, mounts, and the Docker SDK.
+provider id, mounts, the Docker SDK, and their base class (:class:`ContainerHostProvider`: the
+bookkeeping of the hosts one provider started).
 
 A host daemon container runs the image's entry point (``nbcluster``) with ``host --gateway
 URL --name NAME --log-level L [--gpus N] [--ca /etc/nbcluster/ca.pem] --address ADDR``. No
@@ -17,6 +18,8 @@ arguments stay separate words, ``"$@"``; nothing is interpolated into the script
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -25,7 +28,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ._config import HostProviderConfig
@@ -38,6 +41,7 @@ __all__ = [
     "LABEL_HOST",
     "LABEL_PROVIDER",
     "LABEL_ROLE",
+    "ContainerHostProvider",
     "HostTemplate",
     "Mount",
     "docker_call",
@@ -221,3 +225,155 @@ class HostTemplate:
         if ca and self.settings.ca is not None:
             found.append(Mount(str(self.settings.ca.resolve()), CA_PATH, read_only=True))
         return found
+
+
+class _Host(Protocol):
+    """What a container provider keeps about each host it started."""
+
+    @property
+    def live(self) -> bool:
+        """Whether the host runs or is about to (it counts as started)."""
+        ...
+
+
+H = TypeVar("H", bound=_Host)
+
+
+class ContainerHostProvider(Generic[H]):
+    """What the ``docker`` and ``swarm`` host providers share: the template and join token
+    checked, the Docker client, the hosts started (``_hosts``: name → what the provider keeps
+    of it, ``H``), the next host number, adopting a previous run's hosts, stopping them and
+    closing. A subclass sets ``name`` and the words its logs use, and finds its hosts
+    (``_discover``), starts (``_start``) and stops (``_stop``) them."""
+
+    name: str
+    #: What one host is, in logs ("host container").
+    _kind: ClassVar[str]
+    #: What stopping one is, in logs ("stop").
+    _stop_verb: ClassVar[str]
+    #: The subclass's module's logger.
+    _log: ClassVar[logging.Logger]
+
+    def __init__(
+        self,
+        template: HostTemplate,
+        join_token: str,
+        client: Any = None,
+        stop_grace: float = 10.0,
+    ) -> None:
+        if template.provider != self.name:
+            raise ValueError(
+                f"a {self.name} provider needs a {self.name} template, not {template.provider}"
+            )
+        if not join_token:
+            raise ValueError("the join token must not be empty")
+        self._check(template)
+        self.template = template
+        self.settings = template.settings
+        self.stop_grace = stop_grace
+        self._join_token = join_token
+        self._client = client
+        self._hosts: dict[str, H] = {}
+        self._next = 1
+        self._discovered = False
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def _check(self, template: HostTemplate) -> None:
+        """Raise ValueError for a template of this provider that it cannot run."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image={self.settings.image!r}, "
+            f"gateway={self.template.gateway_id!r}, hosts={sorted(self._hosts)!r})"
+        )
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = docker_call("connect to the Docker engine", docker_module().from_env)
+        return self._client
+
+    # -- finding what a previous run started ----------------------------------------------------
+
+    async def discover(self) -> list[str]:
+        """Adopt this gateway's hosts already on the engine or in the swarm (a restart), and
+        learn their states anew (the gateway calls it every scaling interval); returns their
+        names."""
+        async with self._lock:
+            await self._discover()
+            return sorted(self._hosts)
+
+    async def _discover(self) -> None:
+        """Find this gateway's hosts and :meth:`_adopt` them (under the lock)."""
+        raise NotImplementedError
+
+    def _adopt(self, found: dict[str, H]) -> None:
+        """Take ``found`` as the hosts there are now (a host removed by hand no longer counts
+        as started), numbering the next host after theirs."""
+        for name in found:
+            number = host_number(name, self.settings.name_prefix)
+            if number is not None:
+                self._next = max(self._next, number + 1)
+        if not self._discovered and found:
+            self._log.info("adopted %ss %s", self._kind, ", ".join(sorted(found)))
+        self._hosts = found
+        self._discovered = True
+
+    # -- HostProvider ---------------------------------------------------------------------------
+
+    async def start_hosts(self, count: int) -> list[str]:
+        if count < 0:
+            raise HostProviderError(f"cannot start {count} hosts")
+        if self._closed:
+            raise HostProviderError(f"the {self.name} host provider is closed")
+        async with self._lock:
+            if not self._discovered:
+                await self._discover()
+            return await self._start(count)
+
+    async def _start(self, count: int) -> list[str]:
+        """Start up to ``count`` hosts (under the lock, the hosts discovered)."""
+        raise NotImplementedError
+
+    async def stop_host(self, name: str) -> None:
+        """Stop the host ``name`` (SIGTERM, a kill after ``stop_grace``) and remove what ran
+        it. One already gone is forgotten; a name it never started raises."""
+        if name not in self._hosts:
+            raise HostProviderError(
+                f"host {name!r} was not started by the {self.name} host provider of gateway "
+                f"{self.template.gateway_id}"
+            )
+        await self._stop(name, self._hosts[name])
+        del self._hosts[name]
+
+    async def _stop(self, name: str, host: H) -> None:
+        """Stop and remove the host ``name``; one already gone is no error."""
+        raise NotImplementedError
+
+    def owns(self, name: str) -> bool:
+        return name in self._hosts
+
+    def started(self) -> list[str]:
+        return sorted(n for n, h in self._hosts.items() if h.live)
+
+    async def close(self) -> None:
+        """With ``stop_on_exit``, stop every host; else leave them for the next gateway
+        (their daemons reconnect to it)."""
+        self._closed = True
+        if self.settings.stop_on_exit:
+            for name in list(self._hosts):
+                try:
+                    await self.stop_host(name)
+                except HostProviderError as exc:
+                    self._log.error(
+                        "could not %s %s %s: %s", self._stop_verb, self._kind, name, exc
+                    )
+        elif self._hosts:
+            self._log.info(
+                "%ss %s keep running for the next gateway",
+                self._kind,
+                ", ".join(sorted(self._hosts)),
+            )
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._client.close)

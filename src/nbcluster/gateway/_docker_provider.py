@@ -28,10 +28,9 @@ from .. import envvars
 from ._container_hosts import (
     LABEL_GPUS,
     LABEL_HOST,
-    HostTemplate,
+    ContainerHostProvider,
     docker_call,
     docker_module,
-    host_number,
 )
 from ._errors import HostProviderError
 
@@ -49,55 +48,21 @@ class _Container:
     status: str
     gpus: tuple[int, ...] = ()
 
+    @property
+    def live(self) -> bool:
+        return self.status in _LIVE
 
-class DockerHostProvider:
+
+class DockerHostProvider(ContainerHostProvider[_Container]):
     """Host daemons as containers of ``template.settings.image`` on the engine ``client``
     talks to (default: ``docker.from_env()``: ``DOCKER_HOST`` or the local socket)."""
 
     name = "docker"
-
-    def __init__(
-        self,
-        template: HostTemplate,
-        join_token: str,
-        client: Any = None,
-        stop_grace: float = 10.0,
-    ) -> None:
-        if template.provider != "docker":
-            raise ValueError(f"a docker provider needs a docker template, not {template.provider}")
-        if not join_token:
-            raise ValueError("the join token must not be empty")
-        self.template = template
-        self.settings = template.settings
-        self.stop_grace = stop_grace
-        self._join_token = join_token
-        self._client = client
-        self._containers: dict[str, _Container] = {}
-        self._next = 1
-        self._discovered = False
-        self._lock = asyncio.Lock()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return (
-            f"DockerHostProvider(image={self.settings.image!r}, "
-            f"gateway={self.template.gateway_id!r}, hosts={sorted(self._containers)!r})"
-        )
-
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = docker_call("connect to the Docker engine", docker_module().from_env)
-        return self._client
+    _kind = "host container"
+    _stop_verb = "stop"
+    _log = log
 
     # -- finding what a previous run started ----------------------------------------------------
-
-    async def discover(self) -> list[str]:
-        """Adopt this gateway's host containers already on the engine (a restart), and learn
-        their states anew (the gateway calls it every scaling interval); returns their
-        names."""
-        async with self._lock:
-            await self._discover()
-            return sorted(self._containers)
 
     async def _discover(self) -> None:
         def listing() -> list[Any]:
@@ -112,49 +77,35 @@ class DockerHostProvider:
                 continue
             gpus = tuple(int(g) for g in labels.get(LABEL_GPUS, "").split(",") if g.isdigit())
             containers[name] = _Container(container.id, container.status, gpus)
-            number = host_number(name, self.settings.name_prefix)
-            if number is not None:
-                self._next = max(self._next, number + 1)
-        if not self._discovered and containers:
-            log.info("adopted host containers %s", ", ".join(sorted(containers)))
-        for name in sorted(set(self._containers) - set(containers)):
+        for name in sorted(set(self._hosts) - set(containers)):
             log.warning("host container %s is gone (removed outside nbcluster)", name)
-        # What the engine has now: a container removed by hand no longer counts as started.
-        self._containers = containers
-        self._discovered = True
+        self._adopt(containers)
 
     # -- HostProvider ---------------------------------------------------------------------------
 
-    async def start_hosts(self, count: int) -> list[str]:
-        if count < 0:
-            raise HostProviderError(f"cannot start {count} hosts")
-        if self._closed:
-            raise HostProviderError("the docker host provider is closed")
+    async def _start(self, count: int) -> list[str]:
         names: list[str] = []
-        async with self._lock:
-            if not self._discovered:
-                await self._discover()
-            for _ in range(count):
-                name = f"{self.settings.name_prefix}-{self._next}"
-                try:
-                    gpus = self._free_gpus()
-                    container = await asyncio.to_thread(self._run, name, gpus)
-                except HostProviderError as exc:
-                    if not names:
-                        raise
-                    log.warning("started %d of %d host containers: %s", len(names), count, exc)
-                    break
-                self._next += 1
-                self._containers[name] = _Container(container.id, "created", gpus)
-                names.append(name)
-                log.info("started host container %s (%s)", name, container.id[:12])
+        for _ in range(count):
+            name = f"{self.settings.name_prefix}-{self._next}"
+            try:
+                gpus = self._free_gpus()
+                container = await asyncio.to_thread(self._run, name, gpus)
+            except HostProviderError as exc:
+                if not names:
+                    raise
+                log.warning("started %d of %d host containers: %s", len(names), count, exc)
+                break
+            self._next += 1
+            self._hosts[name] = _Container(container.id, "created", gpus)
+            names.append(name)
+            log.info("started host container %s (%s)", name, container.id[:12])
         return names
 
     def _free_gpus(self) -> tuple[int, ...]:
         """The engine's GPUs the next host gets (``nvidia``), those no host of ours holds."""
         if self.settings.gpus != "nvidia":
             return ()
-        held = {g for c in self._containers.values() if c.status in _LIVE for g in c.gpus}
+        held = {g for c in self._hosts.values() if c.live for g in c.gpus}
         free = [g for g in self.settings.gpu_devices if g not in held]
         wanted = self.template.gpus_per_host
         if len(free) < wanted:
@@ -207,20 +158,12 @@ class DockerHostProvider:
             ),
         )
 
-    async def stop_host(self, name: str) -> None:
-        """Stop the host container ``name`` (SIGTERM, a kill after ``stop_grace``) and remove
-        it. One already gone is forgotten; a name it never started raises."""
-        if name not in self._containers:
-            raise HostProviderError(
-                f"host {name!r} was not started by the docker host provider of gateway "
-                f"{self.template.gateway_id}"
-            )
-        entry = self._containers[name]
+    async def _stop(self, name: str, host: _Container) -> None:
         errors = docker_module().errors
 
         def stop() -> None:
             try:
-                container = self.client().containers.get(entry.id)
+                container = self.client().containers.get(host.id)
             except errors.NotFound:
                 return
             container.stop(timeout=max(1, round(self.stop_grace)))
@@ -228,30 +171,4 @@ class DockerHostProvider:
                 container.remove(force=True)
 
         await asyncio.to_thread(docker_call, f"stop host container {name}", stop)
-        del self._containers[name]
         log.info("stopped and removed host container %s", name)
-
-    def owns(self, name: str) -> bool:
-        return name in self._containers
-
-    def started(self) -> list[str]:
-        return sorted(n for n, c in self._containers.items() if c.status in _LIVE)
-
-    async def close(self) -> None:
-        """With ``stop_on_exit``, stop every host container; else leave them for the next
-        gateway (their daemons reconnect to it)."""
-        self._closed = True
-        if self.settings.stop_on_exit:
-            for name in list(self._containers):
-                try:
-                    await self.stop_host(name)
-                except HostProviderError as exc:
-                    log.error("could not stop host container %s: %s", name, exc)
-        elif self._containers:
-            log.info(
-                "host containers %s keep running for the next gateway",
-                ", ".join(sorted(self._containers)),
-            )
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._client.close)

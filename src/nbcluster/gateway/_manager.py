@@ -66,6 +66,10 @@ RESOURCE_ENV = {
 }
 
 
+#: What ``KERNEL_USERNAME`` may hold: a login or e-mail style name, no shell metacharacters.
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,255}")
+
+
 def validate_env(
     env: Mapping[str, Any],
     max_value_bytes: int = 64 * 2**10,
@@ -98,6 +102,14 @@ def validate_env(
                 raise KernelRequestError(
                     f"env.{name}: must be a finite, non-negative number, got {value!r}"
                 )
+        if name == "KERNEL_USERNAME" and not _USERNAME.fullmatch(value):
+            # Jupyter tools put it on command lines to impersonate the user (an unquoted one
+            # gave Enterprise Gateway its 2026 RCE); nbcluster never does, but a name needs no
+            # shell metacharacters, so none is let through to whatever reads it later.
+            raise KernelRequestError(
+                f"env.KERNEL_USERNAME: {value[:80]!r} is not a user name (letters, digits and "
+                ". _ @ + - only, at most 256)"
+            )
         if name.startswith("KERNEL_"):
             size = len(value.encode())
             if size > max_value_bytes:

@@ -47,10 +47,10 @@ from ._container_hosts import (
     LABEL_GATEWAY,
     LABEL_HOST,
     LABEL_PROVIDER,
+    ContainerHostProvider,
     HostTemplate,
     docker_call,
     docker_module,
-    host_number,
 )
 from ._errors import HostProviderError
 
@@ -162,46 +162,18 @@ def _pinned_node(service_attrs: dict[str, Any]) -> str | None:
     return None
 
 
-class SwarmHostProvider:
+class SwarmHostProvider(ContainerHostProvider[_Service]):
     """Host daemons as one-task Swarm services (module docstring), created through the
     manager ``client`` talks to (default: ``docker.from_env()``)."""
 
     name = "swarm"
+    _kind = "host service"
+    _stop_verb = "remove"
+    _log = log
 
-    def __init__(
-        self,
-        template: HostTemplate,
-        join_token: str,
-        client: Any = None,
-        stop_grace: float = 10.0,
-    ) -> None:
-        if template.provider != "swarm":
-            raise ValueError(f"a swarm provider needs a swarm template, not {template.provider}")
-        if not join_token:
-            raise ValueError("the join token must not be empty")
+    def _check(self, template: HostTemplate) -> None:
         if template.settings.hosts_per_node < 1:
             raise ValueError("hosts_per_node must be 1 or more")
-        self.template = template
-        self.settings = template.settings
-        self.stop_grace = stop_grace
-        self._join_token = join_token
-        self._client = client
-        self._services: dict[str, _Service] = {}
-        self._next = 1
-        self._discovered = False
-        self._lock = asyncio.Lock()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return (
-            f"SwarmHostProvider(image={self.settings.image!r}, "
-            f"gateway={self.template.gateway_id!r}, hosts={sorted(self._services)!r})"
-        )
-
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = docker_call("connect to the Docker engine", docker_module().from_env)
-        return self._client
 
     @property
     def secret_name(self) -> str:
@@ -215,14 +187,6 @@ class SwarmHostProvider:
         return self.template.resource_name(name)
 
     # -- finding what a previous run started ----------------------------------------------------
-
-    async def discover(self) -> list[str]:
-        """Adopt this gateway's host services already in the swarm (a restart), and learn
-        their nodes' states anew (the gateway calls it every scaling interval); returns their
-        names."""
-        async with self._lock:
-            await self._discover()
-            return sorted(self._services)
 
     async def _discover(self) -> None:
         def listing() -> tuple[list[Any], dict[str, dict[str, Any]]]:
@@ -248,67 +212,54 @@ class SwarmHostProvider:
                 continue
             ready = node is None or (nodes[node].get("Status") or {}).get("State") == "ready"
             services[name] = _Service(service.id, node, live=ready)
-            number = host_number(name, self.settings.name_prefix)
-            if number is not None:
-                self._next = max(self._next, number + 1)
-        if not self._discovered and services:
-            log.info("adopted host services %s", ", ".join(sorted(services)))
-        self._services = services
-        self._discovered = True
+        self._adopt(services)
 
     # -- HostProvider ---------------------------------------------------------------------------
 
-    async def start_hosts(self, count: int) -> list[str]:
-        if count < 0:
-            raise HostProviderError(f"cannot start {count} hosts")
-        if self._closed:
-            raise HostProviderError("the swarm host provider is closed")
+    async def _start(self, count: int) -> list[str]:
         names: list[str] = []
-        async with self._lock:
-            if not self._discovered:
-                await self._discover()
-            if count == 0:
-                return names
-            refs = await asyncio.to_thread(self._references)
-            nodes = await asyncio.to_thread(
-                docker_call,
-                "list swarm nodes",
-                lambda: [n.attrs for n in self.client().nodes.list()],
+        if count == 0:
+            return names
+        refs = await asyncio.to_thread(self._references)
+        nodes = await asyncio.to_thread(
+            docker_call,
+            "list swarm nodes",
+            lambda: [n.attrs for n in self.client().nodes.list()],
+        )
+        for _ in range(count):
+            hosts_on: dict[str, int] = {}
+            for s in self._hosts.values():
+                if s.node is not None:
+                    hosts_on[s.node] = hosts_on.get(s.node, 0) + 1
+            node = choose_node(
+                nodes, self.settings.constraints, hosts_on, self.settings.hosts_per_node
             )
-            for _ in range(count):
-                hosts_on: dict[str, int] = {}
-                for s in self._services.values():
-                    if s.node is not None:
-                        hosts_on[s.node] = hosts_on.get(s.node, 0) + 1
-                node = choose_node(
-                    nodes, self.settings.constraints, hosts_on, self.settings.hosts_per_node
+            if node is None:
+                message = (
+                    f"no swarm node has room for another host (constraints "
+                    f"{list(self.settings.constraints) or 'none'}, at most "
+                    f"{self.settings.hosts_per_node} per node, {len(nodes)} node(s))"
                 )
-                if node is None:
-                    message = (
-                        f"no swarm node has room for another host (constraints "
-                        f"{list(self.settings.constraints) or 'none'}, at most "
-                        f"{self.settings.hosts_per_node} per node, {len(nodes)} node(s))"
-                    )
-                    if not names:
-                        raise HostProviderError(message)
-                    log.warning("started %d of %d host services: %s", len(names), count, message)
-                    break
-                name = f"{self.settings.name_prefix}-{self._next}"
-                try:
-                    service = await asyncio.to_thread(self._create, name, node, refs)
-                except HostProviderError as exc:
-                    if not names:
-                        raise
-                    log.warning("started %d of %d host services: %s", len(names), count, exc)
-                    break
-                self._next += 1
-                self._services[name] = _Service(service.id, str(node["ID"]))
-                names.append(name)
-                log.info(
-                    "started host service %s on node %s",
-                    self.service_name(name),
-                    (node.get("Description") or {}).get("Hostname", node["ID"]),
-                )
+                if not names:
+                    raise HostProviderError(message)
+                log.warning("started %d of %d host services: %s", len(names), count, message)
+                break
+            name = f"{self.settings.name_prefix}-{self._next}"
+            try:
+                service = await asyncio.to_thread(self._create, name, node, refs)
+            except HostProviderError as exc:
+                if not names:
+                    raise
+                log.warning("started %d of %d host services: %s", len(names), count, exc)
+                break
+            self._next += 1
+            self._hosts[name] = _Service(service.id, str(node["ID"]))
+            names.append(name)
+            log.info(
+                "started host service %s on node %s",
+                self.service_name(name),
+                (node.get("Description") or {}).get("Hostname", node["ID"]),
+            )
         return names
 
     def _labels(self) -> dict[str, str]:
@@ -411,49 +362,16 @@ class SwarmHostProvider:
             ),
         )
 
-    async def stop_host(self, name: str) -> None:
-        """Remove the service of host ``name`` (Swarm stops its task: SIGTERM, a kill after
-        the grace period). One already gone is forgotten; a name it never started raises."""
-        if name not in self._services:
-            raise HostProviderError(
-                f"host {name!r} was not started by the swarm host provider of gateway "
-                f"{self.template.gateway_id}"
-            )
-        entry = self._services[name]
+    async def _stop(self, name: str, host: _Service) -> None:
+        """Remove the service (Swarm stops its task: SIGTERM, a kill after the grace
+        period)."""
         errors = docker_module().errors
 
         def remove() -> None:
             with contextlib.suppress(errors.NotFound):
-                self.client().services.get(entry.id).remove()
+                self.client().services.get(host.id).remove()
 
         await asyncio.to_thread(
             docker_call, f"remove host service {self.service_name(name)}", remove
         )
-        del self._services[name]
         log.info("removed host service %s", self.service_name(name))
-
-    def owns(self, name: str) -> bool:
-        return name in self._services
-
-    def started(self) -> list[str]:
-        """Its host services, less those whose node is not ready."""
-        return sorted(n for n, s in self._services.items() if s.live)
-
-    async def close(self) -> None:
-        """With ``stop_on_exit``, remove every host service; else leave them for the next
-        gateway (their daemons reconnect to it)."""
-        self._closed = True
-        if self.settings.stop_on_exit:
-            for name in list(self._services):
-                try:
-                    await self.stop_host(name)
-                except HostProviderError as exc:
-                    log.error("could not remove host service %s: %s", name, exc)
-        elif self._services:
-            log.info(
-                "host services %s keep running for the next gateway",
-                ", ".join(sorted(self._services)),
-            )
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._client.close)
