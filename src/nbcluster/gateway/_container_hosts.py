@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +240,7 @@ class _Host(Protocol):
 H = TypeVar("H", bound=_Host)
 
 
-class ContainerHostProvider(Generic[H]):
+class ContainerHostProvider(ABC, Generic[H]):
     """What the ``docker`` and ``swarm`` host providers share: the template and join token
     checked, the Docker client, the hosts started (``_hosts``: name → what the provider keeps
     of it, ``H``), the next host number, adopting a previous run's hosts, stopping them and
@@ -303,9 +304,9 @@ class ContainerHostProvider(Generic[H]):
             await self._discover()
             return sorted(self._hosts)
 
+    @abstractmethod
     async def _discover(self) -> None:
         """Find this gateway's hosts and :meth:`_adopt` them (under the lock)."""
-        raise NotImplementedError
 
     def _adopt(self, found: dict[str, H]) -> None:
         """Take ``found`` as the hosts there are now (a host removed by hand no longer counts
@@ -331,9 +332,9 @@ class ContainerHostProvider(Generic[H]):
                 await self._discover()
             return await self._start(count)
 
+    @abstractmethod
     async def _start(self, count: int) -> list[str]:
         """Start up to ``count`` hosts (under the lock, the hosts discovered)."""
-        raise NotImplementedError
 
     async def stop_host(self, name: str) -> None:
         """Stop the host ``name`` (SIGTERM, a kill after ``stop_grace``) and remove what ran
@@ -346,9 +347,9 @@ class ContainerHostProvider(Generic[H]):
         await self._stop(name, self._hosts[name])
         del self._hosts[name]
 
+    @abstractmethod
     async def _stop(self, name: str, host: H) -> None:
         """Stop and remove the host ``name``; one already gone is no error."""
-        raise NotImplementedError
 
     def owns(self, name: str) -> bool:
         return name in self._hosts

@@ -23,6 +23,11 @@ a file or a log) are in ``_ssh_command``; the operator's side is in ``docs/ssh-h
 * **Stopping**: closing the session's standard input ends the daemon (SIGTERM, SIGKILL to its
   process group ``stop_grace`` seconds later, by the session's own lifeline); a lost connection
   does the same, so a gateway that dies takes its ssh hosts with it. ``close()`` stops all.
+
+Over 500 lines on purpose: one provider's lifecycle of a remote daemon (connect and check the
+host key, start, watch, restart with backoff, stop through the lifeline) is one state machine
+per machine whose steps share the slot's state and lock; the pure parts (parsing machines,
+building and quoting the command) are already apart, in ``_ssh_command``.
 """
 
 from __future__ import annotations
