@@ -31,6 +31,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "in-a-provisioner": {"kernel_provisioner": {"config": {"host_pool": "a"}}},
         "in-nowhere": {"nbcluster": {"pool": "nowhere"}},
         "bad-pool": {"nbcluster": {"pool": "Not A Pool"}},
+        "stanza": {
+            "nbcluster": {
+                "pool": "b",
+                "resources": {"gpus": 0, "memory_mb": 512},
+                "allowed_env": ["MY_*"],
+                "launch_timeout": 45,
+            }
+        },
     }
     for name, metadata in pools.items():
         (specs / name).mkdir(parents=True)
@@ -116,3 +124,29 @@ async def test_a_job_for_an_unknown_or_bad_pool_is_refused(cluster: Cluster) -> 
             await gw.submit_job({"source": "print(1)", "pool": "a", "resources": {"gpus": 3}})
         assert big.value.status == 400
         assert "the largest host in pool 'a' has 2" in str(big.value)
+
+
+async def test_the_gateway_kernelspec_stanza_sets_defaults_env_and_timeout(
+    cluster: Cluster,
+) -> None:
+    """``metadata.nbcluster``: ``resources`` are defaults the client's ``KERNEL_*`` win over,
+    ``allowed_env`` lets more than ``KERNEL_*`` through (the rest is dropped), and
+    ``launch_timeout`` is the kernel's own."""
+    async with GatewayClient(cluster.url, cluster.token, timeout=60) as gw:
+        env = {"MY_SETTING": "on", "OTHER": "dropped", "KERNEL_MEMORY_MB": "256"}
+        kid = (await gw.start_kernel("stanza", env))["id"]
+        try:
+            record = cluster.state_record(kid)
+            assert record["launch_timeout"] == 45.0
+            assert record["request"]["gpus"] == 0
+            assert record["request"]["memory_mb"] == 256  # the client's wins over 512
+            async with gw.channels(kid) as channels:
+                code = (
+                    "import os; print([os.environ.get(n) for n in "
+                    "('MY_SETTING', 'OTHER', 'KERNEL_GPUS', 'KERNEL_MEMORY_MB')])"
+                )
+                result = await channels.execute(code, 60)
+                assert result.status == "ok", result.reply
+                assert result.stream_text() == "['on', None, '0', '256']\n"
+        finally:
+            await gw.shutdown_kernel(kid)

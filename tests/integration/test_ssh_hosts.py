@@ -11,6 +11,7 @@ ran. Needs ``/usr/sbin/sshd`` (skipped without it, failed under
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -344,29 +345,57 @@ async def test_lost_connections_and_crashing_daemons(tmp_path: Path, sshd: Sshd)
     assert not _pwned(tmp_path)
 
 
-def test_the_gateway_starts_ssh_hosts_from_its_command_line(tmp_path: Path, sshd: Sshd) -> None:
+async def test_the_gateway_starts_ssh_hosts_from_its_command_line(
+    tmp_path: Path, sshd: Sshd
+) -> None:
     """`nbcluster gateway --hosts-from ssh --ssh-hosts ...`: the auto-scaler keeps its
-    minimum of hosts running on the machines, and they register."""
+    minimum of hosts running on the ``--ssh-hosts`` machine, and they register. A kernelspec
+    naming that machine and two others in ``remote_hosts`` gets daemons started on the
+    other two for its kernel (general scale-outs never use them)."""
     port = sshd.ports[0]
-    machines = ",".join(f"{sshd.user}@{a}:{port}" for a in ADDRESSES[:2])
+    machines = [f"{sshd.user}@{a}:{port}" for a in ADDRESSES]
+    specs = tmp_path / "kernelspecs"
+    (specs / "pinned").mkdir(parents=True)
+    (specs / "pinned" / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["python", "-m", "nbcluster.kernel", "-f", "{connection_file}"],
+                "display_name": "Python 3 (two machines)",
+                "language": "python",
+                "metadata": {"kernel_provisioner": {"config": {"remote_hosts": machines}}},
+            }
+        )
+    )
     cluster = Cluster(
         tmp_path / "state",
         hosts=0,
+        replicas=3,
         gateway_args=[
-            *("--hosts-from", "ssh", "--ssh-hosts", machines, "--ssh-key", str(sshd.user_key)),
+            *("--hosts-from", "ssh", "--ssh-hosts", machines[0], "--ssh-key", str(sshd.user_key)),
             *("--ssh-known-hosts", str(sshd.write_known_hosts(tmp_path / "known_hosts"))),
             *("--ssh-nbcluster", NBCLUSTER, "--ssh-state-dir", str(tmp_path / "state")),
-            *("--min-hosts", "2", "--max-hosts", "2", "--scaling-interval", "0.5"),
-            "--stop-hosts-on-exit",
+            *("--min-hosts", "1", "--max-hosts", "3", "--scaling-interval", "0.5"),
+            *("--kernelspec-dir", str(specs), "--stop-hosts-on-exit"),
         ],
     )
     try:
         cluster.start_gateway()
-        wait_for(
-            lambda: sorted(cluster.connected_hosts()) == ["ssh-127.0.0.1", "ssh-127.0.0.2"],
+        await async_wait_for(
+            lambda: cluster.connected_hosts() == ["ssh-127.0.0.1"],
             45,
-            "the gateway's ssh hosts to register",
+            "the gateway's ssh host to register",
         )
+        async with GatewayClient(cluster.url, cluster.token, timeout=120) as gw:
+            kid = (await gw.start_kernel("pinned"))["id"]
+            pinned = ["ssh-127.0.0.1", "ssh-127.0.0.2", "ssh-127.0.0.3"]
+            assert sorted(r["host"] for r in cluster.replicas(kid)) == pinned
+            assert cluster.kernel_summary(kid)["hosts"] == pinned
+            assert sorted(cluster.connected_hosts()) == pinned
+            async with gw.channels(kid) as channels:
+                result = await channels.execute("import socket; print(6 * 7)", 60)
+                assert result.status == "ok", result.reply
+                assert result.stream_text() == "42\n"
+            await gw.shutdown_kernel(kid)
     except BaseException:
         print(cluster.logs(), "\n===== sshd\n", sshd.log())
         raise

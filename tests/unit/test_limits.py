@@ -27,7 +27,7 @@ from nbcluster.jobs import JobLimits, JobSpec
 
 
 def test_a_kernel_value_over_its_limit_is_refused_naming_the_limit() -> None:
-    with pytest.raises(KernelRequestError, match="over the limit of 1024 bytes per KERNEL_"):
+    with pytest.raises(KernelRequestError, match="over the limit of 1024 bytes per value"):
         validate_env({"KERNEL_X": "x" * 1025}, max_value_bytes=1024)
     assert validate_env({"KERNEL_X": "x" * 1024}, max_value_bytes=1024)
 

@@ -5,6 +5,7 @@ worker a job may run on, the job API's refusal, the hosts' hello, the ``%%job`` 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,45 @@ def test_a_kernelspec_with_a_bad_pool_is_refused(
 ) -> None:
     with pytest.raises(KernelSpecError, match=words):
         _load(tmp_path, metadata)
+
+
+def test_a_kernelspec_names_its_machines_in_either_place(tmp_path: Path) -> None:
+    assert _load(tmp_path, {}).remote_hosts == ()
+    provisioner = {"kernel_provisioner": {"config": {"remote_hosts": ["gpu1", "ubuntu@gpu2:2222"]}}}
+    assert _load(tmp_path, provisioner).remote_hosts == ("gpu1", "ubuntu@gpu2:2222")
+    assert _load(tmp_path, {"nbcluster": {"remote_hosts": "gpu3,gpu4"}}).remote_hosts == (
+        "gpu3",
+        "gpu4",
+    )
+    both = {"nbcluster": {"remote_hosts": ["gpu9"]}, **provisioner}
+    assert _load(tmp_path, both).remote_hosts == ("gpu1", "ubuntu@gpu2:2222")
+
+
+@pytest.mark.parametrize(
+    ("remote_hosts", "words"),
+    [
+        (["gpu1;touch x"], "kernel_provisioner remote_hosts: ssh machine 'gpu1;touch x': "),
+        (["-oProxyCommand=x"], "is not a host name or an IP address"),
+        ([], "must be a non-empty list of machines"),
+        ([3], "must be a non-empty list of machines"),
+        (["gpu1", "gpu1"], "is listed twice"),
+    ],
+)
+def test_a_kernelspec_with_bad_machines_is_refused(
+    tmp_path: Path, remote_hosts: Any, words: str
+) -> None:
+    metadata = {"kernel_provisioner": {"config": {"remote_hosts": remote_hosts}}}
+    with pytest.raises(KernelSpecError, match=re.escape(words)):
+        _load(tmp_path, metadata)
+
+
+def test_the_registry_lists_every_kernelspecs_machines_once(tmp_path: Path) -> None:
+    for name, machines in [("b", ["gpu2", "gpu1"]), ("a", ["gpu1"]), ("c", None)]:
+        (tmp_path / name).mkdir()
+        metadata = {} if machines is None else {"nbcluster": {"remote_hosts": machines}}
+        spec = {"argv": ARGV, "display_name": name, "language": "python", "metadata": metadata}
+        (tmp_path / name / "kernel.json").write_text(json.dumps(spec))
+    assert KernelSpecRegistry((tmp_path,)).remote_hosts() == ("gpu1", "gpu2")
 
 
 def _job_spec(**fields: Any) -> JobSpec:

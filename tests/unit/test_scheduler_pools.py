@@ -217,13 +217,16 @@ def test_a_host_that_changes_pool_takes_the_new_pools_kernels() -> None:
 # ----------------------------------------------------------------- property
 
 HOST_POOLS = {"h0": "a", "h1": "a", "h2": "a", "h3": "b", "h4": None, "h5": None}
-KERNELS = ["k0", "k1", "k2", "k3"]
-KERNEL_POOLS = {"k0": "a", "k1": "b", "k2": None, "k3": "a"}
+KERNELS = ["k0", "k1", "k2", "k3", "k4", "k5"]
+KERNEL_POOLS = {"k0": "a", "k1": "b", "k2": None, "k3": "a", "k4": None, "k5": "a"}
+#: Kernels confined to named hosts too (a kernelspec's ``remote_hosts``).
+KERNEL_HOSTS = {"k4": frozenset({"h1", "h4", "h9"}), "k5": frozenset({"h0", "h4"})}
 
 
 class PoolMachine(RuleBasedStateMachine):
     """Random event sequences: no replica of a pooled kernel is ever placed, moved or bound
-    on a host outside its pool."""
+    on a host outside its pool, nor one of a kernel confined to hosts on another host; a
+    scale-out asked for a confined kernel names its hosts."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -246,6 +249,7 @@ class PoolMachine(RuleBasedStateMachine):
                 kernel, host = a.kernel_id, a.host
             elif isinstance(a, ScaleOut) and isinstance(event, KernelRequested):
                 assert event.pool is None, "a scale-out for a pooled kernel"
+                assert a.among == event.hosts, "a confined kernel's scale-out names its hosts"
             if kernel is not None and host is not None:
                 self.check(kernel, host)
         return actions
@@ -253,6 +257,7 @@ class PoolMachine(RuleBasedStateMachine):
     def check(self, kernel: str, host: str) -> None:
         pool = KERNEL_POOLS[kernel]
         assert pool is None or HOST_POOLS[host] == pool, (kernel, host)
+        assert host in KERNEL_HOSTS.get(kernel, {host}), (kernel, host)
 
     @rule(name=st.sampled_from(sorted(HOST_POOLS)), gpus=st.integers(0, 3))
     def add_host(self, name: str, gpus: int) -> None:
@@ -271,7 +276,16 @@ class PoolMachine(RuleBasedStateMachine):
     )
     def request_kernel(self, kernel: str, gpus: int, policy: str, replicas: int | None) -> None:
         request = Resources(gpus, 500, 1024, 2.0 * gpus)
-        self.apply(KernelRequested(kernel, request, replicas, policy, pool=KERNEL_POOLS[kernel]))
+        self.apply(
+            KernelRequested(
+                kernel,
+                request,
+                replicas,
+                policy,
+                pool=KERNEL_POOLS[kernel],
+                hosts=KERNEL_HOSTS.get(kernel),
+            )
+        )
 
     @rule(kernel=st.sampled_from(KERNELS))
     def request_replica(self, kernel: str) -> None:
@@ -334,6 +348,7 @@ class PoolMachine(RuleBasedStateMachine):
     def replicas_stay_in_their_pool(self) -> None:
         for kernel in self.s.kernels.values():
             assert kernel.pool == KERNEL_POOLS[kernel.kernel_id]
+            assert kernel.hosts == KERNEL_HOSTS.get(kernel.kernel_id)
             for _, host in kernel.replicas:
                 self.check(kernel.kernel_id, host)
             if kernel.binding is not None:

@@ -5,18 +5,20 @@ shell's word splitting), and the host-key decisions. The provider against a real
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import logging
 import shlex
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcluster.gateway import HostProvider, HostProviderError
+from nbcluster.gateway import HostProvider, HostProviderError, MachineHostProvider
 from nbcluster.gateway._ssh_command import (
     ARG0,
     MARKER,
@@ -24,6 +26,7 @@ from nbcluster.gateway._ssh_command import (
     Machine,
     RemoteHost,
     host_names,
+    merge_machines,
     parse_machine,
     parse_machines,
     remote_command,
@@ -339,3 +342,62 @@ def test_host_key_decisions(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     assert changed is not None and "is not the one it showed before" in changed
     mismatch = trusting._judge_host_key(gpu2, "gpu2", "10.0.0.2", 2222, key, listed)
     assert mismatch is not None and "is NOT the one" in mismatch
+
+
+# -- kernelspecs' remote_hosts --------------------------------------------------------------
+
+
+def test_kernelspec_machines_join_the_provider_but_not_general_scale_outs(tmp_path: Path) -> None:
+    provider = _provider(tmp_path, kernelspec_machines=["gpu2:2222/10.0.0.2", "gpu3", "gpu4"])
+    # gpu2 is in both lists (written the same way): one machine, one daemon.
+    assert list(provider.machines()) == ["ssh-gpu1", "ssh-gpu2", "ssh-gpu3", "ssh-gpu4"]
+    assert provider.hosts_of(["gpu3", "gpu2:2222"]) == {"ssh-gpu3", "ssh-gpu2"}
+    with pytest.raises(HostProviderError, match="ssh machine gpu9 is not one of"):
+        provider.hosts_of(["gpu9"])
+    with pytest.raises(HostProviderError, match="is not a host name"):
+        provider.hosts_of(["gpu1;reboot"])
+    assert isinstance(provider, MachineHostProvider)
+
+
+def test_a_machine_written_two_ways_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is listed as gpu1 and as root@gpu1: write it the same"):
+        _provider(tmp_path, kernelspec_machines=["root@gpu1"])
+    assert merge_machines([parse_machine("a")], [parse_machine("b"), parse_machine("a")]) == [
+        parse_machine("a"),
+        parse_machine("b"),
+    ]
+
+
+def test_kernelspec_machines_alone_are_enough(tmp_path: Path) -> None:
+    provider = SshHostProvider(
+        (), URL, TOKEN, kernelspec_machines=["gpu7"], known_hosts=tmp_path / "known_hosts"
+    )
+    assert list(provider.machines()) == ["ssh-gpu7"]
+    with pytest.raises(ValueError, match="no ssh machines given"):
+        SshHostProvider((), URL, TOKEN)
+
+
+async def test_general_scale_outs_leave_kernelspec_machines_alone(tmp_path: Path) -> None:
+    """Every ``--ssh-hosts`` machine busy: a general scale-out fails, naming the remedy, even
+    though a kernelspec's machine is free; that one starts only when asked for by name."""
+    provider = _provider(tmp_path, kernelspec_machines=["gpu3"], connect_timeout=0.5)
+    launched: list[str] = []
+
+    def fake_start(slot: Any) -> asyncio.Future[int | None]:
+        launched.append(slot.name)
+        slot.task = asyncio.get_running_loop().create_future()  # busy until closed
+        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        done.set_result(123)
+        return done
+
+    provider._start = fake_start  # type: ignore[method-assign]
+    assert await provider.start_hosts(5) == ["ssh-gpu1", "ssh-gpu2"]
+    with pytest.raises(HostProviderError, match="every ssh machine already runs"):
+        await provider.start_hosts(1)
+    assert await provider.start_hosts_among(2, {"ssh-gpu3", "ssh-gpu1"}) == ["ssh-gpu3"]
+    with pytest.raises(HostProviderError, match="every machine of its kernelspec already runs"):
+        await provider.start_hosts_among(1, {"ssh-gpu3"})
+    assert launched == ["ssh-gpu1", "ssh-gpu2", "ssh-gpu3"]
+    for slot in provider._slots:
+        if slot.task is not None:
+            slot.task.cancel()

@@ -66,6 +66,19 @@ def _join_token(path: Path | None) -> str:
     return token
 
 
+def _port_range(value: str | None) -> tuple[int, int] | None:
+    """``--port-range LOW..HIGH`` as (low, high); a usage error naming what is wrong."""
+    if value is None:
+        return None
+    from ..gateway import parse_port_range
+
+    try:
+        ports = parse_port_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--port-range") from None
+    return ports.low, ports.high
+
+
 @click.command("gateway")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8889, show_default=True, type=click.IntRange(1, 65535))
@@ -117,6 +130,13 @@ def _join_token(path: Path | None) -> str:
 )
 @click.option("--launch-timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600))
 @click.option(
+    "--port-range",
+    metavar="LOW..HIGH",
+    callback=lambda ctx, param, value: _port_range(value),
+    help="Ports kernels' ZMQ faces bind on --ip (five a kernel; default: any free port). "
+    "docs/provisioner.md.",
+)
+@click.option(
     "--replicas",
     default="3",
     show_default=True,
@@ -157,6 +177,13 @@ def _join_token(path: Path | None) -> str:
     metavar="SECONDS",
     help="Replicated kernels idle this long release their replicas (state checkpointed); "
     "their next message restores them. Default: never.",
+)
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    metavar="FILE",
+    help="Append every scheduler event and decision to FILE (JSON lines), for "
+    "`nbcluster simulate FILE` to replay.",
 )
 @click.option(
     "--min-hosts", default=0, show_default=True, type=click.IntRange(0), help="Auto-scaling floor."
@@ -270,6 +297,7 @@ def gateway_command(
     heartbeat_interval: float,
     host_lost_timeout: float,
     launch_timeout: float,
+    port_range: tuple[int, int] | None,
     replicas: str,
     policy: str,
     max_subscription_ratio: float,
@@ -279,6 +307,7 @@ def gateway_command(
     redis_url: str | None,
     jobs_first: bool,
     reclaim_idle_after: float | None,
+    record: Path | None,
     min_hosts: int,
     max_hosts: int,
     hosts_from: str,
@@ -338,7 +367,7 @@ def gateway_command(
         hosts_from,
         pod_template=host_pod_template,
         namespace=host_namespace,
-        ssh_hosts=ssh_machines(hosts_from, ssh_hosts, ssh_user),
+        ssh_hosts=ssh_machines(hosts_from, ssh_hosts, ssh_user, kernelspec_dirs),
         ssh_user=ssh_user,
         ssh_keys=ssh_keys,
         ssh_known_hosts=ssh_known_hosts,
@@ -371,6 +400,8 @@ def gateway_command(
     except (ValueError, StoreError) as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from None
     _check_transport(certfile, keyfile, no_curve)
+    if record is not None and not record.resolve().parent.is_dir():
+        raise click.BadParameter(f"{record.parent} is not a directory", param_hint="--record")
     hub_api_url, hub_service_name = _jupyterhub(jupyterhub_api_url, jupyterhub_service_name)
     config = GatewayConfig(
         token=_token(token or _secret_file(token_file, "--token-file")),
@@ -387,6 +418,7 @@ def gateway_command(
         heartbeat_interval=heartbeat_interval,
         host_lost_timeout=host_lost_timeout,
         launch_timeout=launch_timeout,
+        zmq_port_range=port_range,
         replicas_per_kernel=int(replicas),
         store_dir=root / "store",
         store_url=store_url,
@@ -395,6 +427,7 @@ def gateway_command(
         redis_url=redis_url,
         jobs_yield_to_cells=not jobs_first,
         reclaim_idle_after=reclaim_idle_after,
+        record=record.resolve() if record is not None else None,
         policy=policy,
         max_subscription_ratio=max_subscription_ratio,
         min_hosts=min_hosts,

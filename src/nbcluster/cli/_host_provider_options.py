@@ -213,18 +213,25 @@ _CONTAINER_HOST_OPTIONS = (
 )
 
 
-def ssh_machines(kind: str, specs: tuple[str, ...], user: str | None) -> tuple[str, ...]:
-    """``--ssh-hosts``, checked now (a bad one is named here, not in a traceback later)."""
+def ssh_machines(
+    kind: str, specs: tuple[str, ...], user: str | None, kernelspec_dirs: tuple[Path, ...] = ()
+) -> tuple[str, ...]:
+    """``--ssh-hosts``, checked now (a bad one is named here, not in a traceback later).
+    They may be left out when kernelspecs name their own machines (``remote_hosts``)."""
     if kind != "ssh":
         if specs:
             raise click.UsageError("--ssh-hosts goes with --hosts-from ssh")
         return ()
-    from ..gateway import parse_ssh_machines, validate_ssh_user
+    from ..gateway import KernelSpecRegistry, parse_ssh_machines, validate_ssh_user
 
-    if not specs:
-        raise click.UsageError("--hosts-from ssh needs --ssh-hosts (the machines to use)")
+    if not specs and not KernelSpecRegistry(kernelspec_dirs).remote_hosts():
+        raise click.UsageError(
+            "--hosts-from ssh needs --ssh-hosts (the machines to use) or kernelspecs that name "
+            "remote_hosts (--kernelspec-dir)"
+        )
     try:
-        parse_ssh_machines(specs)
+        if specs:
+            parse_ssh_machines(specs)
         if user is not None:
             validate_ssh_user(user)
     except ValueError as exc:

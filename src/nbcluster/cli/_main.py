@@ -7,8 +7,11 @@ import click
 from .._version import __version__
 from ._daemons import gateway_command, host_command
 from ._job import job_group
+from ._kernelspec import kernelspec_group
+from ._simulate import simulate_command
 from ._status import migrate_command, status_command
 from ._store import store_group
+from ._top import top_command
 from ._up import up_command
 from ._users import join_token_command, user_group
 
@@ -30,6 +33,9 @@ cli.add_command(store_group)
 cli.add_command(job_group)
 cli.add_command(user_group)
 cli.add_command(join_token_command)
+cli.add_command(simulate_command)
+cli.add_command(kernelspec_group)
+cli.add_command(top_command)
 
 
 def main() -> None:

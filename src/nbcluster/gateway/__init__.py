@@ -26,13 +26,14 @@ from ._errors import (
     RequestTimedOut,
     RequestTooLarge,
 )
+from ._face_rules import PortRange, parse_port_range
 from ._host_providers import make_host_provider
 from ._hosts import HostEntry, HostRegistry, HostSession
 from ._identity import GatewayIdentity, join_token_path
 from ._kernel import GatewayKernel, error_replies
 from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpec, KernelSpecError, KernelSpecRegistry
 from ._manager import KernelManager, validate_env
-from ._provider import HostProvider, LocalProcessHostProvider
+from ._provider import HostProvider, LocalProcessHostProvider, MachineHostProvider
 from ._routing import PendingRequest, PendingRequests
 from ._server import run, serve
 from ._ssh_command import parse_machines as parse_ssh_machines
@@ -73,6 +74,7 @@ __all__ = [
     "KernelStartError",
     "KernelUnavailable",
     "LocalProcessHostProvider",
+    "MachineHostProvider",
     "MemoryStateStore",
     "MigrationError",
     "NbclusterError",
@@ -80,6 +82,7 @@ __all__ = [
     "NoSuchKernel",
     "PendingRequest",
     "PendingRequests",
+    "PortRange",
     "ReplicaRecord",
     "RequestTimedOut",
     "RequestTooLarge",
@@ -90,6 +93,7 @@ __all__ = [
     "join_token_path",
     "make_host_provider",
     "parse_mount",
+    "parse_port_range",
     "parse_ssh_machines",
     "run",
     "serve",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .._tasks import BackgroundTasks
@@ -16,6 +17,8 @@ from ..scheduling import HostView, KernelView, ScaleIn, ScaleOut, ScalingConfig
 from ._access import Access
 from ._autoscaler import Autoscaler
 from ._config import GatewayConfig
+from ._errors import HostProviderError
+from ._faces import ZmqFaces
 from ._host_providers import adopt_hosts, make_host_provider, watch_hosts
 from ._hosts import HostRegistry
 from ._identity import GatewayIdentity
@@ -24,7 +27,8 @@ from ._kernel import GatewayKernel
 from ._kernelspecs import KernelSpecRegistry
 from ._manager import KernelManager
 from ._metrics import GatewayMetrics
-from ._provider import HostProvider
+from ._notifier import Notifier
+from ._provider import HostProvider, MachineHostProvider
 from ._state import FileStateStore, StateStore
 
 __all__ = ["Gateway"]
@@ -43,6 +47,8 @@ class Gateway:
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
+        #: Cluster notices: the ring and Redis stream behind ``/api/cluster/events``.
+        self.notifier = Notifier(config.notice_capacity, config.redis_url)
         #: Who may call what: admin token, users, kernel tokens, the join token.
         self.identity = GatewayIdentity(config, self._owner_of)
         self.hosts = HostRegistry(config.host_lost_timeout)
@@ -64,6 +70,7 @@ class Gateway:
             host_supply=self,
             kernel_tokens=self.identity.kernel_tokens,
             gpu_quota_of=lambda user: self.identity.quotas_of(user).gpus,
+            notifier=self.notifier,
         )
         #: The one driver of the scheduler (owned by the kernel manager): views for readers.
         self.scheduling = self.kernels.scheduling
@@ -76,10 +83,13 @@ class Gateway:
             yield_to_cells=config.jobs_yield_to_cells,
             subscriber_buffer=config.subscriber_buffer_bytes,
             object_store=self.kernels.object_store,
+            notifier=self.notifier,
         )
         #: What each caller may see and touch, and the quotas (the API's checks).
         self.access = Access(config, self.identity, self.kernels, self.specs, self.jobs)
         self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values(), self.scheduling)
+        #: Kernels' ZMQ faces for jupyter_client tools (``_faces``), opened on request.
+        self.faces = ZmqFaces(config, self.metrics, self.kernels)
         self._background = BackgroundTasks("gateway", log)
 
     def _owner_of(self, kernel_id: str) -> str | None:
@@ -87,6 +97,7 @@ class Gateway:
         return None if kernel is None else kernel.record.owner
 
     async def start(self) -> None:
+        await self.notifier.start()
         self.kernels.restore()
         self.jobs.restore()
         self._background.spawn(
@@ -122,6 +133,15 @@ class Gateway:
         if self.autoscaler is not None:
             self.autoscaler.host_registered(name)
 
+    def hosts_of(self, machines: Sequence[str]) -> frozenset[str]:
+        provider = None if self.autoscaler is None else self.autoscaler.provider
+        if not isinstance(provider, MachineHostProvider):
+            raise HostProviderError(
+                "remote_hosts need daemons started over ssh: run the gateway with "
+                "--hosts-from ssh and auto-scaling on (--max-hosts N)"
+            )
+        return provider.hosts_of(machines)
+
     def _make_autoscaler(self, provider: HostProvider | None = None) -> Autoscaler:
         config = self.config
         if provider is None:
@@ -131,6 +151,7 @@ class Gateway:
                 config,
                 self.identity.join_token,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                kernelspec_machines=self.specs.remote_hosts(),
             )
         scaling = ScalingConfig(
             buffer_hosts=config.scaling_buffer,
@@ -147,6 +168,7 @@ class Gateway:
             scaling,
             config.scaling_interval,
             startup_grace=max(2 * config.host_lost_timeout, 5.0),
+            notifier=self.notifier,
         )
 
     async def _run_autoscaler(self, autoscaler: Autoscaler) -> None:
@@ -161,11 +183,13 @@ class Gateway:
 
     async def stop(self) -> None:
         await self._background.close()
+        await self.faces.close()
         await self.kernels.close()
         await self.jobs.close()
         await self.identity.aclose()
         if self.autoscaler is not None:
             await self.autoscaler.close()
+        await self.notifier.close()
 
     async def _watch_hosts(self) -> None:
         period = min(self.config.heartbeat_interval, self.config.host_lost_timeout / 4)
@@ -218,6 +242,7 @@ class Gateway:
             "created": k.record.created.isoformat(),
             "owner": k.record.owner,
             "pool": k.record.pool,
+            "hosts": k.record.hosts,
             "executor": k.executor,
             "execution_count": k.execution_count,
             "dead_reason": k.record.dead_reason,

@@ -24,11 +24,14 @@ from ._api import build_router
 from ._app import Gateway
 from ._auth import AuthMiddleware
 from ._config import GatewayConfig
+from ._dashboard import build_dashboard_router
 from ._errors import NbclusterError
+from ._face_api import build_face_router
 from ._http import FOREIGN_ERRORS, describe_validation, error_response, error_status
 from ._jobs_api import UPLOAD_PATHS, build_jobs_router
 from ._limits import BodyLimitMiddleware
 from ._metrics import GatewayMetrics
+from ._notices_api import build_notices_router
 from ._state import StateStore
 
 __all__ = ["create_app"]
@@ -59,10 +62,16 @@ def create_app(
             "`Authorization: token <token>` or `?token=<token>`."
         ),
         lifespan=lifespan,
+        # Served from vendored files by the dashboard's router (no CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.gateway = gateway
     app.include_router(build_router())
     app.include_router(build_jobs_router())
+    app.include_router(build_notices_router())
+    app.include_router(build_dashboard_router())
+    app.include_router(build_face_router())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:

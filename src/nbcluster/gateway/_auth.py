@@ -19,7 +19,13 @@ from urllib.parse import parse_qs
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..identity import IdentitySourceUnavailable, Principal, TokenRefused, route_allowed
+from ..identity import (
+    IdentitySourceUnavailable,
+    Principal,
+    TokenRefused,
+    route_allowed,
+    route_is_public,
+)
 from ._errors import ApiError
 
 if TYPE_CHECKING:
@@ -57,6 +63,10 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "http" and route_is_public(scope["method"], scope["path"]):
+            # A static page or asset that holds no data (``public`` in ROUTE_RULES).
             await self.app(scope, receive, send)
             return
         given = extract_token(scope)

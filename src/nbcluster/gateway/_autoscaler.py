@@ -15,6 +15,7 @@ import logging
 import time
 
 from .._tasks import BackgroundTasks
+from ..notices import NoticeKind, Severity
 from ..scheduling import (
     HostRemoved,
     ScaleIn,
@@ -25,7 +26,8 @@ from ..scheduling import (
 from ._driver import SchedulerDriver, host_added
 from ._hosts import HostRegistry
 from ._metrics import GatewayMetrics
-from ._provider import HostProvider, HostProviderError
+from ._notifier import Notifier
+from ._provider import HostProvider, HostProviderError, MachineHostProvider
 
 __all__ = ["Autoscaler"]
 
@@ -45,8 +47,10 @@ class Autoscaler:
         config: ScalingConfig,
         interval: float,
         startup_grace: float = 10.0,
+        notifier: Notifier | None = None,
     ) -> None:
         self.provider = provider
+        self.notifier = notifier if notifier is not None else Notifier()
         self.scheduling = scheduling
         self.hosts = hosts
         self.metrics = metrics
@@ -95,7 +99,9 @@ class Autoscaler:
 
     def request(self, action: ScaleOut) -> None:
         """The scheduler found no room (a kernel, a replica or a cell): add hosts now."""
-        self._background.spawn("scale out", self._scale_out(action.count, action.reason))
+        self._background.spawn(
+            "scale out", self._scale_out(action.count, action.reason, action.among)
+        )
 
     def release(self, action: ScaleIn) -> None:
         """Stop these idle hosts now (those the provider started and that are still idle)."""
@@ -137,9 +143,16 @@ class Autoscaler:
             del self._starting[name]
         return len(arrived)
 
-    async def _scale_out(self, count: int, reason: str) -> None:
+    async def _scale_out(
+        self, count: int, reason: str, among: frozenset[str] | None = None
+    ) -> None:
         async with self._lock:
             self._forget_arrived()
+            # Hosts being started already will do (of these names, if named): asked again by
+            # the kernel manager's next try, or by the next round, it must not start more.
+            count -= len(self._starting) if among is None else len(among & set(self._starting))
+            if count <= 0:
+                return
             # A host of the provider that is down for a moment (a container the engine
             # restarts, a Swarm task being replaced) still counts: it comes back by itself.
             present = len(
@@ -152,16 +165,24 @@ class Autoscaler:
                 log.info("cannot scale out (%s): at the maximum of %d hosts", reason, present)
                 return
             try:
-                names = await self.provider.start_hosts(count)
+                if among is None:
+                    names = await self.provider.start_hosts(count)
+                elif isinstance(self.provider, MachineHostProvider):
+                    names = await self.provider.start_hosts_among(count, among)
+                else:
+                    raise HostProviderError(
+                        f"the {self.provider.name} host provider cannot start named hosts "
+                        f"({', '.join(sorted(among))})"
+                    )
             except HostProviderError as exc:
                 self.metrics.scale_events.labels("out", "failed").inc()
-                log.error("scale-out by %d host(s) failed: %s", count, exc)
+                self._notify("scale_failed", "error", f"scale-out by {count} host(s) failed: {exc}")
                 return
             now = time.monotonic()
             for name in names:
                 self._starting[name] = now
             self.metrics.scale_events.labels("out", "ok").inc(len(names))
-            log.info("scaling out by %s: %s", ", ".join(names), reason)
+            self._notify("scale_out", "info", f"scaling out by {', '.join(names)}: {reason}")
 
     async def _scale_in(self, decision: ScaleIn) -> None:
         async with self._lock:
@@ -177,7 +198,7 @@ class Autoscaler:
                     await self.provider.stop_host(name)
                 except HostProviderError as exc:
                     self.metrics.scale_events.labels("in", "failed").inc()
-                    log.error("scale-in of %s failed: %s", name, exc)
+                    self._notify("scale_failed", "error", f"scale-in of {name} failed: {exc}")
                     entry = self.hosts.hosts.get(name)
                     if entry is not None and entry.state == "connected":
                         # Still there and serving: give it back to the scheduler.
@@ -185,7 +206,10 @@ class Autoscaler:
                     continue
                 self.hosts.forget(name)
                 self.metrics.scale_events.labels("in", "ok").inc()
-                log.info("scaled in %s: %s", name, decision.reason)
+                self._notify("scale_in", "info", f"scaled in {name}: {decision.reason}")
+
+    def _notify(self, kind: NoticeKind, severity: Severity, message: str) -> None:
+        self.notifier.notify(kind, severity, "cluster", message, logger=log)
 
     async def close(self) -> None:
         await self._background.close()

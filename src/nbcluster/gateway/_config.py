@@ -119,6 +119,9 @@ class GatewayConfig:
     #: Replicated kernels idle this many seconds release their replicas (state checkpointed
     #: to the store); the next message restores them. None: never.
     reclaim_idle_after: float | None = None
+    #: Append every scheduler event, with its time and the decisions taken, to this file
+    #: (``--record``; ``nbcluster simulate`` replays it: docs/simulation.md). None: no recording.
+    record: Path | None = None
     #: Spare hosts kept beyond what the committed GPUs need (NotebookOS keeps 3).
     scaling_buffer: int = 0
     #: Seconds between two auto-scaling rounds.
@@ -163,6 +166,9 @@ class GatewayConfig:
     keyfile: Path | None = None
     #: CurveZMQ on every ZMQ socket between the gateway and replicas (a keypair per replica).
     curve: bool = True
+    #: The ports kernels' ZMQ faces bind (``--port-range LOW..HIGH``, both included; five a
+    #: kernel), on ``ip``; None: any free port (docs/provisioner.md).
+    zmq_port_range: tuple[int, int] | None = None
     # -- limits (docs/security.md, "Limits") ---------------------------------------------------
     #: Bytes of one request body; larger: 413 (Content-Length checked first, then counted
     #: while it is read, never buffered whole).
@@ -188,6 +194,8 @@ class GatewayConfig:
     #: Bytes of job events buffered for one SSE / log-follow subscriber; a subscriber that
     #: falls this far behind is dropped (its stream closes; it may reconnect).
     subscriber_buffer_bytes: int = 4 * 2**20
+    #: Cluster notices kept in memory (and in the Redis stream) for ``/api/cluster/events``.
+    notice_capacity: int = 10_000
 
     @property
     def scheme(self) -> str:

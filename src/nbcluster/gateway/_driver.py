@@ -34,6 +34,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from .._tasks import BackgroundTasks
@@ -77,8 +78,10 @@ from ..scheduling import (
     UserQuotaSet,
     WaitForGpus,
 )
+from ..simulation import RecordingScheduler, recording_scheduler
 from ._kernel import GatewayKernel
 from ._metrics import GatewayMetrics
+from ._notifier import Notifier
 
 __all__ = [
     "Answers",
@@ -209,6 +212,11 @@ class HostSupply(HostRequester, Protocol):
     def host_registered(self, name: str) -> None:
         """Hear of every host's hello."""
 
+    def hosts_of(self, machines: Sequence[str]) -> frozenset[str]:
+        """The host names of these ssh machines (a kernelspec's ``remote_hosts``); raises
+        :class:`HostProviderError` when hosts do not come from machines."""
+        ...
+
 
 # -- answers ----------------------------------------------------------------------------------
 
@@ -281,14 +289,23 @@ class SchedulerDriver:
         hosts: HostRequester | None = None,
         evictor: Evictor | None = None,
         gpu_quota_of: Callable[[str], int | None] | None = None,
+        notifier: Notifier | None = None,
+        record: Path | None = None,
     ) -> None:
-        self._scheduler = Scheduler(
-            SchedulerConfig(
-                max_subscription_ratio=max_subscription_ratio,
-                replicas_per_kernel=replicas_per_kernel,
-                new_replica_id=new_replica_id,
-            )
+        self._notifier = notifier if notifier is not None else Notifier()
+        #: Each kernel's owner as its last cell said (whom a cell's wait notice is for).
+        self._owners: dict[str, str] = {}
+        config = SchedulerConfig(
+            max_subscription_ratio=max_subscription_ratio,
+            replicas_per_kernel=replicas_per_kernel,
+            new_replica_id=new_replica_id,
         )
+        #: ``record``: every event given to the scheduler and its decisions go to that file
+        #: (``nbcluster gateway --record``; ``nbcluster simulate`` replays it).
+        self._recording: RecordingScheduler | None = (
+            None if record is None else recording_scheduler(config, record)
+        )
+        self._scheduler = self._recording or Scheduler(config)
         self._cells = cells
         self._metrics = metrics
         self._mover = mover
@@ -361,12 +378,13 @@ class SchedulerDriver:
         policy: str,
         owner: str = "",
         pool: str | None = None,
+        hosts: frozenset[str] | None = None,
     ) -> Placement | Refusal:
         """Where a new (or restarted, or restored) kernel's replicas go (only on hosts of
-        ``pool``, if set)."""
+        ``pool`` and among ``hosts``, if set)."""
         self._tell_quota(owner)
         actions = self._scheduler.handle(
-            KernelRequested(kernel_id, request, replicas, policy, owner, pool)
+            KernelRequested(kernel_id, request, replicas, policy, owner, pool, hosts)
         )
         return self._placement(kernel_id, self.carry_out(actions))
 
@@ -433,6 +451,7 @@ class SchedulerDriver:
         self, kernel: GatewayKernel, term: int, preferred: str | None, gpus: int | None = None
     ) -> None:
         self._tell_quota(kernel.record.owner)
+        self._owners[kernel.id] = kernel.record.owner
         self.carry_out(self._scheduler.handle(ExecutionRequested(kernel.id, term, preferred, gpus)))
 
     def execution_finished(self, kernel: GatewayKernel, term: int) -> None:
@@ -537,6 +556,17 @@ class SchedulerDriver:
                 bind.term,
                 f"[nbcluster] Got {_plural(len(bind.device_indices), 'GPU')} ({devices}) on "
                 f"{bind.host} after {waited:.1f} s; running the cell.\n",
+            )
+            self._notifier.notify(
+                "cell_waited",
+                "info" if waited < 60 else "warning",
+                f"kernel/{bind.kernel_id}",
+                f"kernel {bind.kernel_id}: cell {bind.term} waited {waited:.1f} s for "
+                f"{_plural(len(bind.device_indices), 'GPU')} ({devices} on {bind.host})",
+                owner=self._owners.get(bind.kernel_id),
+                kernel_id=bind.kernel_id,
+                seconds=waited,
+                logger=log,
             )
         if not kernel.dispatch(bind.term, bind.replica_id, bind.device_indices):
             # The cell was answered meanwhile (or its replica is gone): free what it holds.
@@ -677,3 +707,5 @@ class SchedulerDriver:
 
     async def close(self) -> None:
         await self._background.close()
+        if self._recording is not None:
+            self._recording.close()

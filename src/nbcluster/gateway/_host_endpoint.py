@@ -72,12 +72,13 @@ async def serve_host(
         await websocket.close(1008, str(exc)[:120])
         return
     await send_frame(encode(Welcome(heartbeat_interval=heartbeat_interval)))
-    log.info(
-        "host %s connected (%d CPUs, %d GPUs, %d replicas running)",
-        hello.name,
-        hello.resources.cpus,
-        len(hello.resources.gpus),
-        len(hello.replicas),
+    kernels.notifier.notify(
+        "host_joined",
+        "info",
+        f"host/{hello.name}",
+        f"host {hello.name} connected ({hello.resources.cpus} CPUs, "
+        f"{len(hello.resources.gpus)} GPUs, {len(hello.replicas)} replicas running)",
+        logger=log,
     )
     orphans = kernels.on_host_hello(entry, hello.replicas)
     stale_runs: list[tuple[str, int | None]] = []
@@ -147,7 +148,13 @@ async def serve_host(
     finally:
         await stopping.close()
         hosts.disconnect(hello.name, session, time.monotonic())
-        log.warning("host %s disconnected", hello.name)
+        kernels.notifier.notify(
+            "host_disconnected",
+            "warning",
+            f"host/{hello.name}",
+            f"host {hello.name} disconnected",
+            logger=log,
+        )
         if entry.state == "disconnected":
             await kernels.on_host_disconnected(entry)
 

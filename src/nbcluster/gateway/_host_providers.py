@@ -25,8 +25,23 @@ log = logging.getLogger(__name__)
 HOST_PROVIDERS = ("local", "docker", "swarm", "kubernetes", "ssh")
 
 
-def make_host_provider(config: GatewayConfig, join_token: str, log_level: str) -> HostProvider:
+def make_host_provider(
+    config: GatewayConfig,
+    join_token: str,
+    log_level: str,
+    kernelspec_machines: tuple[str, ...] = (),
+) -> HostProvider:
+    """The provider ``--hosts-from`` names. ``kernelspec_machines``: every machine the
+    kernelspecs' ``remote_hosts`` name, which only the ``ssh`` provider can start daemons on
+    (others log that those kernelspecs' kernels will be refused)."""
     settings = config.host_provider
+    if kernelspec_machines and settings.kind != "ssh":
+        log.error(
+            "kernelspecs name remote_hosts (%s) but hosts come from %s: their kernels will be "
+            "refused (remote_hosts need --hosts-from ssh)",
+            ", ".join(kernelspec_machines),
+            settings.kind,
+        )
     if settings.kind == "local":
         return LocalProcessHostProvider(
             gateway_url=config.advertised_url,
@@ -49,6 +64,7 @@ def make_host_provider(config: GatewayConfig, join_token: str, log_level: str) -
             settings.ssh_hosts,
             config.advertised_url,
             join_token,
+            kernelspec_machines=kernelspec_machines,
             nbcluster=settings.ssh_nbcluster,
             user=settings.ssh_user,
             known_hosts=settings.ssh_known_hosts,

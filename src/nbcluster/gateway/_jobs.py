@@ -39,6 +39,7 @@ from ._errors import HostRequestError, HostUnreachable, JobError, NoSuchJob
 from ._hosts import HostEntry, HostRegistry
 from ._job_io import JobStoreIO
 from ._metrics import GatewayMetrics
+from ._notifier import Notifier
 from ._subscribers import Subscription
 
 __all__ = ["JobError", "JobManager", "NoSuchJob"]
@@ -87,7 +88,9 @@ class JobManager:
         yield_to_cells: bool = True,
         subscriber_buffer: int = 4 * 2**20,
         object_store: Callable[[], ObjectStore] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        self.notifier = notifier if notifier is not None else Notifier()
         #: Where job records and logs are kept (files or Redis); every call but the start-up
         #: load goes through ``io`` (one worker thread, in order).
         self.job_store = job_store
@@ -563,7 +566,14 @@ class JobManager:
         job.error = why
         self._save(job)
         self.metrics.jobs_requeued.inc()
-        log.info("job %s: %s", job.id, why)
+        self.notifier.notify(
+            "job_requeued",
+            "warning",
+            f"job/{job.id}",
+            f"job {job.id}: {why}",
+            owner=job.spec.owner,
+            logger=log,
+        )
         self._publish(live, {"type": "status", "status": "queued", "reason": why})
         self.dispatch()
 
@@ -580,6 +590,17 @@ class JobManager:
                 f"drop earlier attempts of job {job.id}", self._drop_earlier_attempts(job)
             )
         self.metrics.jobs_finished.labels(status).inc()
+        if status == "failed":
+            self.notifier.notify(
+                "job_failed",
+                "error",
+                f"job/{job.id}",
+                f"job {job.id} failed"
+                + (f" with exit code {exit_code}" if exit_code is not None else "")
+                + (f": {error}" if error else ""),
+                owner=job.spec.owner,
+                logger=log,
+            )
         event: dict[str, Any] = {"type": "status", "status": status, "exit_code": exit_code}
         if error:
             event["error"] = error

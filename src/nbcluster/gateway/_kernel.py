@@ -129,8 +129,12 @@ class GatewayKernel:
         on_routed: Callable[[str, str], None] | None = None,
         on_reject: Callable[[str, str], None] | None = None,
         on_wake: Callable[[GatewayKernel], None] | None = None,
+        on_executor_changed: Callable[[GatewayKernel, str, str], None] | None = None,
     ) -> None:
         self.record = record
+        #: Told when a cell runs on another replica than the last cell did (a notice).
+        self._on_executor_changed = on_executor_changed
+        self._last_dispatched: str | None = None
         self.signer = Signer(record.key.encode())
         self.links: dict[str, ReplicaLink] = {}
         self.clients: set[ClientSink] = set()
@@ -343,6 +347,9 @@ class GatewayKernel:
             msg.metadata = dumps(metadata)
         self._executions.dispatched(execution, replica_id, devices)
         self._executor = replica_id
+        previous, self._last_dispatched = self._last_dispatched, replica_id
+        if previous not in (None, replica_id) and self._on_executor_changed is not None:
+            self._on_executor_changed(self, previous, replica_id)
         self.pending.add(
             msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.owner, replica_id
         )

@@ -8,6 +8,7 @@ file and the problem; the gateway keeps serving the others.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..hostproto import IMAGE_REFERENCE, check_pool
 from ._errors import KernelSpecError
+from ._ssh_command import parse_machines
 
 __all__ = ["DEFAULT_KERNEL_NAME", "KernelSpec", "KernelSpecError", "KernelSpecRegistry"]
 
@@ -52,6 +54,10 @@ class KernelSpec(BaseModel):
         if image is not None and not re.fullmatch(IMAGE_REFERENCE, image):
             raise ValueError(f"image {image!r} is not a container image reference")
         _pool_of(metadata)  # a bad pool name raises
+        _remote_hosts_of(metadata)  # so does a bad machine
+        _resources_of(metadata)
+        _allowed_env_of(metadata)
+        _launch_timeout_of(metadata)
         return metadata
 
     @property
@@ -71,6 +77,140 @@ class KernelSpec(BaseModel):
         ``metadata.kernel_provisioner.config.host_pool``; the first wins.
         """
         return _pool_of(self.metadata)
+
+    @property
+    def remote_hosts(self) -> tuple[str, ...]:
+        """The ssh machines its replicas run on (``[USER@]HOST[:PORT][/ADDRESS]`` each, as
+        ``--ssh-hosts``), or () for any host.
+
+        Named as Gateway Provisioners' ``DistributedProvisioner`` does
+        (``metadata.kernel_provisioner.config.remote_hosts``) or as
+        ``metadata.nbcluster.remote_hosts``; the first wins. The gateway's ssh host provider
+        starts daemons on them when this kernelspec's kernels need them
+        (``docs/ssh-hosts.md``, "Per-kernelspec machines").
+        """
+        return _remote_hosts_of(self.metadata)
+
+    @property
+    def default_resources(self) -> dict[str, str]:
+        """``KERNEL_*`` resource variables its kernels get when the client sets none
+        (``metadata.nbcluster.resources``: ``gpus``, ``cpus``, ``memory_mb``, ``vram_gb``)."""
+        return _resources_of(self.metadata)
+
+    @property
+    def allowed_env(self) -> tuple[str, ...]:
+        """Variables beyond ``KERNEL_*`` a client may set for its kernels
+        (``metadata.nbcluster.allowed_env``: names, or prefixes ending in ``*``)."""
+        return _allowed_env_of(self.metadata)
+
+    @property
+    def launch_timeout(self) -> float | None:
+        """Seconds a start of its kernels may take (``metadata.nbcluster.launch_timeout`` or
+        ``kernel_provisioner.config.launch_timeout``); None: the gateway's
+        ``--launch-timeout``."""
+        return _launch_timeout_of(self.metadata)
+
+
+#: ``metadata.nbcluster.resources`` key -> the variable it defaults.
+_RESOURCE_KEYS = {
+    "gpus": "KERNEL_GPUS",
+    "cpus": "KERNEL_CPUS",
+    "memory_mb": "KERNEL_MEMORY_MB",
+    "vram_gb": "KERNEL_VRAM_GB",
+}
+#: An ``allowed_env`` entry: a variable name, or a prefix of one followed by ``*``.
+_ENV_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
+
+
+def _stanza(metadata: dict[str, Any]) -> dict[str, Any]:
+    block = metadata.get("nbcluster")
+    return block if isinstance(block, dict) else {}
+
+
+def _resources_of(metadata: dict[str, Any]) -> dict[str, str]:
+    value = _stanza(metadata).get("resources")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError('nbcluster resources must be an object such as {"gpus": 1}')
+    defaults: dict[str, str] = {}
+    for key, number in value.items():
+        if key not in _RESOURCE_KEYS:
+            raise ValueError(
+                f"nbcluster resources: unknown resource {key!r} (one of "
+                f"{', '.join(_RESOURCE_KEYS)})"
+            )
+        whole = key == "gpus"
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, int | float)
+            or (whole and not isinstance(number, int))
+            or not math.isfinite(number)
+            or number < 0
+        ):
+            kind = "a whole number" if whole else "a number"
+            raise ValueError(f"nbcluster resources {key}: must be {kind} >= 0, not {number!r}")
+        defaults[_RESOURCE_KEYS[key]] = str(number)
+    return defaults
+
+
+def _allowed_env_of(metadata: dict[str, Any]) -> tuple[str, ...]:
+    value = _stanza(metadata).get("allowed_env")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("nbcluster allowed_env must be a list of variable names")
+    for entry in value:
+        if not _ENV_PATTERN.fullmatch(entry):
+            raise ValueError(
+                f"nbcluster allowed_env: {entry!r} is not a variable name (or a prefix "
+                "followed by *)"
+            )
+        if entry.upper().startswith(("NBCLUSTER", "JPY_")):
+            raise ValueError(
+                f"nbcluster allowed_env: {entry!r} would let clients set the gateway's own "
+                "variables (NBCLUSTER_*, JPY_*)"
+            )
+    return tuple(value)
+
+
+def _launch_timeout_of(metadata: dict[str, Any]) -> float | None:
+    for section in ("nbcluster", "kernel_provisioner"):
+        block = metadata.get(section)
+        if section == "kernel_provisioner" and isinstance(block, dict):
+            block = block.get("config")
+        if not isinstance(block, dict) or block.get("launch_timeout") is None:
+            continue
+        value = block["launch_timeout"]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"{section} launch_timeout: must be seconds > 0, not {value!r}")
+        return float(value)
+    return None
+
+
+def _remote_hosts_of(metadata: dict[str, Any]) -> tuple[str, ...]:
+    for section in ("kernel_provisioner", "nbcluster"):
+        block = metadata.get(section)
+        if section == "kernel_provisioner" and isinstance(block, dict):
+            block = block.get("config")
+        if not isinstance(block, dict) or block.get("remote_hosts") is None:
+            continue
+        value = block["remote_hosts"]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{section} remote_hosts must be a non-empty list of machines")
+        try:
+            machines = parse_machines(value)
+        except ValueError as exc:
+            raise ValueError(f"{section} remote_hosts: {exc}") from None
+        return tuple(str(m) for m in machines)
+    return ()
 
 
 def _pool_of(metadata: dict[str, Any]) -> str | None:
@@ -157,6 +297,15 @@ class KernelSpecRegistry:
     def get(self, name: str) -> KernelSpec | None:
         entry = self._specs.get(name)
         return entry[0] if entry else None
+
+    def remote_hosts(self) -> tuple[str, ...]:
+        """Every machine some kernelspec names in ``remote_hosts``, each once, in kernelspec
+        name order: the gateway gives them to its ssh host provider."""
+        seen: dict[str, None] = {}
+        for name in self.names:
+            for machine in self._specs[name][0].remote_hosts:
+                seen.setdefault(machine, None)
+        return tuple(seen)
 
     def resource_path(self, name: str, filename: str) -> Path | None:
         entry = self._specs.get(name)

@@ -33,6 +33,7 @@ from ..store import ObjectStore, StoreError, open_store, tombstone_key
 from ._config import GatewayConfig
 from ._driver import HostSupply, SchedulerDriver
 from ._errors import (
+    HostProviderError,
     KernelRequestError,
     KernelStartError,
     KernelUnavailable,
@@ -46,6 +47,7 @@ from ._kernelspecs import DEFAULT_KERNEL_NAME, KernelSpecRegistry
 from ._launcher import LaunchError, ReplicaExit
 from ._membership import Membership
 from ._metrics import GatewayMetrics
+from ._notifier import Notifier
 from ._reclaim import IdleReclaimer
 from ._reconcile import Reconciler
 from ._recovery import Recovery
@@ -74,8 +76,11 @@ def validate_env(
     env: Mapping[str, Any],
     max_value_bytes: int = 64 * 2**10,
     max_total_bytes: int = 512 * 2**10,
+    allowed: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """The part of a client's ``env`` that reaches the kernel: ``KERNEL_*`` variables.
+    """The part of a client's ``env`` that reaches the kernel: ``KERNEL_*`` variables and
+    those the kernelspec's ``allowed_env`` names (a name, or a prefix followed by ``*``);
+    others are dropped, as Jupyter's gateways do.
 
     Raises :class:`KernelRequestError` naming the first bad variable, or the limit a value
     (``max_value_bytes``, UTF-8) or all accepted variables together (``max_total_bytes``,
@@ -110,21 +115,27 @@ def validate_env(
                 f"env.KERNEL_USERNAME: {value[:80]!r} is not a user name (letters, digits and "
                 ". _ @ + - only, at most 256)"
             )
-        if name.startswith("KERNEL_"):
+        if name.startswith("KERNEL_") or _is_allowed(name, allowed):
             size = len(value.encode())
             if size > max_value_bytes:
                 raise KernelRequestError(
                     f"env.{name}: {size} bytes is over the limit of {max_value_bytes} bytes "
-                    "per KERNEL_* value"
+                    "per value"
                 )
             total += size + len(name)
             if total > max_total_bytes:
                 raise KernelRequestError(
-                    f"env: the KERNEL_* variables are over the limit of {max_total_bytes} "
+                    f"env: the variables passed on are over the limit of {max_total_bytes} "
                     "bytes together"
                 )
             accepted[name] = value
     return accepted
+
+
+def _is_allowed(name: str, allowed: tuple[str, ...]) -> bool:
+    return any(
+        name.startswith(entry[:-1]) if entry.endswith("*") else name == entry for entry in allowed
+    )
 
 
 class KernelManager:
@@ -141,8 +152,11 @@ class KernelManager:
         host_supply: HostSupply | None = None,
         kernel_tokens: KernelTokens | None = None,
         gpu_quota_of: Callable[[str], int | None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        #: Where what happens to hosts and kernels is told (``_notifier``; the log too).
+        self.notifier = notifier if notifier is not None else Notifier()
         self.hosts = hosts
         self.specs = specs
         self.state_store = state_store
@@ -163,6 +177,8 @@ class KernelManager:
             hosts=host_supply,
             evictor=ReplicaEvictor(self.kernels),
             gpu_quota_of=gpu_quota_of,
+            notifier=self.notifier,
+            record=config.record,
         )
         #: Replicas are started through the host daemons; their exits come back here.
         self.launcher = HostDaemonLauncher(hosts, on_exit=self._replica_exited)
@@ -173,6 +189,7 @@ class KernelManager:
             kernel_tokens if kernel_tokens is not None else KernelTokens(secrets.token_bytes(32)),
         )
         self.membership = Membership(config, hosts, self.replicas, self.scheduling, host_supply)
+        self._host_supply = host_supply
         self.recovery = Recovery(
             self.kernels,
             state_store,
@@ -181,6 +198,7 @@ class KernelManager:
             self.replicas,
             self.membership,
             self._spawn,
+            notifier=self.notifier,
         )
         self.reclaimer = IdleReclaimer(
             config,
@@ -191,6 +209,7 @@ class KernelManager:
             self.replicas,
             self.recovery,
             self._spawn,
+            notifier=self.notifier,
         )
         self.reconciler = Reconciler(
             config,
@@ -204,6 +223,7 @@ class KernelManager:
             self._new_kernel,
             self._spawn,
             host_supply,
+            notifier=self.notifier,
         )
 
     # -- lookup -------------------------------------------------------------------------------
@@ -221,6 +241,18 @@ class KernelManager:
             on_routed=self.metrics.routed,
             on_reject=self.metrics.reject,
             on_wake=self.reclaimer.wake,
+            on_executor_changed=self._executor_changed,
+        )
+
+    def _executor_changed(self, kernel: GatewayKernel, previous: str, replica_id: str) -> None:
+        self.notifier.notify(
+            "executor_changed",
+            "info",
+            f"kernel/{kernel.id}",
+            f"kernel {kernel.id}: cells now run on replica {replica_id} (was {previous})",
+            owner=kernel.record.owner,
+            kernel_id=kernel.id,
+            logger=log,
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -241,12 +273,17 @@ class KernelManager:
             raise KernelRequestError(
                 f"unknown kernelspec {name!r}; available: {', '.join(self.specs.names)}"
             )
-        kernel_env = validate_env(env, self.config.max_env_value_bytes, self.config.max_env_bytes)
+        kernel_env = validate_env(
+            env, self.config.max_env_value_bytes, self.config.max_env_bytes, spec.allowed_env
+        )
+        # The kernelspec's resources are defaults: what the client asks for wins.
+        kernel_env = {**spec.default_resources, **kernel_env}
         try:
             request = parse_request(kernel_env, DEFAULT_REQUEST)
         except ValueError as exc:
             raise KernelRequestError(f"env.{exc}") from None
         policy = policy_named(self.config.policy)
+        confined = self._remote_hosts(name, spec.remote_hosts)
         record = KernelRecord(
             id=str(uuid.uuid4()),
             name=name,
@@ -261,6 +298,8 @@ class KernelManager:
                 self.config.replicas_per_kernel if policy.name == "notebookos" else policy.replicas
             ),
             pool=spec.pool,
+            hosts=None if confined is None else sorted(confined),
+            launch_timeout=spec.launch_timeout,
         )
         kernel = self._new_kernel(record)
         self.kernels[record.id] = kernel
@@ -277,6 +316,18 @@ class KernelManager:
         self.metrics.kernel_start.observe(time.monotonic() - started)
         log.info("kernel %s (%s) started on %s", record.id, name, [r.host for r in record.replicas])
         return kernel
+
+    def _remote_hosts(self, name: str, machines: tuple[str, ...]) -> frozenset[str] | None:
+        """The hosts kernelspec ``name``'s kernels are confined to (its ``remote_hosts``, as
+        the ssh provider names their daemons); None: it names none."""
+        if not machines:
+            return None
+        try:
+            if self._host_supply is None:
+                raise HostProviderError("this gateway starts no hosts")
+            return self._host_supply.hosts_of(machines)
+        except HostProviderError as exc:
+            raise KernelRequestError(f"kernelspec {name!r} names remote_hosts: {exc}") from None
 
     # -- restart, shutdown, interrupt ---------------------------------------------------------
 
@@ -345,6 +396,9 @@ class KernelManager:
 
     # -- the object store ---------------------------------------------------------------------
 
+    def _store_failed(self, message: str) -> None:
+        self.notifier.notify("store_unreachable", "warning", "cluster", message, logger=log)
+
     def object_store(self) -> ObjectStore:
         """The store the replicas use (opened on first use)."""
         if self._object_store is None:
@@ -363,7 +417,7 @@ class KernelManager:
                     self.object_store().put, tombstone_key(kernel_id), str(time.time()).encode()
                 )
             except (StoreError, ValueError) as exc:
-                log.warning("could not mark kernel %s deleted in the store: %s", kernel_id, exc)
+                self._store_failed(f"could not mark kernel {kernel_id} deleted in the store: {exc}")
         if delay > 0:
             await asyncio.sleep(delay)
         prefix = f"kernels/{kernel_id}/"
@@ -380,7 +434,7 @@ class KernelManager:
         try:
             count = await asyncio.to_thread(delete_all)
         except (StoreError, ValueError) as exc:
-            log.warning("could not delete the stored objects of kernel %s: %s", kernel_id, exc)
+            self._store_failed(f"could not delete the stored objects of kernel {kernel_id}: {exc}")
             return
         if count:
             log.info("deleted %d stored object(s) of kernel %s", count, kernel_id)

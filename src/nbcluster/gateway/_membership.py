@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ..protocol import (
     ControlErrorReply,
@@ -82,24 +83,36 @@ class Membership:
         auto-scaler can grow is given one chance to (reactive scale-out)."""
         record = kernel.record
         request = resource_request(record)
-        placed = self._scheduling.place_kernel(
-            record.id, request, record.replica_count, record.policy, record.owner, record.pool
-        )
-        scaling = isinstance(placed, Refusal) and placed.scaling
-        if (
-            scaling
-            and self._host_supply is not None
-            and await self._host_supply.wait_for_hosts(self._config.launch_timeout)
-        ):
-            placed = self._scheduling.place_kernel(
-                record.id, request, record.replica_count, record.policy, record.owner, record.pool
+
+        def place() -> Placement | Refusal:
+            return self._scheduling.place_kernel(
+                record.id,
+                request,
+                record.replica_count,
+                record.policy,
+                record.owner,
+                record.pool,
+                record.confined_hosts,
             )
+
+        placed = place()
+        # Each try may find some of the hosts it asked for registered and not yet the rest
+        # (three daemons started together register one by one): try again as they come.
+        deadline = time.monotonic() + (record.launch_timeout or self._config.launch_timeout)
+        while (
+            isinstance(placed, Refusal)
+            and placed.scaling
+            and self._host_supply is not None
+            and (remaining := deadline - time.monotonic()) > 0
+            and await self._host_supply.wait_for_hosts(remaining)
+        ):
+            placed = place()
         if isinstance(placed, Refusal):
             connected = len(self._hosts.connected())
             raise KernelRejected(
                 f"cannot place the kernel: {placed.reason} ({connected} host(s) connected)",
                 # 503 when the hosts are only full now; 400 when none could ever take it.
-                permanent=not (scaling or placed.full),
+                permanent=not (placed.scaling or placed.full),
             )
         return placed
 

@@ -14,14 +14,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .. import envvars
 from ._errors import HostProviderError
 
-__all__ = ["HostProvider", "HostProviderError", "LocalProcessHostProvider"]
+__all__ = ["HostProvider", "HostProviderError", "LocalProcessHostProvider", "MachineHostProvider"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,20 @@ class HostProvider(Protocol):
 
     async def close(self) -> None:
         """Stop every host this provider started; called when the gateway stops."""
+        ...
+
+
+@runtime_checkable
+class MachineHostProvider(HostProvider, Protocol):
+    """A provider whose hosts are named machines (``ssh``): kernels can be confined to some of
+    them (a kernelspec's ``remote_hosts``), and it starts daemons on those when asked."""
+
+    def hosts_of(self, machines: Iterable[str]) -> frozenset[str]:
+        """The host names of these machines; :class:`HostProviderError` for one it lacks."""
+        ...
+
+    async def start_hosts_among(self, count: int, names: Collection[str]) -> list[str]:
+        """Start up to ``count`` hosts, only of these names (as :meth:`start_hosts`)."""
         ...
 
 

@@ -15,6 +15,7 @@ from ._driver import SchedulerDriver
 from ._errors import CheckpointError, KernelUnavailable
 from ._kernel import GatewayKernel
 from ._metrics import GatewayMetrics
+from ._notifier import Notifier
 from ._recovery import Recovery, Spawn, serving
 from ._replicas import Replicas
 from ._state import StateStore
@@ -37,8 +38,10 @@ class IdleReclaimer:
         replicas: Replicas,
         recovery: Recovery,
         spawn: Spawn,
+        notifier: Notifier | None = None,
     ) -> None:
         self._config = config
+        self._notifier = notifier if notifier is not None else Notifier()
         self._kernels = kernels
         self._state_store = state_store
         self._metrics = metrics
@@ -84,10 +87,15 @@ class IdleReclaimer:
             kernel.reclaim()
             await self._replicas.stop_all(kernel)
             self._state_store.save(kernel.record)
-        log.info(
-            "kernel %s was idle for %.0f s: its replicas were released (state checkpointed)",
-            kernel.id,
-            idle_for,
+        self._notifier.notify(
+            "kernel_reclaimed",
+            "info",
+            f"kernel/{kernel.id}",
+            f"kernel {kernel.id} was idle for {idle_for:.0f} s: its replicas were released "
+            "(state checkpointed)",
+            owner=kernel.record.owner,
+            kernel_id=kernel.id,
+            logger=log,
         )
 
     def wake(self, kernel: GatewayKernel) -> None:

@@ -28,6 +28,7 @@ from ._kernel import GatewayKernel
 from ._launcher import ReplicaExit
 from ._membership import resource_request
 from ._metrics import GatewayMetrics
+from ._notifier import Notifier
 from ._recovery import Recovery, Spawn
 from ._replicas import Replicas
 from ._state import KernelRecord, StateStore
@@ -54,8 +55,10 @@ class Reconciler:
         new_kernel: Callable[[KernelRecord], GatewayKernel],
         spawn: Spawn,
         host_supply: HostSupply | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._config = config
+        self._notifier = notifier if notifier is not None else Notifier()
         self._hosts = hosts
         self._kernels = kernels
         self._state_store = state_store
@@ -83,8 +86,12 @@ class Reconciler:
 
     def host_lost(self, entry: HostEntry) -> None:
         self._metrics.hosts_lost.inc()
-        log.warning(
-            "host %s is lost (silent for over %.0f s)", entry.name, self._hosts.lost_timeout
+        self._notifier.notify(
+            "host_lost",
+            "error",
+            f"host/{entry.name}",
+            f"host {entry.name} is lost (silent for over {self._hosts.lost_timeout:.0f} s)",
+            logger=log,
         )
         for kernel in list(self._kernels.values()):
             for replica in kernel.live_replicas():
@@ -163,6 +170,7 @@ class Reconciler:
                             kernel.record.policy,
                             tuple(reserved) if reserved is not None else None,
                             kernel.record.pool,
+                            kernel.record.confined_hosts,
                         )
                     )
         # A new host may take the replica that a kernel lacks (also a kernel that a restarted
@@ -191,7 +199,12 @@ class Reconciler:
             # Its cells wait until a host's hello brings back one of its replicas.
             self._scheduling.handle(
                 KernelAdopted(
-                    record.id, resource_request(record), record.policy, record.owner, record.pool
+                    record.id,
+                    resource_request(record),
+                    record.policy,
+                    record.owner,
+                    record.pool,
+                    record.confined_hosts,
                 )
             )
             for replica in record.replicas:

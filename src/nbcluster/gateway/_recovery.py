@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ..notices import NoticeKind, Severity
 from ..protocol import CheckpointReply, CheckpointRequest, ControlErrorReply, RestorePoint
 from ..scheduling import KernelStopped, Migrate, ReplicaReady, ReplicaStopped
 from ._control import control_request
@@ -32,6 +33,7 @@ from ._errors import CheckpointError, KernelStartError, MigrationError
 from ._kernel import GatewayKernel
 from ._membership import Membership
 from ._metrics import GatewayMetrics
+from ._notifier import Notifier
 from ._repair import RepairStatus, RetryPolicy
 from ._replicas import Replicas
 from ._state import ReplicaRecord, StateStore
@@ -64,8 +66,10 @@ class Recovery:
         membership: Membership,
         spawn: Spawn,
         policy: RetryPolicy | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._kernels = kernels
+        self._notifier = notifier if notifier is not None else Notifier()
         self._state_store = state_store
         self._metrics = metrics
         self._scheduling = scheduling
@@ -85,6 +89,12 @@ class Recovery:
         elsewhere and a replacement is started, or the kernel is restored (none left)."""
         replica.state = "dead"
         replica.reason = reason
+        self._notify(
+            kernel,
+            "replica_lost",
+            "warning",
+            f"kernel {kernel.id}: replica {replica.replica_id} on {replica.host} was lost: {reason}",
+        )
         kernel.drop_link(replica.replica_id)
         stopped = ReplicaStopped(kernel.id, replica.replica_id)
         if serving(kernel):
@@ -98,6 +108,25 @@ class Recovery:
             self._scheduling.handle(stopped)
             self.lost_everything(kernel, reason)
         self._state_store.save(kernel.record)
+
+    def _notify(
+        self,
+        kernel: GatewayKernel,
+        kind: NoticeKind,
+        severity: Severity,
+        message: str,
+        seconds: float | None = None,
+    ) -> None:
+        self._notifier.notify(
+            kind,
+            severity,
+            f"kernel/{kernel.id}",
+            message,
+            owner=kernel.record.owner,
+            kernel_id=kernel.id,
+            seconds=seconds,
+            logger=log,
+        )
 
     # -- repair: back to the configured number of replicas ------------------------------------
 
@@ -166,15 +195,13 @@ class Recovery:
                 self._metrics.replacement_failures.inc()
                 delay = policy.delay(status.failed_attempts)
                 status.retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-                log.warning(
-                    "kernel %s runs degraded on %d of %d replicas: replacement attempt %d "
-                    "failed (%s); retrying in %.1f s",
-                    kernel.id,
-                    kernel.serving_replicas,
-                    kernel.record.replica_count,
-                    status.failed_attempts,
-                    why,
-                    delay,
+                self._notify(
+                    kernel,
+                    "replacement_failed",
+                    "warning",
+                    f"kernel {kernel.id} runs degraded on {kernel.serving_replicas} of "
+                    f"{kernel.record.replica_count} replicas: replacement attempt "
+                    f"{status.failed_attempts} failed ({why}); retrying in {delay:.1f} s",
                 )
                 if not serving(kernel) and not kernel.is_dead:
                     # The others died while it tried: restore the kernel from the object store.
@@ -205,14 +232,14 @@ class Recovery:
             return f"replica {replica_id} on {host}: {why}", replica_id
         self._scheduling.handle(ReplicaReady(kernel.id, replica_id))
         self._metrics.replacements.observe(time.monotonic() - started)
-        log.info(
-            "kernel %s: replica %s on %s joined in %.2f s (%d of %d replicas running)",
-            kernel.id,
-            new.replica_id,
-            host,
-            time.monotonic() - started,
-            kernel.serving_replicas,
-            kernel.record.replica_count,
+        self._notify(
+            kernel,
+            "replica_replaced",
+            "info",
+            f"kernel {kernel.id}: replica {new.replica_id} on {host} joined in "
+            f"{time.monotonic() - started:.2f} s ({kernel.serving_replicas} of "
+            f"{kernel.record.replica_count} replicas running)",
+            seconds=time.monotonic() - started,
         )
         return None, None
 
@@ -235,6 +262,13 @@ class Recovery:
                 )
                 return False
             started = time.monotonic()
+            self._notify(
+                kernel,
+                "migration_started",
+                "info",
+                f"kernel {kernel.id}: moving replica {old.replica_id} from {migrate.from_host} "
+                f"to {migrate.to_host}",
+            )
             # The old replica retires first: pysyncobj's leader refuses to remove itself, and
             # the old one may be the leader. The group commits on 2 of 3 meanwhile.
             await self._replicas.stop(kernel, old)
@@ -243,12 +277,13 @@ class Recovery:
                 kernel, migrate.to_host, migrate.new_replica_id, self.policy.attempt_timeout
             )
             if new is None:
-                log.error(
-                    "kernel %s: migration of replica %s to %s failed: %s",
-                    kernel.id,
-                    old.replica_id,
-                    migrate.to_host,
-                    why,
+                self._notify(
+                    kernel,
+                    "migration_failed",
+                    "error",
+                    f"kernel {kernel.id}: migration of replica {old.replica_id} to "
+                    f"{migrate.to_host} failed: {why}",
+                    seconds=time.monotonic() - started,
                 )
                 # Its cell is asked for again by the scheduler driver (bounded attempts).
                 self._scheduling.handle(
@@ -259,14 +294,13 @@ class Recovery:
                 return False
             old.reason = f"migrated to {migrate.to_host} as {new.replica_id}"
             self._state_store.save(kernel.record)
-            log.info(
-                "kernel %s: replica %s moved from %s to %s as %s in %.2f s",
-                kernel.id,
-                old.replica_id,
-                migrate.from_host,
-                migrate.to_host,
-                new.replica_id,
-                time.monotonic() - started,
+            self._notify(
+                kernel,
+                "migration_finished",
+                "info",
+                f"kernel {kernel.id}: replica {old.replica_id} moved from {migrate.from_host} "
+                f"to {migrate.to_host} as {new.replica_id} in {time.monotonic() - started:.2f} s",
+                seconds=time.monotonic() - started,
             )
             return True
 
@@ -301,11 +335,16 @@ class Recovery:
             return
         if kernel.record.replica_count > 1:
             # Its state is in the object store: new replicas rebuild it.
-            log.warning("kernel %s lost every replica (%s); restoring it", kernel.id, reason)
+            self._notify(
+                kernel,
+                "kernel_restoring",
+                "error",
+                f"kernel {kernel.id} lost every replica ({reason}); restoring it",
+            )
             kernel.begin_restore(reason)
             self._spawn(self.restore_kernel(kernel, reason))
         else:
-            log.warning("kernel %s is dead: %s", kernel.id, reason)
+            self._notify(kernel, "kernel_dead", "error", f"kernel {kernel.id} is dead: {reason}")
             kernel.mark_dead(reason)
             self._scheduling.handle(KernelStopped(kernel.id))
 
@@ -333,18 +372,25 @@ class Recovery:
                 kernel.mark_dead(f"{reason}; it could not be restored: {exc}")
                 kernel.end_restart()
                 self._state_store.save(kernel.record)
-                log.error("kernel %s could not be restored: %s", kernel.id, exc)
+                self._notify(
+                    kernel,
+                    "kernel_dead",
+                    "error",
+                    f"kernel {kernel.id} could not be restored: {exc}",
+                )
                 return
             if point.refused:  # forged or altered objects in the store (docs/security.md)
                 self._metrics.state_refused.inc(len(point.refused))
             kernel.end_restore(point.term, restore_notice(reason, point, headline))
             self._state_store.save(kernel.record)
             self._metrics.restores.observe(time.monotonic() - started)
-            log.info(
-                "kernel %s restored to term %s in %.2f s",
-                kernel.id,
-                point.term,
-                time.monotonic() - started,
+            self._notify(
+                kernel,
+                "kernel_restored",
+                "warning",
+                f"kernel {kernel.id} restored from its checkpoint to term {point.term} in "
+                f"{time.monotonic() - started:.2f} s",
+                seconds=time.monotonic() - started,
             )
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class Replicas:
             env=env,
             key=kernel.record.key,
             working_dir=kernel.record.working_dir,
-            launch_timeout=config.launch_timeout,
+            launch_timeout=kernel.record.launch_timeout or config.launch_timeout,
             # A fresh keypair per replica; only the public half comes back (ConnectionInfo).
             curve_secretkey=new_server_secret() if config.curve else None,
             image=spec.image,

@@ -51,6 +51,7 @@ __all__ = [
     "Machine",
     "RemoteHost",
     "host_names",
+    "merge_machines",
     "parse_machine",
     "parse_machines",
     "remote_command",
@@ -198,6 +199,26 @@ def parse_machines(specs: str | Iterable[str]) -> list[Machine]:
             )
         seen[machine.key] = machine
     return machines
+
+
+def merge_machines(general: Sequence[Machine], more: Iterable[Machine]) -> list[Machine]:
+    """``general`` (``--ssh-hosts``) then each machine of ``more`` (kernelspecs'
+    ``remote_hosts``) not already there. The same ``HOST:PORT`` written differently (another
+    user or address) is refused: it would be one daemon with two meanings."""
+    merged = list(general)
+    seen = {m.key: m for m in merged}
+    for machine in more:
+        known = seen.get(machine.key)
+        if known is None:
+            seen[machine.key] = machine
+            merged.append(machine)
+        elif known != machine:
+            raise ValueError(
+                f"ssh machine {machine.host}:{machine.port} is listed as {known} and as "
+                f"{machine}: write it the same way in --ssh-hosts and every kernelspec's "
+                "remote_hosts"
+            )
+    return merged
 
 
 def host_names(machines: Sequence[Machine], prefix: str) -> list[str]:

@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,8 @@ from ._ssh_command import (
     Machine,
     RemoteHost,
     host_names,
+    merge_machines,
+    parse_machine,
     parse_machines,
     remote_command,
     validate_gateway_url,
@@ -103,6 +105,9 @@ class _Slot:
 
     machine: Machine
     name: str
+    #: Listed in ``--ssh-hosts`` (a general scale-out may use it), not only in kernelspecs'
+    #: ``remote_hosts`` (started only for their kernels: ``start_hosts_among``).
+    general: bool = True
     conn: asyncssh.SSHClientConnection | None = None
     run: _Run | None = None
     #: Starts the daemon, then restarts it; cancelled to stop it.
@@ -165,6 +170,7 @@ class SshHostProvider:
         gateway_url: str,
         join_token: str,
         *,
+        kernelspec_machines: Iterable[str] = (),
         nbcluster: str = "nbcluster",
         user: str | None = None,
         known_hosts: Path | None = None,
@@ -185,7 +191,10 @@ class SshHostProvider:
         stable_after: float = 60.0,
         keepalive_interval: float = 15.0,
     ) -> None:
-        parsed = parse_machines(machines)
+        general = parse_machines(machines) if machines else []
+        parsed = merge_machines(general, [parse_machine(m) for m in kernelspec_machines])
+        if not parsed:
+            raise ValueError("no ssh machines given")
         names = host_names(parsed, name_prefix)
         self.gateway_url = validate_gateway_url(gateway_url)
         self._token_line = (validate_join_token(join_token) + "\n").encode()
@@ -231,7 +240,10 @@ class SshHostProvider:
             state_dir=state_dir,
             extra_args=tuple(host_args),
         )
-        self._slots = [_Slot(m, n) for m, n in zip(parsed, names, strict=True)]
+        self._slots = [
+            _Slot(m, n, general=i < len(general))
+            for i, (m, n) in enumerate(zip(parsed, names, strict=True))
+        ]
         self._by_name = {slot.name: slot for slot in self._slots}
         #: Keys accepted as unknown (``accept_unknown_hosts``), by machine: a later
         #: connection must show the same one.
@@ -305,8 +317,40 @@ class SshHostProvider:
     # -- HostProvider ---------------------------------------------------------------------------
 
     async def start_hosts(self, count: int) -> list[str]:
-        """Start daemons on up to ``count`` machines that run none, in the order given; a
-        machine that cannot be reached is passed over for the next one."""
+        """Start daemons on up to ``count`` machines of ``--ssh-hosts`` that run none, in
+        the order given; a machine that cannot be reached is passed over for the next one.
+        Machines only kernelspecs name are left to :meth:`start_hosts_among`."""
+        general = [slot for slot in self._slots if slot.general]
+        return await self._start_on(count, general, "ssh machine", "list more machines")
+
+    def hosts_of(self, machines: Iterable[str]) -> frozenset[str]:
+        """The host names of these machines (a kernelspec's ``remote_hosts``): what the
+        kernel manager confines its kernels to. Raises :class:`HostProviderError` for a
+        machine this provider was not given."""
+        by_key = {slot.machine.key: slot.name for slot in self._slots}
+        names = set()
+        for text in machines:
+            try:
+                machine = parse_machine(text)
+            except ValueError as exc:
+                raise HostProviderError(str(exc)) from None
+            if machine.key not in by_key:
+                raise HostProviderError(
+                    f"ssh machine {machine} is not one of the ssh host provider's machines "
+                    "(the gateway reads kernelspecs' remote_hosts when it starts)"
+                )
+            names.add(by_key[machine.key])
+        return frozenset(names)
+
+    async def start_hosts_among(self, count: int, names: Collection[str]) -> list[str]:
+        """Like :meth:`start_hosts`, on the machines of these host names only (a kernel
+        confined to its kernelspec's ``remote_hosts`` found too few of them running)."""
+        among = [slot for slot in self._slots if slot.name in names]
+        return await self._start_on(count, among, "machine of its kernelspec", "add machines")
+
+    async def _start_on(
+        self, count: int, slots: Sequence[_Slot], what: str, remedy: str
+    ) -> list[str]:
         if count < 0:
             raise HostProviderError(f"cannot start {count} hosts")
         if self._closed:
@@ -314,11 +358,11 @@ class SshHostProvider:
         names: list[str] = []
         errors: list[str] = []
         async with self._lock:
-            free = [slot for slot in self._slots if not slot.busy()]
+            free = [slot for slot in slots if not slot.busy()]
             if count and not free:
                 raise HostProviderError(
-                    f"every ssh machine already runs a host daemon ({len(self._slots)} of "
-                    f"{len(self._slots)}): list more machines to scale out further"
+                    f"every {what} already runs a host daemon ({len(slots)} of "
+                    f"{len(slots)}): {remedy} to scale out further"
                 )
             while len(names) < count and free:
                 batch, free = free[: count - len(names)], free[count - len(names) :]

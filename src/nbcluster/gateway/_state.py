@@ -54,6 +54,18 @@ class KernelRecord(BaseModel):
     reserved_devices: list[int] | None = None
     #: The host pool its replicas run in (its kernelspec's, at start); None: any host.
     pool: str | None = None
+    #: The only hosts its replicas run on (its kernelspec's ``remote_hosts``, as the ssh
+    #: provider names their daemons, at start); None: any host.
+    hosts: list[str] | None = None
+    #: Seconds a start of its replicas may take (its kernelspec's ``launch_timeout``, at
+    #: start); None: the gateway's ``--launch-timeout``.
+    launch_timeout: float | None = None
+
+    @property
+    def confined_hosts(self) -> frozenset[str] | None:
+        """``hosts`` as the scheduler takes it (``KernelRequested.hosts``)."""
+        return None if self.hosts is None else frozenset(self.hosts)
+
     #: Idle reclamation released every replica (state in the store); the next message wakes it.
     reclaimed: bool = False
 

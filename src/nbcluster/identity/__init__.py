@@ -6,7 +6,7 @@ sources, checks the role against :data:`ROUTE_RULES`, and its handlers check own
 :meth:`Principal.owns`. ``nbcluster user`` edits the :class:`UsersFile`. Nothing here does
 network I/O except the JupyterHub source."""
 
-from ._access import ROUTE_RULES, RouteRule, route_allowed, rule_for
+from ._access import ROUTE_RULES, RouteRule, route_allowed, route_is_public, rule_for
 from ._authenticators import (
     AdminToken,
     Authenticator,
@@ -67,6 +67,7 @@ __all__ = [
     "hub_settings_from_env",
     "new_token",
     "route_allowed",
+    "route_is_public",
     "rule_for",
     "spec_allowed",
     "token_digest",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ._principal import Principal, Role
 
-__all__ = ["ROUTE_RULES", "RouteRule", "route_allowed", "rule_for"]
+__all__ = ["ROUTE_RULES", "RouteRule", "route_allowed", "route_is_public", "rule_for"]
 
 _PEOPLE: frozenset[Role] = frozenset({"admin", "user"})
 _JOBS: frozenset[Role] = frozenset({"admin", "user", "kernel"})
@@ -26,6 +26,9 @@ class RouteRule:
     template: str
     roles: frozenset[Role]
     methods: frozenset[str] = frozenset({"GET", "POST", "DELETE", "PATCH", "PUT", "HEAD", "WS"})
+    #: Served without a token: only static pages and assets that hold no data (the
+    #: dashboard's and the API docs' shells, which then call the API with the user's token).
+    public: bool = False
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -44,11 +47,16 @@ def _compile(template: str) -> re.Pattern[str]:
 #: First match wins. ``WS``: a websocket handshake.
 ROUTE_RULES: tuple[RouteRule, ...] = (
     RouteRule("/api", _ANY, frozenset({"GET"})),
-    # Swagger UI, ReDoc and the schema: anyone the gateway knows (a kernel may read them too).
-    RouteRule("/docs", _ANY, frozenset({"GET"})),
-    RouteRule("/docs/oauth2-redirect", _ANY, frozenset({"GET"})),
-    RouteRule("/redoc", _ANY, frozenset({"GET"})),
+    # Swagger UI and ReDoc are static pages (vendored, no data): public, so that a browser
+    # opens them; they fetch the schema with the token the user gives them. The schema:
+    # anyone the gateway knows (a kernel may read it too).
+    RouteRule("/docs", frozenset(), frozenset({"GET"}), public=True),
+    RouteRule("/redoc", frozenset(), frozenset({"GET"}), public=True),
     RouteRule("/openapi.json", _ANY, frozenset({"GET"})),
+    # The dashboard's page and its vendored assets (no data: it logs in with a token and
+    # reads the API below as that user).
+    RouteRule("/dashboard", frozenset(), frozenset({"GET"}), public=True),
+    RouteRule("/dashboard/static/{path:path}", frozenset(), frozenset({"GET"}), public=True),
     RouteRule("/api/kernelspecs", _PEOPLE, frozenset({"GET"})),
     RouteRule("/api/kernelspecs/{name}", _PEOPLE, frozenset({"GET"})),
     RouteRule("/kernelspecs/{name}/{filename}", _PEOPLE, frozenset({"GET"})),
@@ -60,9 +68,15 @@ ROUTE_RULES: tuple[RouteRule, ...] = (
     RouteRule("/api/cluster/hosts/connect", frozenset({"host"}), frozenset({"WS"})),
     # Hosts, their load and every replica on them: the operator's view.
     RouteRule("/api/cluster/hosts", _ADMIN, frozenset({"GET"})),
+    # Notices and the overview: each caller sees what concerns their own kernels and jobs.
+    RouteRule("/api/cluster/events", _PEOPLE, frozenset({"GET"})),
+    RouteRule("/api/cluster/events/stream", _PEOPLE, frozenset({"GET"})),
+    RouteRule("/api/cluster/overview", _PEOPLE, frozenset({"GET"})),
     RouteRule("/api/cluster/kernels", _PEOPLE, frozenset({"GET"})),
     RouteRule("/api/cluster/kernels/{kernel_id}", _PEOPLE, frozenset({"GET"})),
     RouteRule("/api/cluster/kernels/{kernel_id}/checkpoint", _PEOPLE, frozenset({"POST"})),
+    # A kernel's ZMQ face: its owner's (the handler checks ownership), never a kernel's.
+    RouteRule("/api/cluster/kernels/{kernel_id}/connection", _PEOPLE, frozenset({"GET", "DELETE"})),
     # Moving replicas between hosts is placement, the operator's call.
     RouteRule(
         "/api/cluster/kernels/{kernel_id}/replicas/{replica_id}/migrate",
@@ -93,6 +107,12 @@ def rule_for(method: str, path: str, rules: Iterable[RouteRule] | None = None) -
         if method in rule.methods and pattern.fullmatch(path):
             return rule
     return None
+
+
+def route_is_public(method: str, path: str) -> bool:
+    """Whether the auth middleware lets a request through without a token."""
+    rule = rule_for(method, path)
+    return rule is not None and rule.public
 
 
 def route_allowed(principal: Principal, method: str, path: str) -> bool:

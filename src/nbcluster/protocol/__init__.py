@@ -8,6 +8,7 @@ metadata of an ``execute_request``) are pydantic models (``_control``).
 """
 
 from ._cells import CPU_MAGIC, cpu_magic_line
+from ._connection import KernelConnection
 from ._control import (
     CONTROL_ERROR_ENAME,
     METADATA_KEY,
@@ -62,6 +63,7 @@ __all__ = [
     "EvictRequest",
     "ExecuteMetadata",
     "ExecutionYielded",
+    "KernelConnection",
     "LogStatus",
     "MembershipReply",
     "MembershipRequest",

@@ -124,10 +124,12 @@ class CancelWait:
 
 @dataclass(frozen=True, slots=True)
 class ScaleOut:
-    """Ask the host provider for ``count`` more hosts."""
+    """Ask the host provider for ``count`` more hosts; ``among``: only hosts of these names
+    help (a kernel confined to a kernelspec's ``remote_hosts``), None: any new host."""
 
     count: int
     reason: str
+    among: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

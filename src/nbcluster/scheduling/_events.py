@@ -84,6 +84,10 @@ class KernelRequested:
     owner: str = ""
     #: The host pool its replicas must run in (None: any host, pooled or not).
     pool: str | None = None
+    #: The only hosts its replicas may run on (None: any host): a kernelspec's
+    #: ``remote_hosts``, as the host provider names their daemons. A kernel confined to hosts
+    #: that have not registered yet is not refused as too big; its ``ScaleOut`` names them.
+    hosts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class KernelAdopted:
     policy: str = "notebookos"
     owner: str = ""
     pool: str | None = None
+    hosts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +135,9 @@ class ReplicaAdopted:
     request: Resources
     policy: str = "notebookos"
     reserved_devices: tuple[int, ...] | None = None
-    #: The kernel's host pool (used when this replica creates the kernel).
+    #: The kernel's host pool and hosts (used when this replica creates the kernel).
     pool: str | None = None
+    hosts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

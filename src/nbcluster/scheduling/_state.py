@@ -56,6 +56,7 @@ from ._actions import (
     ScaleOut,
     WaitForGpus,
 )
+from ._confinement import ANYWHERE, Confinement
 from ._events import (
     DeviceMemoryReported,
     Event,
@@ -154,6 +155,12 @@ class _Kernel:
     owner: str = ""
     #: The host pool its replicas must run in (None: any host).
     pool: str | None = None
+    #: The only hosts its replicas may run on (None: any; ``KernelRequested.hosts``).
+    hosts: frozenset[str] | None = None
+
+    @property
+    def confinement(self) -> Confinement:
+        return Confinement(self.pool, self.hosts)
 
     def new_replica_id(self, name: Callable[[str, int], str]) -> str:
         while True:
@@ -231,6 +238,7 @@ class Scheduler:
             k.binding,
             tuple(k.waiting),
             k.pool,
+            k.hosts,
         )
 
     @property
@@ -304,7 +312,12 @@ class Scheduler:
                     except ValueError:
                         policy = policy_named("notebookos")
                     self._kernels[event.kernel_id] = _Kernel(
-                        event.kernel_id, event.request, policy, owner=event.owner, pool=event.pool
+                        event.kernel_id,
+                        event.request,
+                        policy,
+                        owner=event.owner,
+                        pool=event.pool,
+                        hosts=event.hosts,
                     )
                 return []
             case ReplicaAdopted():
@@ -420,37 +433,36 @@ class Scheduler:
         count = policy.replicas if event.replicas is None else event.replicas
         if count < 1:
             return [RejectKernel(kid, f"a kernel needs at least 1 replica, got {count}")]
-        request, pool = event.request, event.pool
-        if not self._hosts and pool is None:
+        request, where = event.request, Confinement(event.pool, event.hosts)
+        if not self._hosts and where.scalable:
             reason = "the cluster has no hosts"
-            return [RejectKernel(kid, reason), ScaleOut(count, reason)]
-        too_big = self._too_big(request, pool)
+            return [RejectKernel(kid, reason), ScaleOut(count, reason, event.hosts)]
+        too_big = self._too_big(request, where)
         if too_big is not None:
             return [RejectKernel(kid, too_big)]
-        kernel = _Kernel(kid, request, policy, owner=event.owner, pool=pool)
-        # The auto-scaler's hosts join no pool: more of them would not help a pooled kernel.
-        scale = pool is None
+        kernel = _Kernel(
+            kid, request, policy, owner=event.owner, pool=where.pool, hosts=where.hosts
+        )
         if policy.commit_at_placement and request.gpus > 0:
             if count != 1:
                 return [RejectKernel(kid, f"policy {policy.name} runs 1 replica, got {count}")]
-            target = self._free_host(request, exclude=(), pool=pool)
+            target = self._free_host(request, exclude=(), where=where)
             if target is None:
                 reason = (
-                    f"requests {request.gpus} GPUs; no host{_in_pool(pool)} has "
-                    f"{request.gpus} free GPUs"
+                    f"requests {request.gpus} GPUs; no host{where} has {request.gpus} free GPUs"
                 )
-                return [RejectKernel(kid, reason, full=True), *_scale_out(scale, 1, reason)]
+                return [RejectKernel(kid, reason, full=True), *_scale_out(where, 1, reason)]
             hosts = [target]
         else:
-            hosts = self._least_loaded(request, count, exclude=(), pool=pool)
+            hosts = self._least_loaded(request, count, exclude=(), where=where)
             if len(hosts) < count:
                 reason = (
-                    f"{count} replicas need {count} hosts{_in_pool(pool)} with room for "
+                    f"{count} replicas need {count} hosts{where} with room for "
                     f"{_describe(request)}; {len(hosts)} have room"
                 )
                 return [
                     RejectKernel(kid, reason, full=True),
-                    *_scale_out(scale, count - len(hosts), reason),
+                    *_scale_out(where, count - len(hosts), reason),
                 ]
         self._kernels[kid] = kernel
         placed = tuple(
@@ -473,13 +485,13 @@ class Scheduler:
         exclude = set(kernel.replicas.values())
         life_long = kernel.policy.commit_at_placement and kernel.request.gpus > 0
         if life_long:
-            target = self._free_host(kernel.request, exclude, kernel.pool)
+            target = self._free_host(kernel.request, exclude, kernel.confinement)
             hosts = [] if target is None else [target]
         else:
-            hosts = self._least_loaded(kernel.request, 1, exclude, kernel.pool)
+            hosts = self._least_loaded(kernel.request, 1, exclude, kernel.confinement)
         if not hosts:
-            reason = f"no host{_in_pool(kernel.pool)} has room for a replica of {kernel.kernel_id}"
-            return _scale_out(kernel.pool is None, 1, reason)
+            reason = f"no host{kernel.confinement} has room for a replica of {kernel.kernel_id}"
+            return _scale_out(kernel.confinement, 1, reason)
         replica_id = self._add_replica(
             kernel, kernel.new_replica_id(self._config.new_replica_id), hosts[0]
         )
@@ -501,7 +513,7 @@ class Scheduler:
             except ValueError:
                 return []
             kernel = self._kernels[event.kernel_id] = _Kernel(
-                event.kernel_id, event.request, policy, pool=event.pool
+                event.kernel_id, event.request, policy, pool=event.pool, hosts=event.hosts
             )
         previous = kernel.replicas.get(event.replica_id)
         if previous == event.host:
@@ -551,6 +563,13 @@ class Scheduler:
                         f"{kernel.pool!r}",
                     )
                 ]
+            if kernel.hosts is not None and target.name not in kernel.hosts:
+                only = str(Confinement(hosts=kernel.hosts)).removeprefix(" among hosts ")
+                return [
+                    MigrationRefused(
+                        kid, rid, f"kernel {kid} runs only on hosts {only}, not on {target.name}"
+                    )
+                ]
             if not self._can_place(target, kernel.request):
                 return [
                     MigrationRefused(
@@ -561,13 +580,15 @@ class Scheduler:
                     )
                 ]
         else:
-            found = self._least_loaded(kernel.request, 1, others | {source.name}, kernel.pool)
+            found = self._least_loaded(
+                kernel.request, 1, others | {source.name}, kernel.confinement
+            )
             if not found:
                 return [
                     MigrationRefused(
                         kid,
                         rid,
-                        f"no other host{_in_pool(kernel.pool)} has room for "
+                        f"no other host{kernel.confinement} has room for "
                         f"{_describe(kernel.request)}",
                     )
                 ]
@@ -640,10 +661,11 @@ class Scheduler:
             over is None
             and b is None
             and kernel.replicas
-            and kernel.pool is None  # the auto-scaler's hosts join no pool
+            and kernel.confinement.scalable
             and max(self._by_free, default=0) < gpus
         ):
-            actions.append(ScaleOut(1, f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"))
+            reason = f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"
+            actions.append(ScaleOut(1, reason, kernel.hosts))
         return actions
 
     def _over_quota(self, kernel: _Kernel, gpus: int) -> str | None:
@@ -793,7 +815,7 @@ class Scheduler:
         if not kernel.policy.migrates or len(usable) < 2:
             return None
         target = self._free_host(
-            kernel.request, exclude=set(kernel.replicas.values()), pool=kernel.pool
+            kernel.request, exclude=set(kernel.replicas.values()), where=kernel.confinement
         )
         if target is None:
             return None
@@ -896,9 +918,9 @@ class Scheduler:
 
     # ----------------------------------------------------------------- placement
 
-    def _can_place(self, host: _Host, request: Resources, pool: str | None = None) -> bool:
-        """Whether ``host`` takes one more claim of ``request`` (only in ``pool``, if set)."""
-        if pool is not None and host.pool != pool:
+    def _can_place(self, host: _Host, request: Resources, where: Confinement = ANYWHERE) -> bool:
+        """Whether ``host`` takes one more claim of ``request`` (only where ``where`` admits)."""
+        if not where.admits(host.name, host.pool):
             return False
         if host.draining or not request.fits(host.spec):
             return False
@@ -916,10 +938,14 @@ class Scheduler:
         return worst
 
     def _least_loaded(
-        self, request: Resources, count: int, exclude: Iterable[str], pool: str | None = None
+        self,
+        request: Resources,
+        count: int,
+        exclude: Iterable[str],
+        where: Confinement = ANYWHERE,
     ) -> list[_Host]:
-        """Up to ``count`` distinct placeable hosts (in ``pool``, if set), least GPU-subscribed
-        first."""
+        """Up to ``count`` distinct placeable hosts (that ``where`` admits), least
+        GPU-subscribed first."""
         excluded = set(exclude)
         found: list[tuple[tuple[float, int, str], _Host]] = []
         for gpus, heap in self._heaps.items():
@@ -933,7 +959,7 @@ class Scheduler:
                 if host is None or host.version != entry[1]:
                     continue  # stale
                 popped.append(entry)
-                if host.name not in excluded and self._can_place(host, request, pool):
+                if host.name not in excluded and self._can_place(host, request, where):
                     found.append((entry[0], host))
                     eligible += 1
             for entry in popped:
@@ -944,9 +970,9 @@ class Scheduler:
         return [host for _, host in found[:count]]
 
     def _free_host(
-        self, request: Resources, exclude: Iterable[str], pool: str | None = None
+        self, request: Resources, exclude: Iterable[str], where: Confinement = ANYWHERE
     ) -> _Host | None:
-        """A placeable host (in ``pool``, if set) with at least ``request.gpus`` free devices,
+        """A placeable host (that ``where`` admits) with at least ``request.gpus`` free devices,
         most free first."""
         excluded = set(exclude)
         for free in sorted(self._by_free, reverse=True):
@@ -956,35 +982,38 @@ class Scheduler:
                 host = self._hosts[name]
                 if (
                     name not in excluded
-                    and self._can_place(host, request, pool)
+                    and self._can_place(host, request, where)
                     and self._vram.fits(name, host.free, vram_share(request), request.gpus)
                 ):
                     return host
         return None
 
-    def _too_big(self, request: Resources, pool: str | None = None) -> str | None:
-        """Why no host (of ``pool``, if set) could ever hold ``request``; None: one could.
-        The cluster has at least one host."""
-        names = [h.name for h in self._hosts.values() if pool is None or h.pool == pool]
+    def _too_big(self, request: Resources, where: Confinement = ANYWHERE) -> str | None:
+        """Why no host (that ``where`` admits) could ever hold ``request``; None: one could,
+        or, confined to named hosts, none of them has registered yet (hosts still to come
+        are not judged)."""
+        names = [h.name for h in self._hosts.values() if where.admits(h.name, h.pool)]
         if not names:
-            return f"no host is in pool {pool!r}"
-        biggest = self._max_spec.get(pool)
+            return None if where.hosts is not None else f"no host is{where}"
+        # Only a pool's largest spec is kept: named hosts are few and rarely asked for.
+        biggest = self._max_spec.get(where.pool) if where.hosts is None else None
         if biggest is None:
             specs = [self._hosts[name].spec for name in names]
-            biggest = self._max_spec[pool] = Resources(
+            biggest = Resources(
                 max(s.gpus for s in specs),
                 max(s.millicpus for s in specs),
                 max(s.memory_mb for s in specs),
                 max(s.vram_gb for s in specs),
             )
+            if where.hosts is None:
+                self._max_spec[where.pool] = biggest
         largest = biggest.fields()
-        where = "" if pool is None else f" in pool {pool!r}"
         for name, value in request.fields().items():
             if value > largest[name] + (1e-9 if name == "vram_gb" else 0):
                 word = _FIELD_WORDS[name]
                 return f"requests {value:g} {word}; the largest host{where} has {largest[name]:g}"
         share = vram_share(request)
-        device = self._vram.largest(None if pool is None else names)
+        device = self._vram.largest(None if where == ANYWHERE else names)
         if share > device:
             return (
                 f"requests {share / GIB:.3g} GB of VRAM per GPU; the largest GPU{where} has "
@@ -1089,10 +1118,7 @@ def _describe(request: Resources) -> str:
     )
 
 
-def _in_pool(pool: str | None) -> str:
-    return "" if pool is None else f" in pool {pool!r}"
-
-
-def _scale_out(wanted: bool, count: int, reason: str) -> list[Action]:
-    """A ``ScaleOut`` for a kernel without a pool (the auto-scaler's hosts join none)."""
-    return [ScaleOut(count, reason)] if wanted else []
+def _scale_out(where: Confinement, count: int, reason: str) -> list[Action]:
+    """A ``ScaleOut`` for a kernel without a pool (the auto-scaler's hosts join none), among
+    its named hosts if it has them."""
+    return [ScaleOut(count, reason, where.hosts)] if where.scalable else []

@@ -74,6 +74,8 @@ class KernelView:
     waiting: tuple[int, ...]
     #: The host pool its replicas run in (None: any host).
     pool: str | None = None
+    #: The only hosts its replicas may run on (None: any host).
+    hosts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

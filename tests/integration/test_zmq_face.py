@@ -1,0 +1,232 @@
+"""A kernel's ZMQ face driven by stock jupyter_client: a real gateway with three hosts and a
+replicated kernel, its connection file from ``GET /api/cluster/kernels/{id}/connection``, and
+``BlockingKernelClient``s on it (cells, output, ``input()``, interrupt, completion,
+inspection, two clients at once, a wrong HMAC key, a client without the CurveZMQ keys, the
+port range, shutdown through the face)."""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from jupyter_client import BlockingKernelClient
+
+from ..cluster import Cluster, running_cluster, wait_for
+
+pytestmark = pytest.mark.integration
+
+LOW, HIGH = 42100, 42139
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("zmq-face") / "state"
+    with running_cluster(
+        state, hosts=3, replicas=3, gateway_args=["--port-range", f"{LOW}..{HIGH}"]
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def kernel_id(cluster: Cluster) -> str:
+    response = cluster.http.post("/api/kernels", json={})
+    assert response.status_code == 201, response.text
+    kernel: str = response.json()["id"]
+    return kernel
+
+
+def connection(cluster: Cluster, kernel_id: str) -> dict[str, Any]:
+    response = cluster.http.get(f"/api/cluster/kernels/{kernel_id}/connection")
+    assert response.status_code == 200, response.text
+    info: dict[str, Any] = response.json()
+    return info
+
+
+def client_for(info: dict[str, Any], tmp_path: Path) -> BlockingKernelClient:
+    """A client made the way ``jupyter console --existing FILE`` makes one."""
+    path = tmp_path / f"kernel-{len(list(tmp_path.glob('kernel-*.json')))}.json"
+    path.write_text(json.dumps(info))
+    client = BlockingKernelClient(connection_file=str(path))
+    client.load_connection_file()
+    client.start_channels()
+    client.wait_for_ready(timeout=60)
+    return client
+
+
+def outputs(
+    client: BlockingKernelClient, code: str, **kwargs: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+    reply = client.execute_interactive(code, output_hook=seen.append, timeout=60, **kwargs)
+    return reply, seen
+
+
+def stdout(messages: list[dict[str, Any]]) -> str:
+    return "".join(
+        m["content"]["text"]
+        for m in messages
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+    )
+
+
+def test_connection_info_is_a_jupyter_connection_file(cluster: Cluster, kernel_id: str) -> None:
+    info = connection(cluster, kernel_id)
+    ports = [info[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")]
+    assert all(LOW <= p <= HIGH for p in ports), ports
+    assert len(set(ports)) == 5
+    assert info["ip"] == "127.0.0.1" and info["transport"] == "tcp"
+    assert info["signature_scheme"] == "hmac-sha256" and len(info["key"]) == 64
+    assert len(info["curve_publickey"]) == 40 and len(info["curve_secretkey"]) == 40
+    # The face's own key: the kernel's (the replicas') never leaves the gateway.
+    assert info["key"] != cluster.state_record(kernel_id)["key"]
+    # The same face until it is revoked.
+    assert connection(cluster, kernel_id) == info
+
+
+def test_cells_input_completion_inspection(
+    cluster: Cluster, kernel_id: str, tmp_path: Path
+) -> None:
+    client = client_for(connection(cluster, kernel_id), tmp_path)
+    try:
+        reply, seen = outputs(client, "print('hello'); x = 40 + 2")
+        assert reply["content"]["status"] == "ok"
+        assert stdout(seen) == "hello\n"
+        reply, seen = outputs(client, "x")
+        results = [m["content"]["data"] for m in seen if m["msg_type"] == "execute_result"]
+        assert results == [{"text/plain": "42"}]
+
+        def answer(msg: dict[str, Any]) -> None:
+            assert msg["content"]["prompt"] == "name? "
+            client.input("nbcluster")
+
+        reply, seen = outputs(
+            client, "name = input('name? '); print('hi', name)", allow_stdin=True, stdin_hook=answer
+        )
+        assert reply["content"]["status"] == "ok"
+        assert "hi nbcluster" in stdout(seen)
+
+        complete = client.complete("import collec", 13, reply=True, timeout=30)
+        assert "collections" in complete["content"]["matches"]
+        inspect = client.inspect("print", 5, reply=True, timeout=30)
+        assert inspect["content"]["found"] is True
+    finally:
+        client.stop_channels()
+
+
+def test_interrupt_through_the_control_channel(
+    cluster: Cluster, kernel_id: str, tmp_path: Path
+) -> None:
+    client = client_for(connection(cluster, kernel_id), tmp_path)
+    try:
+        msg_id = client.execute(
+            "import time\nprint('sleeping', flush=True)\nfor _ in range(600): time.sleep(0.1)"
+        )
+        # Wait until the cell runs user code (not while its replicas still elect its
+        # executor), then interrupt it as KernelManager does for interrupt_mode "message".
+        while True:
+            msg = client.get_iopub_msg(timeout=60)
+            if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
+                break
+        interrupt = client.session.msg("interrupt_request", {})
+        client.control_channel.send(interrupt)
+        interrupt_reply = client.get_control_msg(timeout=30)
+        assert interrupt_reply["msg_type"] == "interrupt_reply"
+        assert interrupt_reply["content"]["status"] == "ok"
+        reply = client.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        # The kernel goes on.
+        after, seen = outputs(client, "print('after')")
+        assert after["content"]["status"] == "ok" and stdout(seen) == "after\n"
+    finally:
+        client.stop_channels()
+
+
+def test_two_clients_outputs_to_both_reply_to_the_asker(
+    cluster: Cluster, kernel_id: str, tmp_path: Path
+) -> None:
+    info = connection(cluster, kernel_id)
+    asker, watcher = client_for(info, tmp_path), client_for(info, tmp_path)
+    try:
+        while True:  # what wait_for_ready left on the watcher's IOPub
+            try:
+                watcher.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                break
+        reply, _ = outputs(asker, "print('to everyone')")
+        assert reply["content"]["status"] == "ok"
+        seen = []
+        while not any(m["msg_type"] == "stream" for m in seen):
+            seen.append(watcher.get_iopub_msg(timeout=30))
+        stream = next(m for m in seen if m["msg_type"] == "stream")
+        assert stream["content"]["text"] == "to everyone\n"
+        assert stream["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+        # The reply went to the asker only.
+        with pytest.raises(queue.Empty):
+            watcher.get_shell_msg(timeout=1.0)
+    finally:
+        asker.stop_channels()
+        watcher.stop_channels()
+
+
+def test_wrong_key_is_refused_and_no_curve_keys_read_nothing(
+    cluster: Cluster, kernel_id: str, tmp_path: Path
+) -> None:
+    info = connection(cluster, kernel_id)
+    before = cluster.metric("nbcluster_messages_rejected_total", source="zmq-client") or 0.0
+    forged = BlockingKernelClient()
+    forged.load_connection_info({**info, "key": "0" * 64})
+    forged.start_channels()
+    try:
+        forged.execute("print('forged')")
+        with pytest.raises(queue.Empty):
+            forged.get_shell_msg(timeout=2.0)
+        wait_for(
+            lambda: (
+                (cluster.metric("nbcluster_messages_rejected_total", source="zmq-client") or 0)
+                > before
+            ),
+            10,
+            "the forged message to be counted",
+        )
+    finally:
+        forged.stop_channels()
+
+    # A subscriber that knows the ports but not the CurveZMQ keys: the handshake fails,
+    # and it reads nothing while a cell prints.
+    context = zmq.Context()
+    spy = context.socket(zmq.SUB)
+    spy.linger = 0
+    spy.setsockopt(zmq.SUBSCRIBE, b"")
+    spy.connect(f"tcp://127.0.0.1:{info['iopub_port']}")
+    client = client_for(info, tmp_path)
+    try:
+        _reply, seen = outputs(client, "print('secret')")
+        assert stdout(seen) == "secret\n"
+        assert spy.poll(1000) == 0
+    finally:
+        client.stop_channels()
+        spy.close()
+        context.term()
+
+
+def test_shutdown_request_ends_the_kernel_and_its_face(cluster: Cluster, tmp_path: Path) -> None:
+    kernel_id = cluster.http.post("/api/kernels", json={}).json()["id"]
+    client = client_for(connection(cluster, kernel_id), tmp_path)
+    try:
+        reply = client.shutdown(reply=True, timeout=30)
+        assert reply["content"] == {"status": "ok", "restart": False}
+    finally:
+        client.stop_channels()
+    wait_for(
+        lambda: cluster.http.get(f"/api/kernels/{kernel_id}").status_code == 404,
+        30,
+        "the kernel to be shut down",
+    )
+    assert cluster.http.get(f"/api/cluster/kernels/{kernel_id}/connection").status_code == 404
