@@ -83,8 +83,9 @@ def _cluster(
         return Cluster.fixed(hosts, gpus_per_host)
     if min_hosts is None and max_hosts is None and loaded.workload.hosts:
         return Cluster(loaded.workload.hosts)  # the recorded cluster
-    low = 12 if min_hosts is None and max_hosts is None else (min_hosts or 0)
-    high = 32 if max_hosts is None else max_hosts
+    # NotebookOS's evaluation cluster (12 to 32 hosts) where an end is not given.
+    high = max_hosts if max_hosts is not None else max(32, min_hosts or 0)
+    low = min_hosts if min_hosts is not None else min(12, high)
     if high < low:
         raise click.BadParameter(
             f"--max-hosts {high} is below --min-hosts {low}", param_hint="--max-hosts"
@@ -118,9 +119,12 @@ def _cluster(
 @click.option(
     "--min-hosts",
     type=click.IntRange(0),
-    help="Auto-scaling floor (default, without --hosts: 12, NotebookOS's evaluation cluster).",
+    help="Auto-scaling floor (default, without --hosts: 12, NotebookOS's evaluation cluster, "
+    "or --max-hosts if lower).",
 )
-@click.option("--max-hosts", type=click.IntRange(1), help="Auto-scaling ceiling (default 32).")
+@click.option(
+    "--max-hosts", type=click.IntRange(1), help="Auto-scaling ceiling (default 32, or --min-hosts)."
+)
 @click.option(
     "--scaling-buffer",
     default=3,
