@@ -105,10 +105,12 @@ def main() -> None:
             f"  {policy:11s} replay {s.replay_seconds:5.1f} s ({target}), "
             f"{s.scheduler_events:,} events, {s.events_per_second:,.0f} events/s, "
             f"peak RSS {rss_mb():.0f} MB | GPU-hours held {s.gpu_hours_held:,.0f} "
-            f"(used {s.gpu_hours_used:,.0f}), kernels refused {s.sessions_refused}, "
+            f"(used {s.gpu_hours_used:,.0f}, provisioned {s.gpu_hours_provisioned:,.0f}), "
+            f"kernels refused {s.sessions_refused}, "
             f"cells run {s.cells_run:,}, start delay p50 {s.delay_p50_s:.0f} s "
             f"p95 {s.delay_p95_s:.0f} s p99 {s.delay_p99_s:.0f} s, migrations {s.migrations}, "
-            f"hosts {s.hosts_min}-{s.hosts_max} (mean {s.hosts_mean:.1f})"
+            f"hosts {s.hosts_min}-{s.hosts_max} (mean {s.hosts_mean:.1f}, started "
+            f"{s.hosts_started:,}, stopped {s.hosts_stopped:,})"
         )
     if "notebookos" in outcomes and "reservation" in outcomes:
         n, r = outcomes["notebookos"].summary, outcomes["reservation"].summary

@@ -1,7 +1,7 @@
 """The dashboard in a real headless browser (Debian's Chromium through Selenium) against a
 real cluster: log in, see the hosts, watch a kernel started through the API appear without a
-reload, kill a replica's process and watch the notice and the replacement, run an admin
-action, and check that a user sees only their own kernels; the API docs load with nothing
+reload, kill a replica's process and watch the notice and the replacement, run admin
+actions (checkpoint a kernel, drain and undrain a host), and check that a user sees only their own kernels; the API docs load with nothing
 from the internet. Screenshots go to ``.test-artifacts/dashboard/`` (``tests/browser.py``).
 
 One cluster and one browser for the module: four hosts, three replicas per kernel (a killed
@@ -203,6 +203,42 @@ def test_an_admin_checkpoints_a_kernel_after_confirming(browser: Any, cluster: C
     _shot(browser, "5-checkpointed")
 
 
+def test_an_admin_drains_and_undrains_a_host_after_confirming(
+    browser: Any, cluster: Cluster
+) -> None:
+    _login(browser, cluster, cluster.token)
+    row = '#hosts tr[data-host="host-4"]'
+    for action, shown in (("drain", "draining"), ("undrain", "connected")):
+        button = _until(
+            browser,
+            lambda d, a=action: _css(d, f'{row} button[data-action="{a}"]'),
+            f"the {action} button",
+        )[0]
+        button.click()
+        dialog = _until(
+            browser,
+            lambda d: [x for x in _css(d, "#confirm") if x.get_attribute("open") is not None],
+            f"the {action} confirmation",
+        )[0]
+        assert "host-4" in dialog.text
+        if action == "drain":
+            _shot(browser, "5b-drain-confirm")
+        _css(browser, "#confirm-ok")[0].click()
+        # The row redraws from the stream (the notice brings a fresh overview), no reload.
+        _until(
+            browser,
+            lambda d, s=shown: _css(d, f"{row} td") and _css(d, f"{row} td")[0].text.endswith(s),
+            f"host-4 {shown}",
+        )
+        host = next(
+            h for h in cluster.http.get("/api/cluster/hosts").json() if h["name"] == "host-4"
+        )
+        assert host["draining"] is (action == "drain")
+        if action == "drain":
+            _shot(browser, "5c-drained")
+    assert browser.execute_script("return window.__notReloaded === true")
+
+
 def test_a_user_sees_only_their_own_kernels(
     browser: Any, cluster: Cluster, tokens: dict[str, str]
 ) -> None:
@@ -215,6 +251,7 @@ def test_a_user_sees_only_their_own_kernels(
     assert admins not in shown
     assert not _css(browser, "#hosts-card")[0].is_displayed(), "a user sees the hosts"
     assert not _css(browser, 'button[data-action="migrate"]'), "a user is offered migration"
+    assert not _css(browser, 'button[data-action="drain"]'), "a user is offered a drain"
     assert "alice (user)" in _css(browser, "#who")[0].text
     _shot(browser, "6-user-alice")
 

@@ -324,16 +324,32 @@ def test_a_cell_queued_behind_its_own_kernels_cell_is_not_announced() -> None:
 
 
 def test_a_cell_that_finds_no_gpu_asks_the_auto_scaler_for_a_host() -> None:
+    """Only a kernel that can move to a new host asks for one (a policy that migrates, and a
+    peer to catch up from): ``docs/scheduling.md``, "Auto-scaling"."""
+    cluster = Cluster()
+    asked = cluster.hosts.asked
+    cluster.add_host("h1", gpus=1)
+    cluster.add_host("h2", gpus=1)
+    a = cluster.add_kernel("ka", gpus=1, replicas=2, policy="notebookos")
+    c = cluster.add_kernel("kc", gpus=1, replicas=2, policy="notebookos")
+    b = cluster.add_kernel("kb", gpus=1, replicas=2, policy="notebookos")
+    a.run()
+    c.run()
+    assert asked == []
+    b.run()
+    assert len(asked) == 1 and asked[0].count == 1
+    assert "kb" in asked[0].reason
+
+
+def test_a_lone_batch_replica_that_finds_no_gpu_asks_for_no_host() -> None:
     cluster = Cluster()
     asked = cluster.hosts.asked
     cluster.add_host("h1", gpus=1)
     a = cluster.add_kernel("ka", gpus=1)
     b = cluster.add_kernel("kb", gpus=1)
     a.run()
-    assert asked == []
     b.run()
-    assert len(asked) == 1 and asked[0].count == 1
-    assert "kb" in asked[0].reason
+    assert asked == []  # a new host could not run kb's cell: kb cannot move there
 
 
 # -- interrupts ---------------------------------------------------------------------------------

@@ -67,3 +67,18 @@ def test_an_unreadable_entry_is_skipped(key: str) -> None:
         assert [n.seq for n in log.latest()] == [1, 2]
     finally:
         log.close()
+
+
+def test_the_gateways_prefix_names_the_stream(key: str) -> None:
+    """The gateway's ``--redis`` URL may carry the job store's ``?prefix=``: it keys the
+    stream and is not passed to the client (which would refuse it)."""
+    prefix = key.removesuffix("notices")
+    log = RedisNoticeLog(f"{URL}?prefix={prefix}", capacity=10)
+    try:
+        log.append([_notice(7)])
+        assert [n.seq for n in log.latest()] == [7]
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        assert client.xlen(key) == 1
+        client.close()
+    finally:
+        log.close()

@@ -123,13 +123,19 @@ def test_explicit_migration_off_its_hosts_is_refused() -> None:
 
 
 def test_a_waiting_cell_of_a_confined_kernel_asks_for_its_hosts() -> None:
-    s = cluster("ssh-gpu1")
+    s = cluster("ssh-gpu1", "ssh-gpu2")
     s.handle(KernelRequested("a", ONE_GPU, 1, hosts=MACHINES))
-    s.handle(KernelRequested("k", ONE_GPU, 1, hosts=MACHINES))
-    s.handle(ExecutionRequested("a", 1, None))  # takes the one GPU
+    s.handle(KernelRequested("b", ONE_GPU, 1, hosts=MACHINES))
+    # Two replicas: a new host would let k's cell run there by a migration.
+    s.handle(KernelRequested("k", ONE_GPU, 2, hosts=MACHINES))
+    s.handle(ExecutionRequested("a", 1, None))  # takes the GPU of one host
+    s.handle(ExecutionRequested("b", 1, None))  # and of the other
     actions = s.handle(ExecutionRequested("k", 1, None))
     assert isinstance(actions[0], WaitForGpus)
     assert actions[1] == ScaleOut(1, "a cell of k waits for 1 GPUs", MACHINES)
+    # A lone replica waits for its own host: a new host would not help it.
+    s.handle(KernelRequested("c", ONE_GPU, 1, hosts=MACHINES))
+    assert [type(a) for a in s.handle(ExecutionRequested("c", 1, None))] == [WaitForGpus]
 
 
 def test_adopted_kernels_keep_their_hosts() -> None:

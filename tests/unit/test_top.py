@@ -76,3 +76,26 @@ def test_a_screen_shows_hosts_kernels_and_notices() -> None:
     waiting = Console(width=80, record=True)
     waiting.print(render(None, [], "connecting"))
     assert "connecting" in waiting.export_text()
+
+
+def test_a_drained_host_says_so() -> None:
+    overview = ClusterOverview(
+        time=datetime.now(UTC),
+        user="admin",
+        admin=True,
+        last_seq=0,
+        hosts=[
+            {
+                "name": "gpu-b",
+                "state": "connected",
+                "draining": True,
+                "cpus": 8,
+                "memory_mb": 8192,
+                "gpus": [{}],
+                "replicas": [],
+            }
+        ],
+    )
+    console = Console(width=160, record=True)
+    console.print(render(overview, [], "live"))
+    assert "connected (draining)" in console.export_text()

@@ -9,7 +9,7 @@ from ._daemons import gateway_command, host_command
 from ._job import job_group
 from ._kernelspec import kernelspec_group
 from ._simulate import simulate_command
-from ._status import migrate_command, status_command
+from ._status import drain_command, migrate_command, status_command
 from ._store import store_group
 from ._top import top_command
 from ._up import up_command
@@ -29,6 +29,7 @@ cli.add_command(gateway_command)
 cli.add_command(host_command)
 cli.add_command(status_command)
 cli.add_command(migrate_command)
+cli.add_command(drain_command)
 cli.add_command(store_group)
 cli.add_command(job_group)
 cli.add_command(user_group)

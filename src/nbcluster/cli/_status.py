@@ -19,6 +19,7 @@ from ._common import default_state_dir, read_runtime, runtime_path
 
 __all__ = [
     "GatewayTarget",
+    "drain_command",
     "migrate_command",
     "not_found_message",
     "resolve_gateway",
@@ -221,7 +222,7 @@ def _print_hosts(console: Console, url: str, hosts: list[dict[str, Any]]) -> Non
         host_table.add_row(
             h.get("pool") or "-",
             h["name"],
-            h["state"],
+            h["state"] + (" [yellow](draining)[/yellow]" if h.get("draining") else ""),
             h["address"],
             str(h["cpus"]),
             f"{h['memory_mb'] / 1024:.1f} GiB",
@@ -270,3 +271,42 @@ def migrate_command(
         f"replica {result['replica_id']} moved from {result['from_host']} to "
         f"{result['to_host']} as {result['new_replica_id']} in {result['seconds']:.2f} s"
     )
+
+
+@click.command("drain")
+@click.argument("host")
+@click.option("--undo", is_flag=True, help="Undrain: let the host take new work again.")
+@click.option("--url", help="Gateway URL (default: the running gateway).")
+@click.option("--token", help="API token (default: $NBCLUSTER_TOKEN or the running gateway's).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+def drain_command(
+    host: str, undo: bool, url: str | None, token: str | None, state_dir: Path | None
+) -> None:
+    """Drain a host: no new replicas, cells or jobs go there; what runs there keeps running.
+
+    Move its replicas away with ``nbcluster migrate`` before taking it down (admins only)."""
+    from ..client import GatewayClient, GatewayError
+
+    target = resolve_target(url, token, state_dir)
+    url, token = target.url, target.token
+
+    async def drain() -> dict[str, Any]:
+        async with GatewayClient(url, token, timeout=30) as client:
+            return await client.drain_host(host, draining=not undo)
+
+    try:
+        result = asyncio.run(drain())
+    except GatewayError as exc:
+        raise click.ClickException(f"gateway at {url}: {exc}") from None
+    except (OSError, httpx.TransportError) as exc:
+        raise click.ClickException(target.unreachable(exc)) from None
+    if undo:
+        click.echo(f"host {host} undrained: it takes new replicas, cells and jobs again")
+        return
+    replicas = result.get("replicas") or []
+    click.echo(f"host {host} drained: no new replicas, cells or jobs go there")
+    for r in replicas:
+        click.echo(
+            f"  still running: replica {r['replica_id']} of kernel {r['kernel_id']} "
+            f"(move it: nbcluster migrate {r['kernel_id']} {r['replica_id']})"
+        )

@@ -133,6 +133,14 @@ class GatewayClient:
         )
         return result
 
+    async def drain_host(self, name: str, draining: bool = True) -> dict[str, Any]:
+        """Drain a host (no new replicas, cells or jobs go there) or, ``draining=False``,
+        undrain it; answers the host as :meth:`hosts` lists it."""
+        result: dict[str, Any] = await self._call(
+            "POST" if draining else "DELETE", f"/api/cluster/hosts/{name}/drain"
+        )
+        return result
+
     async def checkpoint_kernel(self, kernel_id: str) -> dict[str, Any]:
         """Have the kernel write a checkpoint of its state to the object store now."""
         result: dict[str, Any] = await self._call(

@@ -66,6 +66,32 @@ def _kernel(request: Request, kernel_id: str) -> GatewayKernel:
     return _gateway(request).access.kernel(principal_of(request), kernel_id)
 
 
+def _drain(request: Request, name: str, draining: bool) -> dict[str, Any]:
+    """``POST``/``DELETE /api/cluster/hosts/{name}/drain``: tell the scheduler, publish the
+    notice, answer with the host as ``GET /api/cluster/hosts`` shows it."""
+    gateway = _gateway(request)
+    if not gateway.scheduling.drain_host(name, draining):
+        raise ApiError(404, f"no host named {name!r}", "host not found")
+    view = gateway.scheduling.host_view(name)
+    replicas = 0 if view is None else len(view.replicas)
+    jobs = 0 if view is None else len(view.jobs)
+    who = principal_of(request).user or "an admin"
+    if draining:
+        gateway.notifier.notify(
+            "host_drained",
+            "info",
+            f"host/{name}",
+            f"host {name} drained by {who}: no new replicas, cells or jobs go there; "
+            f"{replicas} replica(s) and {jobs} job(s) keep running",
+        )
+    else:
+        gateway.notifier.notify(
+            "host_undrained", "info", f"host/{name}", f"host {name} undrained by {who}"
+        )
+    [summary] = [h for h in gateway.host_summaries() if h["name"] == name] or [{"name": name}]
+    return summary
+
+
 def build_router() -> APIRouter:
     router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -174,6 +200,19 @@ def build_router() -> APIRouter:
     @router.get("/api/cluster/hosts", summary="Hosts, their resources and replicas")
     async def cluster_hosts(request: Request) -> list[dict[str, Any]]:
         return _gateway(request).host_summaries()
+
+    @router.post(
+        "/api/cluster/hosts/{name}/drain",
+        summary="Drain a host: no new replicas, cells or jobs go there; what runs keeps running",
+    )
+    async def drain_host(request: Request, name: str) -> dict[str, Any]:
+        return _drain(request, name, True)
+
+    @router.delete(
+        "/api/cluster/hosts/{name}/drain", summary="Undrain a host: it takes new work again"
+    )
+    async def undrain_host(request: Request, name: str) -> dict[str, Any]:
+        return _drain(request, name, False)
 
     @router.get("/api/cluster/kernels", summary="Kernels and where their replicas run")
     async def cluster_kernels(request: Request) -> list[dict[str, Any]]:

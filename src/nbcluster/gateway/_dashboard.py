@@ -42,7 +42,9 @@ def _page(name: str) -> FileResponse:
 
 
 def build_dashboard_router() -> APIRouter:
-    router = APIRouter(responses=ERROR_RESPONSES)
+    # Pages and files, not API: left out of the OpenAPI schema, as FastAPI's own /docs is
+    # (the schema describes the JSON API; these are public, data-free pages).
+    router = APIRouter(responses=ERROR_RESPONSES, include_in_schema=False)
 
     @router.get("/dashboard", summary="The cluster dashboard (a page; log in with a token)")
     async def dashboard() -> Response:

@@ -55,6 +55,7 @@ from ..scheduling import (
     ExecutionFinished,
     ExecutionRequested,
     HostAdded,
+    HostDrainRequested,
     HostView,
     JobGpusRefused,
     JobGpusReleased,
@@ -367,6 +368,15 @@ class SchedulerDriver:
         if method is not None:
             raise TypeError(f"{type(event).__name__} has an answer: call {method}() instead")
         self.carry_out(self._scheduler.handle(event))
+
+    def drain_host(self, name: str, draining: bool) -> bool:
+        """An operator drains (or undrains) a host (``POST``/``DELETE
+        /api/cluster/hosts/{name}/drain``); False when the scheduler knows no such host.
+        Undraining may bind waiting cells at once, drained hosts' cells bind elsewhere."""
+        if self._scheduler.host(name) is None:
+            return False
+        self.carry_out(self._scheduler.handle(HostDrainRequested(name, draining)))
+        return True
 
     # -- requests with an answer --------------------------------------------------------------
 

@@ -318,7 +318,9 @@ class JobManager:
         capacities = []
         for host in self.hosts.connected():
             view = views.get(host.name)
-            free = view.free_devices if view is not None and not view.draining else []
+            if view is not None and view.draining:
+                continue  # drained (or shrunk below its bindings): no new job starts there
+            free = view.free_devices if view is not None else []
             capacities.append(
                 WorkerCapacity(
                     host.name,

@@ -90,7 +90,9 @@ class _SchedulerCollector(Collector):
             labels=["host"],
         )
         draining = GaugeMetricFamily(
-            "nbcluster_host_draining", "1 when a host shrank below its bindings.", labels=["host"]
+            "nbcluster_host_draining",
+            "1 when a host is draining (an operator drained it, or it shrank below its bindings).",
+            labels=["host"],
         )
         for view in self._scheduling.host_views().values():
             gpus.add_metric([view.name, "idle"], view.idle_gpus)

@@ -68,6 +68,8 @@ ROUTE_RULES: tuple[RouteRule, ...] = (
     RouteRule("/api/cluster/hosts/connect", frozenset({"host"}), frozenset({"WS"})),
     # Hosts, their load and every replica on them: the operator's view.
     RouteRule("/api/cluster/hosts", _ADMIN, frozenset({"GET"})),
+    # Draining a host is placement, the operator's call.
+    RouteRule("/api/cluster/hosts/{name}/drain", _ADMIN, frozenset({"POST", "DELETE"})),
     # Notices and the overview: each caller sees what concerns their own kernels and jobs.
     RouteRule("/api/cluster/events", _PEOPLE, frozenset({"GET"})),
     RouteRule("/api/cluster/events/stream", _PEOPLE, frozenset({"GET"})),

@@ -33,6 +33,7 @@ NoticeKind = Literal[
     "host_lost",
     "host_disconnected",
     "host_drained",
+    "host_undrained",
     "replica_lost",
     "replica_replaced",
     "replacement_failed",

@@ -5,6 +5,8 @@ Blocking client calls: the gateway's notifier runs them in a worker thread."""
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 from pydantic import ValidationError
 
 from .._redis import connect
@@ -19,10 +21,15 @@ STREAM_KEY = "nbcluster:notices"
 class RedisNoticeLog:
     """Appends notices to a capped stream and reads back the latest."""
 
-    def __init__(self, url: str, capacity: int, key: str = STREAM_KEY) -> None:
-        self._client = connect(url)
+    def __init__(self, url: str, capacity: int, key: str | None = None) -> None:
+        """``url`` is the gateway's ``--redis`` URL; its ``?prefix=`` (the job store's key
+        prefix, so that gateways sharing a server keep apart) also prefixes the stream's key
+        (``{prefix}notices``) and is not a client setting."""
+        parts = urlsplit(url)
+        prefix = parse_qs(parts.query).get("prefix", [None])[-1]
+        self._client = connect(parts._replace(query="").geturl())
         self._capacity = capacity
-        self._key = key
+        self._key = key or (STREAM_KEY if prefix is None else f"{prefix}notices")
 
     def append(self, notices: list[ClusterNotice]) -> None:
         """Raises ``redis.RedisError`` when the server cannot be reached."""

@@ -20,6 +20,7 @@ __all__ = [
     "ExecutionFinished",
     "ExecutionRequested",
     "HostAdded",
+    "HostDrainRequested",
     "HostRemoved",
     "HostResourcesChanged",
     "JobGpusReleased",
@@ -70,6 +71,17 @@ class HostResourcesChanged:
     gpu_devices: tuple[int, ...] = ()
     device_vram: tuple[int, ...] = ()
     pool: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostDrainRequested:
+    """An operator drains a host (``POST /api/cluster/hosts/{name}/drain``) or, with
+    ``draining=False``, undrains it (``DELETE``). A draining host takes no new replica,
+    migration, cell binding or job; what runs there keeps running. An unknown host is ignored
+    (the gateway checks first). A host that shrank below its bindings stays draining."""
+
+    name: str
+    draining: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +275,7 @@ Event = (
     HostAdded
     | HostRemoved
     | HostResourcesChanged
+    | HostDrainRequested
     | KernelRequested
     | KernelAdopted
     | ReplicaAdopted

@@ -37,7 +37,6 @@ after every event); split, each part would depend on the others' private state.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -65,6 +64,7 @@ from ._events import (
     ExecutionFinished,
     ExecutionRequested,
     HostAdded,
+    HostDrainRequested,
     HostRemoved,
     HostResourcesChanged,
     JobGpusReleased,
@@ -127,6 +127,8 @@ class _Host:
     #: Devices committed to batch jobs, by job id.
     jobs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     draining: bool = False
+    #: An operator drained it (``HostDrainRequested``); ``draining`` also covers shrinking.
+    drain_requested: bool = False
     version: int = 0
     #: Its host pool (``HostAdded.pool``); None: in no pool.
     pool: str | None = None
@@ -177,6 +179,9 @@ class _Wait:
     preferred: str | None
     #: the cell's own GPU count (``%%cpu``: 0), None: the kernel's request
     gpus: int | None = None
+    #: Its place in the queue: waits are served in ascending ``seq`` (appended cells count
+    #: up from 1, cells put back at the head count down from 0).
+    seq: int = 0
 
 
 class Scheduler:
@@ -186,7 +191,13 @@ class Scheduler:
         self._config = config or SchedulerConfig()
         self._hosts: dict[str, _Host] = {}
         self._kernels: dict[str, _Kernel] = {}
-        self._queue: deque[_Wait] = deque()
+        # The waiting queue (FIFO by ``_Wait.seq``), keyed by (kernel id, term) so that a
+        # wait leaves it in O(1); and the kernels with a waiting cell, so that a retry looks
+        # only at each kernel's oldest cell (the only one that may start: cells run in order).
+        self._queue: dict[tuple[str, int], _Wait] = {}
+        self._waiting_kernels: dict[str, None] = {}
+        self._tail_seq = 0
+        self._head_seq = 1
         #: The host of every job holding GPUs.
         self._jobs: dict[str, str] = {}
         # Least-loaded placement: per spec GPU count, a heap of (load key, version) with
@@ -244,7 +255,8 @@ class Scheduler:
     @property
     def waiting(self) -> tuple[tuple[str, int], ...]:
         """Cells waiting for GPUs, ``(kernel_id, term)``, in queue order."""
-        return tuple((w.kernel_id, w.term) for w in self._queue)
+        ordered = sorted(self._queue.values(), key=lambda w: w.seq)
+        return tuple((w.kernel_id, w.term) for w in ordered)
 
     def summary(self) -> ClusterSummary:
         hosts = self._hosts.values()
@@ -299,6 +311,8 @@ class Scheduler:
                 return self._host_added(event)
             case HostRemoved():
                 return self._host_removed(event)
+            case HostDrainRequested():
+                return self._host_drain_requested(event)
             case HostResourcesChanged():
                 return self._host_changed(event)
             case KernelRequested():
@@ -420,6 +434,18 @@ class Scheduler:
         self._max_spec.clear()
         self._refresh_free(host)
         self._reindex(host)
+        return self._retry_waiting()
+
+    def _host_drain_requested(self, event: HostDrainRequested) -> list[Action]:
+        host = self._hosts.get(event.name)
+        if host is None:
+            return []
+        self._unindex_free(host)
+        host.drain_requested = event.draining
+        self._refresh_free(host)
+        self._reindex(host)
+        # Undrained: its free GPUs may serve waiting cells. Drained: cells waiting on it
+        # may now migrate elsewhere (``_try_bind`` skips draining hosts).
         return self._retry_waiting()
 
     def _kernel_requested(self, event: KernelRequested) -> list[Action]:
@@ -655,18 +681,30 @@ class Scheduler:
         else:
             reason = f"no host has {gpus} idle GPUs"
         kernel.waiting.append(event.term)
-        self._queue.append(_Wait(kernel.kernel_id, event.term, event.preferred_replica, event.gpus))
+        self._tail_seq += 1
+        self._enqueue(
+            _Wait(kernel.kernel_id, event.term, event.preferred_replica, event.gpus, self._tail_seq)
+        )
         actions: list[Action] = [WaitForGpus(kernel.kernel_id, event.term, gpus, reason, behind)]
         if (
             over is None
             and b is None
-            and kernel.replicas
+            and self._can_use_new_host(kernel)
             and kernel.confinement.scalable
             and max(self._by_free, default=0) < gpus
         ):
             reason = f"a cell of {kernel.kernel_id} waits for {gpus} GPUs"
             actions.append(ScaleOut(1, reason, kernel.hosts))
         return actions
+
+    @staticmethod
+    def _can_use_new_host(kernel: _Kernel) -> bool:
+        """Whether a host started now could run a waiting cell of ``kernel``: only by a
+        migration there, so only under a policy that migrates and with a peer replica to catch
+        up from (``_try_bind``). A ``batch`` or lone-replica cell waits for its own host: a
+        ``ScaleOut`` for it would start a host it never uses (issue 18: 6,577 hosts started and
+        stopped in one replay of the Sensei trace)."""
+        return kernel.policy.migrates and len(kernel.replicas) >= 2
 
     def _over_quota(self, kernel: _Kernel, gpus: int) -> str | None:
         """Why a cell of ``kernel`` needing ``gpus`` GPUs would pass its owner's quota now
@@ -752,6 +790,8 @@ class Scheduler:
         host = self._hosts.get(event.host)
         if host is None:
             return [JobGpusRefused(job_id, f"no host named {event.host}")]
+        if host.drain_requested:
+            return [JobGpusRefused(job_id, f"host {host.name} is draining")]
         devices = tuple(sorted(event.device_indices))
         if not devices or len(set(devices)) != len(devices) or not set(devices) <= host.free:
             return [
@@ -882,18 +922,30 @@ class Scheduler:
         return ReleaseGpus(kernel.kernel_id, b.term, b.replica_id, b.host, b.device_indices)
 
     def _retry_waiting(self) -> list[Action]:
-        """Give waiting cells, oldest first, whatever GPUs are free now."""
+        """Give waiting cells, oldest first, whatever GPUs are free now.
+
+        Decides exactly as trying every queued cell in queue order would, but looks only at
+        each waiting kernel's oldest cell (a later one never starts before it) and tries only
+        those that :meth:`_may_bind` admits: during a retry free devices only shrink, so a
+        cell that cannot bind at its start cannot bind later in it. Cost: O(waiting kernels)
+        per event, not O(waiting cells) (issue 18: ``batch`` queues thousands of cells)."""
         actions: list[Action] = []
-        if not self._queue:
+        if not self._waiting_kernels:
             return actions
         most_free = max(self._by_free, default=0)
-        for wait in list(self._queue):
-            kernel = self._kernels[wait.kernel_id]
+        candidates: list[tuple[_Wait, _Kernel, int]] = []
+        for kernel_id in self._waiting_kernels:
+            kernel = self._kernels[kernel_id]
+            if kernel.binding is not None:
+                continue
+            wait = self._queue[(kernel_id, kernel.waiting[0])]
             gpus = kernel.request.gpus if wait.gpus is None else wait.gpus
+            if gpus <= most_free and self._may_bind(kernel, gpus):
+                candidates.append((wait, kernel, gpus))
+        candidates.sort(key=lambda c: c[0].seq)
+        for wait, kernel, gpus in candidates:
             if gpus > most_free:
                 continue  # cheap skip: no host has that many idle GPUs
-            if kernel.binding is not None or kernel.waiting[0] != wait.term:
-                continue
             if self._over_quota(kernel, gpus) is not None:
                 continue
             bound = self._try_bind(kernel, wait.term, wait.preferred, gpus)
@@ -903,18 +955,39 @@ class Scheduler:
                 most_free = max(self._by_free, default=0)
         return actions
 
+    def _may_bind(self, kernel: _Kernel, gpus: int) -> bool:
+        """False only when :meth:`_try_bind` would surely return None now: no usable replica's
+        host has ``gpus`` idle devices and the kernel cannot migrate (its policy does not, or
+        it has fewer than two usable replicas)."""
+        if gpus == 0:
+            return True
+        usable = 0
+        for replica_id, name in kernel.replicas.items():
+            if replica_id in kernel.starting:
+                continue
+            usable += 1
+            host = self._hosts[name]
+            if not host.draining and len(host.free) >= gpus:
+                return True
+        return kernel.policy.migrates and usable >= 2
+
+    def _enqueue(self, wait: _Wait) -> None:
+        self._queue[(wait.kernel_id, wait.term)] = wait
+        self._waiting_kernels[wait.kernel_id] = None
+
     def _requeue(self, kernel: _Kernel, term: int) -> None:
         """Put a cell that was bound but never started back at the head of the queue."""
         if term not in kernel.waiting:
             kernel.waiting.insert(0, term)
-            self._queue.appendleft(_Wait(kernel.kernel_id, term, None, kernel.cell_gpus.get(term)))
+            self._head_seq -= 1
+            gpus = kernel.cell_gpus.get(term)
+            self._enqueue(_Wait(kernel.kernel_id, term, None, gpus, self._head_seq))
 
     def _unqueue(self, kernel: _Kernel, term: int) -> None:
         kernel.waiting.remove(term)
-        for wait in self._queue:
-            if wait.kernel_id == kernel.kernel_id and wait.term == term:
-                self._queue.remove(wait)
-                return
+        del self._queue[(kernel.kernel_id, term)]
+        if not kernel.waiting:
+            del self._waiting_kernels[kernel.kernel_id]
 
     # ----------------------------------------------------------------- placement
 
@@ -1053,7 +1126,7 @@ class Scheduler:
         """Recompute free devices and draining after the spec or the bindings changed."""
         used = {d for devices in (*host.bound.values(), *host.jobs.values()) for d in devices}
         host.free = set(host.devices) - used
-        host.draining = not used <= set(host.devices)
+        host.draining = host.drain_requested or not used <= set(host.devices)
 
     # ----------------------------------------------------------------- indexes
 

@@ -88,6 +88,19 @@ async function migrate(kernel) {
   }
 }
 
+async function drain(host) {
+  // Drained: no new replicas, cells or jobs go there; what runs there keeps running.
+  const undo = Boolean(host.draining);
+  const question = undo
+    ? `Undrain host ${host.name}? It takes new replicas, cells and jobs again.`
+    : `Drain host ${host.name}? No new replicas, cells or jobs will go there; its ` +
+      `${host.replicas.length} replicas keep running (migrate them away before taking it down).`;
+  if (await confirmAction(question)) {
+    await act(`${undo ? "undrain" : "drain"} of ${host.name}`, undo ? "DELETE" : "POST",
+      `/api/cluster/hosts/${encodeURIComponent(host.name)}/drain`);
+  }
+}
+
 async function cancelJob(job) {
   if (await confirmAction(`Cancel job ${job.id} (${job.status})?`)) {
     await act(`cancel of job ${short(job.id)}`, "POST", `/api/jobs/${job.id}/cancel`);
@@ -143,6 +156,11 @@ function drawHosts(o) {
       text("td", h.subscription_ratio === undefined ? "–" : h.subscription_ratio.toFixed(2)),
       text("td", h.replicas.length),
     );
+    const actions = text("td", null, "actions");
+    actions.appendChild(h.draining
+      ? button("Undrain", () => drain(h), "undrain")
+      : button("Drain", () => drain(h), "drain"));
+    row.appendChild(actions);
     row.firstChild.scope = "row";
     return row;
   }));
