@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["free_port", "port_is_free"]
+__all__ = ["free_port", "port_is_free", "reserve_port"]
 
 
 def _family(ip: str) -> socket.AddressFamily:
@@ -17,6 +17,26 @@ def free_port(ip: str) -> int:
     with socket.socket(_family(ip), socket.SOCK_STREAM) as s:
         s.bind((ip, 0))
         return int(s.getsockname()[1])
+
+
+def reserve_port(ip: str) -> socket.socket:
+    """A socket bound to a free port and never listened on, which the caller keeps open until
+    the server that will listen there has bound it (and may keep for its life).
+
+    Called by the replica for its Raft port, which pysyncobj binds only when the replica joins
+    its group, seconds later. A port merely found free (:func:`free_port`) is in the ephemeral
+    range, so in that window an outgoing connection of any process could take it (seen under
+    load: "cannot bind the address"). A bound socket keeps it out of the ephemeral allocator;
+    both sockets set ``SO_REUSEADDR`` (pysyncobj's server does), and Linux lets the listener
+    bind beside a socket that is not listening."""
+    reservation = socket.socket(_family(ip), socket.SOCK_STREAM)
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reservation.bind((ip, 0))
+    except OSError:
+        reservation.close()
+        raise
+    return reservation
 
 
 def port_is_free(ip: str, port: int) -> bool:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from .._version import __version__
 from ._auth import principal_of
 from ._channels import serve_channels
+from ._close_reason import close_reason
 from ._errors import ApiError
 from ._host_endpoint import serve_host
 from ._http import ERROR_RESPONSES, json_body
@@ -182,7 +183,7 @@ def build_router() -> APIRouter:
         try:
             kernel = gateway.access.kernel(principal_of(websocket), kernel_id)
         except LookupError:  # NoSuchKernel: unknown, or not the caller's
-            await websocket.close(1008, f"no kernel with id {kernel_id}")
+            await websocket.close(1008, close_reason(f"no kernel with id {kernel_id}"))
             return
         await serve_channels(websocket, kernel, gateway.metrics, gateway.config.client_queue_limit)
 

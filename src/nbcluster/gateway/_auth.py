@@ -26,6 +26,7 @@ from ..identity import (
     route_allowed,
     route_is_public,
 )
+from ._close_reason import close_reason
 from ._errors import ApiError
 
 if TYPE_CHECKING:
@@ -106,8 +107,7 @@ class AuthMiddleware:
 
 async def _refuse(scope: Scope, send: Send, status: int, reason: str, message: str) -> None:
     if scope["type"] == "websocket":
-        # Close reasons are capped at 123 bytes by the websocket protocol.
-        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        await send({"type": "websocket.close", "code": 1008, "reason": close_reason(message)})
         return
     body = json.dumps({"message": message, "reason": reason}).encode()
     headers = [

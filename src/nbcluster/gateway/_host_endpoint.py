@@ -30,6 +30,7 @@ from ..hostproto import (
     decode_host_message,
     encode,
 )
+from ._close_reason import close_reason
 from ._hosts import HostRegistry, HostRequestError, HostSession
 from ._jobs import JobManager, Verdict
 from ._manager import KernelManager
@@ -56,7 +57,7 @@ async def serve_host(
     except (TimeoutError, HostProtocolError, WebSocketDisconnect, KeyError) as exc:
         log.warning("refused a host connection: %s", exc)
         with contextlib.suppress(Exception):
-            await websocket.close(1008, str(exc)[:120])
+            await websocket.close(1008, close_reason(str(exc)))
         return
     send_lock = asyncio.Lock()
 
@@ -69,7 +70,7 @@ async def serve_host(
         entry = hosts.register(hello, session, time.monotonic())
     except ValueError as exc:
         log.warning("refused host %s: %s", hello.name, exc)
-        await websocket.close(1008, str(exc)[:120])
+        await websocket.close(1008, close_reason(str(exc)))
         return
     await send_frame(encode(Welcome(heartbeat_interval=heartbeat_interval)))
     kernels.notifier.notify(

@@ -17,7 +17,7 @@ from ipykernel.kernelapp import IPKernelApp
 
 from .. import envvars
 from .._lifeline import die_with_lifeline, die_with_parent
-from .._net import free_port
+from .._net import reserve_port
 from ._kernel import ReplicaKernel
 
 __all__ = ["ReplicaKernelApp", "main"]
@@ -38,6 +38,9 @@ class ReplicaKernelApp(IPKernelApp):
         report_path = envvars.REPORT_PATH.get()
         if not fd_text and not report_path:
             return
+        # pysyncobj binds the Raft port itself later, when the replica joins its group; until
+        # then (and for the process's life) the reservation keeps other processes off it.
+        self._raft_port_reservation = reserve_port(self.ip)
         report = {
             "pid": os.getpid(),
             "ip": self.ip,
@@ -47,8 +50,7 @@ class ReplicaKernelApp(IPKernelApp):
             "stdin_port": self.stdin_port,
             "control_port": self.control_port,
             "hb_port": self.hb_port,
-            # pysyncobj binds it itself later, when the replica joins its group.
-            "raft_port": free_port(self.ip),
+            "raft_port": self._raft_port_reservation.getsockname()[1],
             # Whether ipykernel made its sockets CURVE servers with the connection file's keys
             # (the host refuses a replica that was given keys and serves plain sockets).
             "curve": getattr(self, "curve_secretkey", None) is not None,
