@@ -286,12 +286,6 @@ def _console_runs_a_cell(cluster: Cluster, kernel_id: str, tmp_path: Path) -> No
     assert cluster.http.get(f"/api/kernels/{kernel_id}").status_code == 200
 
 
-@pytest.mark.xfail(
-    reason="issue 16 gap 2, not fixed yet: an interrupt sent while the replicas elect the "
-    "cell's executor ends the replica (exit code 0): the cell gets ReplicaLost; see "
-    "docs/provisioner.md, 'Known gaps'",
-    strict=False,
-)
 def test_interrupt_before_the_executor_is_elected(
     cluster: Cluster, kernel_id: str, tmp_path: Path
 ) -> None:

@@ -4,7 +4,9 @@ and compare the policies side by side (``docs/simulation.md``)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -36,6 +38,8 @@ __all__ = ["parse_duration", "simulate_command"]
 #: The policies compared when ``--policy`` is not given.
 DEFAULT_POLICIES = ("notebookos", "reservation", "batch")
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -56,6 +60,26 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         return parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+#: The type of the options that take a number above 0.
+_POSITIVE = click.FloatRange(0, min_open=True)
+
+
+def _number_option(
+    flag: str, default: float, kind: click.ParamType, help: str
+) -> Callable[[_F], _F]:
+    """An option that takes a number and has a default, shown in ``--help``."""
+    return click.option(flag, default=default, show_default=True, type=kind, help=help)
+
+
+def _duration_option(
+    flag: str, help: str, *, default: str | None = None, metavar: str | None = None
+) -> Callable[[_F], _F]:
+    """An option that takes a duration (``90``, ``30m``, ``2h`` ...: :func:`parse_duration`),
+    its value in seconds; a default, when it has one, is shown in ``--help``."""
+    shown = {} if default is None else {"default": default, "show_default": True}
+    return click.option(flag, callback=_duration, metavar=metavar, help=help, **shown)
 
 
 def _policies(values: tuple[str, ...]) -> list[str]:
@@ -113,9 +137,7 @@ def _cluster(
     "(auto: .csv, .json, .jsonl, else by content).",
 )
 @click.option("--hosts", type=click.IntRange(1), help="A fixed cluster of N hosts.")
-@click.option(
-    "--gpus-per-host", default=8, show_default=True, type=click.IntRange(1), help="GPUs per host."
-)
+@_number_option("--gpus-per-host", 8, click.IntRange(1), "GPUs per host.")
 @click.option(
     "--min-hosts",
     type=click.IntRange(0),
@@ -125,25 +147,17 @@ def _cluster(
 @click.option(
     "--max-hosts", type=click.IntRange(1), help="Auto-scaling ceiling (default 32, or --min-hosts)."
 )
-@click.option(
+@_number_option(
     "--scaling-buffer",
-    default=3,
-    show_default=True,
-    type=click.IntRange(0),
-    help="Spare hosts the auto-scaler keeps above --min-hosts (NotebookOS: 3).",
+    3,
+    click.IntRange(0),
+    "Spare hosts the auto-scaler keeps above --min-hosts (NotebookOS: 3).",
 )
-@click.option(
-    "--subscription-ratio",
-    default=7.0,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="The gateway's --max-subscription-ratio.",
-)
-@click.option(
+@_number_option("--subscription-ratio", 7.0, _POSITIVE, "The gateway's --max-subscription-ratio.")
+@_duration_option(
     "--reclaim-idle-after",
-    callback=_duration,
+    "Replicated kernels idle this long release their replicas (default: never).",
     metavar="DURATION",
-    help="Replicated kernels idle this long release their replicas (default: never).",
 )
 @click.option(
     "--out",
@@ -151,63 +165,45 @@ def _cluster(
     type=click.Path(file_okay=False, path_type=Path),
     help="Write summary.json, summary.csv, timeline.csv and PNG plots here.",
 )
-@click.option(
+@_number_option(
     "--tick-seconds",
-    default=60.0,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="Seconds per time unit of a CSV (minutes in the Sensei trace) or template tick.",
+    60.0,
+    _POSITIVE,
+    "Seconds per time unit of a CSV (minutes in the Sensei trace) or template tick.",
 )
-@click.option(
+@_duration_option(
     "--idle-gap",
+    "CSV grouping: a training joins a session idle for at most this long.",
     default="30m",
-    show_default=True,
-    callback=_duration,
-    help="CSV grouping: a training joins a session idle for at most this long.",
 )
-@click.option(
+@_duration_option(
     "--session-lead",
+    "CSV grouping: a session opens this long before its first training.",
     default="0",
-    show_default=True,
-    callback=_duration,
-    help="CSV grouping: a session opens this long before its first training.",
 )
-@click.option(
+@_duration_option(
     "--session-tail",
-    callback=_duration,
-    help="CSV grouping: a session closes this long after its last training (default: --idle-gap).",
+    "CSV grouping: a session closes this long after its last training (default: --idle-gap).",
 )
-@click.option(
+@_duration_option(
     "--max-session",
-    callback=_duration,
-    help="CSV grouping: no training joins a session older than this (default: no limit).",
+    "CSV grouping: no training joins a session older than this (default: no limit).",
 )
 @click.option(
     "--group-by-model",
     is_flag=True,
     help="CSV grouping: a session runs trainings of one model name only.",
 )
-@click.option(
-    "--migration-seconds",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="What a migration adds to a cell's start.",
+@_number_option(
+    "--migration-seconds", 2.0, click.FloatRange(0), "What a migration adds to a cell's start."
 )
-@click.option(
+@_number_option(
     "--host-start-seconds",
-    default=15.0,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="How long a host the auto-scaler starts takes to register.",
+    15.0,
+    click.FloatRange(0),
+    "How long a host the auto-scaler starts takes to register.",
 )
-@click.option(
-    "--scaling-interval",
-    default=15.0,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="Seconds between auto-scaling rounds.",
-)
+@_number_option("--scaling-interval", 15.0, _POSITIVE, "Seconds between auto-scaling rounds.")
 @click.option(
     "--verify",
     is_flag=True,

@@ -22,6 +22,7 @@ import zmq.asyncio
 from .._curve import apply_client_keys
 from ..hostproto import ConnectionInfo
 from ..protocol import Message, ProtocolError, Signer, decode_zmq, encode_zmq
+from ._zmq_drain import drained
 
 __all__ = ["ReplicaLink"]
 
@@ -91,14 +92,7 @@ class ReplicaLink:
         sock = self._sockets.get(channel)
         if sock is None:
             return
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:
-                log.debug("replica %s %s socket: %s", self.replica_id, channel, exc)
-                return
+        for frames in drained(sock, log, "replica %s %s", self.replica_id, channel):
             try:
                 _, msg = decode_zmq(channel, frames, self._signer)
             except ProtocolError as exc:

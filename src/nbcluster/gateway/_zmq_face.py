@@ -43,6 +43,7 @@ from ..protocol import (
 )
 from ._face_rules import PortRange, PublishedOnce, classify, is_ipv6
 from ._kernel import ClientSink
+from ._zmq_drain import drained
 
 __all__ = [
     "FaceClient",
@@ -269,14 +270,7 @@ class ZmqFace:
         sock = self._sockets.get(channel)
         if sock is None:
             return
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:
-                log.debug("kernel %s face %s socket: %s", self.kernel.id, channel, exc)
-                return
+        for frames in drained(sock, log, "kernel %s face %s", self.kernel.id, channel):
             try:
                 if channel == "hb":
                     self._heartbeat(sock, frames)

@@ -61,6 +61,7 @@ from ._device_memory import NamespaceDeviceMemory, describe_restore
 from ._device_torch import default_frameworks, gpu_framework_imported
 from ._gpus import cell_gpus, strip_cpu_magic, use_nvml_device_order
 from ._host_copies import SyncedHostCopies
+from ._interrupts import DeferredInterrupt
 from ._records import Proposal
 from ._seal import derive_state_key
 
@@ -105,6 +106,7 @@ class ReplicaKernel(IPythonKernel):
         self.control_handlers[EvictRequest.msg_type] = self.nbcluster_evict_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
         self._finish_after_reply: tuple[int, str, str] | None = None
+        self.interrupts = DeferredInterrupt()
         runtime._mark_kernel()
         use_nvml_device_order()  # before any cell can initialise CUDA
         # Every device of the host visible to the process for its life, whatever the first
@@ -272,6 +274,12 @@ class ReplicaKernel(IPythonKernel):
             return None
         return parse_execute_metadata(metadata, gpus=False)
 
+    def pre_handler_hook(self) -> None:
+        """Called by ipykernel before each shell handler: SIGINT is recorded, not raised,
+        until the cell's code runs (see ``_interrupts``); ipykernel's ``post_handler_hook``
+        restores the handler saved here."""
+        self.saved_sigint_handler = self.interrupts.defer()
+
     async def execute_request(self, stream: Any, ident: Any, parent: Any) -> None:
         self._finish_after_reply = None
         await super().execute_request(stream, ident, parent)
@@ -300,9 +308,10 @@ class ReplicaKernel(IPythonKernel):
             log.warning("%s", exc)
             return self._error_reply(CONTROL_ERROR_ENAME, str(exc))
         if term_meta is None or term_meta.term is None or group is None:
-            return await self._run(
-                code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
-            )
+            with self.interrupts.interruptible():
+                return await self._run(
+                    code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+                )
         term = term_meta.term
         attempt = term_meta.attempt or 1
         msg_id = parent["header"]["msg_id"]
@@ -376,9 +385,15 @@ class ReplicaKernel(IPythonKernel):
         # print options ...) must be restored in the context this cell runs in.
         for problem in group.sync.environment.restore_pending():
             self.send_stream_warning(f"[nbcluster] could not restore {problem}\n")
-        reply = await self._run(
-            code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
-        )
+        if self.interrupts.take():
+            # Interrupted while the replicas elected it: the cell never starts, and its term
+            # completes (with nothing changed) so the other replicas go on to the next cell.
+            reply = self._interrupted_reply(silent, store_history)
+        else:
+            with self.interrupts.interruptible():
+                reply = await self._run(
+                    code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+                )
         self._finish_after_reply = (term, str(reply.get("status", "ok")), code)
         reply.setdefault(METADATA_KEY, {})
         return reply
@@ -451,6 +466,22 @@ class ReplicaKernel(IPythonKernel):
         return self._error_reply(
             YIELD_ENAME, f"replica {self.replica_id} did not execute term {term}: {who} did"
         ) | ExecutionYielded(winner=winner, completed=completed).model_dump(mode="json")
+
+    def _interrupted_reply(self, silent: bool, store_history: bool) -> dict[str, Any]:
+        """What a local kernel answers for a cell interrupted before its first line: counted,
+        a ``KeyboardInterrupt`` error on iopub and in the reply."""
+        if self.shell is not None and store_history and not silent:
+            self.shell.execution_count += 1
+        reply = self._error_reply("KeyboardInterrupt", "interrupted before the cell started")
+        if not silent:
+            self._send(
+                self.iopub_socket,
+                "error",
+                {k: reply[k] for k in ("ename", "evalue", "traceback")},
+                self.get_parent("shell"),
+                self._topic("error"),
+            )
+        return reply
 
     def _error_reply(self, ename: str, evalue: str) -> dict[str, Any]:
         return {

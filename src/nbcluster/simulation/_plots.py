@@ -8,11 +8,11 @@ over time per policy, the CDF of cell start delays, and hosts over time.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._results import PolicyOutcome
+from ._results import PolicyOutcome, Timeline
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,16 +30,12 @@ def write_plots(directory: Path, outcomes: Sequence[PolicyOutcome]) -> list[Path
 
     written: list[Path] = []
 
-    gpus = Figure(figsize=(9, 4.5), layout="constrained")
-    axes = gpus.add_subplot()
-    for outcome in outcomes:
-        line = outcome.timeline
-        hours = [i * line.bucket_seconds / 3600 for i in range(len(line.committed_mean))]
-        axes.step(hours, line.committed_mean, where="post", label=outcome.summary.policy)
-    axes.set_xlabel("hours from the trace's start")
-    axes.set_ylabel("GPUs committed (mean per interval)")
-    axes.set_title("GPUs held over time")
-    axes.legend()
+    gpus = _over_time(
+        outcomes,
+        lambda line: line.committed_mean,
+        "GPUs committed (mean per interval)",
+        "GPUs held over time",
+    )
     written.append(_save(gpus, directory / "gpus.png"))
 
     delays = Figure(figsize=(6.5, 4.5), layout="constrained")
@@ -58,18 +54,32 @@ def write_plots(directory: Path, outcomes: Sequence[PolicyOutcome]) -> list[Path
     axes.legend()
     written.append(_save(delays, directory / "delays.png"))
 
-    hosts = Figure(figsize=(9, 4.5), layout="constrained")
-    axes = hosts.add_subplot()
-    for outcome in outcomes:
-        line = outcome.timeline
-        hours = [i * line.bucket_seconds / 3600 for i in range(len(line.hosts))]
-        axes.step(hours, line.hosts, where="post", label=outcome.summary.policy)
-    axes.set_xlabel("hours from the trace's start")
-    axes.set_ylabel("hosts")
-    axes.set_title("Hosts over time")
-    axes.legend()
+    hosts = _over_time(outcomes, lambda line: line.hosts, "hosts", "Hosts over time")
     written.append(_save(hosts, directory / "hosts.png"))
     return written
+
+
+def _over_time(
+    outcomes: Sequence[PolicyOutcome],
+    series: Callable[[Timeline], Sequence[float]],
+    ylabel: str,
+    title: str,
+) -> Figure:
+    """One step line per policy of a quantity of its timeline (``series``), over hours."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for outcome in outcomes:
+        line = outcome.timeline
+        values = series(line)
+        hours = [i * line.bucket_seconds / 3600 for i in range(len(values))]
+        axes.step(hours, values, where="post", label=outcome.summary.policy)
+    axes.set_xlabel("hours from the trace's start")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend()
+    return figure
 
 
 def _save(figure: Figure, path: Path) -> Path:
