@@ -308,3 +308,28 @@ def test_interrupt_before_the_executor_is_elected(
         assert after["content"]["status"] == "ok" and stdout(seen) == "after\n"
     finally:
         client.stop_channels()
+
+
+def test_a_face_survives_a_gateway_restart(cluster: Cluster, tmp_path: Path) -> None:
+    """The face is kept in the kernel's record: after the gateway is killed and started again,
+    the same ports and keys serve, and a client connected before goes on without a new
+    connection file. A revoked face is not brought back."""
+    kept = cluster.http.post("/api/kernels", json={}).json()["id"]
+    revoked = cluster.http.post("/api/kernels", json={}).json()["id"]
+    info = connection(cluster, kept)
+    revoked_info = connection(cluster, revoked)
+    assert cluster.http.delete(f"/api/cluster/kernels/{revoked}/connection").status_code == 204
+    client = client_for(info, tmp_path)
+    try:
+        reply, _ = outputs(client, "survivor = 7")
+        assert reply["content"]["status"] == "ok"
+        cluster.kill_gateway()
+        cluster.start_gateway()
+        wait_for(lambda: len(cluster.connected_hosts()) == 3, 30, "the hosts to reconnect")
+        assert connection(cluster, kept) == info
+        reply, seen = outputs(client, "print(survivor * 6)")
+        assert reply["content"]["status"] == "ok" and stdout(seen) == "42\n", reply
+        after = connection(cluster, revoked)
+        assert after["key"] != revoked_info["key"]
+    finally:
+        client.stop_channels()

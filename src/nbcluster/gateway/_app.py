@@ -89,7 +89,7 @@ class Gateway:
         self.access = Access(config, self.identity, self.kernels, self.specs, self.jobs)
         self.metrics.watch(self.hosts, lambda: self.kernels.kernels.values(), self.scheduling)
         #: Kernels' ZMQ faces for jupyter_client tools (``_faces``), opened on request.
-        self.faces = ZmqFaces(config, self.metrics, self.kernels)
+        self.faces = ZmqFaces(config, self.metrics, self.kernels, self.state_store.save)
         self._background = BackgroundTasks("gateway", log)
 
     def _owner_of(self, kernel_id: str) -> str | None:
@@ -99,6 +99,7 @@ class Gateway:
     async def start(self) -> None:
         await self.notifier.start()
         self.kernels.restore()
+        self.faces.restore(self.kernels.kernels.values())
         self.jobs.restore()
         self._background.spawn(
             "orphan job check", self._expire_orphan_jobs(self.config.host_lost_timeout * 2)

@@ -54,8 +54,8 @@ def build_face_router() -> APIRouter:
     )
     async def revoke_connection(request: Request, kernel_id: str) -> Response:
         gateway = _gateway(request)
-        gateway.access.kernel(principal_of(request), kernel_id)
-        if not gateway.faces.revoke(kernel_id):
+        kernel = gateway.access.kernel(principal_of(request), kernel_id)
+        if not gateway.faces.revoke(kernel):
             raise ApiError(404, f"kernel {kernel_id} has no ZMQ face open", "not found")
         return Response(status_code=204)
 

@@ -18,7 +18,14 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..hostproto import ConnectionInfo
 
-__all__ = ["FileStateStore", "KernelRecord", "MemoryStateStore", "ReplicaRecord", "StateStore"]
+__all__ = [
+    "FaceRecord",
+    "FileStateStore",
+    "KernelRecord",
+    "MemoryStateStore",
+    "ReplicaRecord",
+    "StateStore",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,32 @@ class ReplicaRecord(BaseModel):
     pid: int | None = None
     connection: ConnectionInfo | None = None
     reason: str = ""
+
+
+class FaceRecord(BaseModel):
+    """A kernel's ZMQ face (``_faces``), so that a restarted gateway binds it again on the same
+    ports with the same keys and the face's clients (a Jupyter server's provisioner, a
+    ``jupyter console``) reconnect without a new connection file. The secrets sit beside the
+    kernel's own key, in the same owner-only record."""
+
+    shell_port: int
+    iopub_port: int
+    stdin_port: int
+    control_port: int
+    hb_port: int
+    key: str
+    #: Z85 CurveZMQ server secret key; None: the face was opened without encryption.
+    curve_secret: str | None = None
+
+    def ports_of(self) -> dict[str, int]:
+        """Channel name → port, as ``ZmqFace.open`` takes them."""
+        return {
+            "shell": self.shell_port,
+            "iopub": self.iopub_port,
+            "stdin": self.stdin_port,
+            "control": self.control_port,
+            "hb": self.hb_port,
+        }
 
 
 class KernelRecord(BaseModel):
@@ -68,6 +101,8 @@ class KernelRecord(BaseModel):
 
     #: Idle reclamation released every replica (state in the store); the next message wakes it.
     reclaimed: bool = False
+    #: Its ZMQ face, while it has one.
+    face: FaceRecord | None = None
 
 
 class StateStore(Protocol):

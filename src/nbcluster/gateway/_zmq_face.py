@@ -25,7 +25,7 @@ import contextlib
 import errno
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -188,9 +188,11 @@ class ZmqFace:
 
     # -- opening ------------------------------------------------------------------------------
 
-    def open(self) -> KernelConnection:
+    def open(self, ports_of: Mapping[str, int] | None = None) -> KernelConnection:
         """Bind the five sockets and start serving; returns the connection info. Raises
-        :class:`FacePortsExhausted` when the port range has no room (nothing stays bound)."""
+        :class:`FacePortsExhausted` when the port range has no room (nothing stays bound).
+        ``ports_of`` (channel → port): bind exactly those, as the face had before a gateway
+        restart; raises ``zmq.ZMQError`` when one is taken."""
         self._loop = asyncio.get_running_loop()
         ports: dict[str, int] = {}
         try:
@@ -208,7 +210,10 @@ class ZmqFace:
                     sock.curve_secretkey = self._keys.curve_secret.encode("ascii")
                     sock.curve_publickey = public_key_of(self._keys.curve_secret).encode("ascii")
                     sock.curve_server = True
-                ports[channel] = self._bind(sock, set(ports.values()))
+                if ports_of is None:
+                    ports[channel] = self._bind(sock, set(ports.values()))
+                else:
+                    ports[channel] = self._bind_exactly(sock, ports_of[channel])
         except BaseException:
             self._close_sockets(linger=0)
             raise
@@ -238,11 +243,19 @@ class ZmqFace:
         )
         return self.connection
 
-    def _bind(self, sock: zmq.Socket[bytes], taken: set[int]) -> int:
+    def _endpoint_ip(self, sock: zmq.Socket[bytes]) -> str:
         ip = self._bind_ip
         if is_ipv6(ip):
             sock.ipv6 = True
             ip = f"[{ip}]"
+        return ip
+
+    def _bind_exactly(self, sock: zmq.Socket[bytes], port: int) -> int:
+        sock.bind(f"tcp://{self._endpoint_ip(sock)}:{port}")
+        return port
+
+    def _bind(self, sock: zmq.Socket[bytes], taken: set[int]) -> int:
+        ip = self._endpoint_ip(sock)
         if self._range is None:
             sock.bind(f"tcp://{ip}:*")
             endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
