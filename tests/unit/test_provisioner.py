@@ -112,6 +112,20 @@ async def test_launch_timeout_says_why() -> None:
         await launch(p)
 
 
+async def test_a_kernel_that_starts_after_the_timeout_is_shut_down() -> None:
+    gateway = FakeGateway(start_delay=0.3)
+    p = provisioner(gateway, launch_timeout=0.1)
+    with pytest.raises(TimeoutError):
+        await launch(p)
+    assert p.gateway_kernel_id is None  # the manager's cleanup has nothing to shut down
+    for _ in range(100):  # bounded: the gateway answers the start after 0.3 s
+        if any(method == "DELETE" for method, _, _ in gateway.calls):
+            break
+        await asyncio.sleep(0.02)
+    assert ("DELETE", "/api/kernels/g1", None) in gateway.calls
+    assert gateway.kernels == {}
+
+
 async def test_interrupt_shutdown_and_poll() -> None:
     gateway = FakeGateway()
     p = provisioner(gateway)

@@ -58,6 +58,10 @@ class NbclusterProvisioner(KernelProvisionerBase):
         self._exit_code: int | None = None
         self._shutdown_asked = False
         self._restarting = False
+        #: The launch in progress (``launch_kernel``); None once it was abandoned.
+        self._launch_attempt: object | None = None
+        #: Shut-downs of kernels whose start was abandoned, kept until they are done.
+        self._abandoned: set[asyncio.Future[None]] = set()
         #: Where the gateway calls go: None, the network (tests put a fake gateway here).
         self.transport: httpx.AsyncBaseTransport | None = None
 
@@ -109,37 +113,77 @@ class NbclusterProvisioner(KernelProvisionerBase):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         timeout = self.settings.launch_timeout
-        try:
-            connection = await asyncio.wait_for(self._launch(kwargs.get("env") or {}), timeout)
-        except TimeoutError:
+        attempt = object()
+        self._launch_attempt = attempt
+        launch = asyncio.ensure_future(self._launch(kwargs.get("env") or {}, attempt))
+        done, _ = await asyncio.wait({launch}, timeout=timeout)
+        if not done:
+            # The gateway goes on starting it: abandoned, it is shut down once it is up, not
+            # left running unseen (see ``_shut_down_when_started``).
+            self._launch_attempt = None
+            cleanup = asyncio.ensure_future(self._shut_down_when_started(launch))
+            self._abandoned.add(cleanup)
+            cleanup.add_done_callback(self._abandoned.discard)
             raise TimeoutError(
                 f"the nbcluster kernel did not start within launch_timeout={timeout:g} s "
                 f"(gateway {self.settings.gateway_url}, kernelspec "
                 f"{self.settings.kernel_name!r}): the cluster may have no host with room for "
                 "it; see `nbcluster status`, or raise launch_timeout in the kernelspec"
-            ) from None
+            )
+        _, connection = launch.result()
         self.connection_info = connection
         self._exit_code = None
         self._shutdown_asked = False
         return connection
 
-    async def _launch(self, env: dict[str, str]) -> KernelConnectionInfo:
+    async def _launch(
+        self, env: dict[str, str], attempt: object
+    ) -> tuple[str | None, KernelConnectionInfo]:
+        """Start (or restart) the gateway's kernel and fetch its face's connection info.
+        Returns the id of a kernel it started (None for a restart) with the info."""
         api = self._api()
+        started: str | None = None
         if self.gateway_kernel_id is not None and self._restarting:
-            await api.restart(self.gateway_kernel_id)
+            kernel_id = self.gateway_kernel_id
+            await api.restart(kernel_id)
             self._restarting = False
         else:
             kernel_env = {k: v for k, v in env.items() if k.startswith("KERNEL_")}
             kernel_env.update(self.settings.kernel_env())
             kernel = await api.start_kernel(self.settings.kernel_name, kernel_env)
-            self.gateway_kernel_id = kernel.id
+            kernel_id = started = kernel.id
+            if self._launch_attempt is attempt:
+                self.gateway_kernel_id = kernel.id
             log.info(
                 "kernel %s runs on nbcluster as %s (%s)",
                 self.kernel_id,
                 kernel.id,
                 self.settings.gateway_url,
             )
-        return _manager_info(await api.connection(self.gateway_kernel_id))
+        return started, _manager_info(await api.connection(kernel_id))
+
+    async def _shut_down_when_started(
+        self, launch: asyncio.Future[tuple[str | None, KernelConnectionInfo]]
+    ) -> None:
+        """A start abandoned at ``launch_timeout``: once the gateway answers it, shut down the
+        kernel it made (the Jupyter server has already told the user the start failed). A
+        restart that timed out keeps its kernel: the provisioner still holds its id."""
+        try:
+            started, _ = await launch
+        except Exception as exc:
+            log.info("the abandoned nbcluster kernel start failed too: %s", exc)
+            return
+        if started is None:
+            return
+        log.warning(
+            "nbcluster kernel %s started after launch_timeout=%g s; shutting it down",
+            started,
+            self.settings.launch_timeout,
+        )
+        try:
+            await self._api().shutdown(started)
+        except (GatewayCallError, httpx.HTTPError) as exc:
+            log.warning("could not shut down nbcluster kernel %s: %s", started, exc)
 
     # -- signals and ending -------------------------------------------------------------------
 
