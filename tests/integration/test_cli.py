@@ -147,8 +147,9 @@ def test_up_status_and_sigterm(up: Up, state_dir: Path) -> None:
     banner = up.wait_for_banner()
     assert banner["URL"] == up.url
     assert banner["TOKEN"] == up.token
+    # The token by environment, never on JupyterLab's command line.
     assert banner["CONNECT"] == (
-        f"jupyter lab --gateway-url={up.url} --GatewayClient.auth_token={up.token}"
+        f"env JUPYTER_GATEWAY_AUTH_TOKEN={up.token} jupyter lab --gateway-url={up.url}"
     )
     replica = start_kernel(up)
     # up itself, the gateway, two hosts and one replica: all name the state directory

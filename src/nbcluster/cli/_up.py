@@ -328,9 +328,13 @@ def up_command(
 
         _wait_until(f"Starting {hosts} host daemon(s)", hosts_ready, children, 60)
         ca_file = ca_args[1] if ca_args else None
-        lab_line = f"jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}"
+        # The token in JupyterLab's environment, as in the panel's connect line: never on
+        # a command line, which every user of the machine can read while it runs.
+        lab_line = (
+            f"env JUPYTER_GATEWAY_AUTH_TOKEN={shlex.quote(token)} jupyter lab --gateway-url={url}"
+        )
         if ca_file:
-            lab_line += f" --GatewayClient.ca_certs={ca_file}"
+            lab_line += f" --GatewayClient.ca_certs={shlex.quote(ca_file)}"
         lines = [
             f"[bold]Gateway[/]     {url}",
             f"[bold]Token[/]       {token}",
