@@ -44,9 +44,9 @@ class FullWalkScheduler(Scheduler):
 
     def _retry_waiting(self) -> list[Action]:
         actions: list[Action] = []
-        most_free = max(self._by_free, default=0)
+        most_free = self._index.most_free()
         for kernel_id, term in self.waiting:
-            wait = self._queue.get((kernel_id, term))
+            wait = self._queue.get(kernel_id, term)
             if wait is None:
                 continue  # bound earlier in this walk
             kernel = self._kernels[kernel_id]
@@ -55,13 +55,13 @@ class FullWalkScheduler(Scheduler):
                 continue
             if kernel.binding is not None or kernel.waiting[0] != term:
                 continue
-            if self._over_quota(kernel, gpus) is not None:
+            if self._quotas.over(kernel, gpus) is not None:
                 continue
-            bound = self._try_bind(kernel, term, wait.preferred, gpus)
+            bound = self._binder.try_bind(kernel, term, wait.preferred, gpus)
             if bound is not None:
-                self._unqueue(kernel, term)
+                self._queue.remove(kernel, term)
                 actions += bound
-                most_free = max(self._by_free, default=0)
+                most_free = self._index.most_free()
         return actions
 
 

@@ -45,10 +45,11 @@ from ._events import (
     ReplicaStopped,
     UserQuotaSet,
 )
+from ._model import SchedulerConfig
 from ._policies import BATCH, NOTEBOOKOS, POLICIES, RESERVATION, Policy, policy_named
 from ._resources import DEFAULT_REQUEST, Resources, parse_request
 from ._scaling import ScalingConfig, scaling_decision
-from ._state import Scheduler, SchedulerConfig
+from ._state import Scheduler
 from ._views import Binding, ClusterSummary, DeviceMemoryView, EvictionWait, HostView, KernelView
 from ._vram import GIB, vram_share
 
