@@ -67,7 +67,7 @@ _POSITIVE = click.FloatRange(0, min_open=True)
 
 
 def _number_option(
-    flag: str, default: float, kind: click.ParamType, help: str
+    flag: str, default: float, kind: click.ParamType[Any, Any], help: str
 ) -> Callable[[_F], _F]:
     """An option that takes a number and has a default, shown in ``--help``."""
     return click.option(flag, default=default, show_default=True, type=kind, help=help)
@@ -78,8 +78,11 @@ def _duration_option(
 ) -> Callable[[_F], _F]:
     """An option that takes a duration (``90``, ``30m``, ``2h`` ...: :func:`parse_duration`),
     its value in seconds; a default, when it has one, is shown in ``--help``."""
-    shown = {} if default is None else {"default": default, "show_default": True}
-    return click.option(flag, callback=_duration, metavar=metavar, help=help, **shown)
+    if default is None:
+        return click.option(flag, callback=_duration, metavar=metavar, help=help)
+    return click.option(
+        flag, default=default, show_default=True, callback=_duration, metavar=metavar, help=help
+    )
 
 
 def _policies(values: tuple[str, ...]) -> list[str]:

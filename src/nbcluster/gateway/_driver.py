@@ -15,32 +15,22 @@ one raises). The kernel manager owns it; callers go through its methods:
 * read-only views for the API, metrics, jobs and the auto-scaler (``summary``,
   ``host_views``, ``host_view``, ``kernel_view``, ``waiting``).
 
-Its collaborators come in its constructor as small protocols: the kernels that run cells
-(:class:`CellRunner`), who moves a replica (:class:`ReplicaMover`, the kernel manager), who
-adds or removes hosts (:class:`HostRequester`, the gateway's auto-scaler) and who asks a
-replica to move its GPU memory to the host (:class:`Evictor`, ``_evictor``); every ``Evict``
-is answered to the scheduler with one ``EvictionFinished``, also when it failed.
-
-Over 500 lines on purpose: the interpreter of every action and the methods whose answers or
-follow-ups come from those actions (placements, migrations, evictions) read one another;
-split, each half would be explained by the other.
+Its collaborators come in its constructor as protocols (``_driver_collaborators``); moves
+and evictions run in ``_replica_moves`` (every ``Evict`` gets one ``EvictionFinished``, also
+a failed one). Its answers are in ``_driver_answers``, waiting cells' texts in
+``_cell_wait_texts``, host specs and replica ids in ``_scheduler_terms`` (all re-exported).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from .._tasks import BackgroundTasks
-from ..hostproto import HostResources
 from ..scheduling import (
-    GIB,
     Action,
     BindGpus,
     BindJobGpus,
@@ -50,11 +40,9 @@ from ..scheduling import (
     DeviceMemoryView,
     Event,
     Evict,
-    EvictionFinished,
     ExecutionCancelled,
     ExecutionFinished,
     ExecutionRequested,
-    HostAdded,
     HostDrainRequested,
     HostView,
     JobGpusRefused,
@@ -80,9 +68,27 @@ from ..scheduling import (
     WaitForGpus,
 )
 from ..simulation import RecordingScheduler, recording_scheduler
+from ._cell_wait_texts import (
+    evicted_text,
+    granted_text,
+    migration_failed_text,
+    waited_notice,
+    waiting_text,
+)
+from ._driver_answers import Answers, MigrationResult, Placement, Refusal
+from ._driver_collaborators import (
+    CellRunner,
+    EvictionResult,
+    Evictor,
+    HostRequester,
+    HostSupply,
+    ReplicaMover,
+)
 from ._kernel import GatewayKernel
 from ._metrics import GatewayMetrics
 from ._notifier import Notifier
+from ._replica_moves import run_eviction, run_migration
+from ._scheduler_terms import host_added, host_spec, new_replica_id
 
 __all__ = [
     "Answers",
@@ -113,166 +119,6 @@ _ANSWERED = {
     MigrationRequested: "migrate",
     JobGpusRequested: "reserve_job_gpus",
 }
-
-
-def new_replica_id(kernel_id: str, number: int) -> str:
-    """Replica ids unique across kernel restarts and gateway restarts (host daemons and log
-    files are keyed by them)."""
-    return f"{kernel_id[:8]}-{secrets.token_hex(3)}"
-
-
-def host_spec(resources: HostResources) -> tuple[Resources, tuple[int, ...]]:
-    """What the scheduler knows of a host, from what its daemon reported."""
-    spec = Resources(
-        gpus=len(resources.gpus),
-        millicpus=resources.cpus * 1000,
-        memory_mb=resources.memory_mb,
-        vram_gb=round(sum(g.memory_mb for g in resources.gpus) / 1024, 3),
-    )
-    return spec, tuple(g.index for g in resources.gpus)
-
-
-def host_added(name: str, resources: HostResources) -> HostAdded:
-    """The scheduler's event for a host's hello, with each GPU's memory in bytes."""
-    spec, devices = host_spec(resources)
-    return HostAdded(
-        name, spec, devices, tuple(g.memory_mb << 20 for g in resources.gpus), resources.pool
-    )
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-# -- collaborators ----------------------------------------------------------------------------
-
-
-class CellRunner(Protocol):
-    """A kernel as the driver sees it (:class:`~._kernel.GatewayKernel`): it runs, announces
-    and cancels its cells when told."""
-
-    def dispatch(self, term: int, replica_id: str, devices: tuple[int, ...] | None) -> bool:
-        """Run cell ``term`` on the replica with these GPUs; False: it is no longer waiting."""
-
-    def show_waiting(self, term: int, text: str) -> None:
-        """Tell the cell's users why it waits."""
-
-    def cell_started_after_wait(self, term: int, text: str) -> None:
-        """Tell the cell's users that it got its GPUs."""
-
-    def cancel_waiting(self, term: int, ename: str, reason: str) -> None:
-        """Answer a waiting cell with an error."""
-
-
-class ReplicaMover(Protocol):
-    """Carries out a ``Migrate`` (the kernel manager: start the new replica, let it catch up,
-    retire the old one). On failure it has told the scheduler the new replica stopped."""
-
-    async def move_replica(self, migrate: Migrate) -> bool:
-        """True when the new replica runs and the old one is retired."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class EvictionResult:
-    """What a replica answered to an eviction (``ok``), or why it did not (``error``)."""
-
-    ok: bool
-    freed_bytes: int = 0
-    moved_objects: int = 0
-    error: str = ""
-
-
-class Evictor(Protocol):
-    """Asks a replica to move what it keeps on some GPUs to host memory (``_evictor``)."""
-
-    async def evict(
-        self, kernel_id: str, replica_id: str, devices: tuple[int, ...], reason: str
-    ) -> EvictionResult:
-        """Never raises for a replica's failure: an error or a timeout is ``ok=False``."""
-        ...
-
-
-class HostRequester(Protocol):
-    """Adds and removes hosts (the gateway's auto-scaler and host provider)."""
-
-    def request_hosts(self, action: ScaleOut) -> None:
-        """The scheduler found no room: start hosts (in the background)."""
-
-    def release_hosts(self, action: ScaleIn) -> None:
-        """Stop these idle hosts (in the background)."""
-
-
-class HostSupply(HostRequester, Protocol):
-    """A :class:`HostRequester` the kernel manager can also wait on (reactive scale-out)."""
-
-    async def wait_for_hosts(self, timeout: float) -> bool:
-        """After a scale-out: True once a started host registered, False if none is coming."""
-        ...
-
-    def host_registered(self, name: str) -> None:
-        """Hear of every host's hello."""
-
-    def hosts_of(self, machines: Sequence[str]) -> frozenset[str]:
-        """The host names of these ssh machines (a kernelspec's ``remote_hosts``); raises
-        :class:`HostProviderError` when hosts do not come from machines."""
-        ...
-
-
-# -- answers ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where the scheduler put a kernel's replicas: ``(replica_id, host)`` each."""
-
-    kernel_id: str
-    replicas: tuple[tuple[str, str], ...]
-    #: GPUs the kernel holds for its life (``reservation``), else None.
-    reserved_devices: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """The scheduler said no; ``reason`` is the user-facing error. ``scaling``: the host
-    provider was asked for hosts, so a later attempt may succeed."""
-
-    reason: str
-    scaling: bool = False
-    #: The hosts it may use have no room now (a later attempt may succeed), whether or not
-    #: hosts were asked for (a pooled kernel asks for none: "Host pools" in scheduling.md).
-    full: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationResult:
-    """A requested migration that was carried out (``ok``) or failed (see the log)."""
-
-    migrate: Migrate
-    ok: bool
-    seconds: float
-
-
-@dataclass(slots=True)
-class Answers:
-    """What carrying out a list of actions leaves for the caller who asked."""
-
-    placed: PlaceReplicas | None = None
-    #: A life-long binding (``reservation``): the replica is launched with these devices.
-    reserved: BindGpus | None = None
-    job: BindJobGpus | None = None
-    #: The reason of a ``RejectKernel``, ``MigrationRefused`` or ``JobGpusRefused``.
-    refusal: str | None = None
-    #: The ``RejectKernel`` said the hosts are full now (not that no host could ever do).
-    full: bool = False
-    scale_out: ScaleOut | None = None
-    #: Migrations started, each with its running task (True: it succeeded).
-    migrations: list[tuple[Migrate, asyncio.Task[bool]]] = field(default_factory=list)
-    #: Evictions started, each with its running task.
-    evictions: list[tuple[Evict, asyncio.Task[EvictionResult]]] = field(default_factory=list)
-
-
-# -- the driver -------------------------------------------------------------------------------
 
 
 class SchedulerDriver:
@@ -551,28 +397,14 @@ class SchedulerDriver:
             return
         waited = self._end_wait(bind.kernel_id, bind.term)
         if bind.evicted is not None:
-            moved = bind.evicted
-            devices = ", ".join(map(str, moved.devices))
-            whose = "another kernel" if moved.others else "this kernel's previous cell"
-            kernel.show_waiting(
-                bind.term,
-                f"[nbcluster] waited {moved.seconds:.1f} s for "
-                f"{'GPU' if len(moved.devices) == 1 else 'GPUs'} {devices} to be freed by "
-                f"{whose} ({moved.freed_bytes / GIB:.1f} GB moved)\n",
-            )
+            kernel.show_waiting(bind.term, evicted_text(bind.evicted))
         if waited is not None and bind.device_indices:
-            devices = ", ".join(map(str, bind.device_indices))
-            kernel.cell_started_after_wait(
-                bind.term,
-                f"[nbcluster] Got {_plural(len(bind.device_indices), 'GPU')} ({devices}) on "
-                f"{bind.host} after {waited:.1f} s; running the cell.\n",
-            )
+            kernel.cell_started_after_wait(bind.term, granted_text(bind, waited))
             self._notifier.notify(
                 "cell_waited",
                 "info" if waited < 60 else "warning",
                 f"kernel/{bind.kernel_id}",
-                f"kernel {bind.kernel_id}: cell {bind.term} waited {waited:.1f} s for "
-                f"{_plural(len(bind.device_indices), 'GPU')} ({devices} on {bind.host})",
+                waited_notice(bind, waited),
                 owner=self._owners.get(bind.kernel_id),
                 kernel_id=bind.kernel_id,
                 seconds=waited,
@@ -591,19 +423,7 @@ class SchedulerDriver:
         summary = self._scheduler.summary()
         self._wait_started.setdefault((wait.kernel_id, wait.term), time.monotonic())
         self._metrics.cells_waiting_total.inc()
-        if wait.gpus == 0:
-            text = (
-                f"[nbcluster] Waiting for a replica: {wait.reason}. The cell runs as soon as "
-                "one is back; interrupt the kernel to cancel.\n"
-            )
-        else:
-            text = (
-                f"[nbcluster] Waiting for {_plural(wait.gpus, 'GPU')}: {wait.reason} "
-                f"({summary.committed_gpus} of {summary.gpu_capacity} GPUs in the cluster are "
-                "in use). The cell runs as soon as they are free; interrupt the kernel to "
-                "cancel.\n"
-            )
-        kernel.show_waiting(wait.term, text)
+        kernel.show_waiting(wait.term, waiting_text(wait, summary))
 
     def _cancel(self, cancel: CancelWait) -> None:
         self._end_wait(cancel.kernel_id, cancel.term)
@@ -630,19 +450,14 @@ class SchedulerDriver:
         )
 
     async def _migrate(self, migrate: Migrate, bind: BindGpus | None) -> bool:
-        started = time.monotonic()
-        ok = False
+        """Have the replica moved (``_replica_moves``), then run the cell that waited for it,
+        or ask again for it (another host, or a wait) when the move failed."""
         try:
-            if self._mover is not None:
-                ok = await self._mover.move_replica(migrate)
-        except Exception:
-            log.exception("migration of replica %s failed", migrate.replica_id)
+            ok = await run_migration(self._mover, migrate, self._metrics)
         finally:
             # A cell parked for an eviction on the target is bound while it moves.
             bind = self._migrating.pop(migrate.new_replica_id, bind)
-        self._metrics.migrations.labels("ok" if ok else "failed").inc()
         if ok:
-            self._metrics.migration_seconds.observe(time.monotonic() - started)
             if bind is not None:
                 self._dispatch(bind)
             return True
@@ -658,11 +473,7 @@ class SchedulerDriver:
         if self._failed_migrations[key] >= _MIGRATION_ATTEMPTS:
             self._failed_migrations.pop(key, None)
             kernel.cancel_waiting(
-                bind.term,
-                "GpuUnavailable",
-                f"no replica's host has {_plural(len(bind.device_indices), 'free GPU')} and "
-                f"moving a replica to host {bind.host} failed {_MIGRATION_ATTEMPTS} times; "
-                "see the gateway log. Run the cell again.",
+                bind.term, "GpuUnavailable", migration_failed_text(bind, _MIGRATION_ATTEMPTS)
             )
             self.handle(ExecutionFinished(bind.kernel_id, bind.term))
             return False
@@ -677,41 +488,9 @@ class SchedulerDriver:
         )
 
     async def _evict(self, evict: Evict) -> EvictionResult:
-        """Ask the replica, then tell the scheduler what happened (unless the gateway is
-        closing: a cancelled eviction is not answered)."""
-        started = time.monotonic()
-        try:
-            if self._evictor is None:
-                result = EvictionResult(False, error="the gateway has no evictor")
-            else:
-                result = await self._evictor.evict(
-                    evict.kernel_id, evict.replica_id, evict.device_indices, evict.reason
-                )
-        except Exception as exc:
-            log.exception("eviction of replica %s failed", evict.replica_id)
-            result = EvictionResult(False, error=f"{type(exc).__name__}: {exc}")
-        seconds = time.monotonic() - started
-        self._metrics.evictions.labels("ok" if result.ok else "failed").inc()
-        self._metrics.eviction_seconds.observe(seconds)
-        self._metrics.evicted_bytes.inc(result.freed_bytes)
-        if not result.ok:
-            log.warning(
-                "kernel %s replica %s did not free GPU %s of %s: %s",
-                evict.kernel_id,
-                evict.replica_id,
-                list(evict.device_indices),
-                evict.host,
-                result.error,
-            )
-        finished = EvictionFinished(
-            evict.kernel_id,
-            evict.replica_id,
-            evict.device_indices,
-            result.ok,
-            result.freed_bytes,
-            seconds,
-            result.error,
-        )
+        """Ask the replica (``_replica_moves``), then tell the scheduler what happened (unless the
+        gateway is closing: a cancelled eviction is not answered)."""
+        result, finished = await run_eviction(self._evictor, evict, self._metrics)
         self.carry_out(self._scheduler.handle(finished))
         return result
 

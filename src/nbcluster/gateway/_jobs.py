@@ -10,14 +10,17 @@ wait for GPUs, GPU jobs wait (``jobs_yield_to_cells``).
 
 Runs are fenced: every start of a job is a new attempt (``Job.attempts``), the worker tags the
 run's output and end with it, and only the current attempt on the job's current worker is
-heard. Anything else (a run the gateway gave up on when its worker was lost, a host speaking
-of a job it was never given) is dropped and counted, and the host is told to stop that run.
-Output is acknowledged by offset, so that a worker resends after a reconnect what the gateway
-may not have, and the gateway skips what it already has.
+heard (the rules: ``_job_fence``). Anything else (a run the gateway gave up on when its worker
+was lost, a host speaking of a job it was never given) is dropped and counted, and the host is
+told to stop that run. Output is acknowledged by offset, so that a worker resends after a
+reconnect what the gateway may not have, and the gateway skips what it already has
+(``_job_output``). The read-only views of jobs and workers are in ``_job_views``.
 
-A little over 500 lines: the queues, the assignment to workers and the fenced event path all
-read and change the same job records and per-worker runs under one lock-free event loop;
-split, each part would reach into the others' state.
+Over 500 lines, knowingly (about 540): what is left after those pure parts is one state
+machine. The API's calls, the assignment to workers and the fenced event path all read and
+change the same job records (``_Live``) and per-worker runs, and each ends in the same
+transitions (``_requeue``, ``_finish``, ``dispatch``); split, each part would reach into the
+others' state.
 """
 
 from __future__ import annotations
@@ -25,29 +28,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._tasks import BackgroundTasks
 from ..hostproto import CancelJob, JobExited, JobOutput, JobOutputAck, StartJob
-from ..jobs import Job, JobSpec, JobStore, WorkerCapacity, assign_jobs, job_prefix
+from ..jobs import Job, JobSpec, JobStore, assign_jobs
 from ..store import ObjectStore
 from ._driver import SchedulerDriver
 from ._errors import HostRequestError, HostUnreachable, JobError, NoSuchJob
 from ._hosts import HostEntry, HostRegistry
+from ._job_fence import Verdict, is_current_run, refusal_reason
 from ._job_io import JobStoreIO
+from ._job_output import drop_earlier_attempts, keep_fast_output, unseen_output
+from ._job_views import job_statistics, matching_jobs, worker_capacities, worker_health
 from ._metrics import GatewayMetrics
 from ._notifier import Notifier
 from ._subscribers import Subscription
 
-__all__ = ["JobError", "JobManager", "NoSuchJob"]
+__all__ = ["JobError", "JobManager", "NoSuchJob", "Verdict"]
 
 log = logging.getLogger(__name__)
-
-#: Output of a fast job (not stored) kept in memory, per job, at most.
-_FAST_LOG_LIMIT = 1 * 2**20
 
 
 @dataclass(slots=True)
@@ -68,16 +70,10 @@ class _Live:
     starting: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the host endpoint does about an event of a worker: answer with ``ack``, or, when
-    the event was refused, ask the worker to stop the run (``stop``: its job and attempt)."""
-
-    ack: JobOutputAck | None = None
-    stop: tuple[str, int | None] | None = None
-
-
 class JobManager:
+    """Created by the gateway app (``_app``); :meth:`restore` loads the stored jobs when the
+    gateway starts, :meth:`close` runs at shutdown. Runs on the gateway's loop."""
+
     def __init__(
         self,
         job_store: JobStore,
@@ -158,15 +154,8 @@ class JobManager:
         owner: str | None = None,
         kernel_id: str | None = None,
     ) -> list[Job]:
-        found = [
-            live.job
-            for live in self.jobs.values()
-            if (status is None or live.job.status == status)
-            and (queue is None or live.job.spec.queue_name == queue)
-            and (owner is None or live.job.spec.owner == owner)
-            and (kernel_id is None or live.job.spec.kernel_id == kernel_id)
-        ]
-        return sorted(found, key=lambda j: j.created)
+        jobs = (live.job for live in self.jobs.values())
+        return matching_jobs(jobs, status, queue, owner, kernel_id)
 
     async def cancel(self, job_id: str) -> tuple[Job, str]:
         """Cancel a job; returns it and what happened (a finished job: a no-op that says so)."""
@@ -240,40 +229,11 @@ class JobManager:
             live.watchers.discard(subscriber)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Worker health: a worker is healthy while it heartbeats (its record expires after
-        the host-lost timeout of silence)."""
-        now = time.monotonic()
-        running = Counter(
-            live.job.worker for live in self.jobs.values() if live.job.status == "running"
-        )
-        return [
-            {
-                "name": h.name,
-                "healthy": h.state == "connected",
-                "state": h.state,
-                "seconds_since_heartbeat": round(now - h.last_seen, 3),
-                "running_jobs": running.get(h.name, 0),
-                "cpus": h.resources.cpus,
-                "memory_mb": h.resources.memory_mb,
-                "gpus": len(h.resources.gpus),
-                "pool": h.resources.pool,
-            }
-            for h in sorted(self.hosts.hosts.values(), key=lambda h: h.name)
-        ]
+        """Worker health (``_job_views.worker_health``)."""
+        return worker_health(self.hosts, (live.job for live in self.jobs.values()))
 
     def statistics(self) -> dict[str, Any]:
-        by_status = Counter(live.job.status for live in self.jobs.values())
-        queued = Counter(
-            live.job.spec.queue_name for live in self.jobs.values() if live.job.status == "queued"
-        )
-        return {
-            "jobs": dict(by_status),
-            "queued": {"cpu": queued.get("cpu", 0), "gpu": queued.get("gpu", 0)},
-            "workers": {
-                "healthy": sum(1 for h in self.hosts.hosts.values() if h.state == "connected"),
-                "total": len(self.hosts.hosts),
-            },
-        }
+        return job_statistics(self.hosts, (live.job for live in self.jobs.values()))
 
     # -- assignment ---------------------------------------------------------------------------
 
@@ -282,7 +242,9 @@ class JobManager:
         queued = [live.job for live in self.jobs.values() if live.job.status == "queued"]
         if not queued:
             return
-        workers = self._capacities()
+        workers = worker_capacities(
+            self.hosts, self.scheduling.host_views(), (live.job for live in self.jobs.values())
+        )
         if not workers:
             return
         gpus_allowed = not (self.yield_to_cells and self.scheduling.waiting)
@@ -305,32 +267,6 @@ class JobManager:
             self._background.spawn(
                 f"start job {live.job.id}", self._start_on(live, worker, devices, job.attempts)
             )
-
-    def _capacities(self) -> list[WorkerCapacity]:
-        views = self.scheduling.host_views()
-        used_cpus: dict[str, float] = defaultdict(float)
-        used_mem: dict[str, int] = defaultdict(int)
-        for live in self.jobs.values():
-            job = live.job
-            if job.status == "running" and job.worker is not None:
-                used_cpus[job.worker] += job.spec.resources.cpus
-                used_mem[job.worker] += job.spec.resources.memory_mb
-        capacities = []
-        for host in self.hosts.connected():
-            view = views.get(host.name)
-            if view is not None and view.draining:
-                continue  # drained (or shrunk below its bindings): no new job starts there
-            free = view.free_devices if view is not None else []
-            capacities.append(
-                WorkerCapacity(
-                    host.name,
-                    host.resources.cpus - used_cpus[host.name],
-                    host.resources.memory_mb - used_mem[host.name],
-                    free,
-                    host.resources.pool,
-                )
-            )
-        return capacities
 
     def _release_gpus(self, job: Job) -> None:
         if job.spec.resources.gpus:
@@ -394,25 +330,13 @@ class JobManager:
         """The job, if ``attempt`` on ``host`` is its current run (attempt 0: a host that does
         not say, taken as the current one); else None."""
         live = self.jobs.get(job_id)
-        if live is None:
-            return None
-        job = live.job
-        if job.status != "running" or job.worker != host:
-            return None
-        if attempt and attempt != job.attempts:
+        if live is None or not is_current_run(live.job, host, attempt):
             return None
         return live
 
     def _refuse(self, host: str, kind: str, job_id: str, attempt: int) -> Verdict:
         live = self.jobs.get(job_id)
-        if live is None:
-            reason = "foreign"
-        elif attempt and attempt < live.job.attempts:
-            reason = "stale"
-        elif live.job.worker != host:
-            reason = "foreign"
-        else:
-            reason = "stale"
+        reason = refusal_reason(live.job if live is not None else None, host, attempt)
         self.metrics.host_events_refused.labels(reason).inc()
         log.warning(
             "dropped %s of job %s attempt %s from host %s (%s: the job's current run is "
@@ -445,31 +369,13 @@ class JobManager:
         job = live.job
         if live.received is None:
             live.received = max(0, await self._log_size(live) - job.log_base)
-        data = event.data.encode()
-        if event.offset is not None:
-            start = event.offset
-            end = event.end if event.end is not None else start + len(data)
-            if end <= live.received:
-                # Sent again after a reconnect, and already here.
-                return Verdict(ack=self._ack(job, live.received))
-            if start > live.received:
-                log.warning(
-                    "job %s: output %d..%d arrived after only %d bytes; keeping it",
-                    job.id,
-                    start,
-                    end,
-                    live.received,
-                )
-            elif start < live.received:
-                data = data[live.received - start :]
-            live.received = end
-        else:
-            live.received += len(data)
-        if not data:
+        data, live.received = unseen_output(
+            job.id, live.received, event.data.encode(), event.offset, event.end
+        )
+        if not data:  # nothing new (sent again after a reconnect), or empty
             return Verdict(ack=self._ack(job, live.received))
         if job.spec.fast:
-            if len(live.output) < _FAST_LOG_LIMIT:
-                live.output += data[: _FAST_LOG_LIMIT - len(live.output)]
+            keep_fast_output(live.output, data)
         else:
             try:
                 await self.io.append_log(event.job_id, data)
@@ -589,7 +495,8 @@ class JobManager:
         self._save(job)
         if self._object_store is not None and job.attempts > 1:
             self._background.spawn(
-                f"drop earlier attempts of job {job.id}", self._drop_earlier_attempts(job)
+                f"drop earlier attempts of job {job.id}",
+                drop_earlier_attempts(self._object_store, job),
             )
         self.metrics.jobs_finished.labels(status).inc()
         if status == "failed":
@@ -609,28 +516,6 @@ class JobManager:
         self._publish(live, event)
         live.done.set()
         self.dispatch()
-
-    async def _drop_earlier_attempts(self, job: Job) -> None:
-        """Outputs of a job's runs other than its last: a failed or stale run's files, which
-        nobody can download (the job's outputs are its last run's)."""
-        assert self._object_store is not None
-        store = self._object_store()
-        prefix = f"{job_prefix(job.id)}attempts/"
-        keep = f"{prefix}{job.attempts}/"
-
-        def drop() -> int:
-            stale = [o.key for o in store.list(prefix) if not o.key.startswith(keep)]
-            for key in stale:
-                store.delete(key)
-            return len(stale)
-
-        try:
-            dropped = await asyncio.to_thread(drop)
-        except Exception as exc:  # the store is down: they stay, nothing else is affected
-            log.warning("job %s: could not delete earlier attempts' outputs: %s", job.id, exc)
-            return
-        if dropped:
-            log.info("job %s: deleted %d output(s) of earlier attempts", job.id, dropped)
 
     def _save(self, job: Job) -> None:
         if not job.spec.fast:

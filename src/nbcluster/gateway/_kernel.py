@@ -10,21 +10,26 @@ The kernel owns its state: its lifecycle (:data:`KernelState`) changes only thro
 methods (``started``, ``begin_restart`` ... ``mark_dead``), called by the kernel manager's
 modules; its cells' terms and attempts are kept by :class:`._execution.Executions` (pure).
 
-Over 500 lines on purpose: this is one object's routing, a single state machine over the
-same tables (open requests, open cells, held messages, awaited ``idle`` statuses) for client
-messages, replica messages, the loss of a replica and the kernel's lifecycle. Its pure parts
-are apart (``_routing``, ``_execution``, ``_replies``); splitting the rest would spread one
-object's invariants over several files.
+What is not the routing itself is apart: the pure parts (``_routing``, ``_execution``,
+``_replies``, and the texts of refusals and losses in ``_kernel_texts``), the protocols of its
+clients and its gate (``_kernel_protocols``, re-exported here), and the gateway's own requests
+to a replica and the readiness check (``_kernel_requests``).
+
+Over 500 lines, knowingly (about 670): what is left is one object's routing, a single state
+machine over the same tables (open requests, open cells, held messages, awaited ``idle``
+statuses) for client messages, replica messages, the loss of a replica and the kernel's
+lifecycle. Nearly every method reads or changes several of those tables at once (a cell's
+dispatch: the open cells, the open requests, the awaited ``idle`` and the executor); split
+along any of them, each half would have to reach into the other's state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import orjson
 
@@ -37,10 +42,12 @@ from ..protocol import (
     dumps,
     new_message,
     read_device_memory,
-    read_yielded,
 )
 from ._errors import KernelUnavailable
 from ._execution import Execution, Executions, requested_gpus
+from ._kernel_protocols import ClientSink, ExecutionGate
+from ._kernel_requests import Owner, Waiter, send_and_wait, wait_ready
+from ._kernel_texts import every_replica_lost, lost_cell_replies, replica_lost, unavailable_reason
 from ._repair import RepairStatus, is_degraded
 from ._replica import ReplicaLink
 from ._replies import error_replies, status_message
@@ -64,58 +71,12 @@ KernelState = Literal["starting", "idle", "busy", "restarting", "dead"]
 log = logging.getLogger(__name__)
 
 
-class ClientSink(Protocol):
-    """A websocket client as the kernel sees it (see ``_channels.ClientConnection``)."""
-
-    def send(self, msg: Message) -> None: ...
-
-    def close(self, code: int = 1000, reason: str = "") -> None: ...
-
-
-class ExecutionGate(Protocol):
-    """Decides where and when each cell runs (the scheduler's driver, ``_driver``).
-
-    The kernel calls :meth:`execution_requested` for every ``execute_request``; the gate
-    answers, now or later, with :meth:`GatewayKernel.dispatch` (run it on that replica with
-    those GPUs), :meth:`GatewayKernel.show_waiting` or :meth:`GatewayKernel.cancel_waiting`.
-    """
-
-    def execution_requested(
-        self, kernel: GatewayKernel, term: int, preferred: str | None, gpus: int | None = None
-    ) -> None:
-        """A cell arrived, or must run again elsewhere (its replica was lost). ``gpus``: what
-        the cell asks for itself (``%%cpu``: 0), None for the kernel's request."""
-
-    def execution_finished(self, kernel: GatewayKernel, term: int) -> None:
-        """The cell's reply arrived, or it was answered without running."""
-
-    def execution_cancelled(self, kernel: GatewayKernel, term: int) -> None:
-        """The user interrupted a cell that was waiting for GPUs."""
-
-    def device_memory_reported(
-        self, kernel: GatewayKernel, replica_id: str, held: Mapping[int, int]
-    ) -> None:
-        """After a cell, ``replica_id`` keeps ``held`` bytes per GPU (its namespace's)."""
-
-
 #: Messages held for a restarting kernel, at most (then refused with an error reply).
 _HOLD_LIMIT = 1000
 
 
 #: A cell: its request message and the client that sent it.
 _Execution = Execution[Message, ClientSink]
-
-
-class _Waiter:
-    """Owner of a request the gateway itself sent (readiness checks, shutdown)."""
-
-    __slots__ = ("future",)
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-
-
-Owner = ClientSink | _Waiter
 
 
 class GatewayKernel:
@@ -283,7 +244,7 @@ class GatewayKernel:
             return
         link = None if self._state in ("dead", "restarting") else self.executor_link()
         if link is None:
-            self._refuse(client, msg, self._unavailable_reason())
+            self._refuse(client, msg, unavailable_reason(self._state, self.record.dead_reason))
             return
         if msg.msg_type == "execute_request":
             self._submit_execution(client, msg, link)
@@ -451,12 +412,7 @@ class GatewayKernel:
                 self._gate.execution_requested(
                     self, execution.term, target.replica_id, requested_gpus(code)
                 )
-        self.fail_pending(
-            "ReplicaLost",
-            f"{reason}. The cell it was running is lost; the kernel continues on its other "
-            "replicas with the state of the cells before it.",
-            replica=replica,
-        )
+        self.fail_pending("ReplicaLost", replica_lost(reason), replica=replica)
         for msg_id, (header, owner_replica) in list(self.awaiting_idle.items()):
             if owner_replica == replica:
                 del self.awaiting_idle[msg_id]
@@ -465,13 +421,6 @@ class GatewayKernel:
                     client.send(idle)
         if self._state == "busy":
             self._state = "idle"
-
-    def _unavailable_reason(self) -> str:
-        if self._state == "restarting":
-            return "the kernel is restarting; send the request again when it is idle"
-        if self.record.dead_reason:
-            return f"the kernel is dead: {self.record.dead_reason}. Restart it to continue."
-        return "the kernel has no running replica. Restart it to continue."
 
     def _refuse(self, client: ClientSink, msg: Message, reason: str) -> None:
         if not msg.msg_type.endswith("_request"):
@@ -518,9 +467,8 @@ class GatewayKernel:
             if execution is not None:
                 self._execution_replied(execution, msg, link.replica_id)
                 return
-        if isinstance(owner, _Waiter):
-            if not owner.future.done():
-                owner.future.set_result(msg)
+        if isinstance(owner, Waiter):
+            owner.answer(msg)
         elif owner in self.clients:
             owner.send(msg)
 
@@ -558,29 +506,8 @@ class GatewayKernel:
             return
         # The reason of the loss that sent it elsewhere (not of an older dead replica's).
         reason = execution.lost_reason or "its replica was lost"
-        content = yielded.content_dict
-        count = content.get("execution_count")
-        fields = read_yielded(content)
-        if fields is not None and fields.completed:
-            # It ran to the end and its state reached the others; only its answer was lost.
-            what = (
-                "The cell had run to the end there and its variables were kept, but its "
-                "outputs were lost; the kernel continues on its other replicas."
-            )
-        else:
-            what = (
-                "The cell had started there and its effects are lost; the kernel continues "
-                "on its other replicas with the state of the cells before it."
-            )
-        for reply in error_replies(
-            "shell",
-            "execute_request",
-            execution.request.header,
-            "ReplicaLost",
-            f"{reason}. {what}",
-            # The count the cell had, as an interrupted cell's reply on a local kernel.
-            execution_count=count if isinstance(count, int) and count > 0 else None,
-        ):
+        header = execution.request.header
+        for reply in lost_cell_replies(header, reason, yielded.content_dict):
             execution.owner.send(reply)
 
     def _reject_from_replica(self, link: ReplicaLink, channel: str, reason: str) -> None:
@@ -595,15 +522,9 @@ class GatewayKernel:
         content: dict[str, Any],
         timeout: float,
     ) -> Message:
-        """Send a request of the gateway's own and wait for its reply."""
-        waiter = _Waiter()
+        """Send a request of the gateway's own and wait for its reply (``_kernel_requests``)."""
         msg = new_message(channel, msg_type, content)
-        self.pending.add(msg.msg_id, msg_type, channel, msg.header, waiter)
-        try:
-            link.send(msg)
-            return await asyncio.wait_for(waiter.future, timeout)
-        finally:
-            self.pending.route(msg.msg_id, msg_type.replace("_request", "_reply"))
+        return await send_and_wait(self.pending, link, msg, timeout)
 
     async def wait_ready(self, link: ReplicaLink, timeout: float) -> dict[str, Any]:
         """Wait until the replica answers kernel_info and its IOPub reaches us.
@@ -611,30 +532,7 @@ class GatewayKernel:
         Called after a replica starts and when a restarted gateway re-attaches. Returns the
         kernel_info reply content; raises ``TimeoutError``.
         """
-        deadline = time.monotonic() + timeout
-        info: dict[str, Any] | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"replica {link.replica_id} did not become ready in {timeout:.0f} s"
-                )
-            try:
-                reply = await self.request(
-                    link, "shell", "kernel_info_request", {}, min(1.0, remaining)
-                )
-                info = reply.content_dict
-            except TimeoutError:
-                continue
-            # Every kernel_info request also publishes busy/idle: once one of those (or the
-            # XPUB welcome) has arrived, our subscription is live and no output can be missed.
-            if info is not None and link.iopub_seen.is_set():
-                return info
-            try:
-                await asyncio.wait_for(link.iopub_seen.wait(), min(0.2, max(remaining, 0.01)))
-                return info
-            except TimeoutError:
-                continue
+        return await wait_ready(self.request, link, timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
     #
@@ -691,11 +589,7 @@ class GatewayKernel:
     def begin_restore(self, reason: str) -> None:
         """Every replica was lost; the manager starts new ones from the store. Open requests
         are answered (their cells are lost), new ones are held until :meth:`end_restore`."""
-        self.fail_pending(
-            "ReplicaLost",
-            f"{reason}. Every replica of the kernel is gone; it is being restored from its "
-            "last checkpoint.",
-        )
+        self.fail_pending("ReplicaLost", every_replica_lost(reason))
         self._state = "restarting"
 
     def end_restore(self, term: int, notice: str) -> None:
@@ -739,9 +633,8 @@ class GatewayKernel:
                 finished.append(execution.term)
         for pending in taken:
             owner = pending.owner
-            if isinstance(owner, _Waiter):
-                if not owner.future.done():
-                    owner.future.set_exception(KernelUnavailable(reason))
+            if isinstance(owner, Waiter):
+                owner.fail(KernelUnavailable(reason))
                 continue
             if owner not in self.clients:
                 continue

@@ -42,7 +42,7 @@ from ..protocol import (
     new_message,
 )
 from ._face_rules import PortRange, PublishedOnce, classify, is_ipv6
-from ._kernel import ClientSink
+from ._kernel_protocols import ClientSink
 from ._zmq_drain import drained
 
 __all__ = [

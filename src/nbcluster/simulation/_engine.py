@@ -21,9 +21,9 @@ gateway's slow parts (``docs/simulation.md``, "What is simulated"):
   ``restore_seconds`` later;
 * ``Evict`` is answered at once as done (traces carry no GPU memory reports).
 
-Why one module of over 500 lines: the event loop, the carrying out of actions and the
-accounting they feed change the same per-kernel state; split, each part would need the
-others' private fields.
+The event loop, the carrying out of actions and the per-kernel state they share are here;
+what a replay measures (GPU- and host-seconds, delays, counts, the timeline) and the summary
+made of it are in ``_accounting``, which the loop feeds.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import dataclasses
 import heapq
 import math
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,8 +60,9 @@ from ..scheduling import (
     policy_named,
     scaling_decision,
 )
+from ._accounting import Accounting
 from ._recorder import RecordingScheduler, recording_scheduler
-from ._results import PERCENTILES, PolicyOutcome, PolicySummary, Timeline, percentile
+from ._results import PolicyOutcome
 from ._settings import SimulationSettings, simulated_host_spec
 from ._workload import Cell, Session, Workload
 
@@ -115,47 +115,6 @@ class _Live:
     lifelong: bool = False
 
 
-class _Timeline:
-    """Mean and peak committed GPUs and peak hosts per bucket of simulated time."""
-
-    def __init__(self, start: float, width: float) -> None:
-        self.start = start
-        self.width = width
-        self.committed_seconds: list[float] = []
-        self.committed_max: list[int] = []
-        self.hosts: list[int] = []
-
-    def _bucket(self, index: int) -> None:
-        while len(self.hosts) <= index:
-            self.committed_seconds.append(0.0)
-            self.committed_max.append(0)
-            self.hosts.append(0)
-
-    def add(self, t0: float, t1: float, committed: int, hosts: int) -> None:
-        """The state held from ``t0`` to ``t1`` (also a zero-length instant: peaks count)."""
-        first = max(int((t0 - self.start) // self.width), 0)
-        last = max(int((t1 - self.start) // self.width), 0)
-        self._bucket(last)
-        for index in range(first, last + 1):
-            lo = max(t0, self.start + index * self.width)
-            hi = min(t1, self.start + (index + 1) * self.width)
-            if hi > lo:
-                self.committed_seconds[index] += committed * (hi - lo)
-            if committed > self.committed_max[index]:
-                self.committed_max[index] = committed
-            if hosts > self.hosts[index]:
-                self.hosts[index] = hosts
-
-    def frozen(self) -> Timeline:
-        return Timeline(
-            self.start,
-            self.width,
-            tuple(s / self.width for s in self.committed_seconds),
-            tuple(self.committed_max),
-            tuple(self.hosts),
-        )
-
-
 class _Replay:
     def __init__(
         self,
@@ -184,34 +143,14 @@ class _Replay:
         #: Open sessions only (a closed one is forgotten: memory follows what is open).
         self.lives: dict[str, _Live] = {}
         self.by_index: dict[int, _Live] = {}
-        # accounting
-        self.committed = 0
-        self.bound: dict[str, int] = {}
-        self.capacity = 0
-        self.host_count = 0
-        self.host_names: list[str] = []
-        self.gpu_seconds_held = 0.0
-        self.gpu_seconds_used = 0.0
-        self.gpu_seconds_provisioned = 0.0
-        self.host_seconds = 0.0
-        self.hosts_min = 0
-        self.hosts_max = 0
-        #: Every started cell's delay (8 bytes each).
-        self.delays = array("d")
-        self.events = 0
-        self.migrations = 0
-        self.reclaims = 0
-        self.sessions_refused = 0
-        self.cells_refused = 0
-        self.hosts_started = 0
-        self.hosts_stopped = 0
-        self.started_hosts = 0
+        width = max(workload.span / settings.timeline_points, 60.0)
+        self.acct = Accounting(self.start, width)
         # auto-scaling
         self.scaling = settings.cluster.scaling
         self.starting: deque[float] = deque()
         self.round_armed = False
-        width = max(workload.span / settings.timeline_points, 60.0)
-        self.timeline = _Timeline(self.start, width)
+        #: Hosts the auto-scaler started that registered (they are named after the count).
+        self.started_hosts = 0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -222,7 +161,7 @@ class _Replay:
             self._add_host(
                 host.name, HostAdded(host.name, host.spec, host.gpu_devices, host.device_vram)
             )
-        self.hosts_min = self.host_count
+        self.acct.hosts_min = self.acct.host_count
         following = 0
         popped = 0
         heap = self.heap
@@ -272,16 +211,11 @@ class _Replay:
     def _advance(self, when: float) -> None:
         if when < self.now:
             when = self.now
-        dt = when - self.now
-        if dt > 0:
-            self.gpu_seconds_held += self.committed * dt
-            self.gpu_seconds_provisioned += self.capacity * dt
-            self.host_seconds += self.host_count * dt
-        self.timeline.add(self.now, when, self.committed, self.host_count)
+        self.acct.advance(self.now, when)
         self.now = when
 
     def _handle(self, event: Event) -> list[Action]:
-        self.events += 1
+        self.acct.events += 1
         if self.scaling is not None and not self.round_armed:
             self.round_armed = True
             interval = self.settings.scaling_interval
@@ -326,9 +260,9 @@ class _Replay:
             self._push(self.starting[0], _RETRY, live.index)
             return
         if not restoring:
-            self.sessions_refused += 1
+            self.acct.sessions_refused += 1
         unsent = len(session.cells) - live.next_cell
-        self.cells_refused += unsent + len(live.held)
+        self.acct.cells_refused += unsent + len(live.held)
         live.held.clear()
         live.next_cell = len(session.cells)
         live.state = _REFUSED
@@ -377,7 +311,7 @@ class _Replay:
         self._carry_out(self._handle(KernelStopped(live.session.session_id)))
         live.state = _RECLAIMED
         live.reclaimed = True
-        self.reclaims += 1
+        self.acct.reclaims += 1
 
     # -- cells --------------------------------------------------------------------------------
 
@@ -427,10 +361,9 @@ class _Replay:
         start = max(
             self.now + (self.settings.migration_seconds if migrated else 0.0), live.busy_until
         )
-        self.delays.append(start - ready)
+        self.acct.cell_started(start - ready, flight.cell.gpus, flight.cell.duration)
         live.busy_until = start + flight.cell.duration
         live.last_replica = bind.replica_id
-        self.gpu_seconds_used += flight.cell.gpus * flight.cell.duration
         self._push(live.busy_until, _FINISH, live.index, bind.term)
 
     # -- actions ------------------------------------------------------------------------------
@@ -443,21 +376,21 @@ class _Replay:
                 assert isinstance(action, BindGpus)
                 live = self.lives.get(action.kernel_id)
                 if action.term is None:
-                    self._bind(action.kernel_id, len(action.device_indices))
+                    self.acct.bind(action.kernel_id, len(action.device_indices))
                     if live is not None:
                         live.lifelong = True
                     continue
                 if live is not None and not live.lifelong:
-                    self._bind(action.kernel_id, len(action.device_indices))
+                    self.acct.bind(action.kernel_id, len(action.device_indices))
                 self._started(action, action.replica_id in migrated)
             elif kind is ReleaseGpus:
                 assert isinstance(action, ReleaseGpus)
-                self.committed -= self.bound.pop(action.kernel_id, 0)
+                self.acct.release(action.kernel_id)
                 if action.term is None and (live := self.lives.get(action.kernel_id)):
                     live.lifelong = False
             elif kind is Migrate:
                 assert isinstance(action, Migrate)
-                self.migrations += 1
+                self.acct.migrations += 1
                 migrated.add(action.new_replica_id)
             elif kind is ScaleOut:
                 assert isinstance(action, ScaleOut)
@@ -472,34 +405,27 @@ class _Replay:
                 assert isinstance(action, RefuseCell)
                 live = self.lives.get(action.kernel_id)
                 if live is not None and live.inflight.pop(action.term, None) is not None:
-                    self.cells_refused += 1
+                    self.acct.cells_refused += 1
                     self._idle(live)
             # PlaceReplicas and RejectKernel are read by _place; WaitForGpus and CancelWait
             # need nothing (a cell waits until a BindGpus comes); jobs are not simulated.
-
-    def _bind(self, kernel_id: str, gpus: int) -> None:
-        self.committed += gpus - self.bound.get(kernel_id, 0)
-        self.bound[kernel_id] = gpus
 
     # -- hosts and auto-scaling -----------------------------------------------------------------
 
     def _add_host(self, name: str, event: HostAdded) -> None:
         self._carry_out(self._handle(event))
-        self.host_names.append(name)
-        self.host_count += 1
-        self.capacity += event.spec.gpus
-        self.hosts_max = max(self.hosts_max, self.host_count)
+        self.acct.host_added(event.spec.gpus)
 
     def _scale_out(self, count: int) -> None:
         if self.scaling is None:
             return
-        present = self.host_count + len(self.starting)
+        present = self.acct.host_count + len(self.starting)
         count = min(count, self.scaling.max_hosts - present)
         for _ in range(max(count, 0)):
             arrives = self.now + self.settings.host_start_seconds
             self.starting.append(arrives)
             self._push(arrives, _HOST_UP, 0)
-            self.hosts_started += 1
+            self.acct.hosts_started += 1
 
     def _host_up(self) -> None:
         assert self.scaling is not None
@@ -534,58 +460,21 @@ class _Replay:
             if view is None or view.replicas or view.bound or view.jobs:
                 continue
             self._carry_out(self._handle(HostRemoved(name)))
-            self.host_names.remove(name)
-            self.host_count -= 1
-            self.capacity -= view.spec.gpus
-            self.hosts_stopped += 1
-            self.hosts_min = min(self.hosts_min, self.host_count)
+            self.acct.host_removed(view.spec.gpus)
 
     # -- results ------------------------------------------------------------------------------
 
     def _check(self) -> None:
         """Test mode: the engine's accounting agrees with the scheduler's."""
         summary = self.scheduler.summary()
-        assert summary.committed_gpus == self.committed, (summary, self.committed)
-        assert summary.hosts == self.host_count and summary.gpu_capacity == self.capacity
+        acct = self.acct
+        assert summary.committed_gpus == acct.committed, (summary, acct.committed)
+        assert summary.hosts == acct.host_count and summary.gpu_capacity == acct.capacity
 
     def outcome(self, seconds: float) -> PolicyOutcome:
-        delays = array("d", sorted(self.delays))
-        waited_count = sum(1 for d in delays if d > 1e-9)
-        waited_total = sum(d for d in delays if d > 1e-9)
         simulated = max(self.now - self.start, 0.0)
         unfinished = sum(len(live.inflight) + len(live.held) for live in self.lives.values())
-        summary = PolicySummary(
-            policy=self.policy.name,
-            sessions=len(self.workload.sessions),
-            sessions_refused=self.sessions_refused,
-            cells=self.workload.cells,
-            cells_run=len(delays),
-            cells_refused=self.cells_refused,
-            cells_unfinished=unfinished,
-            gpu_hours_held=self.gpu_seconds_held / 3600,
-            gpu_hours_used=self.gpu_seconds_used / 3600,
-            gpu_hours_provisioned=self.gpu_seconds_provisioned / 3600,
-            delay_p50_s=percentile(delays, 50),
-            delay_p95_s=percentile(delays, 95),
-            delay_p99_s=percentile(delays, 99),
-            delay_max_s=delays[-1] if delays else 0.0,
-            cells_waited=waited_count,
-            wait_hours=waited_total / 3600,
-            wait_mean_s=waited_total / waited_count if waited_count else 0.0,
-            migrations=self.migrations,
-            reclaims=self.reclaims,
-            hosts_min=self.hosts_min,
-            hosts_max=self.hosts_max,
-            hosts_mean=self.host_seconds / simulated if simulated > 0 else float(self.host_count),
-            hosts_started=self.hosts_started,
-            hosts_stopped=self.hosts_stopped,
-            scheduler_events=self.events,
-            simulated_hours=simulated / 3600,
-            replay_seconds=seconds,
-            events_per_second=self.events / seconds if seconds > 0 else 0.0,
-            delay_percentiles_s=[percentile(delays, q) for q in PERCENTILES],
-        )
-        return PolicyOutcome(summary, self.timeline.frozen(), delays)
+        return self.acct.outcome(self.policy.name, self.workload, simulated, unfinished, seconds)
 
 
 def simulate(
