@@ -113,6 +113,10 @@ class GatewayKernel:
         self._on_wake = on_wake
         #: Shell requests whose closing ``idle`` has not arrived: msg id -> (header, replica).
         self.awaiting_idle: dict[str, tuple[bytes, str]] = {}
+        #: Cells sent to a replica that has not begun them yet (no ``busy`` with them as
+        #: parent): set once it has. A replica ignores SIGINT until it has begun a cell, so an
+        #: interrupt waits for this (``cells_begun``).
+        self._unbegun: dict[str, asyncio.Event] = {}
         #: Client messages that arrived while the kernel was restarting.
         self.held: list[tuple[ClientSink, Message]] = []
         #: Held by the kernel manager's modules while they start, stop or change replicas.
@@ -315,9 +319,13 @@ class GatewayKernel:
             msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.owner, replica_id
         )
         self._await_idle(msg, replica_id)
+        self._unbegun[msg.msg_id] = asyncio.Event()
+        if len(self._unbegun) > _HOLD_LIMIT * 10:
+            self._unbegun.pop(next(iter(self._unbegun))).set()
         try:
             link.send(msg)
         except ConnectionError as exc:
+            self._began(msg.msg_id)
             self.pending.route(msg.msg_id, "execute_reply")
             self.awaiting_idle.pop(msg.msg_id, None)
             self._executions.forget(execution)
@@ -366,6 +374,28 @@ class GatewayKernel:
                 "shell", "execute_request", execution.request.header, ename, reason
             ):
                 execution.owner.send(reply)
+
+    def _began(self, msg_id: str) -> None:
+        event = self._unbegun.pop(msg_id, None)
+        if event is not None:
+            event.set()
+
+    async def cells_begun(self, timeout: float) -> bool:
+        """Called by the kernel manager before it interrupts: unless a cell is running
+        (``busy``), wait until every cell sent to a replica has begun there, at most
+        ``timeout`` seconds; False when one had not by then. A replica records SIGINT only
+        once its handler has begun the cell (``kernel/_interrupts``); an interrupt sent right
+        behind a cell would otherwise reach it first and be ignored, and the cell run on."""
+        if self._state == "busy":
+            return True  # a running cell is what the interrupt is for: at once
+        events = list(self._unbegun.values())
+        try:
+            async with asyncio.timeout(timeout):
+                for event in events:
+                    await event.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _await_idle(self, msg: Message, replica: str) -> None:
         self.awaiting_idle[msg.msg_id] = (msg.header, replica)
@@ -446,6 +476,8 @@ class GatewayKernel:
                 state = msg.content_dict.get("execution_state")
                 if state == "starting":
                     return  # the gateway announces lifecycle states itself
+                if msg.parent_msg_id is not None:
+                    self._began(msg.parent_msg_id)
                 if state == "idle" and msg.parent_msg_id is not None:
                     self.awaiting_idle.pop(msg.parent_msg_id, None)
                 if state in ("busy", "idle") and self._state not in ("dead", "restarting"):
@@ -463,6 +495,7 @@ class GatewayKernel:
             return
         owner = pending.owner
         if msg.msg_type == "execute_reply":
+            self._began(pending.msg_id)
             execution = self._executions.get(pending.msg_id)
             if execution is not None:
                 self._execution_replied(execution, msg, link.replica_id)
