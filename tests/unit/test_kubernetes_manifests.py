@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +31,11 @@ from pydantic import ValidationError
 
 from nbcluster import envvars
 from nbcluster.cli import cli
+from nbcluster.host._kube_replicas import NAMESPACE_ENV, POD_NAME_ENV, POD_UID_ENV
 
 from ..cluster import free_port, wait_for
 from ..tls_files import make_tls_files
+from .test_kube_replicas import run_exercise as run_replica_exercise
 from .test_kubernetes_provider import (
     GATEWAY_ID,
     GPU_NODE,
@@ -51,6 +54,8 @@ OVERLAYS = ["base", *sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p
 NAMESPACE = "nbcluster"
 #: Overlays whose gateway runs the kubernetes host provider.
 AUTOSCALED = [o for o in OVERLAYS if o in ("autoscale", "production", "try")]
+#: Overlays whose host daemons run kernel images as pods (components/kernel-pods).
+KERNEL_PODS = [o for o in OVERLAYS if o in ("kernel-pods",)]
 
 Obj = dict[str, Any]
 
@@ -332,8 +337,9 @@ def test_pods_meet_the_namespaces_pod_security(overlay: str) -> None:
     for what, _, spec in pod_specs(objects):
         check_pod_security(what, spec, level)
         assert spec.get("automountServiceAccountToken") is (
-            what == "Deployment nbcluster-gateway" and overlay in AUTOSCALED
-        ), f"{what}: only the auto-scaling gateway calls the API"
+            (what == "Deployment nbcluster-gateway" and overlay in AUTOSCALED)
+            or (what == "DaemonSet nbcluster-host" and overlay in KERNEL_PODS)
+        ), f"{what}: only the auto-scaling gateway and hosts running kernel pods call the API"
         assert spec.get("enableServiceLinks") is False, what
     gateway = one(objects, "Deployment", "nbcluster-gateway")["spec"]["template"]["spec"]
     assert gateway["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
@@ -474,6 +480,26 @@ async def test_the_host_providers_pods_pass_the_same_checks() -> None:
     assert host["args"][0] == "host" and "--address" in host["args"]
 
 
+@functools.cache
+def _replica_exercise() -> tuple[tuple[Any, ...], tuple[Obj, ...]]:
+    """The requests of a replica pod's life and the pods made (test_kube_replicas), once; on
+    a thread of its own (it runs an event loop, and async tests ask for it too)."""
+    with tempfile.TemporaryDirectory() as where, ThreadPoolExecutor(1) as pool:
+        requests, pods = pool.submit(run_replica_exercise, Path(where)).result()
+    return tuple(requests), tuple(pods)
+
+
+def test_replica_pods_load_strictly_and_meet_pod_security() -> None:
+    """The pods the kubernetes replica runtime makes: a valid ``V1Pod``, Pod Security
+    ``restricted`` (what the namespace enforces) and nbcluster's own rules (no secret values
+    in env or args)."""
+    (pod,) = copy.deepcopy(_replica_exercise()[1])
+    load(pod)
+    check_pod_security("a replica pod", pod["spec"], "restricted")
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["enableServiceLinks"] is False
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 async def test_only_the_gateway_and_hosts_reach_replica_ports(overlay: str) -> None:
     objects = render(overlay)
@@ -481,6 +507,21 @@ async def test_only_the_gateway_and_hosts_reach_replica_ports(overlay: str) -> N
     pods = {what: meta.get("labels") or {} for what, meta, _ in pod_specs(objects)}
     if overlay in AUTOSCALED:
         pods["a pod of the host provider"] = await _provider_pod_labels()
+    kernel = dict(_replica_exercise()[1][0]["metadata"]["labels"])
+    if overlay in KERNEL_PODS:
+        # Not named "host": hosts' replica ports are not for them.
+        pods["a kernel pod of the replica runtime"] = kernel
+        governing = [p for p in policies if _selects(p, kernel) and p["spec"]["podSelector"]]
+        assert [p["metadata"]["name"] for p in governing] == ["nbcluster-kernel"]
+        for other, other_labels in pods.items():
+            should = other == "a kernel pod of the replica runtime" or (
+                other == "Deployment nbcluster-gateway"
+            )
+            assert _admits(governing[0], other_labels) == should, f"kernel pods from {other}"
+        ports = governing[0]["spec"]["ingress"][0]["ports"]
+        assert ports == [{"port": 5555, "endPort": 5560, "protocol": "TCP"}]
+    else:
+        assert not named(objects, "NetworkPolicy", "nbcluster-kernel"), overlay
     default_deny = one(objects, "NetworkPolicy", "nbcluster-default-deny")
     assert default_deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     gateway = pods["Deployment nbcluster-gateway"]
@@ -547,9 +588,39 @@ def test_rbac_is_exactly_what_the_host_provider_calls(overlay: str) -> None:
 
 
 def test_no_rbac_without_the_provider() -> None:
-    for overlay in set(OVERLAYS) - set(AUTOSCALED):
+    for overlay in set(OVERLAYS) - set(AUTOSCALED) - set(KERNEL_PODS):
         objects = render(overlay)
         assert not [o for o in objects if "Role" in o["kind"]], overlay
+
+
+@pytest.mark.parametrize("overlay", KERNEL_PODS)
+def test_rbac_is_exactly_what_the_replica_runtime_calls(overlay: str) -> None:
+    """components/kernel-pods' Role against the requests of a replica pod's life (start-up,
+    leftovers, start, log, follow, stop), bound to the hosts' service account only; the
+    gateway's provider RBAC is not there."""
+    objects = render(overlay)
+    namespaced, cluster = _needed(iter(_replica_exercise()[0]))
+    assert ("", "secrets", "create") in namespaced and ("", "pods/log", "get") in namespaced
+    assert not cluster, "the replica runtime calls nothing cluster-scoped"
+    assert not any(verb in ("get", "list", "watch") for _, r, verb in namespaced if r == "secrets")
+    assert _rules(objects, "Role") == namespaced, "the Role differs from the runtime's calls"
+    assert not named(objects, "ClusterRole")
+    account = one(objects, "DaemonSet", "nbcluster-host")["spec"]["template"]["spec"][
+        "serviceAccountName"
+    ]
+    for binding in named(objects, "RoleBinding"):
+        assert binding["roleRef"]["name"] == "nbcluster-kernel-pods"
+        assert [s["name"] for s in binding["subjects"]] == [account]
+    # The host daemon finds its own pod with these (docs/kubernetes.md).
+    host = one(objects, "DaemonSet", "nbcluster-host")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in host["env"]}
+    for name, path in [
+        (NAMESPACE_ENV, "metadata.namespace"),
+        (POD_NAME_ENV, "metadata.name"),
+        (POD_UID_ENV, "metadata.uid"),
+    ]:
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
+    assert "--container-runtime=kubernetes" in host["args"]
 
 
 def test_the_rbac_comparison_sees_a_missing_or_extra_rule() -> None:

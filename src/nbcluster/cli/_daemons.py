@@ -559,9 +559,11 @@ def _ca(value: Path | None) -> Path | None:
 @click.option("--memory-mb", type=click.IntRange(1), help="Memory to report (default: all).")
 @click.option(
     "--container-runtime",
-    type=click.Choice(["docker"]),
-    help="Run the replicas of kernelspecs that name an image as containers of it, on this "
-    "engine (DOCKER_HOST or the local socket). Without it such kernels are refused here.",
+    type=click.Choice(["docker", "kubernetes"]),
+    help="Run the replicas of kernelspecs that name an image as containers of it: docker, on "
+    "the engine at DOCKER_HOST or the local socket; kubernetes, as pods beside this daemon's "
+    'own pod (it must run in one: docs/kubernetes.md, "Kernel images as pods"). Without it '
+    "such kernels are refused here.",
 )
 @click.option(
     "--container-user",

@@ -32,10 +32,11 @@ class HostConfig:
     #: system's trust store. Used only with an https gateway URL.
     ca: Path | None = None
     #: Runs the replicas of kernelspecs that name an image: "docker" (the engine at
-    #: DOCKER_HOST or the local socket); None: such replicas are refused here.
+    #: DOCKER_HOST or the local socket), "kubernetes" (pods beside the daemon's own pod:
+    #: docs/kubernetes.md, "Kernel images as pods"); None: such replicas are refused here.
     container_runtime: str | None = None
     #: ``uid:gid`` replica containers run as (default: the daemon's own, or 1000:1000 when
-    #: the daemon is root: never root in the container).
+    #: the daemon is root: never root in the container; with kubernetes, 1000:1000).
     container_user: str | None = None
     #: The host pool it is in (reported in its hello); None: in none.
     pool: str | None = None

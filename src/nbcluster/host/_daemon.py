@@ -49,6 +49,7 @@ from ..hostproto import (
 from ._config import HostConfig
 from ._containers import ContainerRuntimeError, DockerReplicaRuntime
 from ._jobs import JobRunner
+from ._kube_replicas import KubernetesReplicaRuntime
 from ._processes import ReplicaStartError, ReplicaSupervisor
 from ._resources import discover_resources
 
@@ -93,12 +94,20 @@ class HostDaemon:
         gateway_env = {envvars.GATEWAY_URL.name: config.gateway_url.rstrip("/")}
         if https and config.ca is not None:
             gateway_env[envvars.GATEWAY_CA.name] = str(config.ca.resolve())
-        #: Runs the replicas of kernelspecs that name an image (``--container-runtime``).
-        self.containers: DockerReplicaRuntime | None = None
+        #: Runs the replicas of kernelspecs that name an image (``--container-runtime``):
+        #: containers on the Docker engine, or pods beside this daemon's own pod.
+        self.containers: DockerReplicaRuntime | KubernetesReplicaRuntime | None = None
         if config.container_runtime == "docker":
             self.containers = DockerReplicaRuntime(
                 config.name, gpu_devices=config.gpu_devices, container_user=config.container_user
             )
+        elif config.container_runtime == "kubernetes":
+            try:
+                self.containers = KubernetesReplicaRuntime(
+                    config.name, container_user=config.container_user
+                )
+            except ValueError as exc:  # a --container-user a pod cannot run as
+                raise HostRejected(f"--container-runtime kubernetes: {exc}") from None
         elif config.container_runtime is not None:
             raise ValueError(f"unknown container runtime {config.container_runtime!r}")
         self.supervisor = ReplicaSupervisor(
@@ -128,10 +137,12 @@ class HostDaemon:
             try:
                 await self.containers.check()
             except ContainerRuntimeError as exc:
-                raise HostRejected(f"--container-runtime docker: {exc}") from None
+                raise HostRejected(f"--container-runtime {self.containers.name}: {exc}") from None
             # Replicas of an earlier run of this daemon: lost with it, and not to be adopted.
             for name in await self.containers.remove_leftovers():
-                log.warning("removed replica container %s left by an earlier run", name)
+                log.warning(
+                    "removed replica %s (%s) left by an earlier run", name, self.containers.name
+                )
         delay = 0.1
         try:
             while not self._stopping.is_set():

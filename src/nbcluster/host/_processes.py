@@ -23,12 +23,12 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import envvars
 from .._curve import public_key_of
 from ..hostproto import ConnectionInfo, ReplicaExited, ReplicaReport, StartReplica
-from ._containers import MOUNT, ContainerRuntimeError, DockerReplicaRuntime
+from ._containers import MOUNT, ContainerRuntimeError
 
 __all__ = ["ReplicaHandle", "ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
 
@@ -63,6 +63,28 @@ class ReplicaHandle(Protocol):
     async def release(self) -> None:
         """After it ended: free what it held (its process group, its container)."""
         ...
+
+
+class ContainerRuntime(Protocol):
+    """What runs the replicas of kernelspecs that name an image: ``_containers``' Docker
+    runtime, ``_kube_replicas``' pods. Its replicas are :class:`ReplicaHandle`; one whose
+    sockets listen elsewhere than on the host's address (a pod's IP) has it as ``address``."""
+
+    def owner(self) -> tuple[int, int] | None: ...
+
+    async def run(
+        self,
+        *,
+        image: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        replica_dir: Path,
+        kernel_id: str,
+        replica_id: str,
+        lifeline_fd: int,
+    ) -> ReplicaHandle: ...
+
+    def follow_logs(self, replica: Any, log_path: Path) -> None: ...
 
 
 class _ProcessGroup:
@@ -155,7 +177,7 @@ class ReplicaSupervisor:
         default_working_dir: Path,
         on_exit: Callable[[ReplicaExited], Awaitable[None]],
         gateway_env: Mapping[str, str] | None = None,
-        containers: DockerReplicaRuntime | None = None,
+        containers: ContainerRuntime | None = None,
     ) -> None:
         self._address = address
         #: Runs replicas whose kernelspec names an image; None: this host runs none.
@@ -270,7 +292,7 @@ class ReplicaSupervisor:
         if self._containers is None:
             raise ReplicaStartError(
                 f"kernelspec image {image!r}: this host runs no containers "
-                "(start its daemon with --container-runtime docker)"
+                "(start its daemon with --container-runtime docker or kubernetes)"
             )
         replica_dir, curve_public, gateway_ca = self._make_replica_dir(request)
         # Read-write opens of a FIFO do not wait for the other end. The report's read end
@@ -364,7 +386,8 @@ class ReplicaSupervisor:
             tail = _log_tail(log_path)
             raise ReplicaStartError(f"{exc}\n--- replica log ---\n{tail}") from None
         connection = ConnectionInfo(
-            ip=self._address,
+            # A replica pod's sockets are on its own IP, not on the host's.
+            ip=getattr(handle, "address", None) or self._address,
             transport="tcp",
             shell_port=report["shell_port"],
             iopub_port=report["iopub_port"],
