@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -161,4 +162,29 @@ async def test_nbclient_runs_a_notebook_beside_a_local_kernel(
         await km.shutdown_kernel()
     assert remote.cells[1].outputs[0]["text"] == "True\n"
     assert local.cells[1].outputs[0]["text"] == "False\n"
+    assert gateway_kernels(cluster) == []
+
+
+def test_jupyter_console_runs_cells_on_a_curve_face(
+    cluster: Cluster, specs: KernelSpecManager, tmp_path: Path
+) -> None:
+    """``jupyter console --kernel NAME`` with the installed kernelspec, on a gateway with
+    CurveZMQ on (the default): its manager hands the client the face's keys, so cells run."""
+    kernels_dir = Path(specs.kernel_dirs[0])
+    env = {
+        **os.environ,
+        "JUPYTER_PATH": str(kernels_dir.parent),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "jupyter_console", "--kernel", "nbc-1gpu", "--simple-prompt"],
+        input="x = 6 * 7\nprint(x)\nexit()\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert "42" in done.stdout, done.stdout + done.stderr
+    assert "Shutting down kernel" in done.stdout, done.stdout + done.stderr
+    # exit() shut the kernel down through the provisioner.
     assert gateway_kernels(cluster) == []
