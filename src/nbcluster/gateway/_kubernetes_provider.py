@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._kube_api import KubeConfigMissing, api_status, describe_api_error, new_core_api
 from ._container_hosts import LABEL_HOST, host_number
 from ._errors import HostProviderError
 from ._kubernetes_pods import (
@@ -77,40 +75,11 @@ def default_namespace(path: Path = _NAMESPACE_FILE) -> str:
 
 
 def default_core_api() -> Any:
-    """A ``CoreV1Api`` on its own configuration: the pod's service account in a cluster, else
-    the kube config (``KUBECONFIG``, ``~/.kube/config``). Blocking (reads files)."""
-    k8s = importlib.import_module("kubernetes")
-    configuration = k8s.client.Configuration()
+    """A ``CoreV1Api`` on its own configuration (see ``_kube_api.new_core_api``)."""
     try:
-        k8s.config.load_incluster_config(client_configuration=configuration)
-    except k8s.config.ConfigException:
-        try:
-            # KUBECONFIG as it is now (the client reads it once, when it is imported).
-            k8s.config.load_kube_config(
-                config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
-            )
-        except (k8s.config.ConfigException, OSError) as exc:
-            raise HostProviderError(
-                f"no Kubernetes API to talk to: not in a cluster, and no kube config ({exc})"
-            ) from exc
-    return k8s.client.CoreV1Api(k8s.client.ApiClient(configuration))
-
-
-def _status(exc: BaseException) -> int | None:
-    status = getattr(exc, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def _describe(exc: BaseException) -> str:
-    """The API server's message (its ``Status`` body) rather than the client's dump."""
-    status = _status(exc)
-    body = getattr(exc, "body", None)
-    if status is not None and body:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            return f"{status} {json.loads(body).get('message') or getattr(exc, 'reason', '')}"
-    if status is not None:
-        return f"{status} {getattr(exc, 'reason', '')}".strip()
-    return f"{type(exc).__name__}: {exc}"
+        return new_core_api()
+    except KubeConfigMissing as exc:
+        raise HostProviderError(str(exc)) from exc
 
 
 class KubernetesHostProvider:
@@ -201,12 +170,12 @@ class KubernetesHostProvider:
             # The client raises ApiException, urllib3's errors and pydantic's; all mean the
             # call did not happen as asked.
             hint = ""
-            if _status(exc) == 403:
+            if api_status(exc) == 403:
                 hint = (
                     " (the gateway's service account lacks the permission: apply "
                     "deploy/kubernetes/components/autoscale's RBAC)"
                 )
-            raise HostProviderError(f"{what}: {_describe(exc)}{hint}") from exc
+            raise HostProviderError(f"{what}: {describe_api_error(exc)}{hint}") from exc
 
     async def _list_pods(self) -> list[dict[str, Any]]:
         selector = label_selector(host_labels(self.gateway_id))
@@ -242,7 +211,7 @@ class KubernetesHostProvider:
                 ),
             )
         except HostProviderError as exc:
-            if _status(exc.__cause__ or exc) != 403:
+            if api_status(exc.__cause__ or exc) != 403:
                 raise
             if not self._nodes_forbidden:
                 log.warning(
@@ -304,7 +273,7 @@ class KubernetesHostProvider:
                 ),
             )
         except HostProviderError as exc:
-            if _status(exc.__cause__ or exc) != 404:  # already gone: what was wanted
+            if api_status(exc.__cause__ or exc) != 404:  # already gone: what was wanted
                 raise
 
     # -- HostProvider ---------------------------------------------------------------------------

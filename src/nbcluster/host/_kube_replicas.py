@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -35,6 +34,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import envvars
+from .._kube_api import (
+    KubeConfigMissing,
+    api_status,
+    describe_api_error,
+    new_core_api,
+)
 from ._containers import DEFAULT_CONTAINER_USER, ContainerRuntimeError, _local_store_dir
 from ._kube_replica_pods import (
     CONTAINER,
@@ -73,43 +78,12 @@ NVIDIA_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 LOST = -1
 
 
-def _kubernetes() -> Any:
-    return importlib.import_module("kubernetes")
-
-
 def default_core_api() -> Any:
     """A ``CoreV1Api`` on the pod's service account (else the kube config). Blocking."""
-    k8s = _kubernetes()
-    configuration = k8s.client.Configuration()
     try:
-        k8s.config.load_incluster_config(client_configuration=configuration)
-    except k8s.config.ConfigException:
-        try:
-            k8s.config.load_kube_config(
-                config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
-            )
-        except (k8s.config.ConfigException, OSError) as exc:
-            raise ContainerRuntimeError(
-                f"no Kubernetes API to talk to: not in a cluster, and no kube config ({exc})"
-            ) from None
-    return k8s.client.CoreV1Api(k8s.client.ApiClient(configuration))
-
-
-def _status(exc: BaseException) -> int | None:
-    status = getattr(exc, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def _describe(exc: BaseException) -> str:
-    """The API server's message (its ``Status`` body) rather than the client's dump."""
-    status = _status(exc)
-    body = getattr(exc, "body", None)
-    if status is not None and body:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            return f"{status} {json.loads(body).get('message') or getattr(exc, 'reason', '')}"
-    if status is not None:
-        return f"{status} {getattr(exc, 'reason', '')}".strip()
-    return f"{type(exc).__name__}: {exc}"
+        return new_core_api()
+    except KubeConfigMissing as exc:
+        raise ContainerRuntimeError(str(exc)) from None
 
 
 class _ApiError(ContainerRuntimeError):
@@ -263,12 +237,12 @@ class KubernetesReplicaRuntime:
             raise
         except Exception as exc:
             hint = ""
-            if _status(exc) == 403:
+            if api_status(exc) == 403:
                 hint = (
                     " (the host's service account lacks the permission: apply "
                     "deploy/kubernetes/components/kernel-pods' RBAC)"
                 )
-            raise _ApiError(f"{what}: {_describe(exc)}{hint}", _status(exc)) from None
+            raise _ApiError(f"{what}: {describe_api_error(exc)}{hint}", api_status(exc)) from None
 
     @property
     def namespace(self) -> str:
@@ -576,6 +550,6 @@ class KubernetesReplicaRuntime:
                 finally:
                     response.release_conn()
             except Exception as exc:
-                log.info("log of replica pod %s ended: %s", replica.name, _describe(exc))
+                log.info("log of replica pod %s ended: %s", replica.name, describe_api_error(exc))
 
         threading.Thread(target=copy, name=f"logs-{replica.name}", daemon=True).start()
