@@ -13,6 +13,11 @@ container's exit code, its log. The pure part (the pod, the Secret, the state of
 The daemon's pod is found from the downward API: :data:`NAMESPACE_ENV`, :data:`POD_NAME_ENV`
 and :data:`POD_UID_ENV` (deploy/kubernetes/components/kernel-pods sets them).
 
+Over 500 lines, knowingly: :class:`PodReplica` is a handle on the runtime's one poller and
+one deletion path (a signal asks the runtime to delete, the poller confirms and ends the
+handle), so the two read each other's state; the pure part, which can stand alone, is already
+apart (``_kube_replica_pods``), as is the client's construction (``nbcluster._kube_api``).
+
 The ``kubernetes`` client is imported on first use; its calls block, and run in worker
 threads. Replica pods are followed by one poller per runtime: a list of this host's replica
 pods (by label) every :attr:`KubernetesReplicaRuntime.poll_interval` seconds while any runs.
