@@ -1,8 +1,9 @@
 """The ``nbcluster-provisioner`` path end to end: a kernelspec written by ``nbcluster
 kernelspec install``, jupyter_client's ``AsyncKernelManager`` starting it (the code a stock
 Jupyter server runs), cells through the ZMQ face, interrupt, restart, a re-attach from the
-provisioner info (as a restarted Jupyter server would), shutdown; and nbclient running a
-notebook on it beside a local kernel."""
+provisioner info (as a restarted Jupyter server would), shutdown; nbclient running a
+notebook on it beside a local kernel; ``jupyter console --kernel``; and a stock ``jupyter
+server`` (no ``--gateway-url``) offering it beside its local kernels."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nbformat
 import pytest
 from jupyter_client import AsyncKernelManager
@@ -22,7 +24,9 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from nbclient import NotebookClient
 
-from ..cluster import Cluster
+from nbcluster.client import KernelChannels
+
+from ..cluster import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +192,91 @@ def test_jupyter_console_runs_cells_on_a_curve_face(
     assert "Shutting down kernel" in done.stdout, done.stdout + done.stderr
     # exit() shut the kernel down through the provisioner.
     assert gateway_kernels(cluster) == []
+
+
+def test_a_stock_jupyter_server_offers_nbcluster_beside_local_kernels(
+    cluster: Cluster, specs: KernelSpecManager, tmp_path: Path
+) -> None:
+    """``jupyter server`` without ``--gateway-url``, the installed kernelspec on its path and
+    the token in its environment: its kernelspecs list both, a session of each runs a cell
+    (the nbcluster one on a replica), a restart through the server keeps the gateway's
+    kernel, and ending the session shuts it down on the gateway."""
+    port = free_port()
+    token = "jupyter-server-token"
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
+    env["JUPYTER_PATH"] = str(Path(specs.kernel_dirs[0]).parent)
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR"):
+        env[name] = str(tmp_path / name.lower())
+    log = tmp_path / "jupyter-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("jupyter")),
+                "server",
+                "--no-browser",
+                "--ip=127.0.0.1",
+                f"--port={port}",
+                f"--ServerApp.root_dir={root}",
+                *(["--allow-root"] if os.geteuid() == 0 else []),
+            ],
+            env={**env, "JUPYTER_TOKEN": token},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, headers={"Authorization": f"token {token}"}, timeout=120)
+    try:
+
+        def answering() -> bool:
+            assert proc.poll() is None, f"jupyter server exited:\n{log.read_text()[-3000:]}"
+            try:
+                return http.get("/api/status").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answering, 60, "jupyter server to answer")
+        names = set(http.get("/api/kernelspecs").json()["kernelspecs"])
+        assert {"python3", "nbc-1gpu"} <= names, names
+
+        sessions = {}
+        for kernel in ("nbc-1gpu", "python3"):
+            response = http.post(
+                "/api/sessions",
+                json={"path": f"{kernel}.ipynb", "type": "notebook", "kernel": {"name": kernel}},
+            )
+            assert response.status_code == 201, response.text + log.read_text()[-3000:]
+            sessions[kernel] = response.json()
+        [on_gateway] = gateway_kernels(cluster)
+
+        code = "import os; print(bool(os.environ.get('NBCLUSTER_KERNEL_ID')))"
+        for kernel, expected in (("nbc-1gpu", "True\n"), ("python3", "False\n")):
+            kernel_id = sessions[kernel]["kernel"]["id"]
+            assert asyncio.run(_cell(url, token, kernel_id, code)) == expected, kernel
+
+        remote = sessions["nbc-1gpu"]["kernel"]["id"]
+        assert http.post(f"/api/kernels/{remote}/restart").status_code == 200
+        assert gateway_kernels(cluster) == [on_gateway]  # restarted in place, same face
+        assert asyncio.run(_cell(url, token, remote, "print(6 * 7)")) == "42\n"
+
+        for session in sessions.values():
+            assert http.delete(f"/api/sessions/{session['id']}").status_code == 204
+        wait_for(lambda: gateway_kernels(cluster) == [], 30, "the gateway's kernel to go")
+    finally:
+        http.close()
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def _cell(url: str, token: str, kernel_id: str, code: str) -> str:
+    """Run ``code`` on a Jupyter server's kernel through its websocket; its stdout."""
+    async with KernelChannels(url, token, kernel_id) as channels:
+        result = await channels.execute(code, timeout=60)
+        assert result.status == "ok", result.reply
+        return result.stream_text()
