@@ -633,3 +633,23 @@ def test_a_repair_status_is_shown_while_its_loop_runs() -> None:
     assert kernel.repair is second
     kernel.repair_ended(second)
     assert kernel.repair is None
+
+
+async def test_an_interrupt_waits_for_a_sent_cell_to_begin_but_not_for_a_running_one() -> None:
+    """``cells_begun``: a cell sent but not begun (no ``busy`` yet) holds the interrupt until
+    it begins, at most the timeout; a running cell (``busy``) does not hold it at all."""
+    kernel, links = make_kernel("r1", "r2", "r3")
+    client = FakeClient()
+    kernel.attach(client)
+    kernel.on_replica_message(links["r1"], status("idle"))  # type: ignore[arg-type]
+    first = execute_request("import time; time.sleep(10)")
+    kernel.handle_client_message(client, first)
+    assert await kernel.cells_begun(0.05) is False  # sent, not begun: the wait times out
+    waiting = asyncio.create_task(kernel.cells_begun(5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    kernel.on_replica_message(links["r1"], status("busy", first))  # type: ignore[arg-type]
+    assert await asyncio.wait_for(waiting, 1) is True
+    # A second cell queued behind the running one: the interrupt is for the running one.
+    kernel.handle_client_message(client, execute_request("print(1)"))
+    assert await asyncio.wait_for(kernel.cells_begun(5), 1) is True

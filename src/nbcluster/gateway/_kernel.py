@@ -319,6 +319,7 @@ class GatewayKernel:
             msg.msg_id, msg.msg_type, msg.channel, msg.header, execution.owner, replica_id
         )
         self._await_idle(msg, replica_id)
+        self._began(msg.msg_id)  # a cell sent again: whoever waited on the first send goes on
         self._unbegun[msg.msg_id] = asyncio.Event()
         if len(self._unbegun) > _HOLD_LIMIT * 10:
             self._unbegun.pop(next(iter(self._unbegun))).set()
