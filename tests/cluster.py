@@ -145,12 +145,7 @@ class Cluster:
         self.heartbeat_interval = heartbeat_interval
         self.gateway: subprocess.Popen[bytes] | None = None
         self.hosts: dict[str, subprocess.Popen[bytes]] = {}
-        self.http = httpx.Client(
-            base_url=self.url,
-            headers={"Authorization": f"token {token}"},
-            timeout=60,
-            verify=ssl.create_default_context(cafile=tls.ca) if tls else True,
-        )
+        self.http = self._client()
         self.log_dir = state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -176,6 +171,50 @@ class Cluster:
         )
 
     def start_gateway(self) -> None:
+        """Start the gateway and wait until it answers. ``free_port`` only found the port free:
+        another process can take it before the gateway binds it (seen under load). Then the
+        gateway exits at once; it is started again, on a new port when nothing knows this
+        one yet (no host, not in its arguments), else on the same one (at most 3 tries)."""
+        log = self.log_dir / "gateway.log"
+        for attempt in range(3):
+            offset = log.stat().st_size if log.exists() else 0
+            self._spawn_gateway()
+            assert self.gateway is not None
+            gateway = self.gateway
+            wait_for(self._answers_or_exited, 30, "the gateway to answer")
+            if gateway.poll() is None:
+                return
+            with log.open("rb") as f:
+                f.seek(offset)
+                said = f.read().decode(errors="replace")
+            if "address already in use" not in said or attempt == 2:
+                raise AssertionError(f"the gateway exited ({gateway.returncode}):\n{said[-3000:]}")
+            if not self.hosts and str(self.port) not in " ".join(self.gateway_args):
+                self._move_to(free_port(self.ip))
+            else:
+                time.sleep(1)  # hosts know this port: wait for whoever holds it to let go
+
+    def _answers_or_exited(self) -> bool:
+        assert self.gateway is not None
+        if self.gateway.poll() is not None:
+            return True  # exited: start_gateway looks at why
+        return self.http.get("/api", timeout=5).status_code == 200
+
+    def _move_to(self, port: int) -> None:
+        self.http.close()
+        self.port = port
+        self.url = f"{'https' if self.tls else 'http'}://{self.ip}:{port}"
+        self.http = self._client()
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"token {self.token}"},
+            timeout=60,
+            verify=ssl.create_default_context(cafile=self.tls.ca) if self.tls else True,
+        )
+
+    def _spawn_gateway(self) -> None:
         self.gateway = self._spawn(
             "gateway",
             [
@@ -202,7 +241,6 @@ class Cluster:
                 ),
             ],
         )
-        wait_for(lambda: self.http.get("/api").status_code == 200, 30, "the gateway to answer")
 
     def start_host(
         self,

@@ -381,10 +381,11 @@ class GatewayKernel:
         if event is not None:
             event.set()
 
-    async def cells_begun(self, timeout: float) -> bool:
+    async def cells_begun(self, timeout: float = 3.0) -> bool:
         """Called by the kernel manager before it interrupts: unless a cell is running
         (``busy``), wait until every cell sent to a replica has begun there, at most
-        ``timeout`` seconds; False when one had not by then. A replica records SIGINT only
+        ``timeout`` seconds (normally milliseconds; bounded, so that an interrupt is never
+        lost to a replica that is gone); False when one had not by then. A replica records SIGINT only
         once its handler has begun the cell (``kernel/_interrupts``); an interrupt sent right
         behind a cell would otherwise reach it first and be ignored, and the cell run on."""
         if self._state == "busy":

@@ -58,10 +58,6 @@ __all__ = ["KernelManager", "validate_env"]
 
 log = logging.getLogger(__name__)
 
-#: How long an interrupt waits for a cell just sent to begin on its replica (``cells_begun``):
-#: normally milliseconds; bounded, so an interrupt is never lost to a replica that is gone.
-_BEGIN_TIMEOUT = 3.0
-
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Resource requests (Enterprise Gateway convention) and the kind of number each must be.
 RESOURCE_ENV = {
@@ -379,7 +375,7 @@ class KernelManager:
             # Cells waiting for GPUs have not reached a replica: they leave the queue here.
             kernel.cancel_waiting(term, "KeyboardInterrupt", "interrupted while waiting for GPUs")
             self.scheduling.execution_cancelled(kernel, term)
-        if not await kernel.cells_begun(_BEGIN_TIMEOUT):
+        if not await kernel.cells_begun():
             log.info("kernel %s: interrupting a cell its replica has not begun yet", kernel_id)
         spec = self.specs.get(kernel.record.name)
         if spec is not None and spec.interrupt_mode == "message":
