@@ -23,14 +23,14 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 from .. import envvars
 from .._curve import public_key_of
 from ..hostproto import ConnectionInfo, ReplicaExited, ReplicaReport, StartReplica
 from ._containers import MOUNT, ContainerRuntimeError
+from ._runtimes import ContainerRuntime, ReplicaHandle
 
-__all__ = ["ReplicaHandle", "ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
+__all__ = ["ReplicaProcess", "ReplicaStartError", "ReplicaSupervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -41,50 +41,6 @@ _SECRET_ENV = frozenset(v.name for v in envvars.ALL if v.secret)
 
 class ReplicaStartError(RuntimeError):
     """A replica did not come up; the message says why and includes the end of its log."""
-
-
-class ReplicaHandle(Protocol):
-    """A running replica, process or container, as the supervisor drives it."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    async def wait(self) -> int:
-        """Its exit code, once it ended."""
-        ...
-
-    def send_signal(self, signum: int) -> None:
-        """Deliver a signal to the replica and what its code started."""
-        ...
-
-    async def release(self) -> None:
-        """After it ended: free what it held (its process group, its container)."""
-        ...
-
-
-class ContainerRuntime(Protocol):
-    """What runs the replicas of kernelspecs that name an image: ``_containers``' Docker
-    runtime, ``_kube_replicas``' pods. Its replicas are :class:`ReplicaHandle`; one whose
-    sockets listen elsewhere than on the host's address (a pod's IP) has it as ``address``."""
-
-    def owner(self) -> tuple[int, int] | None: ...
-
-    async def run(
-        self,
-        *,
-        image: str,
-        argv: list[str],
-        env: Mapping[str, str],
-        replica_dir: Path,
-        kernel_id: str,
-        replica_id: str,
-        lifeline_fd: int,
-    ) -> ReplicaHandle: ...
-
-    def follow_logs(self, replica: Any, log_path: Path) -> None: ...
 
 
 class _ProcessGroup:

@@ -17,6 +17,12 @@ In a replica group it joins the group's Raft log when the gateway sends
   (and those on devices not bound to it) are moved onto the bound devices; the reply of a
   kernel that has imported a GPU framework says what its namespace holds on each device
   (``nbcluster.device_memory``); ``nbcluster_evict_request`` (control) moves it to host memory.
+
+Over 500 lines, knowingly: everything ipykernel calls (its shell and control handler tables,
+``do_execute``, ``pre_handler_hook``, ``do_shutdown``) must be a method of this one class,
+and each stays a few lines that hand the work to the modules beside it (``_group``, ``_sync``,
+``_election``, ``_gpus``, ``_device_memory``, ``_interrupts``); what is left is the order of one
+cell's steps, which reads best in one place.
 """
 
 from __future__ import annotations
@@ -308,10 +314,9 @@ class ReplicaKernel(IPythonKernel):
             log.warning("%s", exc)
             return self._error_reply(CONTROL_ERROR_ENAME, str(exc))
         if term_meta is None or term_meta.term is None or group is None:
-            with self.interrupts.interruptible():
-                return await self._run(
-                    code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
-                )
+            return await self._run(
+                code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+            )
         term = term_meta.term
         attempt = term_meta.attempt or 1
         msg_id = parent["header"]["msg_id"]
@@ -390,10 +395,9 @@ class ReplicaKernel(IPythonKernel):
             # completes (with nothing changed) so the other replicas go on to the next cell.
             reply = self._interrupted_reply(silent, store_history)
         else:
-            with self.interrupts.interruptible():
-                reply = await self._run(
-                    code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
-                )
+            reply = await self._run(
+                code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+            )
         self._finish_after_reply = (term, str(reply.get("status", "ok")), code)
         reply.setdefault(METADATA_KEY, {})
         return reply
@@ -421,9 +425,13 @@ class ReplicaKernel(IPythonKernel):
     ) -> dict[str, Any]:
         """Run the cell here, with the GPUs the gateway bound to it (if it said which): the
         first bound device current, the namespace's device memory moved onto the bound devices
-        first, and what it holds afterwards in the reply."""
+        first, and what it holds afterwards in the reply. SIGINT interrupts it, and only it
+        (``_interrupts``)."""
         parent = self.get_parent("shell")
-        with cell_gpus(parent.get("metadata"), self.send_stream_warning) as devices:
+        with (
+            self.interrupts.interruptible(),
+            cell_gpus(parent.get("metadata"), self.send_stream_warning) as devices,
+        ):
             if devices:
                 for problem in make_current(devices):
                     self.send_stream_warning(f"[nbcluster] {problem}\n")
