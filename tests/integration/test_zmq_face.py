@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,20 @@ def outputs(
     seen: list[dict[str, Any]] = []
     reply = client.execute_interactive(code, output_hook=seen.append, timeout=60, **kwargs)
     return reply, seen
+
+
+def wait_for_welcome(client: BlockingKernelClient, timeout: float) -> None:
+    """Until the face's ``iopub_welcome`` for this client's subscription arrives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "no iopub_welcome: the client's IOPub did not reconnect"
+        try:
+            msg = client.get_iopub_msg(timeout=remaining)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] == "iopub_welcome":
+            return
 
 
 def stdout(messages: list[dict[str, Any]]) -> str:
@@ -327,6 +342,9 @@ def test_a_face_survives_a_gateway_restart(cluster: Cluster, tmp_path: Path) -> 
         cluster.start_gateway()
         wait_for(lambda: len(cluster.connected_hosts()) == 3, 30, "the hosts to reconnect")
         assert connection(cluster, kept) == info
+        # The client's IOPub socket reconnects on its own; the face welcomes its subscription
+        # (JEP 65). Output published before that would be lost, as after any reconnect.
+        wait_for_welcome(client, 30)
         reply, seen = outputs(client, "print(survivor * 6)")
         assert reply["content"]["status"] == "ok" and stdout(seen) == "42\n", reply
         after = connection(cluster, revoked)
