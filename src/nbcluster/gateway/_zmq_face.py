@@ -326,6 +326,11 @@ class ZmqFace:
         if action == "forward":
             self.kernel.handle_client_message(client, msg)
         elif action == "interrupt":
+            if channel != "shell":
+                # A client sends the cell on shell, then the interrupt on control: the two
+                # sockets are read apart, so a cell already here is routed first (else the
+                # interrupt would find nothing to interrupt and the cell run on).
+                self._drain("shell")
             self._spawn("face interrupt", self._interrupt(client, msg))
         else:
             restart = action == "restart_ack"

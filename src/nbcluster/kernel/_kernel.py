@@ -280,6 +280,18 @@ class ReplicaKernel(IPythonKernel):
             return None
         return parse_execute_metadata(metadata, gpus=False)
 
+    def set_parent(self, ident: Any, parent: Any, channel: str = "shell") -> None:
+        """Called by ipykernel when a request arrives, before it publishes ``busy``: from
+        then on a SIGINT is for this request (``_interrupts``). Comm messages, which
+        ipykernel dispatches while a cell runs, and subshells' requests are not cells here."""
+        super().set_parent(ident, parent, channel)
+        if channel != "shell":
+            return
+        header = parent.get("header") if isinstance(parent, dict) else None
+        if not isinstance(header, dict) or str(header.get("msg_type", "")).startswith("comm_"):
+            return
+        self.interrupts.request_received(str(header.get("msg_id", "")))
+
     def pre_handler_hook(self) -> None:
         """Called by ipykernel before each shell handler: SIGINT is recorded, not raised,
         until the cell's code runs (see ``_interrupts``); ipykernel's ``post_handler_hook``
