@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -66,10 +67,11 @@ def chromium(width: int = 1280, height: int = 800) -> Iterator[Any]:
         f"--window-size={width},{height}",
     ):
         options.add_argument(flag)
-    profile = ARTIFACTS / "profile"
-    shutil.rmtree(profile, ignore_errors=True)
-    options.add_argument(f"--user-data-dir={profile}")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # A profile of its own: two browsers on one profile share its storage and saw each
+    # other's typing (seen when two pytest workers each started one).
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
+    options.add_argument(f"--user-data-dir={profile}")
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         yield driver

@@ -22,6 +22,8 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from nbcluster._net import CLIENT_KEEPALIVE_EXPIRY
+
 from .tls_files import TlsFiles
 
 __all__ = [
@@ -212,6 +214,7 @@ class Cluster:
             headers={"Authorization": f"token {self.token}"},
             timeout=60,
             verify=ssl.create_default_context(cafile=self.tls.ca) if self.tls else True,
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY),
         )
 
     def _spawn_gateway(self) -> None:

@@ -1,10 +1,17 @@
-"""Small socket helpers shared by the launcher (``nbcluster up``) and the kernel replica."""
+"""Small socket helpers shared by the launcher (``nbcluster up``), the kernel replica and the
+gateway's HTTP clients."""
 
 from __future__ import annotations
 
 import socket
 
-__all__ = ["free_port", "port_is_free", "reserve_port"]
+__all__ = ["CLIENT_KEEPALIVE_EXPIRY", "free_port", "port_is_free", "reserve_port"]
+
+#: Seconds an HTTP client of the gateway keeps an idle connection. The gateway closes idle
+#: connections after 5 s (``--keep-alive-timeout``) and httpx keeps them 5 s by default: a
+#: request sent on a connection just as the gateway closed it failed with "connection reset
+#: by peer" (seen under load). A client that gives them up first never meets that race.
+CLIENT_KEEPALIVE_EXPIRY = 2.0
 
 
 def _family(ip: str) -> socket.AddressFamily:

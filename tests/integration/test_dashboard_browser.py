@@ -22,7 +22,8 @@ from nbcluster.identity import UsersFile
 from ..browser import ARTIFACTS, chromium, require_chromium
 from ..cluster import Cluster, running_cluster, wait_for
 
-pytestmark = pytest.mark.integration
+# One worker runs the module: its cluster and Chromium are started once, not once per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("browser")]
 
 #: Seconds the page may take to show what the API already says (it streams every second).
 SHOWN = 20.0
@@ -48,11 +49,16 @@ def tokens(cluster: Cluster) -> dict[str, str]:
 
 
 def _until(driver: Any, condition: Any, what: str, timeout: float = SHOWN) -> Any:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # The page redraws rows from the event stream: an element found may be replaced before
+    # it is read, and the next poll finds the new one.
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    )
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        return wait.until(condition)
     except TimeoutException:
         _shot(driver, f"timeout-{what.replace(' ', '-')[:40]}")
         raise AssertionError(f"the dashboard did not show {what} within {timeout} s") from None

@@ -134,3 +134,18 @@ async def test_the_names_of_a_cell_whose_state_never_arrives_are_known_to_the_ot
     assert not await replicas[1].coordinator.caught_up(1, 0.05)
     assert replicas[1].coordinator.bound_by(1) == binds
     assert replicas[1].coordinator.bound_by(2) == ()
+
+
+async def test_decisions_kept_stay_bounded_over_a_long_kernel_life() -> None:
+    """Every cell scans the decisions (``_lead_ahead``): only recent terms are kept."""
+    loop = asyncio.get_running_loop()
+    replicas = [Replica(r, loop) for r in ("r1", "r2", "r3")]
+    _group, logs = InMemoryLogGroup.create(
+        [r.coordinator for r in replicas], addresses=["r1", "r2", "r3"]
+    )
+    for term in range(1, 401):
+        assert await _run_cell(replicas[0], logs[0], term, f"x = {term}") == "r1"
+    coordinator = replicas[0].coordinator
+    assert await coordinator.caught_up(400, 5)
+    assert 64 <= len(coordinator.decisions) <= 130
+    assert coordinator.decisions[(400, 1)] == "r1" and (1, 1) not in coordinator.decisions

@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 
 from .. import envvars
+from .._net import CLIENT_KEEPALIVE_EXPIRY
 from .._tls import client_context
 from ._channels import KernelChannels
 
@@ -48,6 +49,7 @@ class GatewayClient:
             headers={"Authorization": f"token {token}"},
             timeout=timeout,
             verify=self.ssl or True,
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY),
         )
 
     async def __aenter__(self) -> GatewayClient:

@@ -84,6 +84,8 @@ class ReplicaGroup:
         self.refusals = sealed.refusals
         self.log: ReplicatedLog = None  # type: ignore[assignment]  # set by start()
         self._tasks = BackgroundTasks("replica group", log)
+        #: The last ``done`` proposal: the next waits for it, so that they commit in order.
+        self._last_done: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._cells_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -209,7 +211,10 @@ class ReplicaGroup:
             execution_count,
             encode_payload(payload) if payload else None,
         )
-        self._tasks.spawn(f"propose done {term}", self._propose_done(record))
+        previous = self._last_done
+        self._last_done = self._tasks.spawn(
+            f"propose done {term}", self._propose_done(record, previous)
+        )
 
     def _warn_about(self, result: SyncResult) -> None:
         """Tell the user, once per name, what will not survive a failover and why; and where
@@ -282,7 +287,13 @@ class ReplicaGroup:
             return str(get_name(code, transformed, execution_count))
         return "<cell>"
 
-    async def _propose_done(self, record: Done) -> None:
+    async def _propose_done(self, record: Done, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            # A ``done`` that commits after a later term's is ignored by every replica (its
+            # term counts as completed): the state of that cell would never reach them. The
+            # next cell normally waits for this one's ``done`` anyway (``caught_up``), but not
+            # past its timeout, and a proposal that is retried may commit late.
+            await asyncio.wait([previous])
         data = encode_record(record)
         try:
             await self.log.propose(data, PROPOSE_TIMEOUT)

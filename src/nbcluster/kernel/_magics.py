@@ -229,6 +229,7 @@ class JobMagics(Magics):
                 "gateway, or use `nbcluster job submit` from a shell"
             )
         # An https gateway is verified with the CA this replica's host verifies it with.
+        from .._net import CLIENT_KEEPALIVE_EXPIRY
         from .._tls import client_context
 
         https = url.startswith("https://")
@@ -236,6 +237,7 @@ class JobMagics(Magics):
             base_url=url.rstrip("/"),
             headers={"Authorization": f"token {token}"},
             timeout=httpx.Timeout(30.0),
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY),
             transport=self._transport,
             verify=client_context(envvars.GATEWAY_CA.get()) if https else True,
         )

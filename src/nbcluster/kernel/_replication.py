@@ -25,6 +25,9 @@ __all__ = ["ReplicaCoordinator"]
 
 log = logging.getLogger(__name__)
 
+#: Decisions kept below the last completed term (``decisions``).
+_KEEP_DECISIONS = 64
+
 
 class ReplicaCoordinator:
     """Owned by the replica kernel. ``apply``/``snapshot``/``restore`` run on the log's thread;
@@ -120,6 +123,12 @@ class ReplicaCoordinator:
                     self._on_state(payload, event.record.execution_count)
             elif isinstance(event, Ignored):
                 log.debug("log: %s", event.reason)
+        if len(self.decisions) > _KEEP_DECISIONS * 2:
+            # Only recent terms are ever looked up (a kernel runs one cell at a time): keep
+            # the map, scanned for every cell, from growing with the kernel's life.
+            oldest = self.done_term - _KEEP_DECISIONS
+            for key in [k for k in self.decisions if k[0] < oldest]:
+                del self.decisions[key]
         self._changed.set()
 
     def _deliver_restore(self, done_term: int, full_state: dict[str, Any]) -> None:
