@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,7 +79,24 @@ class Replica:
         self.client = BlockingKernelClient(connection_file=connection_file)
         self.client.load_connection_file()
         self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
+        self._wait_for_ready(60)
+
+    def _wait_for_ready(self, timeout: float) -> None:
+        """Until the kernel answers ``kernel_info``, while its process lives. (jupyter_client's
+        ``wait_for_ready`` gives up on a kernel whose heartbeat misses one second, as a
+        starting kernel's did on a loaded CI machine.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"the kernel exited ({self.process.returncode})"
+            assert time.monotonic() < deadline, f"no kernel_info_reply in {timeout} s"
+            msg_id = self.client.kernel_info()
+            try:
+                while True:
+                    reply = self.client.get_shell_msg(timeout=1)
+                    if reply["parent_header"].get("msg_id") == msg_id:
+                        return
+            except queue.Empty:
+                continue
 
     def ask(
         self, channel: str, msg_type: str, content: Any, metadata: Any = None

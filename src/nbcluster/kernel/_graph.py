@@ -124,26 +124,30 @@ def _class_names(cls: type) -> set[str]:
     return names
 
 
-#: The ids of the loaded modules' objects when ``_module_dict_ids`` last ran, and its result.
-_module_dicts: tuple[tuple[int, ...], frozenset[int]] = ((), frozenset())
+#: The loaded modules and their namespaces when ``_module_dict_ids`` last ran, and its result.
+#: Held, not only their ids: a module dropped from ``sys.modules`` and freed could otherwise
+#: have its id (or its namespace's) reused by a new module or by a notebook object, and the
+#: stale answer made the walk skip that object (seen: two closures sharing a cell became two
+#: cells after a failover).
+_module_dicts: tuple[list[Any], list[Any], frozenset[int]] = ([], [], frozenset())
 
 
 def _module_dict_ids() -> set[int]:
     """The ids of every loaded module's namespace (the walk does not enter them). Asked after
-    every cell: the answer is kept while ``sys.modules`` holds the same module objects (a
-    module's ``__dict__`` is fixed for its life, and a module still listed is alive, so its
-    id cannot be reused), which costs one pass of ``id`` instead of ~1,000 ``getattr``s."""
+    every cell: the answer is kept while ``sys.modules`` holds the same module objects (the
+    cache holds them and their namespaces, so no id in it can be reused meanwhile), which
+    costs one identity pass instead of ~1,000 ``getattr``s."""
     global _module_dicts
     modules = list(sys.modules.values())
-    key = tuple(map(id, modules))
-    if key != _module_dicts[0]:
-        ids = set()
+    cached = _module_dicts[0]
+    if len(modules) != len(cached) or any(a is not b for a, b in zip(modules, cached)):
+        namespaces = []
         for module in modules:
             namespace = getattr(module, "__dict__", None)
             if namespace is not None:
-                ids.add(id(namespace))
-        _module_dicts = (key, frozenset(ids))
-    return set(_module_dicts[1])
+                namespaces.append(namespace)
+        _module_dicts = (modules, namespaces, frozenset(map(id, namespaces)))
+    return set(_module_dicts[2])
 
 
 class _StorageToken:
