@@ -140,7 +140,7 @@ def _module_dict_ids() -> set[int]:
     global _module_dicts
     modules = list(sys.modules.values())
     cached = _module_dicts[0]
-    if len(modules) != len(cached) or any(a is not b for a, b in zip(modules, cached)):
+    if len(modules) != len(cached) or any(a is not b for a, b in zip(modules, cached, strict=True)):
         namespaces = []
         for module in modules:
             namespace = getattr(module, "__dict__", None)

@@ -125,7 +125,8 @@ class ReplicaCoordinator:
                 log.debug("log: %s", event.reason)
         if len(self.decisions) > _KEEP_DECISIONS * 2:
             # Only recent terms are ever looked up (a kernel runs one cell at a time): keep
-            # the map, scanned for every cell, from growing with the kernel's life.
+            # the map, scanned by resent cells and by the lost-state warning, from growing
+            # with the kernel's life.
             oldest = self.done_term - _KEEP_DECISIONS
             for key in [k for k in self.decisions if k[0] < oldest]:
                 del self.decisions[key]
