@@ -49,6 +49,7 @@ class Up:
         self.state_dir = state_dir
         self.url = f"http://127.0.0.1:{port}"
         self.token = token
+        self.log = log
         self._stderr = log.open("wb")
         self.proc = subprocess.Popen(
             [
@@ -172,9 +173,16 @@ def test_up_status_and_sigterm(up: Up, state_dir: Path) -> None:
     assert len(parsed["kernels"]) == 1
     assert parsed["kernels"][0]["replicas"][0]["state"] == "running"
 
+    logged_before_stop = up.log.stat().st_size
     up.proc.send_signal(signal.SIGTERM)
     assert up.proc.wait(30) == 0
     wait_for(lambda: everything_gone(state_dir), 10, "every cluster process to exit")
+    # Stopping is quiet: the gateway stops before its hosts, so it neither reports their
+    # replicas lost nor tries to restore the kernel, and the hosts do not warn that the
+    # gateway went away.
+    stopping = up.log.read_bytes()[logged_before_stop:].decode(errors="replace")
+    assert "ERROR" not in stopping and "WARNING" not in stopping, stopping
+    assert "nbcluster stopped." in stopping
     # The runtime file went with the gateway: status no longer finds one.
     after = nbcluster("status", "--state-dir", str(state_dir))
     assert after.returncode != 0

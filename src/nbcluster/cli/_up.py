@@ -49,9 +49,11 @@ class _Children:
         return [(n, p.returncode) for n, p in self.procs if p.poll() is not None]
 
     def stop_all(self, grace: float = 10.0) -> None:
-        """JupyterLab first (it shuts its kernels down through the gateway), then the hosts
-        (which stop their replicas), then the gateway."""
-        order = ("jupyterlab", "host", "gateway")
+        """JupyterLab first (it shuts its kernels down through the gateway), then the gateway
+        (it stops recovering lost replicas and detaches from its kernels), then the hosts
+        (which stop their replicas). Hosts first made the gateway see every replica lost and
+        try to restore the kernels elsewhere, with an error for each."""
+        order = ("jupyterlab", "gateway", "host")
         for phase in order:
             group = [p for n, p in self.procs if n.startswith(phase)]
             for proc in group:

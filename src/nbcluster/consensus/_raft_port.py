@@ -31,6 +31,16 @@ password holder: they are not counted or logged as refused).
 
 Buffers are ``bytearray``s consumed from the front, so a frame costs time linear in its
 size. Everything here runs in the node's tick thread.
+
+**Frames are compressed only when large.** pysyncobj zlib-compresses every message. On the
+2-core test machine ``zlib.compress`` of a message of a few hundred bytes took 55 to 75 us
+(setting up the compressor dominates), a cell sends some twenty such messages across its
+replicas, and the replicas are CPU-bound there (``docs/provisioner.md``, "Figures"). Here a
+message whose pickle is under :data:`COMPRESS_ABOVE` bytes goes uncompressed, marked by a
+leading :data:`_RAW` byte (a zlib stream never starts with it: its first byte names the
+deflate method, low nibble 8); larger ones are compressed as before, which pays on a slow
+link. Both ends must run this code: replicas of one kernel run one nbcluster version
+(``docs/consensus.md``).
 """
 
 from __future__ import annotations
@@ -74,6 +84,11 @@ MAX_FRAME_BYTES: Final = 256 * 2**20
 AUTH_TIMEOUT: Final = 5.0
 #: Unauthenticated incoming connections kept at once; a new one past it closes the oldest.
 MAX_PENDING: Final = 32
+#: Messages whose pickle is at least this long are zlib-compressed (module docstring).
+COMPRESS_ABOVE: Final = 64 * 2**10
+#: The first byte of an uncompressed message (never the first byte of a zlib stream).
+_RAW: Final = b"\x00"
+_dumps: Any = pysyncobj.pickle.dumps
 #: At most one log line per this many seconds about refused peers (the rest are counted).
 _LOG_EVERY = 10.0
 
@@ -99,6 +114,16 @@ class _GuardedConnection(_TcpConnection):  # type: ignore[misc]  # untyped base
     def disconnect(self) -> None:
         self.authenticated = False
         super().disconnect()
+
+    def send(self, message: Any) -> None:
+        """pysyncobj's ``send``, with small messages left uncompressed (module docstring)."""
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        data = _encode(message)
+        if self.encryptor:
+            data = self.encryptor.encrypt_at_time(data, int(time.monotonic()))
+        self._TcpConnection__writeBuffer += _HEADER.pack(len(data)) + data
+        self._TcpConnection__trySendBuffer()
 
     def _frame_limit(self) -> int:
         if self.authenticated or self.encryptor is None:
@@ -173,7 +198,7 @@ class _GuardedConnection(_TcpConnection):  # type: ignore[misc]  # untyped base
         try:
             # Decrypted: the sender knows the password. Not for this connection: pysyncobj's
             # send-before-handshake race (module docstring), or a replay; closed quietly.
-            message = _loads(zlib.decompress(data))
+            message = _decode(data)
             if keyed:
                 key, message = message
                 if key != self.recvRandKey:
@@ -186,6 +211,21 @@ class _GuardedConnection(_TcpConnection):  # type: ignore[misc]  # untyped base
         if keyed and not self.authenticated:
             self.authenticated = True
         return message
+
+
+def _encode(message: Any) -> bytes:
+    """A message as a frame's plaintext: its pickle, compressed if large."""
+    raw: bytes = _dumps(message)
+    if len(raw) < COMPRESS_ABOVE:
+        return _RAW + raw
+    return zlib.compress(raw, 3)
+
+
+def _decode(data: bytes) -> Any:
+    """The message in a frame's plaintext (raises on anything else)."""
+    if data[:1] == _RAW:
+        return _loads(data[1:])
+    return _loads(zlib.decompress(data))
 
 
 def _guard(conn: Any, transport: GuardedTransport) -> None:

@@ -182,7 +182,13 @@ class Gateway:
         )
         await autoscaler.run()
 
+    def begin_stop(self) -> None:
+        """Called as soon as the server is told to stop (``_server``), before it closes the
+        hosts' connections: what goes away from then on is not a loss to repair."""
+        self.kernels.reconciler.begin_stop()
+
     async def stop(self) -> None:
+        self.begin_stop()
         await self._background.close()
         await self.faces.close()
         await self.kernels.close()

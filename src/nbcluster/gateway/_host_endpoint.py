@@ -149,13 +149,17 @@ async def serve_host(
     finally:
         await stopping.close()
         hosts.disconnect(hello.name, session, time.monotonic())
-        kernels.notifier.notify(
-            "host_disconnected",
-            "warning",
-            f"host/{hello.name}",
-            f"host {hello.name} disconnected",
-            logger=log,
-        )
+        if kernels.reconciler.stopping:
+            # The gateway closed the connection itself: nothing to tell anyone.
+            log.info("host %s disconnected (the gateway is stopping)", hello.name)
+        else:
+            kernels.notifier.notify(
+                "host_disconnected",
+                "warning",
+                f"host/{hello.name}",
+                f"host {hello.name} disconnected",
+                logger=log,
+            )
         if entry.state == "disconnected":
             await kernels.on_host_disconnected(entry)
 

@@ -69,10 +69,26 @@ class Reconciler:
         self._new_kernel = new_kernel
         self._spawn = spawn
         self._host_supply = host_supply
+        self._stopping = False
 
     # -- replicas and hosts going away --------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the gateway is stopping (:meth:`begin_stop` was called)."""
+        return self._stopping
+
+    def begin_stop(self) -> None:
+        """The gateway is stopping: from now on replicas and hosts that go away are the
+        shutdown's doing (``nbcluster up`` stops the hosts once the gateway has gone), not
+        losses to repair or report. Called by ``Gateway.begin_stop``."""
+        if not self._stopping:
+            log.info("gateway stopping: lost replicas and hosts are no longer recovered")
+        self._stopping = True
+
     def replica_exited(self, exit: ReplicaExit) -> None:
+        if self._stopping:
+            return
         kernel = self._kernels.get(exit.kernel_id)
         replica = kernel.replica(exit.replica_id) if kernel else None
         if kernel is None or replica is None or replica.state in ("stopped", "dead"):
@@ -85,6 +101,8 @@ class Reconciler:
         self._recovery.replica_lost(kernel, replica, reason)
 
     def host_lost(self, entry: HostEntry) -> None:
+        if self._stopping:
+            return
         self._metrics.hosts_lost.inc()
         self._notifier.notify(
             "host_lost",
@@ -108,7 +126,7 @@ class Reconciler:
         # Nothing new goes to it meanwhile; a hello brings it and its replicas back.
         self._scheduling.handle(HostRemoved(entry.name))
         deadline = time.monotonic() + self._hosts.lost_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping:
             suspects = [
                 (kernel, replica, link)
                 for kernel in self._kernels.values()

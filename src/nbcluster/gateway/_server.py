@@ -140,13 +140,26 @@ def clear_text_warnings(config: GatewayConfig) -> list[str]:
     return warnings
 
 
+class _GatewayServer(uvicorn.Server):
+    """uvicorn's server, telling the gateway that it stops before uvicorn closes the hosts'
+    connections (``Gateway.begin_stop``): their replicas going away is then not a loss."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Any) -> None:
+        super().__init__(config)
+        self._gateway = gateway
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self._gateway.begin_stop()
+        await super().shutdown(sockets)
+
+
 async def serve(config: GatewayConfig) -> None:
     """Serve until cancelled or until SIGINT/SIGTERM (uvicorn installs the handlers)."""
     for warning in clear_text_warnings(config):
         log.warning("!!! %s !!!", warning)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(config)
-    server = uvicorn.Server(
+    server = _GatewayServer(
         uvicorn.Config(
             app,
             host=config.ip,
@@ -163,7 +176,8 @@ async def serve(config: GatewayConfig) -> None:
             loop=_loop_name(),
             ssl_certfile=config.certfile,
             ssl_keyfile=config.keyfile,
-        )
+        ),
+        app.state.gateway,
     )
     await server.serve()
     if not server.started:

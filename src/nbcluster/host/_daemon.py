@@ -50,6 +50,7 @@ from ._config import HostConfig
 from ._containers import ContainerRuntimeError, DockerReplicaRuntime
 from ._jobs import JobRunner
 from ._kube_replicas import KubernetesReplicaRuntime
+from ._outage import ConnectionOutage
 from ._processes import ReplicaStartError, ReplicaSupervisor
 from ._resources import discover_resources
 
@@ -126,6 +127,7 @@ class HostDaemon:
         #: Requests being handled, and jobs' ends being sent again after a reconnect.
         self._tasks = BackgroundTasks("host daemon", log)
         self.connected = asyncio.Event()
+        self._outage = ConnectionOutage()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -144,6 +146,7 @@ class HostDaemon:
                     "removed replica %s (%s) left by an earlier run", name, self.containers.name
                 )
         delay = 0.1
+        loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
                 try:
@@ -155,7 +158,8 @@ class HostDaemon:
                     hint = ""
                     if self._ssl is None and isinstance(exc, websockets.InvalidMessage):
                         hint = " (if the gateway serves TLS, use its https:// URL)"
-                    log.warning("gateway connection lost or refused (%s)%s; retrying", exc, hint)
+                    if not self._stopping.is_set():
+                        log.log(*self._outage.failed(exc, loop.time(), hint))
                 if self._stopping.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -217,6 +221,7 @@ class HostDaemon:
             self.jobs.on_connected()
             self._ws = ws
             self.connected.set()
+            self._outage.connected()
             log.info("registered with the gateway as %s", self.config.name)
             heartbeat = asyncio.create_task(self._heartbeat(welcome.heartbeat_interval))
             stopper = asyncio.create_task(self._stopping.wait())

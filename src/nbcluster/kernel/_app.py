@@ -31,6 +31,10 @@ class ReplicaKernelApp(IPKernelApp):
     def initialize(self, argv: Any = None) -> None:
         log_to_the_replica_log()  # before ipykernel takes over fd 2
         super().initialize(argv)  # type: ignore[no-untyped-call]
+        # traitlets leaves the application's logger at DEBUG and filters in its handlers, so
+        # ipykernel's debug lines (several per message, one with the whole reply) each build
+        # a log record that no handler writes: a few per cent of a trivial cell's CPU.
+        self.log.setLevel(self.log_level)
         self._report_ports()
 
     def _report_ports(self) -> None:

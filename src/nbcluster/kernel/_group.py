@@ -172,10 +172,19 @@ class ReplicaGroup:
         await self.propose(proposal, PROPOSE_TIMEOUT)
         return await self.coordinator.decision(proposal.term, proposal.attempt, PROPOSE_TIMEOUT)
 
-    def finish(self, term: int, status: str, execution_count: int, code: str) -> None:
+    def finish(
+        self,
+        term: int,
+        status: str,
+        execution_count: int,
+        code: str,
+        transformed: str | None = None,
+    ) -> None:
         """After the executor replied: capture the cell's effect now (before the next cell can
-        change it) and append it to the log in the background."""
-        transformed = self._transformed(code)
+        change it) and append it to the log in the background. ``transformed``: the source as
+        IPython ran it, when the kernel has it (``_transform``); else transformed here."""
+        if transformed is None:
+            transformed = self._transformed(code)
         filename = self._cell_filename(code, transformed, execution_count)
         try:
             result = self.sync.capture(

@@ -70,6 +70,8 @@ from ._host_copies import SyncedHostCopies
 from ._interrupts import DeferredInterrupt
 from ._records import Proposal
 from ._seal import derive_state_key
+from ._touched import bound_names
+from ._transform import TransformOnce
 
 __all__ = ["ReplicaKernel"]
 
@@ -105,13 +107,16 @@ class ReplicaKernel(IPythonKernel):
             self.shell.register_magics(JobMagics(self.shell))  # %%job and %jobs
             # ``%%cpu``: the gateway ran the cell without GPUs; here it is a plain cell.
             self.shell.input_transformers_cleanup.insert(0, strip_cpu_magic)
+        self.transforms = TransformOnce(self.shell) if self.shell is not None else None
         self.shell_handlers[RaftStartRequest.msg_type] = self.nbcluster_raft_start_request
         self.shell_handlers[MembershipRequest.msg_type] = self.nbcluster_membership_request
         # On control: a long cell on shell must not hold a checkpoint up.
         self.control_handlers[CheckpointRequest.msg_type] = self.nbcluster_checkpoint_request
         self.control_handlers[EvictRequest.msg_type] = self.nbcluster_evict_request
         self.replication: Any = None  # a _ReplicaGroup once the Raft log is started
-        self._finish_after_reply: tuple[int, str, str] | None = None
+        #: (term, status, raw source, source as IPython ran it or None) of the cell whose
+        #: effect the executor replicates once its reply is out
+        self._finish_after_reply: tuple[int, str, str, str | None] | None = None
         self.interrupts = DeferredInterrupt()
         runtime._mark_kernel()
         use_nvml_device_order()  # before any cell can initialise CUDA
@@ -300,12 +305,14 @@ class ReplicaKernel(IPythonKernel):
 
     async def execute_request(self, stream: Any, ident: Any, parent: Any) -> None:
         self._finish_after_reply = None
+        if self.transforms is not None:
+            self.transforms.forget()
         await super().execute_request(stream, ident, parent)
         finish = self._finish_after_reply
         if finish is not None and self.replication is not None:
-            term, status, code = finish
+            term, status, code, transformed = finish
             # After the reply went out: replicate this cell's effect.
-            self.replication.finish(term, status, self.shell.execution_count - 1, code)
+            self.replication.finish(term, status, self.shell.execution_count - 1, code, transformed)
 
     async def do_execute(
         self,
@@ -332,8 +339,10 @@ class ReplicaKernel(IPythonKernel):
         term = term_meta.term
         attempt = term_meta.attempt or 1
         msg_id = parent["header"]["msg_id"]
+        transformed = self.transforms.prepare(code) if self.transforms is not None else None
+        prepared_at = group.coordinator.states_loaded
         proposal = Proposal(
-            "lead", term, attempt, self.replica_id, msg_id, tuple(self._bound_names(code))
+            "lead", term, attempt, self.replica_id, msg_id, tuple(bound_names(transformed or code))
         )
         coordinator = group.coordinator
 
@@ -396,8 +405,16 @@ class ReplicaKernel(IPythonKernel):
             )
         # Values that arrived incomplete (autograd graphs) are rebuilt by running their cells
         # again, here only: this replica is the one that needs them (``_recompute``).
+        rebuilt = False
         for notice in group.sync.rebuild_incomplete():
             self.send_stream_warning(notice)
+            rebuilt = True
+        if self.transforms is not None and (
+            rebuilt or group.coordinator.states_loaded != prepared_at
+        ):
+            # The namespace changed since the transform (``_transform``): IPython's again.
+            self.transforms.forget()
+            transformed = None
         # Interpreter state from the replicas that ran the previous cells (decimal context,
         # print options ...) must be restored in the context this cell runs in.
         for problem in group.sync.environment.restore_pending():
@@ -407,23 +424,16 @@ class ReplicaKernel(IPythonKernel):
             # completes (with nothing changed) so the other replicas go on to the next cell.
             reply = self._interrupted_reply(silent, store_history)
         else:
-            reply = await self._run(
-                code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
-            )
-        self._finish_after_reply = (term, str(reply.get("status", "ok")), code)
+            try:
+                reply = await self._run(
+                    code, silent, store_history, user_expressions, allow_stdin, cell_meta, cell_id
+                )
+            finally:
+                if self.transforms is not None:
+                    self.transforms.forget()
+        self._finish_after_reply = (term, str(reply.get("status", "ok")), code, transformed)
         reply.setdefault(METADATA_KEY, {})
         return reply
-
-    def _bound_names(self, code: str) -> list[str]:
-        """The globals a cell binds, for its lead record (see ``_records``)."""
-        from ._touched import bound_names
-
-        shell = self.shell
-        try:
-            source = shell.transform_cell(code) if shell is not None else code
-        except Exception:
-            source = code
-        return bound_names(source)
 
     async def _run(
         self,

@@ -55,6 +55,9 @@ class ReplicaCoordinator:
         self.decisions: dict[tuple[int, int], str | None] = {}
         self.done_term = 0
         self.done_count = 0
+        #: How many times state from another replica (or a snapshot) reached the namespace:
+        #: the kernel checks whether it changed during a wait
+        self.states_loaded = 0
         self._changed = asyncio.Event()
 
     # -- log thread -----------------------------------------------------------------------
@@ -121,6 +124,7 @@ class ReplicaCoordinator:
                 if event.record.replica != self.replica_id:
                     # A cell that changed no variable has no payload but still moves the count.
                     self._on_state(payload, event.record.execution_count)
+                    self.states_loaded += 1
             elif isinstance(event, Ignored):
                 log.debug("log: %s", event.reason)
         if len(self.decisions) > _KEEP_DECISIONS * 2:
@@ -136,6 +140,7 @@ class ReplicaCoordinator:
         self.done_term = done_term
         self.done_count = int(full_state["count"])
         self._on_state(full_state, self.done_count)
+        self.states_loaded += 1
         self._changed.set()
 
     async def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
