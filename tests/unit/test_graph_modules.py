@@ -28,3 +28,20 @@ def test_a_module_dropped_from_sys_modules_stays_alive_until_the_cache_moves_on(
     assert gone() is None
     plain = [m for m in list(sys.modules.values()) if type(m) is types.ModuleType]
     assert plain and all(id(m.__dict__) in ids for m in plain)
+
+
+def test_the_skip_set_is_the_modules_and_the_namespace_and_follows_both() -> None:
+    namespace: dict[str, object] = {}
+    other: dict[str, object] = {}
+    skip = _graph._skip_ids(id(namespace))
+    assert id(namespace) in skip and _graph._module_dict_ids() <= skip
+    assert _graph._skip_ids(id(namespace)) is skip  # kept between walks
+    assert id(other) in _graph._skip_ids(id(other)) and id(namespace) not in (
+        _graph._skip_ids(id(other))
+    )
+    module = types.ModuleType("nbcluster_test_new_module")
+    sys.modules[module.__name__] = module
+    try:
+        assert id(module.__dict__) in _graph._skip_ids(id(namespace))
+    finally:
+        del sys.modules[module.__name__]

@@ -25,6 +25,7 @@ import contextlib
 import enum
 import gc
 import inspect
+import operator
 import sys
 import types
 import weakref
@@ -130,24 +131,36 @@ def _class_names(cls: type) -> set[str]:
 #: stale answer made the walk skip that object (seen: two closures sharing a cell became two
 #: cells after a failover).
 _module_dicts: tuple[list[Any], list[Any], frozenset[int]] = ([], [], frozenset())
+#: (the module ids it was built from, a namespace's id, both together): ``_skip_ids``.
+_skip: tuple[frozenset[int], int, frozenset[int]] = (frozenset(), 0, frozenset())
 
 
-def _module_dict_ids() -> set[int]:
+def _module_dict_ids() -> frozenset[int]:
     """The ids of every loaded module's namespace (the walk does not enter them). Asked after
     every cell: the answer is kept while ``sys.modules`` holds the same module objects (the
     cache holds them and their namespaces, so no id in it can be reused meanwhile), which
-    costs one identity pass instead of ~1,000 ``getattr``s."""
+    costs one identity pass in C (``map(operator.is_, ...)``) instead of ~1,000 ``getattr``s."""
     global _module_dicts
     modules = list(sys.modules.values())
     cached = _module_dicts[0]
-    if len(modules) != len(cached) or any(a is not b for a, b in zip(modules, cached, strict=True)):
+    if len(modules) != len(cached) or not all(map(operator.is_, modules, cached)):
         namespaces = []
         for module in modules:
             namespace = getattr(module, "__dict__", None)
             if namespace is not None:
                 namespaces.append(namespace)
         _module_dicts = (modules, namespaces, frozenset(map(id, namespaces)))
-    return set(_module_dicts[2])
+    return _module_dicts[2]
+
+
+def _skip_ids(namespace_id: int) -> frozenset[int]:
+    """What a walk from ``namespace_id``'s namespace does not enter: the modules' namespaces
+    and that one. Kept between walks (every capture and every applied state walks)."""
+    global _skip
+    module_ids = _module_dict_ids()
+    if _skip[0] is not module_ids or _skip[1] != namespace_id:
+        _skip = (module_ids, namespace_id, module_ids | {namespace_id})
+    return _skip[2]
 
 
 class _StorageToken:
@@ -172,9 +185,8 @@ def _storage_token(storage: Any) -> _StorageToken:
 
 class _Walker:
     def __init__(self, namespace: dict[str, Any]) -> None:
-        self.skip_ids = _module_dict_ids()
         self.namespace_id = id(namespace)
-        self.skip_ids.add(self.namespace_id)
+        self.skip_ids = _skip_ids(self.namespace_id)
         self.numpy = sys.modules.get("numpy")
         self.torch = sys.modules.get("torch")
         self.seen_classes: set[int] = set()
