@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,45 @@ async def _follow(client: Any, job_id: str) -> dict[str, Any]:
             return job
         if position == before:
             await asyncio.sleep(0.5)  # an empty stream: do not reconnect in a tight loop
+
+
+#: Seconds a follow stopped by Ctrl-C has to close its stream before the command exits anyway.
+_STOP_GRACE = 2.0
+
+
+async def _follow_until_interrupted(
+    client: Any, job_id: str, stopped: str
+) -> dict[str, Any] | None:
+    """:func:`_follow`, or None once Ctrl-C (SIGINT) stopped it; the caller then prints
+    ``stopped`` and exits with 130.
+
+    SIGINT is handled here rather than by ``asyncio.run`` (which cancels the main task, then
+    raises ``KeyboardInterrupt`` once it has ended): once, in CI under load, a follow
+    cancelled that way had not ended 60 s later, and the command ignored Ctrl-C. The stream
+    gets :data:`_STOP_GRACE` seconds to close; if it has not, the command prints ``stopped``
+    and exits at once, so Ctrl-C always stops following (the job is the gateway's)."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here: the default
+        return await _follow(client, job_id)
+    follow = asyncio.ensure_future(_follow(client, job_id))
+    stop = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({follow, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        loop.remove_signal_handler(signal.SIGINT)
+    if follow.done():
+        return follow.result()
+    follow.cancel()
+    await asyncio.wait({follow}, timeout=_STOP_GRACE)
+    if not follow.done():
+        sys.stdout.flush()
+        _say(stopped)
+        os._exit(130)  # asyncio.run would wait for the stream that would not close
+    return None
 
 
 def _final_status(job: dict[str, Any]) -> tuple[str, int]:
@@ -207,7 +247,13 @@ def job_submit(
 
     submitted: list[str] = []
 
-    async def submit(client: Any) -> dict[str, Any]:
+    def stopped(job_id: str) -> str:
+        return (
+            f"\nstopped following job {job_id}; it goes on (nbcluster job logs -f {job_id}, "
+            f"nbcluster job cancel {job_id})"
+        )
+
+    async def submit(client: Any) -> dict[str, Any] | None:
         if fast:
             spec["inline_inputs"] = {n: d.decode() for n, d in files.items()}
         else:
@@ -221,20 +267,19 @@ def job_submit(
                 f"job {job['id']} submitted ({job['status']}, {job['spec']['resources']['gpus']} "
                 "GPU(s)); its output follows. Ctrl-C stops following, not the job."
             )
-            job = await _follow(client, job["id"])
+            return await _follow_until_interrupted(client, job["id"], stopped(job["id"]))
         return job
 
     try:
-        job = _call(url, token, state_dir, submit)
-    except KeyboardInterrupt:
+        followed = _call(url, token, state_dir, submit)
+    except KeyboardInterrupt:  # before the follow began
         if not submitted:
             raise
-        job_id = submitted[0]
-        _say(
-            f"\nstopped following job {job_id}; it goes on (nbcluster job logs -f {job_id}, "
-            f"nbcluster job cancel {job_id})"
-        )
+        followed = None
+    if followed is None:
+        _say(stopped(submitted[0]))
         sys.exit(130)
+    job = followed
     if fast:
         sys.stdout.write(job.get("result") or "")
         if job["status"] != "succeeded":
@@ -307,16 +352,20 @@ def job_logs(
 ) -> None:
     """A job's output."""
 
-    async def show(client: Any) -> None:
+    stopped = f"\nstopped following job {job_id}"
+
+    async def show(client: Any) -> bool:
         if follow:
-            await _follow(client, job_id)
-        else:
-            sys.stdout.write(await client.job_logs(job_id))
+            return await _follow_until_interrupted(client, job_id, stopped) is not None
+        sys.stdout.write(await client.job_logs(job_id))
+        return True
 
     try:
-        _call(url, token, state_dir, show)
+        finished = _call(url, token, state_dir, show)
     except KeyboardInterrupt:
-        _say(f"\nstopped following job {job_id}")
+        finished = False
+    if not finished:
+        _say(stopped)
         sys.exit(130)
 
 
