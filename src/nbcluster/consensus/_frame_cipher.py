@@ -63,17 +63,20 @@ class FrameCipher:
     @staticmethod
     def timestamp(token: bytes) -> int:
         """The sender's timestamp, unauthenticated until :meth:`open` succeeds."""
-        if len(token) < _PREFIX or token[:1] != _VERSION:
-            raise FrameError("not a sealed frame")
+        _check_shape(token)
         return int(_HEADER.unpack_from(token)[1])
 
     def open(self, token: bytes) -> bytes:
         """The plaintext; raises :class:`FrameError` unless sealed with this key, unaltered."""
-        if len(token) < _PREFIX or token[:1] != _VERSION:
-            raise FrameError("not a sealed frame")
+        _check_shape(token)
         try:
             return self._aead.decrypt(
                 token[_HEADER.size : _PREFIX], token[_PREFIX:], token[: _HEADER.size]
             )
         except InvalidTag:
             raise FrameError("the frame is not sealed with this kernel's key") from None
+
+
+def _check_shape(token: bytes) -> None:
+    if len(token) < _PREFIX or token[:1] != _VERSION:
+        raise FrameError("not a sealed frame")

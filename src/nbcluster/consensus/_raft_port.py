@@ -132,7 +132,7 @@ class _GuardedConnection(_TcpConnection):  # type: ignore[misc]  # untyped base
         self._TcpConnection__trySendBuffer()
 
     def _frame_limit(self) -> int:
-        if self.authenticated or self.encryptor is None:
+        if self.authenticated or self.transport.cipher is None:
             return MAX_FRAME_BYTES
         return PREAUTH_FRAME_BYTES
 
